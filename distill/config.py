@@ -1,0 +1,303 @@
+"""One typed config per run: dataclasses loaded from YAML, overridden by `key.sub=value`.
+
+    cfg = load_config("configs/smoke.yaml", ["train.learning_rate=1e-4", "student.num_layers=2"])
+
+Every field carries help text; unknown keys and wrong types are `ConfigError`s that name the
+file and the dotted key. `to_dict(cfg)` gives the resolved form that is saved in the run folder
+and logged to MLflow.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-caused configuration problem; the message is one line and names the key."""
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class TaskConfig:
+    type: str = _f("classification", "classification (seq2seq is planned)")
+    metric: str = _f("accuracy", "dev metric used for early stopping and selection: accuracy or f1")
+
+
+@dataclass
+class DataConfig:
+    dataset: Optional[str] = _f(None, "Hub dataset name (e.g. glue); use instead of train_file/eval_file")
+    dataset_config: Optional[str] = _f(None, "Hub dataset configuration (e.g. sst2)")
+    train_split: str = _f("train", "split of the Hub dataset used for training")
+    eval_split: str = _f("validation", "split of the Hub dataset used for evaluation")
+    train_file: Optional[str] = _f(None, "local train file: .tsv .csv .json .jsonl .parquet")
+    eval_file: Optional[str] = _f(None, "local dev file, same format as train_file")
+    text_column: str = _f("sentence", "column holding the text (first sentence of a pair)")
+    text_pair_column: Optional[str] = _f(None, "second sentence column for sentence-pair tasks")
+    label_column: str = _f("label", "column holding the label: integers 0..K-1 or names")
+    label_names: Optional[list] = _f(None, "class names in label-id order; inferred when omitted")
+    max_train_samples: Optional[int] = _f(None, "use only the first N train rows (after shuffling with the seed)")
+    max_eval_samples: Optional[int] = _f(None, "use only the first N dev rows")
+    max_length: int = _f(128, "truncate inputs to this many tokens; batches are padded per batch")
+
+
+@dataclass
+class TeacherConfig:
+    source: str = _f("minilm-l6", "Hub id, local folder, or a named offline teacher (minilm-l6)")
+    fine_tune: str = _f("auto", "auto (when the model has no head for this task), always, never")
+    num_epochs: float = _f(2.0, "fine-tuning epochs")
+    learning_rate: float = _f(5e-5, "fine-tuning peak learning rate")
+    trust_remote_code: bool = _f(False, "allow custom model code from the Hub (off unless you trust the repo)")
+
+
+@dataclass
+class StudentConfig:
+    num_layers: int = _f(3, "transformer layers")
+    hidden_size: Optional[int] = _f(None, "width; default the teacher's")
+    num_heads: Optional[int] = _f(None, "attention heads; must divide hidden_size; default keeps the teacher's head size")
+    intermediate_size: Optional[int] = _f(None, "FFN width; default 4 x hidden_size")
+    init: str = _f("teacher-layers", "teacher-layers (copy, widths must match), teacher-slice (narrower), random")
+    layer_map: Optional[list] = _f(None, "teacher layer index copied into each student layer; default uniform")
+    pretrained: Optional[str] = _f(None, "start from this model folder instead of building from the teacher")
+
+
+@dataclass
+class DistillConfig:
+    temperature: float = _f(2.0, "softmax temperature T of logit KD")
+    alpha: float = _f(0.5, "weight of logit KD; (1 - alpha) weights hard-label cross-entropy")
+    hidden_weight: float = _f(0.0, "weight of hidden-state MSE (0 disables)")
+    hidden_layer_map: Optional[list] = _f(None, "teacher hidden-state index matched by each student one; default uniform")
+    attention_weight: float = _f(0.0, "weight of attention KD (0 disables)")
+    attention_loss: str = _f("minilm", "tinybert (attention-map MSE) or minilm (value-relation KL)")
+    relation_heads: int = _f(4, "relation heads of the MiniLM value-relation loss")
+    cache_teacher_logits: bool = _f(True, "compute teacher logits once and cache them when they are the only teacher signal")
+
+
+@dataclass
+class TrainConfig:
+    num_epochs: float = _f(3.0, "epochs over the train set")
+    max_steps: Optional[int] = _f(None, "stop after this many optimizer steps (overrides num_epochs)")
+    batch_size: int = _f(32, "per-process train batch size")
+    eval_batch_size: int = _f(128, "per-process dev batch size")
+    learning_rate: float = _f(1e-4, "peak learning rate of AdamW")
+    weight_decay: float = _f(0.01, "AdamW weight decay")
+    warmup_ratio: float = _f(0.1, "fraction of steps of linear warm-up, then linear decay to 0")
+    grad_accum_steps: int = _f(1, "gradient accumulation steps per optimizer step")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
+    mixed_precision: str = _f("no", "no, bf16 or fp16 (fp16 needs a GPU)")
+    eval_every_steps: Optional[int] = _f(None, "evaluate every N optimizer steps; default once per epoch")
+    early_stopping_patience: Optional[int] = _f(None, "stop after N evaluations without improvement")
+    save_state_every_steps: Optional[int] = _f(None, "accelerate save_state every N steps (for resume)")
+    resume_from: Optional[str] = _f(None, "state folder to resume from, or 'latest'")
+    log_every_steps: int = _f(10, "log the loss every N steps")
+    seed: int = _f(42, "seed for data order, initialisation and dropout")
+
+
+@dataclass
+class TargetConfig:
+    device: str = _f("cpu", "cpu or cuda")
+    threads: int = _f(1, "CPU threads used when measuring")
+    batch_size: int = _f(1, "batch size of a request")
+    seq_len: Any = _f("data", "fixed token length, or 'data' to sample real lengths from the dev set")
+    p95_ms: Any = _f(None, "p95 latency budget in ms, absolute or 'teacher*0.25'")
+    min_quality: Any = _f(None, "quality floor, absolute or 'teacher*0.97'")
+    max_size_mb: Optional[float] = _f(None, "size budget of the served artefact in MB")
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = _f(True, "log to MLflow")
+    uri: str = _f("sqlite:///runs/mlflow.db", "MLflow tracking URI (SQLite file, or an http:// server)")
+    experiment: Optional[str] = _f(None, "MLflow experiment; default the config's name")
+
+
+@dataclass
+class Config:
+    name: str = _f("kdlab", "run name: experiment name and run folder runs/<name>/")
+    output_dir: Optional[str] = _f(None, "where the run writes; default runs/<name>")
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    config_path: Optional[str] = field(default=None, metadata={"help": "set by the loader", "internal": True})
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir or os.path.join("runs", self.name))
+
+
+def _coerce(value, tp, where: str):
+    """Check (and gently convert) a YAML value against a dataclass field type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        return _coerce(value, next(a for a in typing.get_args(tp) if a is not type(None)), where)
+    if tp is Any:
+        return value
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str and not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if (tp is list or origin is list) and not isinstance(value, list):
+        raise ConfigError(f"{where}: expected a list, got {value!r}")
+    return value
+
+
+def _build(cls, data, label: str, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{label}: {prefix.rstrip('.') or 'top level'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(f"{label}: unknown key '{prefix}{key}'; valid keys: {', '.join(sorted(fields))}")
+        if dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = _build(hints[key], value or {}, label, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, hints[key], f"{label}: {prefix}{key}")
+    return cls(**kwargs)
+
+
+def _parse_override(text: str):
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected key.sub=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def _set_dotted(tree: dict, dotted: str, value):
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
+    """Read YAML, apply `key.sub=value` overrides, build and validate the typed config."""
+    tree: dict = {}
+    label = "<defaults>"
+    if path is not None:
+        label = str(path)
+        if not Path(path).is_file():
+            raise ConfigError(f"{label}: config file not found")
+        try:
+            tree = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as exc:
+            line = getattr(getattr(exc, "problem_mark", None), "line", None)
+            at = f" (line {line + 1})" if line is not None else ""
+            raise ConfigError(f"{label}: not valid YAML{at}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{label}: top level must be a mapping of sections")
+    for text in overrides:
+        key, value = _parse_override(text)
+        _set_dotted(tree, key, value)
+    cfg = _build(Config, tree, label)
+    cfg.config_path = None if path is None else str(path)
+    validate(cfg, label)
+    return cfg
+
+
+def _check(ok: bool, label: str, key: str, message: str):
+    if not ok:
+        raise ConfigError(f"{label}: {key}: {message}")
+
+
+def validate(cfg: Config, label: str = "<config>") -> None:
+    """Range checks that need no file or model; each failure names the key and what is valid."""
+    c = lambda ok, key, msg: _check(ok, label, key, msg)  # noqa: E731
+    c(cfg.task.type in ("classification",), "task.type", f"'{cfg.task.type}' is not supported; valid: classification")
+    c(cfg.task.metric in ("accuracy", "f1"), "task.metric", f"'{cfg.task.metric}'; valid: accuracy, f1")
+    d = cfg.data
+    c(bool(d.dataset) or bool(d.train_file and d.eval_file), "data",
+      "give data.dataset (Hub name) or both data.train_file and data.eval_file")
+    for key in ("max_train_samples", "max_eval_samples", "max_length"):
+        v = getattr(d, key)
+        c(v is None or v > 0, f"data.{key}", f"must be a positive integer, got {v}")
+    c(cfg.teacher.fine_tune in ("auto", "always", "never"), "teacher.fine_tune",
+      f"'{cfg.teacher.fine_tune}'; valid: auto, always, never")
+    c(cfg.teacher.num_epochs > 0, "teacher.num_epochs", "must be > 0")
+    s = cfg.student
+    c(s.num_layers >= 1, "student.num_layers", f"must be >= 1, got {s.num_layers}")
+    c(s.init in ("teacher-layers", "teacher-slice", "random"), "student.init",
+      f"'{s.init}'; valid: teacher-layers, teacher-slice, random")
+    for key in ("hidden_size", "num_heads", "intermediate_size"):
+        v = getattr(s, key)
+        c(v is None or v > 0, f"student.{key}", f"must be a positive integer, got {v}")
+    if s.hidden_size and s.num_heads:
+        c(s.hidden_size % s.num_heads == 0, "student.num_heads",
+          f"{s.num_heads} heads do not divide hidden_size {s.hidden_size}; valid: "
+          + ", ".join(str(h) for h in range(1, s.hidden_size + 1) if s.hidden_size % h == 0 and h <= 64))
+    if s.layer_map is not None:
+        c(len(s.layer_map) == s.num_layers, "student.layer_map",
+          f"needs one teacher layer per student layer ({s.num_layers}), got {len(s.layer_map)}")
+    k = cfg.distill
+    c(k.temperature > 0, "distill.temperature", f"must be > 0, got {k.temperature}")
+    c(0.0 <= k.alpha <= 1.0, "distill.alpha", f"must be in [0, 1], got {k.alpha}")
+    c(k.hidden_weight >= 0 and k.attention_weight >= 0, "distill", "loss weights must be >= 0")
+    c(k.attention_loss in ("tinybert", "minilm"), "distill.attention_loss",
+      f"'{k.attention_loss}'; valid: tinybert, minilm")
+    t = cfg.train
+    c(t.batch_size >= 1 and t.eval_batch_size >= 1, "train.batch_size", "must be >= 1")
+    c(t.learning_rate > 0, "train.learning_rate", f"must be > 0, got {t.learning_rate}")
+    c(0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}")
+    c(t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
+    c(t.num_epochs > 0 or (t.max_steps or 0) > 0, "train.num_epochs", "must be > 0 (or set train.max_steps)")
+    c(t.mixed_precision in ("no", "bf16", "fp16"), "train.mixed_precision",
+      f"'{t.mixed_precision}'; valid: no, bf16, fp16")
+    c(cfg.target.device in ("cpu", "cuda"), "target.device", f"'{cfg.target.device}'; valid: cpu, cuda")
+    c(cfg.target.threads >= 1, "target.threads", "must be >= 1")
+
+
+def to_dict(cfg) -> dict:
+    """The resolved config as plain data (what is saved to config.yaml and logged)."""
+    out = dataclasses.asdict(cfg)
+    out.pop("config_path", None)
+    out["output_dir"] = str(cfg.run_dir)
+    return out
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{'train': {'lr': 1}} -> {'train.lr': 1}: the form MLflow params take."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

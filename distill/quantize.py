@@ -1,0 +1,412 @@
+"""Quantization recipes: turn a trained BERT-family classifier into a served artefact.
+
+Each recipe is registered under a string key (STYLE.md principle 3) and returns a
+`Quantized` whose `predict(batch)` gives float32 CPU logits, whatever it runs on, so the
+latency profiler and the accuracy evaluation treat every recipe alike.
+
+Library module, nothing to launch. Typical use:
+
+    from distill.quantize import apply_recipe, list_recipes, RecipeUnavailable
+    for name in list_recipes():
+        try:
+            served = apply_recipe(name, student, example_batch=batch, workdir=Path("runs/x") / name)
+        except RecipeUnavailable as exc:
+            print(f"skip {name}: {exc}")
+
+Recipes never mutate the caller's model. Those that cannot run here (fp16 on CPU, a
+missing library, a kernel that rejects a shape) raise RecipeUnavailable with a one-line
+reason, so a search can skip them and say why.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import tempfile
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from eval.latency import BYTES_PER_MB, file_size_mb
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+HEAD_PREFIXES = ("classifier",)  # BERT/RoBERTa/DistilBERT heads: kept in full precision by every recipe
+NF4_BLOCK_N = 32  # bitsandbytes' CPU 4-bit kernel packs weights in blocks of 32 output rows
+ONNX_SINGLE_FILE_LIMIT_BYTES = 1536 * BYTES_PER_MB  # protobuf caps one file at 2 GiB
+
+
+class RecipeUnavailable(Exception):
+    """A recipe cannot run in this environment; str(exc) is a one-line reason."""
+
+
+@dataclass
+class Quantized:
+    """A served artefact: what a recipe produced, its size, and how to call it.
+
+    size_mb is the on-disk size of `files` when the recipe writes files (ONNX), else the
+    bytes of the serialized state dict. `module` is the torch module for torch recipes
+    (None for ONNX Runtime ones).
+    """
+
+    recipe: str
+    device: str
+    size_mb: float
+    files: list[Path]
+    forward: Callable[[dict[str, torch.Tensor]], torch.Tensor] = field(repr=False)
+    module: nn.Module | None = field(default=None, repr=False)
+
+    def predict(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits for a tokenized batch, as float32 on CPU."""
+        return self.forward(batch)
+
+
+_REGISTRY: dict[str, Callable[..., Quantized]] = {}
+
+
+def _register(name: str):
+    def add(builder):
+        _REGISTRY[name] = builder
+        return builder
+
+    return add
+
+
+def list_recipes() -> list[str]:
+    """Recipe names, cheapest change to the model first."""
+    return list(_REGISTRY)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _model_inputs(batch: dict) -> dict[str, torch.Tensor]:
+    # Labels or other collator keys would make a HF model compute a loss or fail: keep inputs only.
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
+def _serialized_mb(module: nn.Module) -> float:
+    # Serializing measures what would be shipped, packed quantized weights included, the
+    # same way for every torch recipe, so fp32 and int8 sizes are comparable.
+    buffer = io.BytesIO()
+    torch.save(module.state_dict(), buffer)
+    return buffer.getbuffer().nbytes / BYTES_PER_MB
+
+
+def _torch_forward(module: nn.Module, device: str) -> Callable[[dict], torch.Tensor]:
+    def forward(batch: dict) -> torch.Tensor:
+        inputs = {k: v.to(device) for k, v in _model_inputs(batch).items()}
+        with torch.inference_mode():
+            logits = module(**inputs).logits
+        return logits.float().cpu()
+
+    return forward
+
+
+def _fresh_copy(model: nn.Module, device: str, dtype: torch.dtype | None = None) -> nn.Module:
+    module = copy.deepcopy(model).eval()
+    return module.to(device=device, dtype=dtype) if dtype else module.to(device)
+
+
+class _DropMessages(logging.Filter):
+    """Drops log records whose message starts with one of the given prefixes."""
+
+    def __init__(self, *prefixes: str):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+def _silence(logger_name: str, *prefixes: str) -> None:
+    """Drop these messages from a library's own logger for the rest of the process."""
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(f, _DropMessages) and f.prefixes == prefixes for f in logger.filters):
+        logger.addFilter(_DropMessages(*prefixes))
+
+
+@contextmanager
+def _silenced_root(*prefixes: str):
+    """Drop these messages from the root logger only while the block runs (it is everyone's logger)."""
+    root = logging.getLogger()
+    dropper = _DropMessages(*prefixes)
+    root.addFilter(dropper)
+    try:
+        yield
+    finally:
+        root.removeFilter(dropper)
+
+
+# ---------------------------------------------------------------- torch recipes
+
+
+@_register("fp32")
+def _fp32(model, *, device, **_) -> Quantized:
+    module = _fresh_copy(model, device, torch.float32)
+    return Quantized("fp32", device, _serialized_mb(module), [], _torch_forward(module, device), module)
+
+
+@_register("bf16")
+def _bf16(model, *, device, allow_cpu_half, **_) -> Quantized:
+    if device == "cpu" and not allow_cpu_half:
+        raise RecipeUnavailable(
+            "bf16 on CPU is off by default (fast only on CPUs with AMX/AVX512-BF16); pass allow_cpu_half=True to try it"
+        )
+    module = _fresh_copy(model, device, torch.bfloat16)
+    return Quantized("bf16", device, _serialized_mb(module), [], _torch_forward(module, device), module)
+
+
+@_register("fp16")
+def _fp16(model, *, device, **_) -> Quantized:
+    if device != "cuda":
+        raise RecipeUnavailable(f"fp16 needs a CUDA device; CPU half-precision kernels are slow or missing (device='{device}')")
+    module = _fresh_copy(model, device, torch.float16)
+    return Quantized("fp16", device, _serialized_mb(module), [], _torch_forward(module, device), module)
+
+
+@_register("dynamic-int8")
+def _dynamic_int8(model, *, device, **_) -> Quantized:
+    if device != "cpu":
+        raise RecipeUnavailable(f"dynamic-int8 runs on CPU only (fbgemm/qnnpack kernels), not device='{device}'")
+    if torch.backends.quantized.engine == "none":
+        raise RecipeUnavailable("dynamic-int8: this torch build has no quantized CPU engine (fbgemm/qnnpack)")
+    module = _fresh_copy(model, "cpu", torch.float32)
+    with warnings.catch_warnings():
+        # torch.ao.quantization is deprecated in favour of torchao, but torchao 0.18 breaks
+        # every transformers import here (STACK.md), so the deprecated API is the one that works.
+        warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel", category=UserWarning)
+        module = torch.ao.quantization.quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8)
+    return Quantized("dynamic-int8", "cpu", _serialized_mb(module), [], _torch_forward(module, "cpu"), module)
+
+
+# ---------------------------------------------------------------- ONNX Runtime recipes
+
+
+def _export_onnx(model: nn.Module, example_batch: dict, path: Path) -> list[str]:
+    """Export to ONNX with dynamic batch and sequence axes; returns the graph's input names."""
+    try:
+        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it; fail with a reason, not deep inside)
+    except ImportError as exc:
+        raise RecipeUnavailable("ONNX export needs onnxscript: pip install onnxscript") from exc
+    module = _fresh_copy(model, "cpu", torch.float32)
+    inputs = {k: v.cpu() for k, v in _model_inputs(example_batch).items()}
+    # Dim.DYNAMIC rather than named Dims: named ones make torch.export specialize (and
+    # refuse) a size-1 example batch, and DYNAMIC exports the same graph.
+    dynamic = {name: {0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC} for name in inputs}
+    large = sum(p.numel() * p.element_size() for p in module.parameters()) > ONNX_SINGLE_FILE_LIMIT_BYTES
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch_onnx_logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    previous_level = torch_onnx_logger.level
+    try:
+        # The exporter logs one line per torchvision op it cannot register; we export no vision ops.
+        torch_onnx_logger.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            # Raised from inside torch.export's pytree handling, not by our call; nothing to change here.
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+            # dynamo=True (torch.export) is torch's default exporter since 2.9; the TorchScript one is
+            # deprecated and traces data-dependent Python branches into constants.
+            torch.onnx.export(
+                module, (), str(path), kwargs=inputs, dynamo=True, verbose=False,
+                input_names=list(inputs), output_names=["logits"], dynamic_shapes=dynamic,
+                external_data=large,
+            )
+    except Exception as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise RecipeUnavailable(f"ONNX export failed: {type(exc).__name__}: {first_line}") from exc
+    finally:
+        torch_onnx_logger.setLevel(previous_level)
+    return list(inputs)
+
+
+def _onnx_files(path: Path) -> list[Path]:
+    data = path.with_name(path.name + ".data")
+    return [path, data] if data.exists() else [path]
+
+
+def _ort_quantized(recipe: str, path: Path, threads: int) -> Quantized:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    # One request at a time, as in the latency profile: a second pool would only add contention.
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    declared = {i.name: i for i in session.get_inputs()}
+
+    def forward(batch: dict) -> torch.Tensor:
+        missing = [name for name in declared if name not in batch]
+        if missing:
+            raise ValueError(f"{recipe}: batch lacks input(s) {missing} that {path.name} declares; has {sorted(batch)}")
+        # The graph rejects inputs it does not declare (token_type_ids may have been pruned).
+        feed = {name: batch[name].detach().cpu().numpy().astype("int64") for name in declared}
+        logits = session.run(["logits"], feed)[0]
+        return torch.from_numpy(logits).float()
+
+    files = _onnx_files(path)
+    return Quantized(recipe, "cpu", sum(file_size_mb(f) for f in files), files, forward)
+
+
+def _onnx_workdir(workdir: Path | None) -> Path:
+    return Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="kdlab-onnx-"))
+
+
+@_register("onnx-fp32")
+def _onnx_fp32(model, *, example_batch, device, workdir, threads, **_) -> Quantized:
+    if device != "cpu":
+        raise RecipeUnavailable(f"onnx recipes serve on ONNX Runtime's CPUExecutionProvider, not device='{device}'")
+    path = _onnx_workdir(workdir) / "model.onnx"
+    _export_onnx(model, example_batch, path)
+    return _ort_quantized("onnx-fp32", path, threads)
+
+
+@_register("onnx-int8")
+def _onnx_int8(model, *, example_batch, device, workdir, threads, **_) -> Quantized:
+    """Export fp32 to model.onnx (kept as an intermediate), serve model.int8.onnx (QInt8 weights)."""
+    if device != "cpu":
+        raise RecipeUnavailable(f"onnx recipes serve on ONNX Runtime's CPUExecutionProvider, not device='{device}'")
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    folder = _onnx_workdir(workdir)
+    fp32_path, int8_path = folder / "model.onnx", folder / "model.int8.onnx"
+    _export_onnx(model, example_batch, fp32_path)
+    # ORT's pre-processing (quant_pre_process) fails on torch.export graphs here with
+    # "Incomplete symbolic shape inference", so we quantize without it and drop its advice.
+    with _silenced_root("Please consider to run pre-processing before quantization"):
+        quantize_dynamic(
+            str(fp32_path), str(int8_path), weight_type=QuantType.QInt8,
+            use_external_data_format=len(_onnx_files(fp32_path)) > 1,
+        )
+    return _ort_quantized("onnx-int8", int8_path, threads)
+
+
+# ---------------------------------------------------------------- bitsandbytes recipes
+
+
+def _import_bitsandbytes():
+    # Without the optional `kernels` package (a Hub download), bitsandbytes logs a warning at
+    # import and uses its own bundled CPU kernel instead, which is what we time.
+    _silence("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward")
+    try:
+        import bitsandbytes as bnb
+    except Exception as exc:  # ImportError, or a native library that fails to load
+        raise RecipeUnavailable(f"bitsandbytes is not usable here: {type(exc).__name__}: {exc}") from exc
+    return bnb
+
+
+def _is_head(name: str) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in HEAD_PREFIXES)
+
+
+def _replace_linears(module: nn.Module, make: Callable[[nn.Linear], nn.Module | None]) -> int:
+    """Swap each nn.Linear outside the head for make(linear) (None keeps it); returns the count swapped."""
+    swaps = []
+    for name, child in module.named_modules():
+        if isinstance(child, nn.Linear) and not _is_head(name):
+            replacement = make(child)
+            if replacement is not None:
+                swaps.append((name, replacement))
+    for name, replacement in swaps:
+        parent_name, _, attr = name.rpartition(".")
+        setattr(module.get_submodule(parent_name) if parent_name else module, attr, replacement)
+    return len(swaps)
+
+
+def _bnb_recipe(recipe: str, model: nn.Module, device: str) -> Quantized:
+    bnb = _import_bitsandbytes()
+    module = _fresh_copy(model, "cpu", torch.float32)
+
+    def int8(linear: nn.Linear) -> nn.Module:
+        # threshold=6.0 is LLM.int8()'s outlier split (Dettmers et al. 2022), as transformers uses.
+        q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                has_fp16_weights=False, threshold=6.0)
+        q.weight = bnb.nn.Int8Params(linear.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+        if linear.bias is not None:
+            q.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+        return q
+
+    def nf4(linear: nn.Linear) -> nn.Module | None:
+        # On AVX512-BF16 CPUs the inference kernel repacks weights in blocks of 32 output
+        # rows and asserts "N must be divisible by block_n" otherwise (STACK.md).
+        if linear.out_features % NF4_BLOCK_N or linear.in_features % 2:
+            return None
+        q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                              compute_dtype=torch.float32, quant_type="nf4")
+        q.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4")
+        if linear.bias is not None:
+            q.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+        return q
+
+    swapped = _replace_linears(module, int8 if recipe == "bnb-int8" else nf4)
+    if swapped == 0:
+        raise RecipeUnavailable(f"{recipe}: no nn.Linear outside the head qualifies for quantization")
+    # Moving the module to its device is what makes bitsandbytes quantize the weights.
+    module = module.to(device).eval()
+    # The 8-bit matmul logs this on every forward; the fp16 cast of activations is expected.
+    _silence("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast")
+    size_mb = _serialized_mb(module)
+    return Quantized(recipe, device, size_mb, [], _torch_forward(module, device), module)
+
+
+@_register("bnb-int8")
+def _bnb_int8(model, *, device, **_) -> Quantized:
+    return _bnb_recipe("bnb-int8", model, device)
+
+
+@_register("bnb-nf4")
+def _bnb_nf4(model, *, device, **_) -> Quantized:
+    return _bnb_recipe("bnb-nf4", model, device)
+
+
+RECIPES: tuple[str, ...] = tuple(_REGISTRY)
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def apply_recipe(
+    name: str,
+    model: nn.Module,
+    *,
+    example_batch: dict[str, torch.Tensor],
+    device: str = "cpu",
+    workdir: Path | None = None,
+    allow_cpu_half: bool = False,
+    threads: int = 1,
+) -> Quantized:
+    """Build the served artefact for recipe `name` from a HF sequence classifier.
+
+    example_batch is a tokenized batch (input_ids, attention_mask, optionally
+    token_type_ids): ONNX export traces it, and every recipe is run on it once so that a
+    kernel that rejects the model fails here, as RecipeUnavailable, not while timing.
+    workdir receives written files (ONNX); None makes a temporary folder. threads sets ONNX
+    Runtime's intra-op pool; torch recipes take their threads from the latency profile.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown quantization recipe {name!r}; valid: {', '.join(RECIPES)}")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r}; valid: cpu, cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RecipeUnavailable(f"{name}: device='cuda' requested but torch.cuda.is_available() is False")
+    if "input_ids" not in example_batch:
+        raise ValueError(f"example_batch needs 'input_ids'; has {sorted(example_batch)}")
+
+    served = _REGISTRY[name](
+        model, example_batch=example_batch, device=device, workdir=workdir,
+        allow_cpu_half=allow_cpu_half, threads=threads,
+    )
+    try:
+        logits = served.predict(example_batch)
+    except Exception as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise RecipeUnavailable(f"{name} failed at first forward on {device}: {type(exc).__name__}: {first_line}") from exc
+    if not torch.isfinite(logits).all():
+        raise RecipeUnavailable(f"{name} gives non-finite logits on the example batch (overflow in reduced precision?)")
+    return served

