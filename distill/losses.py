@@ -147,4 +147,4 @@ class DistillLoss(nn.Module):
             parts["attention"] = c.attention_weight * value_relation_loss(
                 student.values[-1], teacher.values[self.attention_map[0]], mask, c.relation_heads)
         loss = sum(parts.values())
-        return loss, {k: float(v) for k, v in parts.items()}
+        return loss, {k: float(v.detach()) for k, v in parts.items()}

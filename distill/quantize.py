@@ -38,6 +38,7 @@ from eval.latency import BYTES_PER_MB, file_size_mb
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 HEAD_PREFIXES = ("classifier",)  # BERT/RoBERTa/DistilBERT heads: kept in full precision by every recipe
 NF4_BLOCK_N = 32  # bitsandbytes' CPU 4-bit kernel packs weights in blocks of 32 output rows
+NF4_BLOCKSIZE = 64  # weights per absmax scale; the CPU kernel also needs in_features to be a multiple
 ONNX_SINGLE_FILE_LIMIT_BYTES = 1536 * BYTES_PER_MB  # protobuf caps one file at 2 GiB
 
 
@@ -197,8 +198,9 @@ def _export_onnx(model: nn.Module, example_batch: dict, path: Path) -> list[str]
         raise RecipeUnavailable("ONNX export needs onnxscript: pip install onnxscript") from exc
     module = _fresh_copy(model, "cpu", torch.float32)
     inputs = {k: v.cpu() for k, v in _model_inputs(example_batch).items()}
-    # Dim.DYNAMIC rather than named Dims: named ones make torch.export specialize (and
-    # refuse) a size-1 example batch, and DYNAMIC exports the same graph.
+    # Dim.DYNAMIC (unlike Dim.STATIC or an unmarked axis) never bakes the example's batch or
+    # sequence length into the graph; the axes get readable names after export, because
+    # named Dims shared across inputs make the exporter warn once per input.
     dynamic = {name: {0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC} for name in inputs}
     large = sum(p.numel() * p.element_size() for p in module.parameters()) > ONNX_SINGLE_FILE_LIMIT_BYTES
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -212,16 +214,26 @@ def _export_onnx(model: nn.Module, example_batch: dict, path: Path) -> list[str]
             warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
             # dynamo=True (torch.export) is torch's default exporter since 2.9; the TorchScript one is
             # deprecated and traces data-dependent Python branches into constants.
-            torch.onnx.export(
-                module, (), str(path), kwargs=inputs, dynamo=True, verbose=False,
+            program = torch.onnx.export(
+                module, (), None, kwargs=inputs, dynamo=True, verbose=False,
                 input_names=list(inputs), output_names=["logits"], dynamic_shapes=dynamic,
-                external_data=large,
             )
     except Exception as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise RecipeUnavailable(f"ONNX export failed: {type(exc).__name__}: {first_line}") from exc
     finally:
         torch_onnx_logger.setLevel(previous_level)
+    # Each node carries its Python stack trace and FX text: for a small student that debug
+    # metadata outweighs the weights, and it embeds local paths in a file we ship.
+    for node in program.model.graph.all_nodes():
+        node.metadata_props.clear()
+    axes = {}
+    for graph_input in program.model.graph.inputs:
+        axes.update({graph_input.shape[0]: "batch", graph_input.shape[1]: "seq"})
+    program.rename_axes(axes)
+    stale_data = path.with_name(path.name + ".data")
+    stale_data.unlink(missing_ok=True)  # left by an earlier, larger export into this workdir
+    program.save(str(path), external_data=large)
     return list(inputs)
 
 
@@ -295,7 +307,10 @@ def _import_bitsandbytes():
     # import and uses its own bundled CPU kernel instead, which is what we time.
     _silence("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward")
     try:
-        import bitsandbytes as bnb
+        with warnings.catch_warnings():
+            # torch.utils.mkldnn, which bitsandbytes pulls in, uses torch.jit.script_method at import.
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.script_method` is deprecated", category=DeprecationWarning)
+            import bitsandbytes as bnb
     except Exception as exc:  # ImportError, or a native library that fails to load
         raise RecipeUnavailable(f"bitsandbytes is not usable here: {type(exc).__name__}: {exc}") from exc
     return bnb
@@ -334,12 +349,14 @@ def _bnb_recipe(recipe: str, model: nn.Module, device: str) -> Quantized:
 
     def nf4(linear: nn.Linear) -> nn.Module | None:
         # On AVX512-BF16 CPUs the inference kernel repacks weights in blocks of 32 output
-        # rows and asserts "N must be divisible by block_n" otherwise (STACK.md).
-        if linear.out_features % NF4_BLOCK_N or linear.in_features % 2:
+        # rows ("N must be divisible by block_n", STACK.md) and reshapes the scales to
+        # (out, in / blocksize), which fails for in_features below or off the blocksize.
+        if linear.out_features % NF4_BLOCK_N or linear.in_features % NF4_BLOCKSIZE:
             return None
         q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                               compute_dtype=torch.float32, quant_type="nf4")
-        q.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4")
+        q.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                     blocksize=NF4_BLOCKSIZE)
         if linear.bias is not None:
             q.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
         return q

@@ -39,7 +39,11 @@ def uniform_layer_map(num_student: int, num_teacher: int) -> list[int]:
 
 
 def student_config(teacher_config: PretrainedConfig, spec: StudentConfig) -> PretrainedConfig:
-    """The teacher's config with the student's depth and widths; heads keep the teacher's head size."""
+    """The teacher's config with the student's depth and widths, checked against `spec.init`.
+
+    Defaults keep the teacher's head size and FFN/hidden ratio. Raises `ConfigError` for any
+    shape the chosen initialisation cannot produce, before anything is built or trained.
+    """
     t = teacher_config
     hidden = spec.hidden_size or t.hidden_size
     head_dim = t.hidden_size // t.num_attention_heads
@@ -50,8 +54,26 @@ def student_config(teacher_config: PretrainedConfig, spec: StudentConfig) -> Pre
     cfg.num_hidden_layers = spec.num_layers
     cfg.hidden_size = hidden
     cfg.num_attention_heads = heads
-    cfg.intermediate_size = spec.intermediate_size or 4 * hidden
+    cfg.intermediate_size = spec.intermediate_size or t.intermediate_size * hidden // t.hidden_size
     cfg.architectures = None
+    if spec.init == "random":
+        return cfg
+    layer_map = spec.layer_map or uniform_layer_map(spec.num_layers, t.num_hidden_layers)
+    bad = [i for i in layer_map if not 0 <= i < t.num_hidden_layers]
+    if bad:
+        raise ConfigError(f"student.layer_map: teacher layers {bad} do not exist; valid: 0..{t.num_hidden_layers - 1}")
+    widths = lambda c: (c.hidden_size, c.num_attention_heads, c.intermediate_size)  # noqa: E731
+    if spec.init == "teacher-layers" and widths(cfg) != widths(t):
+        raise ConfigError(
+            f"student.init: teacher-layers needs the teacher's widths (hidden {t.hidden_size}, heads "
+            f"{t.num_attention_heads}, ffn {t.intermediate_size}); use teacher-slice for a narrower student")
+    if spec.init == "teacher-slice":
+        if hidden > t.hidden_size or cfg.intermediate_size > t.intermediate_size:
+            raise ConfigError(f"student: teacher-slice cannot widen the teacher (hidden {t.hidden_size}, "
+                              f"ffn {t.intermediate_size}); use student.init=random for a wider student")
+        if hidden // heads > head_dim or heads > t.num_attention_heads:
+            raise ConfigError(f"student.num_heads: teacher-slice cannot grow heads or head size (teacher "
+                              f"{t.num_attention_heads} x {head_dim}, student {heads} x {hidden // heads})")
     return cfg
 
 
@@ -65,20 +87,9 @@ def build_student(teacher: PreTrainedModel, spec: StudentConfig, seed: int = 42)
         return student
     cfg = student_config(teacher.config, spec)
     student = AutoModelForSequenceClassification.from_config(cfg)
-    if spec.init == "random":
-        return student
-    layer_map = spec.layer_map or uniform_layer_map(spec.num_layers, teacher.config.num_hidden_layers)
-    bad = [i for i in layer_map if not 0 <= i < teacher.config.num_hidden_layers]
-    if bad:
-        raise ConfigError(f"student.layer_map: teacher layers {bad} do not exist; valid: 0..{teacher.config.num_hidden_layers - 1}")
-    if spec.init == "teacher-layers":
-        t = teacher.config
-        if (cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size) != (
-                t.hidden_size, t.num_attention_heads, t.intermediate_size):
-            raise ConfigError(
-                f"student.init: teacher-layers needs the teacher's widths (hidden {t.hidden_size}, heads "
-                f"{t.num_attention_heads}, ffn {t.intermediate_size}); use teacher-slice for a narrower student")
-    student.load_state_dict(sliced_state_dict(teacher, student, layer_map))
+    if spec.init != "random":
+        layer_map = spec.layer_map or uniform_layer_map(spec.num_layers, teacher.config.num_hidden_layers)
+        student.load_state_dict(sliced_state_dict(teacher, student, layer_map))
     return student
 
 
@@ -108,10 +119,6 @@ def _importances(teacher_sd: dict, t_cfg, s_cfg, layer_map: list[int]) -> dict:
     index = {"hidden": _top(torch.stack(gammas).sum(0), s_cfg.hidden_size)}
     head_dim_t = t_cfg.hidden_size // t_cfg.num_attention_heads
     head_dim_s = s_cfg.hidden_size // s_cfg.num_attention_heads
-    if head_dim_s > head_dim_t or s_cfg.num_attention_heads > t_cfg.num_attention_heads:
-        raise ConfigError(f"student.num_heads: teacher-slice cannot grow heads or head size "
-                          f"(teacher {t_cfg.num_attention_heads} x {head_dim_t}, student "
-                          f"{s_cfg.num_attention_heads} x {head_dim_s})")
     for layer in set(layer_map):
         mid = f".layer.{layer}."
         v = next(t for k, t in teacher_sd.items() if mid in k and _HEAD_OUT.search(k) and

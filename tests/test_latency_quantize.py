@@ -1,0 +1,336 @@
+"""Tests for eval/latency.py (statistics, profiler, sizes, peak) and distill/quantize.py (recipes).
+
+Run: .venv/bin/python -m pytest -q tests/test_latency_quantize.py
+
+Models are tiny random-weight BERTs built from a BertConfig (no downloads); the whole
+file takes well under a minute on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from transformers import BertConfig, BertForSequenceClassification
+
+from distill.quantize import RECIPES, Quantized, RecipeUnavailable, apply_recipe, list_recipes
+from eval.latency import (
+    BYTES_PER_MB,
+    LatencyReport,
+    TargetProfile,
+    clamp_threads,
+    coefficient_of_variation,
+    count_flops,
+    file_size_mb,
+    matmul_peak_gflops,
+    measure,
+    measure_one,
+    param_count,
+    percentile,
+    state_dict_size_mb,
+    summarize,
+)
+
+# Largest |quantized - fp32| logit difference allowed, as a fraction of the largest |fp32|
+# logit, on random inputs. Float paths must match to rounding; 8-bit paths lose about
+# 1-4% here; nf4 on random (not trained) weights about 20%.
+REL_TOLERANCE = {
+    "fp32": 1e-6,
+    "onnx-fp32": 1e-4,
+    "bf16": 0.05,
+    "dynamic-int8": 0.10,
+    "onnx-int8": 0.10,
+    "bnb-int8": 0.10,
+    "bnb-nf4": 0.35,
+}
+CPU_RECIPES = [r for r in RECIPES if r != "fp16"]
+
+
+def tiny_bert(hidden: int = 32, intermediate: int = 64, seed: int = 0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=100, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=intermediate, num_labels=2, max_position_embeddings=64,
+    )
+    return BertForSequenceClassification(config).eval()
+
+
+def random_batch(batch_size: int, seq_len: int, seed: int, token_types: bool = True) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, 100, (batch_size, seq_len), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[::2, seq_len // 2 :] = 0  # every other row padded, so masking is exercised
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if token_types:
+        batch["token_type_ids"] = torch.zeros_like(input_ids)
+    return batch
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def test_percentile_hand_values():
+    values = [4.0, 1.0, 3.0, 2.0]  # unsorted on purpose
+    assert percentile(values, 50) == pytest.approx(2.5)  # h = 3 * 0.5 = 1.5 -> 2 + 0.5 * (3 - 2)
+    assert percentile(values, 95) == pytest.approx(3.85)  # h = 2.85 -> 3 + 0.85 * (4 - 3)
+    assert percentile(values, 0) == 1.0
+    assert percentile(values, 100) == 4.0
+    assert percentile([7.0], 99) == 7.0
+
+
+def test_percentile_matches_numpy_linear():
+    rng = np.random.default_rng(0)
+    values = rng.exponential(10.0, size=37).tolist()
+    for q in (0, 12.5, 50, 90, 95, 99, 100):
+        assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)), rel=1e-12)
+
+
+def test_percentile_rejects_bad_input():
+    with pytest.raises(ValueError, match="empty"):
+        percentile([], 50)
+    with pytest.raises(ValueError, match=r"\[0, 100\]"):
+        percentile([1.0], 101)
+
+
+def test_coefficient_of_variation_hand_values():
+    # mean 5, squared deviations sum to 32, sample variance 32 / 7
+    values = [2.0, 4.0, 4.0, 4.0, 5.0, 5.0, 7.0, 9.0]
+    assert coefficient_of_variation(values) == pytest.approx(math.sqrt(32 / 7) / 5)
+    assert coefficient_of_variation([3.0]) == 0.0
+    assert coefficient_of_variation([2.0, 2.0, 2.0]) == 0.0
+
+
+def test_summarize_throughput_identity():
+    stats = summarize([10.0, 20.0, 30.0, 40.0], batch_size=8)
+    assert stats["mean_ms"] == pytest.approx(25.0)
+    assert stats["throughput"] == pytest.approx(8 * 1000 / 25.0)  # 320 samples/s
+    assert stats["p50_ms"] == pytest.approx(25.0)
+    assert stats["n_samples"] == 4
+    assert stats["cv"] == pytest.approx(coefficient_of_variation([10.0, 20.0, 30.0, 40.0]))
+
+
+def test_target_profile_validates():
+    with pytest.raises(ValueError, match="device='tpu'"):
+        TargetProfile(device="tpu")
+    with pytest.raises(ValueError, match="repeats=0"):
+        TargetProfile(repeats=0)
+
+
+# ---------------------------------------------------------------- profiler
+
+
+def test_profiler_on_tiny_model_reports_every_field():
+    model = tiny_bert()
+    batch = random_batch(4, 16, seed=0)
+    profile = TargetProfile(device="cpu", threads=1, batch_size=4, seq_len=16,
+                            warmup_iters=2, min_iters=10, min_seconds=0.2, repeats=2)
+
+    def forward():
+        with torch.inference_mode():
+            return model(**batch).logits
+
+    threads_before = torch.get_num_threads()
+    report = measure_one(forward, profile)
+    assert torch.get_num_threads() == threads_before  # restored after timing
+
+    assert isinstance(report, LatencyReport)
+    assert set(report.to_dict()) == {
+        "p50_ms", "p90_ms", "p95_ms", "p99_ms", "mean_ms", "cv", "throughput", "n_samples",
+        "stable", "peak_mem_mb", "device", "threads", "batch_size", "seq_len",
+    }
+    assert 0 < report.p50_ms <= report.p90_ms <= report.p95_ms <= report.p99_ms
+    assert report.throughput == pytest.approx(4 * 1000 / report.mean_ms)
+    assert report.n_samples >= 10
+    assert report.stable == (report.cv <= profile.max_cv)
+    assert report.peak_mem_mb > 10  # a Python process with torch loaded holds far more than 10 MB
+    assert (report.device, report.threads, report.batch_size, report.seq_len) == ("cpu", 1, 4, 16)
+
+
+def test_measure_interleaves_rounds_across_candidates():
+    calls: list[str] = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
+    profile = TargetProfile(warmup_iters=1, min_iters=6, min_seconds=0.0, repeats=3, max_cv=1e9)
+    reports = measure(fns, profile)
+
+    timed = calls[2:]  # one warm-up call each first
+    blocks = [timed[0]] + [cur for prev, cur in zip(timed, timed[1:]) if cur != prev]
+    assert blocks == ["a", "b", "a", "b", "a", "b"]  # round-robin, 2 calls per round
+    assert reports["a"].n_samples == reports["b"].n_samples == 6
+
+
+def test_unstable_candidate_is_remeasured_and_flagged():
+    calls = []
+
+    def jittery():
+        calls.append(1)
+        time.sleep(0.004 if len(calls) % 2 else 0.0)  # alternating 4 ms / 0 ms: cv near 1
+
+    profile = TargetProfile(warmup_iters=1, min_iters=4, min_seconds=0.0, repeats=2, max_cv=0.10, max_remeasure=1)
+    report = measure_one(jittery, profile)
+    assert report.cv > 0.10
+    assert report.stable is False
+    assert len(calls) == 1 + 4 + 4  # warm-up, first measurement, one re-measurement
+    assert report.n_samples == 4  # the report holds the latest measurement, not both
+
+
+def test_count_flops_of_a_linear_layer():
+    linear = nn.Linear(64, 32)
+    # one (4 x 64) @ (64 x 32) matmul: 2 * M * K * N
+    assert count_flops(linear, {"input": torch.randn(4, 64)}) == 2 * 4 * 64 * 32
+
+
+def test_count_flops_scales_with_batch():
+    model = tiny_bert()
+    one = count_flops(model, random_batch(1, 16, seed=0))
+    four = count_flops(model, random_batch(4, 16, seed=0))
+    assert one > 0 and four == 4 * one
+
+
+def test_clamp_threads():
+    cpus = os.cpu_count()
+    used, warning = clamp_threads(cpus + 3)
+    assert used == cpus and str(cpus + 3) in warning
+    assert clamp_threads(1) == (1, None)
+    used, warning = clamp_threads(0)
+    assert used == 1 and warning is not None
+
+
+def test_matmul_peak_gflops_is_cached(tmp_path):
+    cache = tmp_path / "peak.json"
+    first = matmul_peak_gflops("cpu", threads=1, cache_path=cache)
+    assert first > 0.1  # any CPU of this decade does far more than 0.1 GFLOP/s
+    stored = json.loads(cache.read_text())
+    assert len(stored) == 1
+    (key, entry), = stored.items()
+    assert entry["gflops"] == first and entry["threads"] == 1 and torch.__version__ in key
+
+    # A second call must read the file, not measure: plant a value no machine would measure.
+    entry["gflops"] = 12345.0
+    cache.write_text(json.dumps(stored))
+    assert matmul_peak_gflops("cpu", threads=1, cache_path=cache) == 12345.0
+
+
+def test_sizes_by_hand(tmp_path):
+    linear = nn.Linear(64, 32)
+    assert param_count(linear) == 64 * 32 + 32
+    assert state_dict_size_mb(linear) == pytest.approx((64 * 32 + 32) * 4 / BYTES_PER_MB)
+
+    (tmp_path / "a.bin").write_bytes(b"x" * 1000)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.bin").write_bytes(b"y" * 3000)
+    assert file_size_mb(tmp_path / "a.bin") == pytest.approx(1000 / BYTES_PER_MB)
+    assert file_size_mb(tmp_path) == pytest.approx(4000 / BYTES_PER_MB)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        file_size_mb(tmp_path / "missing")
+
+
+# ---------------------------------------------------------------- recipes
+
+
+def test_registry_order_and_unknown_name():
+    assert list_recipes() == list(RECIPES) == [
+        "fp32", "bf16", "fp16", "dynamic-int8", "onnx-fp32", "onnx-int8", "bnb-int8", "bnb-nf4",
+    ]
+    with pytest.raises(ValueError) as info:
+        apply_recipe("int3", tiny_bert(), example_batch=random_batch(2, 8, seed=0))
+    message = str(info.value)
+    assert "'int3'" in message and all(name in message for name in RECIPES)
+
+
+def test_half_precision_on_cpu_is_unavailable_with_a_reason():
+    model, batch = tiny_bert(), random_batch(2, 8, seed=0)
+    with pytest.raises(RecipeUnavailable, match="fp16 needs a CUDA device"):
+        apply_recipe("fp16", model, example_batch=batch, device="cpu")
+    with pytest.raises(RecipeUnavailable, match="allow_cpu_half"):
+        apply_recipe("bf16", model, example_batch=batch, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_served(tmp_path_factory):
+    """Every CPU recipe applied once to the same tiny model, plus a snapshot to check it is unchanged."""
+    model = tiny_bert()
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+    workdir = tmp_path_factory.mktemp("recipes")
+    served = {
+        name: apply_recipe(name, model, example_batch=random_batch(2, 8, seed=1),
+                           workdir=workdir / name, allow_cpu_half=True, threads=1)
+        for name in CPU_RECIPES
+    }
+    return model, snapshot, served
+
+
+@pytest.mark.parametrize("recipe", CPU_RECIPES)
+def test_recipe_logits_close_to_fp32(tiny_served, recipe):
+    model, _, served = tiny_served
+    batch = random_batch(64, 16, seed=2)  # other batch and sequence sizes than the export example
+    with torch.inference_mode():
+        reference = model(**batch).logits
+    quantized = served[recipe]
+    logits = quantized.predict(batch)
+
+    assert isinstance(quantized, Quantized) and quantized.recipe == recipe and quantized.size_mb > 0
+    assert logits.dtype == torch.float32 and logits.device.type == "cpu" and logits.shape == (64, 2)
+    allowed = REL_TOLERANCE[recipe] * reference.abs().max().item()
+    assert (logits - reference).abs().max().item() <= allowed
+    # Where fp32 decides by more than twice the allowed error, the quantized model must agree.
+    margin = (reference[:, 0] - reference[:, 1]).abs()
+    decided = margin > 2 * allowed
+    assert torch.equal(logits.argmax(-1)[decided], reference.argmax(-1)[decided])
+
+
+def test_recipes_leave_callers_model_untouched(tiny_served):
+    model, snapshot, _ = tiny_served
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in snapshot.items())
+    assert all(type(m) is nn.Linear for name, m in model.named_modules() if name.endswith(".dense"))
+    assert not model.training
+
+
+def test_onnx_recipes_write_the_files_they_report(tiny_served):
+    _, _, served = tiny_served
+    for recipe, filename in (("onnx-fp32", "model.onnx"), ("onnx-int8", "model.int8.onnx")):
+        files = served[recipe].files
+        assert [f.name for f in files] == [filename] and files[0].exists()
+        assert served[recipe].size_mb == pytest.approx(file_size_mb(files[0]))
+
+
+def test_bnb_recipes_keep_head_and_skip_unaligned_nf4_layers():
+    # hidden 64, intermediate 80: attention Linears are aligned, the feed-forward pair is not.
+    model = tiny_bert(hidden=64, intermediate=80)
+    batch = random_batch(2, 8, seed=3)
+    nf4 = apply_recipe("bnb-nf4", model, example_batch=batch).module
+    int8 = apply_recipe("bnb-int8", model, example_batch=batch).module
+    import bitsandbytes as bnb
+
+    layer = nf4.bert.encoder.layer[0]
+    assert type(nf4.classifier) is nn.Linear and type(int8.classifier) is nn.Linear
+    assert isinstance(layer.attention.self.query, bnb.nn.Linear4bit)  # 64 -> 64: aligned
+    assert type(layer.intermediate.dense) is nn.Linear  # 64 -> 80: 80 is not a multiple of 32
+    assert type(layer.output.dense) is nn.Linear  # 80 -> 64: 80 is not a multiple of the 64 blocksize
+    assert isinstance(int8.bert.encoder.layer[0].intermediate.dense, bnb.nn.Linear8bitLt)
+
+
+def test_int8_recipes_shrink_a_linear_heavy_model(tmp_path):
+    # hidden 256: the encoder's Linear weights are ~90% of the parameters, so int8 should be < 40% of fp32.
+    model = tiny_bert(hidden=256, intermediate=1024)
+    example = random_batch(1, 8, seed=4, token_types=False)  # batch of 1: the export must still be dynamic
+    fp32 = apply_recipe("fp32", model, example_batch=example)
+    dynamic = apply_recipe("dynamic-int8", model, example_batch=example)
+    onnx_int8 = apply_recipe("onnx-int8", model, example_batch=example, workdir=tmp_path)
+    assert dynamic.size_mb < 0.4 * fp32.size_mb
+    assert onnx_int8.size_mb < 0.4 * fp32.size_mb
+    assert fp32.size_mb == pytest.approx(state_dict_size_mb(model), rel=0.05)
+
+    # The graph declares only the inputs it was exported with; extra batch keys must be ignored.
+    batch = random_batch(3, 13, seed=5, token_types=True)
+    with torch.inference_mode():
+        reference = model(**batch).logits
+    logits = onnx_int8.predict(batch)
+    assert logits.shape == (3, 2)
+    assert (logits - reference).abs().max().item() <= REL_TOLERANCE["onnx-int8"] * reference.abs().max().item()
