@@ -25,10 +25,14 @@ test: setup
 demo: setup
 	$(BIN)/accelerate launch --config_file configs/accelerate/cpu_1proc.yaml train/distill.py --config configs/smoke.yaml
 
-bench: bench-distill
+bench: bench-distill bench-gate
 
 bench-distill: setup
 	$(BIN)/python scripts/bench_distill.py
+
+# The gate on the fine-tuned MiniLM-L6 teacher of configs/sst2_minilm.yaml (bench-distill, first in `make bench`, trains it).
+bench-gate: setup
+	$(BIN)/python scripts/bench_gate.py
 
 ui: setup
 	$(BIN)/kdlab ui --config configs/smoke.yaml

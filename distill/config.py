@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -107,12 +108,31 @@ class TrainConfig:
 @dataclass
 class TargetConfig:
     device: str = _f("cpu", "cpu or cuda")
-    threads: int = _f(1, "CPU threads used when measuring")
+    threads: int = _f(1, "CPU threads used when measuring (clamped, with a warning, to the CPUs present)")
     batch_size: int = _f(1, "batch size of a request")
     seq_len: Any = _f("data", "fixed token length, or 'data' to sample real lengths from the dev set")
-    p95_ms: Any = _f(None, "p95 latency budget in ms, absolute or 'teacher*0.25'")
-    min_quality: Any = _f(None, "quality floor, absolute or 'teacher*0.97'")
-    max_size_mb: Optional[float] = _f(None, "size budget of the served artefact in MB")
+    warmup_iters: int = _f(10, "untimed calls per candidate before timing")
+    min_iters: int = _f(30, "timed calls per candidate, at least")
+    min_seconds: float = _f(2.0, "timed seconds per candidate, at least")
+    repeats: int = _f(5, "interleaved timing rounds across candidates (drift lands on all alike)")
+    max_cv: float = _f(0.10, "coefficient of variation above which a latency is flagged unstable")
+    p95_ms: Any = _f(None, "p95 latency budget in ms, absolute or relative to the fp32 teacher: 'teacher*0.25'")
+    min_quality: Any = _f(None, "quality floor (task.metric, a fraction), absolute or 'teacher*0.97'")
+    max_size_mb: Any = _f(None, "size budget of the served artefact in MB, absolute or 'teacher*0.5'")
+
+
+def _ladder() -> list:
+    # Imported here, not at the top: the recipes pull in torch, which a config check does not need.
+    from distill.quantize import RECIPES
+    return list(RECIPES)
+
+
+@dataclass
+class QuantizationConfig:
+    recipes: list = field(default_factory=_ladder, metadata={
+        "help": "recipes the gate tries, cheapest change first; default the full ladder "
+                "(fp32, bf16, fp16, dynamic-int8, onnx-fp32, onnx-int8, bnb-int8, bnb-nf4)"})
+    allow_cpu_bf16: bool = _f(False, "try bf16 on CPU (fast only with AMX/AVX512-BF16; skipped otherwise)")
 
 
 @dataclass
@@ -133,6 +153,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     config_path: Optional[str] = field(default=None, metadata={"help": "set by the loader", "internal": True})
 
@@ -275,8 +296,66 @@ def validate(cfg: Config, label: str = "<config>") -> None:
     c(t.num_epochs > 0 or (t.max_steps or 0) > 0, "train.num_epochs", "must be > 0 (or set train.max_steps)")
     c(t.mixed_precision in ("no", "bf16", "fp16"), "train.mixed_precision",
       f"'{t.mixed_precision}'; valid: no, bf16, fp16")
-    c(cfg.target.device in ("cpu", "cuda"), "target.device", f"'{cfg.target.device}'; valid: cpu, cuda")
-    c(cfg.target.threads >= 1, "target.threads", "must be >= 1")
+    _validate_target(cfg, c, label)
+
+
+TEACHER_RELATIVE = re.compile(r"^\s*teacher\s*\*\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*$")
+
+
+def parse_budget(value, key: str) -> tuple[str, float] | None:
+    """A target value as ('abs', x) or ('teacher', factor); None when unset. Raises ConfigError.
+
+    The relative form `teacher*f` means f times the fp32 teacher measured in the same run.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)  # YAML 1.1 reads "5e1" (no dot) as a string
+        except ValueError:
+            pass
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not value > 0:
+            raise ConfigError(f"target.{key}: must be > 0, got {value}; valid: a positive number or 'teacher*<factor>'")
+        return "abs", float(value)
+    if isinstance(value, str):
+        match = TEACHER_RELATIVE.match(value)
+        if match is None:
+            raise ConfigError(f"target.{key}: cannot read {value!r}; valid: a positive number or 'teacher*<factor>' "
+                              "(e.g. teacher*0.25)")
+        factor = float(match.group(1))
+        if not factor > 0:
+            raise ConfigError(f"target.{key}: factor in {value!r} must be > 0")
+        return "teacher", factor
+    raise ConfigError(f"target.{key}: expected a number or 'teacher*<factor>', got {value!r}")
+
+
+def _validate_target(cfg: Config, c, label: str) -> None:
+    t = cfg.target
+    c(t.device in ("cpu", "cuda"), "target.device", f"'{t.device}'; valid: cpu, cuda")
+    c(t.threads >= 1, "target.threads", f"must be >= 1, got {t.threads}")
+    c(t.batch_size >= 1, "target.batch_size", f"must be >= 1, got {t.batch_size}")
+    c(t.seq_len == "data" or (isinstance(t.seq_len, int) and not isinstance(t.seq_len, bool) and t.seq_len >= 1),
+      "target.seq_len", f"{t.seq_len!r}; valid: a positive integer, or 'data' (real dev-set lengths)")
+    c(t.warmup_iters >= 0, "target.warmup_iters", f"must be >= 0, got {t.warmup_iters}")
+    c(t.min_iters >= 1, "target.min_iters", f"must be >= 1, got {t.min_iters}")
+    c(t.min_seconds >= 0, "target.min_seconds", f"must be >= 0, got {t.min_seconds}")
+    c(t.repeats >= 1, "target.repeats", f"must be >= 1, got {t.repeats}")
+    c(t.max_cv > 0, "target.max_cv", f"must be > 0, got {t.max_cv}")
+    for key in ("p95_ms", "min_quality", "max_size_mb"):
+        try:
+            parsed = parse_budget(getattr(t, key), key)
+        except ConfigError as exc:
+            raise ConfigError(f"{label}: {exc}") from None
+        if key == "min_quality" and parsed and parsed[0] == "abs":
+            c(parsed[1] <= 1.0, "target.min_quality",
+              f"{parsed[1]} is above 1; quality ({cfg.task.metric}) is a fraction in (0, 1]")
+    q = cfg.quantization
+    valid = _ladder()
+    c(len(q.recipes) > 0, "quantization.recipes", f"is empty; valid: {', '.join(valid)}")
+    for name in q.recipes:
+        c(name in valid, "quantization.recipes", f"unknown recipe {name!r}; valid: {', '.join(valid)}")
+    c(len(set(q.recipes)) == len(q.recipes), "quantization.recipes", f"lists a recipe twice: {q.recipes}")
 
 
 def to_dict(cfg) -> dict:

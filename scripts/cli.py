@@ -1,6 +1,9 @@
 """`kdlab`: the command line of the workbench.
 
     kdlab distill --config configs/smoke.yaml [key.sub=value ...]   one distillation, in this process
+    kdlab gate --config configs/sst2_minilm.yaml [target.p95_ms=teacher*0.25 ...]
+                                                                    teacher × quantization recipes on the target;
+                                                                    exit 0 PASS, 3 MISS (distillation needed)
     kdlab ui [--config configs/smoke.yaml] [--port 5000]            MLflow UI on 127.0.0.1
 
 For several processes use `accelerate launch train/distill.py --config ...` (see README).
@@ -27,6 +30,18 @@ def cmd_distill(args) -> int:
     return distill_main(["--config", args.config, *args.overrides])
 
 
+def cmd_gate(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from accelerate import Accelerator
+
+    from search.gate import run_gate
+    # Measuring on the target profile is single-process; the CPU accelerator only serves the
+    # teacher's fine-tuning when the checkpoint does not exist yet.
+    result = run_gate(cfg, Accelerator(cpu=True))
+    print(result.message, flush=True)
+    return result.exit_code
+
+
 def cmd_ui(args) -> int:
     uri = "sqlite:///runs/mlflow.db"
     if args.config:
@@ -48,6 +63,7 @@ def cmd_ui(args) -> int:
 
 COMMANDS = {
     "distill": (cmd_distill, "distil a student (fine-tuning the teacher first if needed)"),
+    "gate": (cmd_gate, "measure the teacher under each quantization recipe against the targets (exit 0 PASS, 3 MISS)"),
     "ui": (cmd_ui, "start the MLflow UI on 127.0.0.1 for the run's tracking store"),
 }
 

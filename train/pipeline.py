@@ -100,6 +100,8 @@ def make_distill_loss(cfg: Config, teacher, student, logits_cache: torch.Tensor 
     loss_mod = DistillLoss(cfg.distill, student.config.num_hidden_layers, teacher.config.num_hidden_layers,
                            student.config.hidden_size, teacher.config.hidden_size)
     hard_only = cfg.distill.alpha == 0 and loss_mod.logits_only
+    if logits_cache is not None and not loss_mod.logits_only:
+        raise ValueError("cached teacher logits serve only logit KD; this loss needs teacher hidden states")
 
     def compute_loss(model, batch):
         if hard_only:  # the hard-label control: no teacher signal at all
