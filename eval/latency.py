@@ -300,6 +300,31 @@ def count_flops(model: torch.nn.Module, inputs: dict) -> int:
     return int(counter.get_total_flops())
 
 
+VERSIONED = ("torch", "transformers", "accelerate", "datasets", "onnxruntime", "onnx", "bitsandbytes",
+             "mlflow", "optuna", "scikit-learn")
+
+
+def machine_info() -> dict:
+    """The hardware a measurement came from: every benchmark result carries it."""
+    out = {"cpu": _cpu_model_name(), "cpus": os.cpu_count(), "platform": platform.platform(),
+           "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
+
+
+def versions() -> dict:
+    """Versions of the packages a measurement depends on (None when not installed)."""
+    from importlib import metadata
+    out = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def _cpu_model_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

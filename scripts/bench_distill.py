@@ -21,7 +21,6 @@ import copy
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,6 +34,7 @@ import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 
 from distill.config import load_config  # noqa: E402
+from eval.latency import machine_info, versions  # noqa: E402
 from distill.losses import kd_ce_loss  # noqa: E402
 from distill.students import build_student, count_params  # noqa: E402
 from train.data import make_loader  # noqa: E402
@@ -52,20 +52,6 @@ STUDENTS = [  # name, layers, hidden, init
 ]
 KD = ["distill.alpha=0.7", "distill.temperature=2.0", "distill.hidden_weight=1.0"]
 CONTROL = ["distill.alpha=0.0", "distill.hidden_weight=0.0"]
-
-
-def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "device": "cpu", "python": platform.python_version()}
-
-
-def versions() -> dict:
-    import accelerate
-    import datasets
-    import transformers
-    return {"torch": torch.__version__, "transformers": transformers.__version__,
-            "accelerate": accelerate.__version__, "datasets": datasets.__version__}
 
 
 def hand_loop_step_times(student, teacher_logits, loader, steps: int, lr: float, temperature: float,
@@ -157,7 +143,7 @@ def markdown(result: dict) -> str:
     lines = [f"Teacher: MiniLM-L6 fine-tuned, dev accuracy **{t['dev_accuracy']:.4f}**, {t['params'] / 1e6:.1f}M params. "
              f"Conditions: {result['conditions']['train_rows']} SST-2 train rows, {result['conditions']['epochs']} epoch(s), "
              f"batch {result['conditions']['batch_size']}, max length {result['conditions']['max_length']}, "
-             f"{result['machine']['cores']} CPU cores ({result['machine']['cpu']}), full 872-row dev set.", "",
+             f"{result['machine']['cpus']} CPU cores ({result['machine']['cpu']}), full 872-row dev set.", "",
              "| student | init | params | KD dev acc | % of teacher | hard-label control | KD train s | samples/s |",
              "|---|---|---|---|---|---|---|---|"]
     for s in result["students"]:
@@ -217,7 +203,7 @@ def main() -> None:
                  "train_seconds": r["kd_train_seconds"], "samples_per_second": r["kd_samples_per_second"],
                  "control_train_seconds": r["control_train_seconds"]} for r in rows]
     result = {
-        "machine": machine(), "versions": versions(),
+        "machine": machine_info(), "versions": versions(),
         "conditions": {"config": args.config, "train_rows": len(prep.train_ds), "dev_rows": len(prep.eval_ds),
                        "epochs": args.epochs, "batch_size": base.train.batch_size,
                        "max_length": base.data.max_length, "learning_rate": base.train.learning_rate,

@@ -37,7 +37,7 @@ from distill.config import ConfigError, load_config  # noqa: E402
 from eval.latency import clamp_threads, coefficient_of_variation, matmul_peak_gflops, measure_one  # noqa: E402
 from search.gate import (build_candidates, check_row, mean_flops, measure_candidates,  # noqa: E402
                          resolve_targets, target_profile, timing_batches)
-from search.gate_report import machine, versions  # noqa: E402
+from eval.latency import machine_info, versions  # noqa: E402
 from train.data import make_loader  # noqa: E402
 from train.pipeline import prepare  # noqa: E402
 from train.teacher import MARKER, ensure_teacher, teacher_key  # noqa: E402
@@ -220,7 +220,7 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "gate_sst2", "quick": args.quick, "config": args.config,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(time.time() - started, 1),
-        "machine": {**machine(), "matmul_peak_gflops": {str(t): g for t, g in peaks.items()}},
+        "machine": {**machine_info(), "matmul_peak_gflops": {str(t): g for t, g in peaks.items()}},
         "versions": versions(),
         "conditions": {"teacher": cfg.teacher.source, "metric": cfg.task.metric,
                        "teacher_dev": teacher_dev[cfg.task.metric], "dev_rows": len(prep.eval_ds),

@@ -28,7 +28,8 @@ from transformers import DataCollatorWithPadding
 
 from distill.config import Config, ConfigError, TargetConfig, parse_budget
 from distill.quantize import Quantized, RecipeUnavailable, apply_recipe
-from eval.latency import TargetProfile, clamp_threads, count_flops, matmul_peak_gflops, measure
+from eval.latency import (TargetProfile, clamp_threads, count_flops, machine_info, matmul_peak_gflops, measure,
+                          versions)
 from train.data import make_loader
 
 EXIT_PASS, EXIT_MISS = 0, 3
@@ -297,7 +298,7 @@ def check_device(target: TargetConfig) -> None:
 
 def run_gate(cfg: Config, accelerator, console=None) -> GateResult:
     """Measure the teacher under every recipe on cfg.target; write the report and MLflow runs."""
-    from search.gate_report import log_gate, machine, print_table, versions, write_reports
+    from search.gate_report import log_gate, print_table, write_reports
     from train.pipeline import prepare
     from train.teacher import ensure_teacher, load_teacher_config
 
@@ -345,7 +346,7 @@ def run_gate(cfg: Config, accelerator, console=None) -> GateResult:
         "min_seconds": cfg.target.min_seconds, "repeats": cfg.target.repeats, "max_cv": cfg.target.max_cv,
         "metric": cfg.task.metric, "dev_rows": len(prep.eval_ds), "teacher": cfg.teacher.source,
         "teacher_dev": teacher_dev, "flops_per_request": flops, "matmul_peak_gflops": peak,
-        "machine": machine(), "versions": versions(),
+        "machine": machine_info(), "versions": versions(),
     }
     result = GateResult(rows, targets, conditions, passed, target_gaps(rows, targets), message)
     if accelerator.is_main_process:

@@ -7,13 +7,9 @@ them is not a result.
 from __future__ import annotations
 
 import csv
-import importlib.metadata
 import math
-import os
-import platform
 from pathlib import Path
 
-import torch
 
 from distill.config import Config, save_config
 from train.tracking import mlflow_run
@@ -21,32 +17,6 @@ from train.tracking import mlflow_run
 CSV_FIELDS = ("recipe", "status", "reason", "candidate", "quality", "p50_ms", "p95_ms", "p99_ms", "mean_ms", "cv",
               "stable", "throughput", "size_mb", "peak_pct", "meets_targets", "misses", "device", "threads",
               "batch_size", "seq_len", "seq_len_median", "padded_len_median")
-VERSIONED = ("torch", "transformers", "onnxruntime", "onnx", "bitsandbytes", "accelerate", "mlflow", "scikit-learn")
-
-
-def machine() -> dict:
-    """The hardware a measurement came from."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        # eval.latency reads the same line but keeps its reader private.
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    out = {"cpu": cpu, "cpus": os.cpu_count(), "platform": platform.platform()}
-    if torch.cuda.is_available():
-        out["gpu"] = torch.cuda.get_device_name()
-    return out
-
-
-def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for name in VERSIONED:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
 
 
 def _num(value, fmt: str) -> str:

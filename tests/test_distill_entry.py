@@ -10,7 +10,6 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import torch
 from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
 
 from conftest import ROOT, tiny_run_tree, write_config

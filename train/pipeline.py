@@ -8,9 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -23,7 +21,7 @@ from distill.losses import DistillLoss
 from distill.students import build_student, check_vocab, count_params, student_config
 from train.data import TaskData, load_task_data, make_loader, tokenize
 from train.loop import evaluate_classifier, fit
-from train.teacher import ensure_teacher, load_teacher_config, load_tokenizer, resolve_source
+from train.teacher import ensure_teacher, load_teacher_config, load_tokenizer
 from train.tracking import mlflow_run
 
 

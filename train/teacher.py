@@ -88,8 +88,11 @@ def ensure_teacher(cfg: Config, accelerator: Accelerator, data: TaskData, tokeni
     source = resolve_source(cfg.teacher.source)
     teacher = _load(source, cfg, data, attn)
     eval_loader = accelerator.prepare(make_loader(eval_ds, tokenizer, cfg.train.eval_batch_size, shuffle=False))
-    if not needs_fine_tuning(AutoConfig.from_pretrained(source), data.num_labels, cfg.teacher.fine_tune):
-        accelerator.print(f"teacher: {cfg.teacher.source} already classifies {data.num_labels} labels; no fine-tuning")
+    source_config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.teacher.trust_remote_code)
+    if not needs_fine_tuning(source_config, data.num_labels, cfg.teacher.fine_tune):
+        why = ("teacher.fine_tune=never" if cfg.teacher.fine_tune == "never"
+               else f"it already classifies {data.num_labels} labels")
+        accelerator.print(f"teacher: using {cfg.teacher.source} as it is ({why})")
         return teacher, evaluate_classifier(teacher.to(accelerator.device), eval_loader, accelerator)
 
     train_cfg = dataclasses.replace(cfg.train, num_epochs=cfg.teacher.num_epochs, max_steps=None,
