@@ -21,8 +21,10 @@ import copy
 import dataclasses
 import json
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +35,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 
-from distill.config import load_config  # noqa: E402
+from distill.config import load_config, to_dict  # noqa: E402
 from eval.latency import machine_info, versions  # noqa: E402
 from distill.losses import kd_ce_loss  # noqa: E402
 from distill.students import build_student, count_params  # noqa: E402
@@ -117,7 +119,17 @@ def _iqr_ms(values: list[float]) -> list[float]:
     return [round(1000 * q[0], 2), round(1000 * q[2], 2)]
 
 
-def train_students(cfg_path: str, teacher_dir: str, extra: list[str]) -> list[dict]:
+def _same_run(cfg, run_dir: Path) -> bool:
+    """A finished run in `run_dir` trained exactly what `cfg` asks (so its result can be reused)."""
+    import yaml
+    saved, summary = run_dir / "config.yaml", run_dir / "student" / "kdlab_summary.json"
+    if not (saved.is_file() and summary.is_file()):
+        return False
+    old, new = yaml.safe_load(saved.read_text()), to_dict(cfg)
+    return all(old.get(k) == new.get(k) for k in ("data", "teacher", "student", "distill", "train"))
+
+
+def train_students(cfg_path: str, teacher_dir: str, extra: list[str], resume: bool) -> list[dict]:
     rows = []
     for name, layers, hidden, init in STUDENTS:
         row = {"name": name, "num_layers": layers, "hidden_size": hidden, "init": init}
@@ -126,8 +138,12 @@ def train_students(cfg_path: str, teacher_dir: str, extra: list[str]) -> list[di
                                          f"output_dir=runs/bench_distill/{name}-{kind}", f"student.num_layers={layers}",
                                          f"student.hidden_size={hidden}", f"student.init={init}",
                                          "tracking.experiment=bench_distill", *overrides, *extra])
-            print(f"== {name} [{kind}]", flush=True)
-            summary = run(cfg, Accelerator(cpu=True))
+            if resume and _same_run(cfg, cfg.run_dir):
+                print(f"== {name} [{kind}]: reusing the finished run in {cfg.run_dir}", flush=True)
+                summary = json.loads((cfg.run_dir / "student" / "kdlab_summary.json").read_text())
+            else:
+                print(f"== {name} [{kind}]", flush=True)
+                summary = run(cfg, Accelerator(cpu=True))
             row.update({f"{kind}_dev_accuracy": summary["best_dev"]["accuracy"],
                         f"{kind}_train_seconds": summary["train_seconds"],
                         f"{kind}_samples_per_second": summary["samples_per_second"]})
@@ -177,10 +193,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny smoke version (not for claims)")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--out", default="benchmarks/results/distill_sst2.json")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse student runs already finished under runs/bench_distill/ with the same config")
     args = parser.parse_args()
     import transformers
     transformers.logging.set_verbosity_error()
     os.chdir(ROOT)
+    # Snapshot the config: every run below reads this copy, so editing the file meanwhile is harmless.
+    snapshot = Path(tempfile.mkdtemp(prefix="bench_distill_")) / Path(args.config).name
+    shutil.copy(args.config, snapshot)
+    args.config = str(snapshot)
     base = load_config(args.config)
     extra = [f"train.num_epochs={args.epochs}", "train.early_stopping_patience=null"]
     if args.quick:
@@ -195,7 +217,7 @@ def main() -> None:
     t0 = time.perf_counter()
     loop = loop_costs(args.config, teacher_dir, rounds=2 if args.quick else 5, steps=5 if args.quick else 20,
                       extra=["data.max_train_samples=600"] if args.quick else [])
-    rows = train_students(args.config, teacher_dir, extra)
+    rows = train_students(args.config, teacher_dir, extra, args.resume)
     students = [{**{k: r[k] for k in ("name", "num_layers", "hidden_size", "init", "params", "steps")},
                  "dev_accuracy": r["kd_dev_accuracy"], "control_dev_accuracy": r["control_dev_accuracy"],
                  "retention": round(r["kd_dev_accuracy"] / teacher_dev["accuracy"], 4),
@@ -204,7 +226,7 @@ def main() -> None:
                  "control_train_seconds": r["control_train_seconds"]} for r in rows]
     result = {
         "machine": machine_info(), "versions": versions(),
-        "conditions": {"config": args.config, "train_rows": len(prep.train_ds), "dev_rows": len(prep.eval_ds),
+        "conditions": {"config": "configs/" + Path(args.config).name, "train_rows": len(prep.train_ds), "dev_rows": len(prep.eval_ds),
                        "epochs": args.epochs, "batch_size": base.train.batch_size,
                        "max_length": base.data.max_length, "learning_rate": base.train.learning_rate,
                        "kd": KD, "control": CONTROL, "seed": base.train.seed, "quick": args.quick},
