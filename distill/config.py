@@ -135,6 +135,40 @@ class QuantizationConfig:
     allow_cpu_bf16: bool = _f(False, "try bf16 on CPU (fast only with AMX/AVX512-BF16; skipped otherwise)")
 
 
+INIT_CHOICES = ("teacher-layers", "teacher-slice", "random")
+SAMPLERS = ("tpe", "nsga2", "random")
+
+
+@dataclass
+class SearchConfig:
+    """The student search (`kdlab search`, search/study.py). A range is an int or number (fixed), a list
+    (choices), or {min, max} with `step` (ints) or `log` (floats); unset ranges follow the teacher."""
+    n_trials: int = _f(20, "trials per `kdlab search` call; a resumed study gets this many more")
+    timeout_s: Optional[float] = _f(None, "start no new trial after this many seconds (the running one finishes)")
+    sampler: str = _f("tpe", "tpe (multi-objective TPE with constraints; see search/study.py), nsga2, random")
+    storage: Optional[str] = _f(None, "Optuna RDB URL (sqlite:///..., postgresql://...); "
+                                "default sqlite:///<output_dir>/optuna.db")
+    study_name: Optional[str] = _f(None, "Optuna study name; default the config's name")
+    num_layers: Any = _f(None, "student layers (range); default 1..the teacher's layers")
+    hidden_size: Any = _f(None, "student width (range); default the teacher's width")
+    num_heads: Any = _f(None, "head counts (range); per width only those dividing it are drawn; "
+                        "default keeps the teacher's head size")
+    intermediate_size: Any = _f(None, "FFN width (range); default the teacher's FFN/hidden ratio")
+    init: list = _f(["teacher-layers", "teacher-slice"],
+                    "allowed initialisations: teacher weights (teacher-layers at the teacher's widths, "
+                    "teacher-slice when narrower) and/or random (drawn, or when teacher weights cannot fit)")
+    recipes: Optional[list] = _f(None, "quantization recipes drawn per trial; default fp32 and dynamic-int8 (cpu), "
+                                 "fp32 and fp16 (cuda)")
+    learning_rate: Any = _f(None, "range; default train.learning_rate (not searched)")
+    temperature: Any = _f(None, "KD temperature (range); default distill.temperature")
+    alpha: Any = _f(None, "KD weight in [0, 1] (range); default distill.alpha")
+    train_steps: Optional[int] = _f(None, "optimizer steps per trial (overrides train_epochs)")
+    train_epochs: float = _f(1.0, "epochs per trial when train_steps is unset")
+    seed_trials: int = _f(3, "teacher-layer subsets at full width enqueued before the sampler takes over")
+    screen_margin: float = _f(0.05, "reject an untrained candidate only above p95 budget * (1 + margin): "
+                              "timing noise; the trained one is judged on the budget itself")
+
+
 @dataclass
 class TrackingConfig:
     enabled: bool = _f(True, "log to MLflow")
@@ -154,6 +188,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     config_path: Optional[str] = field(default=None, metadata={"help": "set by the loader", "internal": True})
 
@@ -297,6 +332,7 @@ def validate(cfg: Config, label: str = "<config>") -> None:
     c(t.mixed_precision in ("no", "bf16", "fp16"), "train.mixed_precision",
       f"'{t.mixed_precision}'; valid: no, bf16, fp16")
     _validate_target(cfg, c, label)
+    _validate_search(cfg, c, label)
 
 
 TEACHER_RELATIVE = re.compile(r"^\s*teacher\s*\*\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*$")
@@ -356,6 +392,165 @@ def _validate_target(cfg: Config, c, label: str) -> None:
     for name in q.recipes:
         c(name in valid, "quantization.recipes", f"unknown recipe {name!r}; valid: {', '.join(valid)}")
     c(len(set(q.recipes)) == len(q.recipes), "quantization.recipes", f"lists a recipe twice: {q.recipes}")
+
+
+# ---------------------------------------------------------------- search space (static checks)
+
+
+@dataclass(frozen=True)
+class Range:
+    """One searched dimension: `choices` (categorical), or `low..high` (with `step` for ints, `log`)."""
+    choices: Optional[tuple] = None
+    low: Optional[float] = None
+    high: Optional[float] = None
+    step: Optional[int] = None
+    log: bool = False
+
+    def values(self) -> list:
+        """Every value an integer range can take (choices as given)."""
+        if self.choices is not None:
+            return list(self.choices)
+        return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
+
+
+def _number(v, integer: bool) -> bool:
+    if isinstance(v, bool):
+        return False
+    return isinstance(v, int) if integer else isinstance(v, (int, float))
+
+
+def parse_range(value, key: str, integer: bool, minimum: float, inclusive: bool = True,
+                maximum: Optional[float] = None) -> Optional[Range]:
+    """A `search.<key>` value as a Range (None when unset). Raises a one-line ConfigError naming the key.
+
+    Forms: a number (fixed), a list (choices), or {min, max[, step][, log]}.
+    """
+    kind = "an integer" if integer else "a number"
+    where = f"search.{key}"
+    if isinstance(value, str) and not integer:
+        try:
+            value = float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string
+        except ValueError:
+            pass
+    bound = f"{'>=' if inclusive else '>'} {minimum:g}" + ("" if maximum is None else f" and <= {maximum:g}")
+
+    def ok(v) -> bool:
+        if isinstance(v, str) and not integer:
+            try:
+                v = float(v)
+            except ValueError:
+                return False
+        above = v >= minimum if inclusive else v > minimum
+        return _number(v, integer) and above and (maximum is None or v <= maximum)
+
+    if value is None:
+        return None
+    if _number(value, integer) or (isinstance(value, str) and not integer):
+        if not ok(value):
+            raise ConfigError(f"{where}: {value!r} must be {kind} {bound}")
+        return Range(choices=(value if integer else float(value),))
+    if isinstance(value, list):
+        if not value:
+            raise ConfigError(f"{where}: empty list; valid: {kind}, a non-empty list, or {{min, max}}")
+        bad = [v for v in value if not ok(v)]
+        if bad:
+            raise ConfigError(f"{where}: {bad[0]!r} must be {kind} {bound}")
+        values = [v if integer else float(v) for v in value]
+        if len(set(values)) != len(values):
+            raise ConfigError(f"{where}: lists a value twice: {value}")
+        return Range(choices=tuple(values))
+    if isinstance(value, dict):
+        allowed = {"min", "max", "step"} if integer else {"min", "max", "log"}
+        unknown = sorted(set(value) - allowed)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key '{unknown[0]}'; valid: {', '.join(sorted(allowed))}")
+        if "min" not in value or "max" not in value:
+            raise ConfigError(f"{where}: a range needs both min and max")
+        lo, hi = value["min"], value["max"]
+        for name, v in (("min", lo), ("max", hi)):
+            if not ok(v):
+                raise ConfigError(f"{where}.{name}: {v!r} must be {kind} {bound}")
+        lo, hi = (lo, hi) if integer else (float(lo), float(hi))
+        if lo > hi:
+            raise ConfigError(f"{where}: min {lo} is above max {hi}")
+        step = value.get("step", 1)
+        if integer and not (_number(step, True) and step >= 1):
+            raise ConfigError(f"{where}.step: {step!r} must be an integer >= 1")
+        log = value.get("log", False)
+        if not isinstance(log, bool):
+            raise ConfigError(f"{where}.log: expected true or false, got {log!r}")
+        if log and lo <= 0:
+            raise ConfigError(f"{where}: log scale needs min > 0, got {lo}")
+        if integer and (hi - lo) % step:
+            raise ConfigError(f"{where}: max {hi} is not min {lo} plus a multiple of step {step}")
+        return Range(low=lo, high=hi, step=step if integer else None, log=log)
+    raise ConfigError(f"{where}: expected {kind}, a list, or {{min, max}}, got {value!r}")
+
+
+def search_recipes(cfg: Config) -> list:
+    """The recipes a search tries: search.recipes, or the default for the target device."""
+    if cfg.search.recipes is not None:
+        return list(cfg.search.recipes)
+    return ["fp32", "fp16"] if cfg.target.device == "cuda" else ["fp32", "dynamic-int8"]
+
+
+def search_ranges(cfg: Config) -> dict:
+    """The searched dimensions as Ranges (None: derived from the teacher or the train/distill sections)."""
+    s = cfg.search
+    return {
+        "num_layers": parse_range(s.num_layers, "num_layers", True, 1),
+        "hidden_size": parse_range(s.hidden_size, "hidden_size", True, 1),
+        "num_heads": parse_range(s.num_heads, "num_heads", True, 1),
+        "intermediate_size": parse_range(s.intermediate_size, "intermediate_size", True, 1),
+        "learning_rate": parse_range(s.learning_rate, "learning_rate", False, 0, inclusive=False),
+        "temperature": parse_range(s.temperature, "temperature", False, 0, inclusive=False),
+        "alpha": parse_range(s.alpha, "alpha", False, 0, maximum=1),
+    }
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(h) for h in range(1, n + 1) if n % h == 0 and h <= 64)
+
+
+def _validate_search(cfg: Config, c, label: str) -> None:
+    s = cfg.search
+    c(s.n_trials >= 1, "search.n_trials", f"must be >= 1, got {s.n_trials}")
+    c(s.timeout_s is None or s.timeout_s > 0, "search.timeout_s", f"must be > 0, got {s.timeout_s}")
+    c(s.sampler in SAMPLERS, "search.sampler", f"'{s.sampler}'; valid: {', '.join(SAMPLERS)}")
+    c(s.train_steps is None or s.train_steps >= 1, "search.train_steps", f"must be >= 1, got {s.train_steps}")
+    c(s.train_epochs > 0, "search.train_epochs", f"must be > 0, got {s.train_epochs}")
+    c(s.seed_trials >= 0, "search.seed_trials", f"must be >= 0, got {s.seed_trials}")
+    c(s.screen_margin >= 0, "search.screen_margin", f"must be >= 0, got {s.screen_margin}")
+    c(s.storage is None or bool(str(s.storage).strip()), "search.storage", "is empty; valid: an RDB URL such as sqlite:///runs/x/optuna.db")
+    try:
+        ranges = search_ranges(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{label}: {exc}") from None
+    hidden, heads = ranges["hidden_size"], ranges["num_heads"]
+    if hidden is not None and heads is not None:
+        tried = heads.values()
+        useless = [h for h in hidden.values() if not any(h % n == 0 for n in tried)]
+        c(len(useless) < len(hidden.values()), "search.num_heads",
+          f"no head count in {tried} divides any search.hidden_size {hidden.values()}")
+        if useless:
+            c(False, "search.num_heads", f"no head count in {tried} divides search.hidden_size {useless[0]}; "
+                                         f"valid for {useless[0]}: {_divisors(useless[0])}")
+    c(len(s.init) > 0, "search.init", f"is empty; valid: {', '.join(INIT_CHOICES)}")
+    for name in s.init:
+        c(name in INIT_CHOICES, "search.init", f"unknown init {name!r}; valid: {', '.join(INIT_CHOICES)}")
+    recipes, valid = search_recipes(cfg), _ladder()
+    c(len(recipes) > 0, "search.recipes", f"is empty; valid: {', '.join(valid)}")
+    for name in recipes:
+        c(name in valid, "search.recipes", f"unknown recipe {name!r}; valid: {', '.join(valid)}")
+    c(len(set(recipes)) == len(recipes), "search.recipes", f"lists a recipe twice: {recipes}")
+    device = cfg.target.device
+    for name in recipes:  # recipes that cannot run on the target would fail every trial that draws them
+        c(not (name == "fp16" and device == "cpu"), "search.recipes", "fp16 needs target.device=cuda; valid on cpu: "
+          + ", ".join(r for r in valid if r not in ("fp16", "bf16")))
+        c(not (name == "bf16" and device == "cpu" and not cfg.quantization.allow_cpu_bf16), "search.recipes",
+          "bf16 on cpu needs quantization.allow_cpu_bf16=true")
+        c(not (device == "cuda" and (name == "dynamic-int8" or name.startswith("onnx"))), "search.recipes",
+          f"{name} runs on cpu only; valid on cuda: fp32, bf16, fp16, bnb-int8, bnb-nf4")
 
 
 def to_dict(cfg) -> dict:

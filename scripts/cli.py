@@ -4,6 +4,10 @@
     kdlab gate --config configs/sst2_minilm.yaml [target.p95_ms=teacher*0.25 ...]
                                                                     teacher × quantization recipes on the target;
                                                                     exit 0 PASS, 3 MISS (distillation needed)
+    kdlab search --config configs/sst2_minilm.yaml [--n-trials 20] [--timeout 3600]
+                                                                    Optuna student search (quality up, p95 down)
+                                                                    under the targets; exit 0 front, 3 none feasible
+    kdlab report --config configs/sst2_minilm.yaml                  the search's front and plots from the stored study
     kdlab ui [--config configs/smoke.yaml] [--port 5000]            MLflow UI on 127.0.0.1
 
 For several processes use `accelerate launch train/distill.py --config ...` (see README).
@@ -42,6 +46,44 @@ def cmd_gate(args) -> int:
     return result.exit_code
 
 
+def _quiet_optuna() -> None:
+    import optuna
+    # Optuna's INFO line per trial repeats what `kdlab search` prints; its warnings (a failed trial's
+    # traceback) still come through.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _search_accelerator(cfg):
+    import torch
+    from accelerate import Accelerator
+    # Trials train in this process, one after another; on a CPU machine that is Accelerator(cpu=True).
+    if not torch.cuda.is_available():
+        return Accelerator(cpu=True)
+    return Accelerator(mixed_precision=cfg.train.mixed_precision)
+
+
+def cmd_search(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if args.n_trials is not None and args.n_trials < 1:
+        raise ConfigError(f"--n-trials: must be >= 1, got {args.n_trials}")
+    if args.timeout is not None and args.timeout <= 0:
+        raise ConfigError(f"--timeout: must be > 0 seconds, got {args.timeout}")
+    from search.study import run_search
+    _quiet_optuna()
+    result = run_search(cfg, _search_accelerator(cfg), n_trials=args.n_trials, timeout_s=args.timeout)
+    print(result.message, flush=True)
+    return result.exit_code
+
+
+def cmd_report(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from search.study import run_report
+    _quiet_optuna()
+    result = run_report(cfg)
+    print(result.message, flush=True)
+    return result.exit_code
+
+
 def cmd_ui(args) -> int:
     uri = "sqlite:///runs/mlflow.db"
     if args.config:
@@ -64,6 +106,8 @@ def cmd_ui(args) -> int:
 COMMANDS = {
     "distill": (cmd_distill, "distil a student (fine-tuning the teacher first if needed)"),
     "gate": (cmd_gate, "measure the teacher under each quantization recipe against the targets (exit 0 PASS, 3 MISS)"),
+    "search": (cmd_search, "Optuna search for the best student under the targets (exit 0 front, 3 none feasible)"),
+    "report": (cmd_report, "print the search's Pareto front and rewrite its plots from the stored study"),
     "ui": (cmd_ui, "start the MLflow UI on 127.0.0.1 for the run's tracking store"),
 }
 
@@ -77,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
         if name == "ui":
             p.add_argument("--port", type=int, default=5000)
+        if name == "search":
+            p.add_argument("--n-trials", type=int, default=None,
+                           help="trials to add in this call (default search.n_trials)")
+            p.add_argument("--timeout", type=float, default=None, help="start no new trial after this many seconds")
     return parser
 
 

@@ -39,9 +39,23 @@ class Tracker:
             mlflow.log_artifact(str(path))
 
 
-def _prepare_sqlite(uri: str) -> None:
+def ensure_experiment(cfg: Config) -> None:
+    """Select the config's experiment, creating it with its artefacts beside a SQLite store.
+
+    MLflow's default artefact root for a SQLite store is ./mlruns under the current folder;
+    DESIGN.md puts them in mlartifacts/ next to the database (runs/mlartifacts/ by default).
+    """
+    import mlflow
+    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    uri = cfg.tracking.uri
+    name = cfg.tracking.experiment or cfg.name
+    mlflow.set_tracking_uri(uri)
     if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        db = Path(uri[len("sqlite:///"):])
+        db.parent.mkdir(parents=True, exist_ok=True)
+        if mlflow.get_experiment_by_name(name) is None:
+            mlflow.create_experiment(name, artifact_location=(db.parent / "mlartifacts").resolve().as_uri())
+    mlflow.set_experiment(name)
 
 
 @contextmanager
@@ -51,10 +65,7 @@ def mlflow_run(cfg: Config, run_name: str, is_main: bool, nested: bool = False, 
         yield Tracker(False)
         return
     import mlflow
-    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
-    _prepare_sqlite(cfg.tracking.uri)
-    mlflow.set_tracking_uri(cfg.tracking.uri)
-    mlflow.set_experiment(cfg.tracking.experiment or cfg.name)
+    ensure_experiment(cfg)
     with mlflow.start_run(run_name=run_name, nested=nested) as run:
         tracker = Tracker(True)
         tracker.run_id = run.info.run_id

@@ -1,0 +1,164 @@
+"""Benchmark: the student search on SST-2 under configs/sst2_minilm.yaml's targets.
+
+    make bench-search                       # or: .venv/bin/python scripts/bench_search.py
+    .venv/bin/python scripts/bench_search.py --quick   # 1-2 min smoke: un-fine-tuned MiniLM, 200 rows, 3 short
+                                                       # trials, written to a temp folder; not for claims
+
+Runs (or resumes) the study of the config and reports, with the conditions they were measured under:
+1. the front (quality of the served artefact on the full dev set, p50/p95, size, training time) against
+   the fp32 teacher and its best quantized form from the gate (runs/<name>/report/gate.csv, if run);
+2. what measuring first saved: trials screened out untrained, and the training time they would have
+   cost at the mean of the trained ones;
+3. whether latency is a property of the architecture: untrained vs trained p95 of each trained trial.
+
+Needs runs/sst2_minilm/teacher/ fine-tuned for the config (`--allow-train` lets this script do it).
+Writes benchmarks/results/search_sst2.json and the section between `<!-- search:start -->` and
+`<!-- search:end -->` of benchmarks/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from distill.config import ConfigError, load_config  # noqa: E402
+from eval.latency import machine_info, versions  # noqa: E402
+
+QUICK = ["teacher.fine_tune=never", "data.max_train_samples=200", "data.max_eval_samples=200",
+         "target.warmup_iters=2", "target.min_iters=10", "target.min_seconds=0.3", "target.repeats=2",
+         "search.num_layers=[1,2]", "search.hidden_size=[192,384]", "search.num_heads=[6,12]",
+         "search.intermediate_size=null", "search.recipes=[fp32,dynamic-int8]", "search.learning_rate=null",
+         "search.train_steps=5", "search.seed_trials=2"]
+
+
+def _f(value, fmt: str) -> str:
+    return "" if value is None else fmt.format(value)
+
+
+def analyse(rows: list[dict]) -> dict:
+    trained = [r for r in rows if r["state"] == "COMPLETE" and not r["screened_out"]]
+    screened = [r for r in rows if r["screened_out"]]
+    mean_train_s = statistics.mean(r["train_seconds"] for r in trained) if trained else None
+    drift = [abs(r["p95_ms"] - r["pre_p95_ms"]) / r["p95_ms"] for r in trained if r.get("pre_p95_ms")]
+    return {"trials": len(rows), "trained": len(trained), "screened_out": len(screened),
+            "failed": sum(r["state"] == "FAIL" for r in rows), "feasible": sum(r["feasible"] for r in rows),
+            "train_seconds_total": sum(r["train_seconds"] or 0 for r in trained),
+            "train_seconds_saved_estimate": None if mean_train_s is None else mean_train_s * len(screened),
+            "pre_vs_post_p95_rel_diff_median": statistics.median(drift) if drift else None,
+            "pre_vs_post_p95_rel_diff_max": max(drift) if drift else None}
+
+
+def markdown(result: dict) -> str:
+    c, a = result["conditions"], result["analysis"]
+    lines = [f"Study `{result['study']}` ({result['sampler']} sampler), teacher `{c['teacher']}`, {c['dev_rows']} dev "
+             f"rows, {c['device']}, {c['threads']} thread(s), batch {c['batch_size']}, seq len {c['seq_len']}; "
+             f"{result['machine']['cpu']}, torch {result['versions']['torch']}, optuna {result['versions']['optuna']}. "
+             f"Targets: {result['targets']}. {a['trials']} trials in {result['seconds']:.0f} s: "
+             f"{a['trained']} trained, "
+             f"{a['screened_out']} screened out untrained, {a['failed']} failed. Regenerate: `make bench-search`."
+             + (" **Quick smoke run: not for claims.**" if result["quick"] else ""), "",
+             "| trial | student | recipe | quality | p50 ms | p95 ms | size MB | train s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["front"]:
+        lines.append(f"| {r['trial']} | {r['num_layers']}L x {r['hidden_size']} ({r['num_heads']} heads, ffn "
+                     f"{r['intermediate_size']}, {r['init']}) | {r['recipe']} | {r['quality']:.4f} | "
+                     f"{r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['size_mb']:.1f} | {r['train_seconds']:.0f} |")
+    for ref in result["references"]:
+        lines.append(f"| — | {ref['label']} | | {ref['quality']:.4f} | | {ref['p95_ms']:.2f} | | |")
+    if not result["front"]:
+        lines.append(f"| — | {result['message']} | | | | | | |")
+    lines += ["", f"Screening saved an estimated {_f(a['train_seconds_saved_estimate'], '{:.0f}')} s of training "
+              f"({a['screened_out']} candidate(s) x the mean training time of the trained ones). Untrained vs trained "
+              f"p95 of the same architecture: median relative difference "
+              f"{_f(a['pre_vs_post_p95_rel_diff_median'], '{:.1%}')}, "
+              f"max {_f(a['pre_vs_post_p95_rel_diff_max'], '{:.1%}')}."]
+    return "\n".join(lines)
+
+
+def write_readme_section(path: Path, text: str) -> None:
+    """Replace only our marked section (other benchmarks own the rest of the file)."""
+    start, end = "<!-- search:start -->", "<!-- search:end -->"
+    body = path.read_text() if path.exists() else "# Benchmarks\n"
+    block = f"{start}\n{text}\n{end}"
+    if start in body and end in body:
+        body = body[:body.index(start)] + block + body[body.index(end) + len(end):]
+    else:
+        body = body.rstrip() + "\n\n## The student search on SST-2 (`make bench-search`)\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(body)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/sst2_minilm.yaml")
+    parser.add_argument("--quick", action="store_true", help="1-2 min smoke in a temp folder; not for claims")
+    parser.add_argument("--n-trials", type=int, default=None, help="default search.n_trials (quick: 3)")
+    parser.add_argument("--allow-train", action="store_true", help="fine-tune the teacher if it is not there yet")
+    parser.add_argument("--out", default=None, help="default benchmarks/results/search_sst2.json (quick: temp)")
+    parser.add_argument("--readme", default=None, help="default benchmarks/README.md (quick: temp)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
+    args = parser.parse_args(argv)
+    os.chdir(ROOT)
+    import optuna
+    import transformers
+    transformers.logging.set_verbosity_error()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    from accelerate import Accelerator
+
+    from search.study import run_search
+    from train.pipeline import prepare
+    from train.teacher import MARKER, teacher_key
+
+    quick_dir = Path(tempfile.mkdtemp(prefix="kdlab-bench-search-")) if args.quick else None
+    overrides = ([*QUICK, f"output_dir={quick_dir}", f"tracking.uri=sqlite:///{quick_dir}/mlflow.db"]
+                 if args.quick else [])
+    started = time.time()
+    try:
+        cfg = load_config(args.config, [*overrides, *args.overrides])
+        accelerator = Accelerator(cpu=True)
+        if not args.quick and not args.allow_train:
+            marker = cfg.run_dir / "teacher" / MARKER
+            key = teacher_key(cfg, prepare(cfg, accelerator).data)
+            if not (marker.is_file() and json.loads(marker.read_text()).get("key") == key):
+                raise ConfigError(f"teacher: {cfg.run_dir / 'teacher'} is not fine-tuned for {args.config} yet; train "
+                                  f"it first (accelerate launch train/distill.py --config {args.config}) "
+                                  "or pass --allow-train")
+        result = run_search(cfg, accelerator, n_trials=args.n_trials or (3 if args.quick else None))
+    except ConfigError as exc:
+        print(f"bench_search: error: {exc}", file=sys.stderr)
+        return 2
+    from search.study import meta_of, open_storage
+    study = optuna.load_study(study_name=result.study_name, storage=open_storage(cfg, create=False))
+    meta = meta_of(cfg, study)
+    from search.study_report import targets_text
+    out_result = {
+        "benchmark": "search_sst2", "quick": args.quick, "config": args.config, "study": result.study_name,
+        "sampler": cfg.search.sampler, "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "seconds": round(time.time() - started, 1), "machine": machine_info(), "versions": versions(),
+        "conditions": meta["conditions"], "targets": targets_text(meta["targets"]).removeprefix("targets: "),
+        "references": meta["references"], "message": result.message, "analysis": analyse(result.rows),
+        "front": sorted(result.front, key=lambda r: r["p95_ms"]), "rows": result.rows,
+    }
+    out = Path(args.out or (quick_dir / "search_sst2.json" if args.quick else "benchmarks/results/search_sst2.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(out_result, indent=2, default=str))
+    readme = Path(args.readme or (quick_dir / "README.md" if args.quick else "benchmarks/README.md"))
+    write_readme_section(readme, markdown(out_result))
+    print(markdown(out_result))
+    print(f"bench_search: wrote {out} and the search section of {readme} in {out_result['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""One trial of the student search: draw, measure untrained, screen, distil, quantize, score, measure.
+
+Library module for search/study.py (which runs the study and says how a trial is judged); nothing to
+launch. `objective(trial, ctx)` returns (quality, p95_ms) and sets the trial's constraints and user
+attrs; `ctx` holds what every trial reuses (teacher, cached logits, data, timing batches, targets).
+A screened-out candidate returns quality 0.0 with zero training steps (see search/study.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import torch
+
+from distill.config import Config
+from distill.quantize import apply_recipe
+from distill.students import build_student, count_params
+from search.gate import GateRow, Targets, dev_quality, measure_candidates
+from search.space import Candidate, SearchSpace
+from search.study_report import FIGURES
+from search.study_tracking import StudyTracking
+from train.data import make_loader
+from train.loop import evaluate_classifier, fit
+from train.pipeline import make_distill_loss
+
+
+@dataclass
+class Context:
+    """Everything a trial reuses: data, teacher, logits, timing batches, targets, profile."""
+    cfg: Config
+    accelerator: object
+    prep: object
+    teacher: object
+    space: SearchSpace
+    targets: Targets
+    profile: object
+    batches: list
+    quality_batches: list
+    eval_loader: object
+    logits_cache: torch.Tensor | None
+    attn: str | None
+    threads: int
+    tracking: StudyTracking
+    meta: dict
+    console: object = None
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}"[:1000]
+
+
+def _measure(served, ctx: Context) -> GateRow:
+    row = GateRow(served.recipe, size_mb=served.size_mb)
+    return measure_candidates([(row, served)], ctx.batches, ctx.profile)[0]
+
+
+def constraint_values(targets: Targets, p95_ms: float, size_mb: float, quality: float) -> dict:
+    """Relative gaps, > 0 when violated: p95/budget - 1, size/max - 1, 1 - quality/floor (unset targets: none)."""
+    out = {}
+    if targets.p95_ms is not None:
+        out["p95_ms"] = p95_ms / targets.p95_ms - 1.0
+    if targets.max_size_mb is not None:
+        out["size_mb"] = size_mb / targets.max_size_mb - 1.0
+    if targets.min_quality is not None:
+        out["quality"] = 1.0 - quality / targets.min_quality
+    return out
+
+
+def screened_out(targets: Targets, p95_ms: float, size_mb: float, margin: float) -> list[str]:
+    """Budgets an untrained candidate already misses. Size does not change with training; latency is
+    re-measured after, so only a p95 beyond the margin (timing noise) rejects it."""
+    misses = []
+    if targets.p95_ms is not None and p95_ms > targets.p95_ms * (1.0 + margin):
+        misses.append("p95")
+    if targets.max_size_mb is not None and size_mb > targets.max_size_mb:
+        misses.append("size")
+    return misses
+
+
+def _record(trial, tracker, figures: dict, constraints: dict) -> None:
+    for key, value in constraints.items():
+        trial.set_constraint(key, value)
+    for key, value in figures.items():
+        trial.set_user_attr(key, value)
+    trial.set_user_attr("feasible", all(v <= 0 for v in constraints.values()))
+    tracker.log_metrics({k: v for k, v in figures.items() if k in FIGURES and v is not None})
+
+
+# ---------------------------------------------------------------- one trial
+
+
+def objective(trial: optuna.Trial, ctx: Context):
+    candidate = ctx.space.suggest(trial)
+    for key, value in candidate.to_dict().items():
+        trial.set_user_attr(key, value)
+    # TPE returns to good points of a mostly categorical space; training the same candidate again
+    # would spend minutes to learn nothing new, so a repeat is pruned and points to its twin.
+    twin = next((t.number for t in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                 if all(t.user_attrs.get(k) == v for k, v in candidate.to_dict().items())), None)
+    if twin is not None:
+        trial.set_user_attr("duplicate_of", twin)
+        raise optuna.TrialPruned(f"same candidate as trial {twin}")
+    with ctx.tracking.child(trial, candidate.to_dict()) as tracker:
+        try:
+            return _evaluate(trial, candidate, ctx, tracker)
+        except Exception as exc:
+            trial.set_user_attr("error", one_line(exc))
+            tracker.set_tags({"state": "FAIL", "error": one_line(exc)})
+            shutil.rmtree(ctx.cfg.run_dir / "trials" / str(trial.number), ignore_errors=True)
+            raise
+
+
+def _evaluate(trial, candidate: Candidate, ctx: Context, tracker):
+    cfg = ctx.cfg
+    student = build_student(ctx.teacher, candidate.student(), seed=cfg.train.seed)
+    params = count_params(student)
+    with tempfile.TemporaryDirectory(prefix="kdlab-screen-") as tmp:
+        served = apply_recipe(candidate.recipe, student, example_batch=ctx.quality_batches[0], device=cfg.target.device,
+                              workdir=Path(tmp), allow_cpu_half=cfg.quantization.allow_cpu_bf16, threads=ctx.threads)
+        pre = _measure(served, ctx)
+    misses = screened_out(ctx.targets, pre.p95_ms, pre.size_mb, cfg.search.screen_margin)
+    if misses:
+        figures = {"quality": 0.0, "p50_ms": pre.p50_ms, "p95_ms": pre.p95_ms, "p99_ms": pre.p99_ms,
+                   "throughput": pre.throughput, "size_mb": pre.size_mb, "params": params, "train_seconds": 0.0,
+                   "steps": 0, "pre_p95_ms": pre.p95_ms, "pre_size_mb": pre.size_mb, "screened_out": True,
+                   "screen_misses": misses}
+        constraints = constraint_values(ctx.targets, pre.p95_ms, pre.size_mb, 0.0)
+        _record(trial, tracker, figures, constraints)
+        return 0.0, pre.p95_ms
+
+    trial_dir = cfg.run_dir / "trials" / str(trial.number)
+    result = _distil(candidate, ctx, student, trial_dir, tracker)
+    from transformers import AutoModelForSequenceClassification
+    trained = AutoModelForSequenceClassification.from_pretrained(trial_dir, use_safetensors=True).eval()
+    served = apply_recipe(candidate.recipe, trained, example_batch=ctx.quality_batches[0], device=cfg.target.device,
+                          workdir=trial_dir / "served", allow_cpu_half=cfg.quantization.allow_cpu_bf16,
+                          threads=ctx.threads)
+    quality = dev_quality(served, ctx.quality_batches, cfg.task.metric, ctx.prep.data.num_labels)
+    post = _measure(served, ctx)
+    figures = {"quality": quality, "p50_ms": post.p50_ms, "p95_ms": post.p95_ms, "p99_ms": post.p99_ms,
+               "throughput": post.throughput, "size_mb": post.size_mb, "params": params,
+               "train_seconds": result.train_seconds, "steps": result.steps, "pre_p95_ms": pre.p95_ms,
+               "pre_size_mb": pre.size_mb, "screened_out": False, "fp32_dev": result.best_metric,
+               "stable": post.stable, "cv": post.cv}
+    constraints = constraint_values(ctx.targets, post.p95_ms, post.size_mb, quality)
+    _record(trial, tracker, figures, constraints)
+    (trial_dir / "kdlab_trial.json").write_text(json.dumps({
+        "trial": trial.number, "candidate": candidate.to_dict(), **figures, "constraints": constraints,
+        "feasible": all(v <= 0 for v in constraints.values()), "targets": ctx.meta["targets"],
+        "conditions": ctx.meta["conditions"]}, indent=2, default=str))
+    return quality, post.p95_ms
+
+
+def _distil(candidate: Candidate, ctx: Context, student, trial_dir: Path, tracker):
+    """One in-process distillation with the study's teacher and cached logits; best checkpoint -> trial_dir."""
+    cfg = ctx.cfg
+    train_cfg = dataclasses.replace(cfg.train, learning_rate=candidate.learning_rate, max_steps=cfg.search.train_steps,
+                                    num_epochs=cfg.search.train_epochs, resume_from=None, save_state_every_steps=None)
+    distill_cfg = dataclasses.replace(cfg.distill, temperature=candidate.temperature, alpha=candidate.alpha)
+    trial_cfg = dataclasses.replace(cfg, train=train_cfg, distill=distill_cfg)
+    if ctx.attn:
+        student.config._attn_implementation = ctx.attn
+    compute_loss, loss_mod, _ = make_distill_loss(trial_cfg, ctx.teacher, student, ctx.logits_cache)
+    train_loader = make_loader(ctx.prep.train_ds, ctx.prep.tokenizer, cfg.train.batch_size, shuffle=True,
+                               seed=cfg.train.seed)
+
+    def save_best(model):
+        model.save_pretrained(trial_dir)
+        ctx.prep.tokenizer.save_pretrained(trial_dir)
+
+    return fit(ctx.accelerator, student, train_loader, cfg=train_cfg, compute_loss=compute_loss,
+               evaluate=lambda m: evaluate_classifier(m, ctx.eval_loader, ctx.accelerator), save_best=save_best,
+               out_dir=trial_dir, tracker=tracker, metric=cfg.task.metric, extra_modules=[loss_mod], desc="distill")

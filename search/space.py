@@ -1,0 +1,233 @@
+"""The student search space: the config's `search:` section bound to the teacher's shape.
+
+Library module for search/study.py; nothing to launch. Typical use:
+
+    space = SearchSpace.from_config(cfg, teacher.config)   # ConfigError before any work starts
+    candidate = space.suggest(trial)                       # inside an Optuna objective
+    study.enqueue_trial(space.params_of(space.seeds(3)[0]))
+
+The config loader already refused static mistakes (empty lists, min above max, unknown recipe,
+head counts that divide no hidden size). Here the rest is checked against the teacher: shapes a
+teacher initialisation cannot produce when `search.init` allows no random init.
+
+Conditional parameters keep every Optuna distribution fixed for the life of a study: the head
+count is drawn from `num_heads_h<hidden>` (only the counts that divide that hidden size), and
+`init` is drawn only when both a teacher and a random initialisation are possible for the widths.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from distill.config import Config, ConfigError, Range, StudentConfig, search_ranges, search_recipes
+
+# Recipes tried by the seed trials, in order of preference: the cheapest change that usually pays on the device.
+SEED_RECIPES = ("dynamic-int8", "onnx-int8", "fp16", "bf16", "fp32", "onnx-fp32", "bnb-int8", "bnb-nf4")
+SEED_LAYER_FRACTIONS = (1 / 2, 1 / 3, 2 / 3, 1 / 4, 1.0)  # half the teacher first (DistilBERT's choice)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One point of the space: a student architecture, its initialisation, serving recipe and training knobs."""
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    intermediate_size: int
+    init: str
+    recipe: str
+    learning_rate: float
+    temperature: float
+    alpha: float
+
+    def student(self) -> StudentConfig:
+        return StudentConfig(num_layers=self.num_layers, hidden_size=self.hidden_size, num_heads=self.num_heads,
+                             intermediate_size=self.intermediate_size, init=self.init)
+
+    def label(self) -> str:
+        return (f"{self.num_layers}L x {self.hidden_size} ({self.num_heads} heads, ffn {self.intermediate_size}), "
+                f"{self.init}, {self.recipe}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TeacherShape:
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    intermediate_size: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def of(cls, config) -> "TeacherShape":
+        return cls(config.num_hidden_layers, config.hidden_size, config.num_attention_heads, config.intermediate_size)
+
+
+def _ask(trial, name: str, rng: Range):
+    """One value of `rng` from the trial; a single choice is a constant, not an Optuna parameter."""
+    if rng.choices is not None:
+        return rng.choices[0] if len(rng.choices) == 1 else trial.suggest_categorical(name, list(rng.choices))
+    if rng.step is not None:
+        return trial.suggest_int(name, int(rng.low), int(rng.high), step=int(rng.step))
+    return trial.suggest_float(name, rng.low, rng.high, log=rng.log)
+
+
+def _snap(rng: Range, value):
+    """The value of `rng` nearest to `value` (the lower one on a tie)."""
+    if rng.choices is not None:
+        return min(rng.choices, key=lambda v: (abs(v - value), v))
+    value = min(max(value, rng.low), rng.high)
+    if rng.step is not None:
+        return int(rng.low + round((value - rng.low) / rng.step) * rng.step)
+    return value
+
+
+class SearchSpace:
+    """The config's `search:` ranges with the teacher's defaults filled in and checked against the teacher."""
+
+    def __init__(self, cfg: Config, teacher: TeacherShape):
+        self.teacher = teacher
+        ranges = search_ranges(cfg)
+        self.layers = ranges["num_layers"] or Range(low=1, high=teacher.num_layers, step=1)
+        self.hidden = ranges["hidden_size"] or Range(choices=(teacher.hidden_size,))
+        self.ffn = ranges["intermediate_size"]  # None: the teacher's FFN/hidden ratio, as student_config does
+        self.recipes = Range(choices=tuple(search_recipes(cfg)))
+        self.learning_rate = ranges["learning_rate"] or Range(choices=(cfg.train.learning_rate,))
+        self.temperature = ranges["temperature"] or Range(choices=(cfg.distill.temperature,))
+        self.alpha = ranges["alpha"] or Range(choices=(cfg.distill.alpha,))
+        # What a seed trial trains with: the train/distill sections' values, moved into the searched ranges.
+        self.defaults = (cfg.train.learning_rate, cfg.distill.temperature, cfg.distill.alpha)
+        allowed = set(cfg.search.init)
+        self.random_ok = "random" in allowed
+        self.teacher_ok = bool(allowed & {"teacher-layers", "teacher-slice"})
+        self.slice_ok = "teacher-slice" in allowed
+        self._check_teacher_caps()
+        heads = ranges["num_heads"]
+        self.heads_for = {}
+        for hidden in self.hidden.values():
+            tried = heads.values() if heads else [max(1, hidden // teacher.head_dim)]
+            valid = [n for n in tried if hidden % n == 0 and (self.random_ok or self._heads_fit(hidden, n))]
+            if not valid:
+                if not any(hidden % n == 0 for n in tried):  # only reachable with the default (teacher head size)
+                    why = f"the teacher's head size {teacher.head_dim} gives {tried[0]} heads, which do not divide it"
+                else:
+                    why = (f"teacher initialisation allows at most {teacher.num_heads} heads of at most "
+                           f"{teacher.head_dim} dims; add random to search.init to lift this")
+                raise ConfigError(f"search.num_heads: none of {tried} fits search.hidden_size {hidden}: {why}")
+            self.heads_for[hidden] = valid
+        self._check_teacher_init()
+
+    @classmethod
+    def from_config(cls, cfg: Config, teacher_config) -> "SearchSpace":
+        return cls(cfg, TeacherShape.of(teacher_config))
+
+    # ------------------------------------------------------------ shape rules
+
+    def _heads_fit(self, hidden: int, heads: int) -> bool:
+        t = self.teacher
+        return heads <= t.num_heads and hidden // heads <= t.head_dim
+
+    def ffn_of(self, hidden: int) -> list[int]:
+        return self.ffn.values() if self.ffn else [self.teacher.intermediate_size * hidden // self.teacher.hidden_size]
+
+    def teacher_init(self, layers: int, hidden: int, heads: int, ffn: int) -> str | None:
+        """teacher-layers at the teacher's widths, teacher-slice when narrower, None when teacher weights cannot fit."""
+        t = self.teacher
+        if not self.teacher_ok or layers > t.num_layers or hidden > t.hidden_size or ffn > t.intermediate_size:
+            return None
+        if not self._heads_fit(hidden, heads):
+            return None
+        if (hidden, heads, ffn) == (t.hidden_size, t.num_heads, t.intermediate_size):
+            return "teacher-layers"
+        return "teacher-slice" if self.slice_ok else None
+
+    def _check_teacher_caps(self) -> None:
+        """Without random init every depth and width in the space must be reachable from the teacher's weights."""
+        if self.random_ok:
+            return
+        t = self.teacher
+        checks = [("num_layers", max(self.layers.values()), t.num_layers, "layers"),
+                  ("hidden_size", max(self.hidden.values()), t.hidden_size, "hidden size")]
+        if self.ffn is not None:
+            checks.append(("intermediate_size", max(self.ffn.values()), t.intermediate_size, "FFN width"))
+        for key, biggest, limit, what in checks:
+            if biggest > limit:
+                raise ConfigError(f"search.{key}: {biggest} exceeds the teacher's {what} {limit}, which teacher "
+                                  f"initialisation cannot grow; valid: <= {limit}, or add random to search.init")
+
+    def _check_teacher_init(self) -> None:
+        """teacher-layers alone (no slice, no random) admits only the teacher's own widths."""
+        t = self.teacher
+        if self.random_ok or self.slice_ok:
+            return
+        widths = {(h, n, f) for h in self.hidden.values() for n in self.heads_for[h] for f in self.ffn_of(h)}
+        if widths != {(t.hidden_size, t.num_heads, t.intermediate_size)}:
+            raise ConfigError(f"search.init: teacher-layers alone needs the teacher's widths (hidden {t.hidden_size}, "
+                              f"{t.num_heads} heads, ffn {t.intermediate_size}); add teacher-slice or random")
+
+    # ------------------------------------------------------------ sampling
+
+    def suggest(self, trial) -> Candidate:
+        """Draw one candidate; every parameter name keeps one distribution for the whole study."""
+        layers = _ask(trial, "num_layers", self.layers)
+        hidden = _ask(trial, "hidden_size", self.hidden)
+        heads = _ask(trial, f"num_heads_h{hidden}", Range(choices=tuple(self.heads_for[hidden])))
+        ffn = _ask(trial, "intermediate_size", self.ffn) if self.ffn else self.ffn_of(hidden)[0]
+        from_teacher = self.teacher_init(layers, hidden, heads, ffn)
+        if from_teacher and self.random_ok:
+            kind = trial.suggest_categorical("init", ["teacher", "random"])
+            init = from_teacher if kind == "teacher" else "random"
+        else:
+            init = from_teacher or "random"
+        return Candidate(layers, hidden, heads, ffn, init, _ask(trial, "recipe", self.recipes),
+                         float(_ask(trial, "learning_rate", self.learning_rate)),
+                         float(_ask(trial, "temperature", self.temperature)), float(_ask(trial, "alpha", self.alpha)))
+
+    def params_of(self, c: Candidate) -> dict:
+        """The Optuna parameters that make `suggest` return `c` (for `study.enqueue_trial`)."""
+        params = {"num_layers": c.num_layers, "hidden_size": c.hidden_size, f"num_heads_h{c.hidden_size}": c.num_heads,
+                  "intermediate_size": c.intermediate_size, "recipe": c.recipe, "learning_rate": c.learning_rate,
+                  "temperature": c.temperature, "alpha": c.alpha,
+                  "init": "random" if c.init == "random" else "teacher"}
+        if self.ffn is None:
+            params.pop("intermediate_size")
+        return params
+
+    def seeds(self, n: int, device: str = "cpu") -> list[Candidate]:
+        """Up to n teacher-layer subsets at (or nearest to) the teacher's width, with the preferred recipe.
+
+        Half the teacher's layers at full width, dynamic-int8 on CPU, is DistilBERT's recipe made
+        servable; a third and two thirds bracket it. They give the sampler known-good points first.
+        """
+        t = self.teacher
+        hidden = _snap(self.hidden, t.hidden_size)
+        heads = min(self.heads_for[hidden], key=lambda h: (abs(h - t.num_heads), h))
+        ratio_ffn = t.intermediate_size * hidden // t.hidden_size
+        ffn = _snap(self.ffn, ratio_ffn) if self.ffn else ratio_ffn
+        lr, temperature, alpha = (float(_snap(r, v)) for r, v in
+                                  zip((self.learning_rate, self.temperature, self.alpha), self.defaults))
+        preferred = [r for r in SEED_RECIPES if r in self.recipes.choices and not (device == "cuda" and r == "fp32")]
+        recipe = (preferred or list(self.recipes.choices))[0]
+        out = []
+        for fraction in SEED_LAYER_FRACTIONS:
+            layers = _snap(self.layers, max(1, round(t.num_layers * fraction)))
+            init = self.teacher_init(layers, hidden, heads, ffn) or "random"
+            c = Candidate(layers, hidden, heads, ffn, init, recipe, lr, temperature, alpha)
+            if c not in out:
+                out.append(c)
+        return out[:n]
+
+    def describe(self) -> dict:
+        """The space as plain data: stored with the study, so a resumed study can refuse a changed space."""
+        def rng(r: Range | None):
+            return None if r is None else {k: v for k, v in asdict(r).items() if v is not None and v is not False}
+        return {"num_layers": rng(self.layers), "hidden_size": rng(self.hidden),
+                "num_heads": {str(h): v for h, v in self.heads_for.items()},
+                "intermediate_size": rng(self.ffn), "recipes": list(self.recipes.choices),
+                "learning_rate": rng(self.learning_rate), "temperature": rng(self.temperature),
+                "alpha": rng(self.alpha), "init": {"teacher": self.teacher_ok, "slice": self.slice_ok,
+                                                   "random": self.random_ok}}
+

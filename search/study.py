@@ -1,0 +1,392 @@
+"""The student search: Optuna, two objectives (quality ↑, p95 ↓), the targets as constraints.
+
+    kdlab search --config configs/sst2_minilm.yaml [--n-trials 20] [--timeout 3600]
+    kdlab report --config configs/sst2_minilm.yaml          # the front and plots, from the stored study
+
+Each trial draws a student (depth, widths, initialisation, quantization recipe, optionally
+learning rate / temperature / alpha) from `search:` (search/space.py), then:
+
+1. builds it untrained, applies its recipe and times it on the target profile: latency depends on
+   the architecture, not the weights. A candidate over the p95 budget (beyond `screen_margin`) or
+   the size budget is rejected with zero training steps: its measured p95 and size are recorded,
+   its constraints are violated, user attrs `screened_out=True`, `train_seconds=0`, and it returns
+   quality 0.0 (not the untrained quality: that costs a dev pass and reads like a real score at chance
+   level on a plot; 0.0 cannot be mistaken for one). It stays visible in the study, plots and MLflow.
+2. otherwise distils it in this process with train/pipeline's loss and train/loop's `fit`, from the
+   study's fine-tuned teacher and its cached logits, for `search.train_steps` (or `train_epochs`);
+3. applies the recipe to the best checkpoint, scores that served artefact on the full dev set and
+   times it again. The post-training figures are what the trial reports.
+
+Constraints (`trial.set_constraint`, > 0 violated) are relative gaps so the units do not weigh
+against each other in the samplers' total violation: p95/budget - 1, size/max - 1, 1 - quality/floor.
+
+Sampler: multi-objective TPE (`TPESampler(multivariate=True, group=True)`) by default, chosen by
+reasoning, not by a benchmark. With 10-50 trials NSGA-II is a poor fit: its first generation is
+random sampling of `population_size` trials (50 by default, so the whole budget would be random
+search; a population of a few leaves crossover little to work with), whereas TPE models the trials
+from `STARTUP_TRIALS` on. In Optuna 5 both samplers read what `trial.set_constraint` stores; TPE
+counts an infeasible trial among the good ones only when too few feasible trials exist, least
+violation first. With `group=True` TPE also models conditional parameters (the head count drawn per
+hidden size, `init` drawn only when both initialisations are possible), which NSGA-II samples at
+random. `constant_liar` keeps workers sharing a study (PostgreSQL) from drawing the same point at
+once. A candidate identical to a completed trial is pruned, not retrained. `search.sampler: nsga2 |
+random` remain for comparison.
+
+Storage defaults to sqlite:///<output_dir>/optuna.db; any RDB URL works, and running again resumes
+the study (the same space and targets; otherwise a ConfigError asks for a new study name) and adds
+`--n-trials` more. A trial that raises is recorded as FAIL with user attr `error`; the study goes on.
+Checkpoints of front members stay under runs/<name>/trials/<number>/; others are deleted.
+Exit code 0 (a feasible student exists), 3 (none), 2 (config error).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+from accelerate.utils import set_seed
+
+from distill.config import Config, ConfigError
+from eval.latency import clamp_threads, machine_info, versions
+from search.gate import (EXIT_MISS, EXIT_PASS, Targets, build_candidates, check_device, is_relative,
+                         measure_candidates, resolve_targets, target_profile, timing_batches)
+from search.objective import Context, objective, one_line
+from search.space import SearchSpace
+from search.study_report import print_front, trial_rows, write_report
+from search.study_tracking import StudyTracking
+from train.data import make_loader
+from train.pipeline import cached_teacher_logits, prepare
+from train.teacher import ensure_teacher, load_teacher_config
+
+DIRECTIONS = ["maximize", "minimize"]  # quality, p95_ms
+STARTUP_TRIALS = 6  # seeds + a few random draws before TPE models the trials (Optuna's 10 is a whole small budget)
+NSGA2_POPULATION = 10  # a generation a 10-50 trial budget can complete several times
+TARGET_KEYS = ("p95_ms", "min_quality", "max_size_mb")
+PROFILE_KEYS = ("device", "threads", "batch_size", "seq_len")
+
+
+@dataclass
+class SearchResult:
+    study_name: str
+    storage: str
+    rows: list
+    front: list
+    message: str
+    exit_code: int
+    report_dir: Path
+
+
+# ---------------------------------------------------------------- storage and study
+
+
+def storage_url(cfg: Config) -> str:
+    return cfg.search.storage or f"sqlite:///{cfg.run_dir / 'optuna.db'}"
+
+
+def _redacted(url: str) -> str:
+    try:
+        from sqlalchemy.engine import make_url
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not even a URL: show it as given
+        return url
+
+
+def open_storage(cfg: Config, create: bool = True) -> optuna.storages.RDBStorage:
+    """The study's RDB storage; an unreachable or malformed URL is a one-line ConfigError."""
+    url = storage_url(cfg)
+    if cfg.search.storage is None:
+        path = cfg.run_dir / "optuna.db"
+        if not create and not path.is_file():
+            raise ConfigError(f"search.storage: no study database at {path}; run kdlab search --config "
+                              f"{cfg.config_path or '<config>'} first")
+        path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return optuna.storages.RDBStorage(url)
+    except Exception as exc:  # sqlalchemy/driver errors come in many types; all mean "cannot use this URL"
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise ConfigError(f"search.storage: cannot open {_redacted(url)!r} ({type(exc).__name__}: {first}); "
+                          "valid: a reachable RDB URL such as sqlite:///runs/x/optuna.db") from None
+
+
+def make_sampler(cfg: Config, n_existing: int) -> optuna.samplers.BaseSampler:
+    # The sampler's random state is not stored with the study: offsetting the seed by the trials
+    # already there keeps a resumed study from replaying the first session's random draws.
+    seed = cfg.train.seed + n_existing
+    if cfg.search.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=NSGA2_POPULATION)
+    if cfg.search.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # `group`, stable since 2.8
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True,
+                                          n_startup_trials=STARTUP_TRIALS)
+
+
+def _fingerprint(cfg: Config, space: SearchSpace) -> dict:
+    """What makes trials comparable: a resumed study must keep it."""
+    return json.loads(json.dumps({
+        "space": space.describe(), "train_steps": cfg.search.train_steps, "train_epochs": cfg.search.train_epochs,
+        "target": {k: str(getattr(cfg.target, k)) for k in TARGET_KEYS + PROFILE_KEYS},
+        "metric": cfg.task.metric}))
+
+
+def _check_resumable(study: optuna.Study, fingerprint: dict, url: str) -> None:
+    stored = study.user_attrs.get("fingerprint")
+    if stored is None or stored == fingerprint:
+        return
+    changed = next(k for k in fingerprint if stored.get(k) != fingerprint[k])
+    detail = ""
+    if changed == "space":
+        key = next(k for k in fingerprint["space"] if stored["space"].get(k) != fingerprint["space"][k])
+        detail = f" (search.{key})"
+    if changed == "target":
+        key = next(k for k in fingerprint["target"] if stored["target"].get(k) != fingerprint["target"][k])
+        detail = f" (target.{key} was {stored['target'].get(key)!r}, now {fingerprint['target'][key]!r})"
+    raise ConfigError(f"search.study_name: study '{study.study_name}' in {_redacted(url)} was created with a different "
+                      f"{changed}{detail}; its trials would not compare: use a new search.study_name")
+
+
+# ---------------------------------------------------------------- after each trial
+
+
+def summary_of(rows: list[dict]) -> dict:
+    feasible = [r for r in rows if r["feasible"]]
+    return {"trials": len(rows), "trials_complete": sum(r["state"] == "COMPLETE" for r in rows),
+            "trials_failed": sum(r["state"] == "FAIL" for r in rows),
+            "trials_screened_out": sum(r["screened_out"] for r in rows), "trials_feasible": len(feasible),
+            "front_size": sum(r["is_pareto"] for r in rows),
+            "best_quality": max((r["quality"] for r in feasible), default=None)}
+
+
+def prune_checkpoints(run_dir: Path, rows: list[dict]) -> None:
+    """Delete trials/<n>/ of finished trials off the front; a running trial's folder is left alone."""
+    keep = {r["trial"] for r in rows if r["is_pareto"] or r["state"] == "RUNNING"}
+    known = {r["trial"] for r in rows}
+    root = run_dir / "trials"
+    if not root.is_dir():
+        return
+    for folder in root.iterdir():
+        if folder.name.isdigit() and int(folder.name) in known and int(folder.name) not in keep:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def refresh(cfg: Config, study: optuna.Study, meta: dict, tracking: StudyTracking) -> list[dict]:
+    """Front, checkpoints, report files and MLflow tags from the study as it stands now."""
+    rows = trial_rows(study.get_trials(deepcopy=False), cfg.run_dir)
+    prune_checkpoints(cfg.run_dir, rows)
+    rows = trial_rows(study.get_trials(deepcopy=False), cfg.run_dir)  # checkpoint paths after pruning
+    paths = write_report(rows, cfg.run_dir / "report", meta)
+    tracking.refresh(rows, paths, summary_of(rows))
+    return rows
+
+
+def _trial_line(row: dict) -> str:
+    head = (f"trial {row['trial']}: {row.get('num_layers')}L x {row.get('hidden_size')} ({row.get('num_heads')} "
+            f"heads, ffn {row.get('intermediate_size')}), {row.get('init')}, {row.get('recipe')}: ")
+    if row["state"] == "FAIL":
+        return head + f"FAILED ({row.get('error')})"
+    if row["state"] != "COMPLETE":
+        return head + row["state"].lower() + (f" (repeats trial {row['duplicate_of']})"
+                                              if row.get("duplicate_of") is not None else "")
+    if row["screened_out"]:
+        return head + f"screened out untrained (p95 {row['p95_ms']:.2f} ms, {row['size_mb']:.1f} MB), no training"
+    return head + (f"quality {row['quality']:.4f}, p95 {row['p95_ms']:.2f} ms, {row['size_mb']:.1f} MB, "
+                   f"trained {row['train_seconds']:.0f} s" + (" [front]" if row["is_pareto"] else
+                                                              ("" if row["feasible"] else " [infeasible]")))
+
+
+def outcome(rows: list[dict], targets: dict, study_name: str, report_dir: Path) -> tuple[str, int]:
+    """The one-line verdict and exit code: 0 with a front, 3 with no feasible student."""
+    front = sorted((r for r in rows if r["is_pareto"]), key=lambda r: -r["quality"])
+    screened = sum(r["screened_out"] for r in rows)
+    if front:
+        best = front[0]
+        return (f"search '{study_name}': {len(front)} student(s) on the front of {len(rows)} trials ({screened} "
+                f"screened out untrained); best {best['quality']:.4f} at p95 {best['p95_ms']:.2f} ms (trial "
+                f"{best['trial']}); report: {report_dir}"), EXIT_PASS
+    measured = [r for r in rows if r.get("p95_ms") is not None]
+    if not measured:
+        failed = [r for r in rows if r["state"] == "FAIL"]
+        why = f"; first error: {failed[0]['error']}" if failed else ""
+        return (f"no feasible student: no candidate was measured ({len(failed)} of {len(rows)} trials "
+                f"failed{why})"), EXIT_MISS
+    parts = []
+    if targets.get("p95_ms") is not None:
+        fastest = min(measured, key=lambda r: r["p95_ms"])
+        parts.append(f"fastest candidate measured {fastest['p95_ms']:.2f} ms vs budget {targets['p95_ms']:.2f} ms "
+                     f"(trial {fastest['trial']})")
+    if targets.get("max_size_mb") is not None:
+        smallest = min(measured, key=lambda r: r["size_mb"])
+        parts.append(f"smallest {smallest['size_mb']:.1f} MB vs max {targets['max_size_mb']:.1f} MB")
+    trained = [r for r in measured if not r["screened_out"] and r.get("quality") is not None]
+    if targets.get("min_quality") is not None and trained:
+        parts.append(f"best quality {max(r['quality'] for r in trained):.4f} vs floor {targets['min_quality']:.4f}")
+    parts.append(f"{screened} of {len(rows)} candidates screened out before training")
+    return "no feasible student: " + "; ".join(parts), EXIT_MISS
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def _gate_references(cfg: Config) -> list[dict]:
+    """The fp32 teacher and its best quantized form from the gate's table, when the gate was run."""
+    import csv
+    path = cfg.run_dir / "report" / "gate.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["status"] == "ok" and r["p95_ms"] and r["quality"]]
+    refs = []
+    fp32 = next((r for r in rows if r["recipe"] == "fp32"), None)
+    if fp32:
+        refs.append({"label": "teacher fp32 (gate)", "p95_ms": float(fp32["p95_ms"]),
+                     "quality": float(fp32["quality"])})
+    quantized = [r for r in rows if r["recipe"] != "fp32" and r["candidate"] == "True"]
+    if quantized:
+        best = max(quantized, key=lambda r: (float(r["quality"]), -float(r["p95_ms"])))
+        refs.append({"label": f"teacher {best['recipe']} (gate, best quantized)", "p95_ms": float(best["p95_ms"]),
+                     "quality": float(best["quality"])})
+    return refs
+
+
+def meta_of(cfg: Config, study: optuna.Study) -> dict:
+    refs = _gate_references(cfg)
+    own = study.user_attrs.get("reference")
+    if own and not refs:
+        refs = [{"label": "teacher fp32 (measured by the search)", **own}]
+    return {"study": study.study_name, "metric": cfg.task.metric, "targets": study.user_attrs.get("targets", {}),
+            "conditions": study.user_attrs.get("conditions", {}), "references": refs}
+
+
+def _setup(cfg: Config, accelerator, space: SearchSpace, console) -> Context:
+    set_seed(cfg.train.seed)
+    threads, warning = clamp_threads(cfg.target.threads)
+    if warning:
+        print(f"kdlab: warning: target.threads: {warning}", file=sys.stderr)
+    prep = prepare(cfg, accelerator)
+    tracking = StudyTracking(cfg)
+    tracking.ensure_experiment()  # before the teacher's own MLflow run creates the experiment elsewhere
+    attn = "eager" if cfg.distill.attention_weight > 0 and cfg.distill.attention_loss == "tinybert" else None
+    teacher, teacher_dev = ensure_teacher(cfg, accelerator, prep.data, prep.tokenizer, prep.train_ds, prep.eval_ds,
+                                          attn=attn)
+    teacher = teacher.to(accelerator.device).eval()
+    quality_batches = list(make_loader(prep.eval_ds, prep.tokenizer, cfg.train.eval_batch_size, shuffle=False))
+    batches, lengths = timing_batches(prep.eval_ds, prep.tokenizer, cfg.target.batch_size, cfg.target.seq_len,
+                                      vocab_size=teacher.config.vocab_size, seed=cfg.train.seed)
+    profile = target_profile(cfg.target, threads, lengths["seq_len_median"])
+    logits_only = cfg.distill.hidden_weight == 0 and cfg.distill.attention_weight == 0
+    logits_cache = (cached_teacher_logits(teacher, prep.train_ds, prep.tokenizer, cfg, accelerator)
+                    if cfg.distill.cache_teacher_logits and logits_only else None)
+    eval_loader = accelerator.prepare(make_loader(prep.eval_ds, prep.tokenizer, cfg.train.eval_batch_size,
+                                                  shuffle=False))
+    ctx = Context(cfg, accelerator, prep, teacher, space, Targets(), profile, batches, quality_batches, eval_loader,
+                  logits_cache, attn, threads, tracking, {}, console)
+    ctx.meta = {"conditions": {"device": cfg.target.device, "threads": threads, "batch_size": cfg.target.batch_size,
+                               "seq_len": cfg.target.seq_len, **lengths, "metric": cfg.task.metric,
+                               "dev_rows": len(prep.eval_ds), "teacher": cfg.teacher.source,
+                               "teacher_dev": teacher_dev, "cpu": machine_info()["cpu"],
+                               "torch": versions()["torch"]}}
+    return ctx
+
+
+def _resolve_targets(ctx: Context, study: optuna.Study) -> None:
+    """Absolute targets, fixed when the study is created (a `teacher*f` target measures the fp32 teacher once)."""
+    stored = study.user_attrs.get("targets")
+    if stored is not None:
+        ctx.targets = Targets(**{k: stored.get(k) for k in TARGET_KEYS}, spec=stored.get("spec", {}))
+        return
+    cfg, reference = ctx.cfg, None
+    if is_relative(cfg.target):
+        cpu_teacher = ctx.teacher.to("cpu")
+        built = build_candidates(cpu_teacher, ["fp32"], example_batch=ctx.quality_batches[0],
+                                 quality_batches=ctx.quality_batches, metric=cfg.task.metric,
+                                 num_labels=ctx.prep.data.num_labels, device=cfg.target.device, threads=ctx.threads,
+                                 allow_cpu_bf16=False, workdir=cfg.run_dir / "search_reference")
+        reference = measure_candidates(built, ctx.batches, ctx.profile)[0]
+        ctx.teacher.to(ctx.accelerator.device)
+        if reference.status == "ok":
+            study.set_user_attr("reference", {"p95_ms": reference.p95_ms, "quality": reference.quality,
+                                              "size_mb": reference.size_mb})
+    ctx.targets = resolve_targets(cfg.target, reference)
+    study.set_user_attr("targets", {**{k: getattr(ctx.targets, k) for k in TARGET_KEYS}, "spec": ctx.targets.spec})
+    study.set_user_attr("conditions", ctx.meta["conditions"])
+
+
+def run_search(cfg: Config, accelerator, n_trials: int | None = None, timeout_s: float | None = None,
+               console=None) -> SearchResult:
+    """Run (or resume) the study; write the report and MLflow runs; return the front and the verdict."""
+    check_device(cfg.target)
+    space = SearchSpace.from_config(cfg, load_teacher_config(cfg))  # space errors before any work starts
+    created = not cfg.run_dir.exists()
+    storage = open_storage(cfg)
+    name = cfg.search.study_name or cfg.name
+    fingerprint = _fingerprint(cfg, space)
+    fresh = name not in optuna.study.get_all_study_names(storage)
+    if not fresh:
+        _check_resumable(optuna.load_study(study_name=name, storage=storage), fingerprint, storage_url(cfg))
+    try:
+        ctx = _setup(cfg, accelerator, space, console)
+    except ConfigError:
+        if created:  # a bad data file or teacher found late: leave nothing behind, as `kdlab distill` does
+            shutil.rmtree(cfg.run_dir, ignore_errors=True)
+        raise
+    n_existing = 0 if fresh else len(optuna.load_study(study_name=name, storage=storage).trials)
+    study = optuna.create_study(study_name=name, storage=storage, directions=DIRECTIONS, load_if_exists=True,
+                                sampler=make_sampler(cfg, n_existing))
+    if [d.name.lower() for d in study.directions] != DIRECTIONS:
+        raise ConfigError(f"search.study_name: study '{name}' exists with other objectives; "
+                          "use a new search.study_name")
+    study.set_user_attr("fingerprint", fingerprint)
+    _resolve_targets(ctx, study)
+    if not study.trials:
+        for candidate in space.seeds(cfg.search.seed_trials, cfg.target.device):
+            study.enqueue_trial(space.params_of(candidate), skip_if_exists=True)
+    ctx.meta.update(meta_of(cfg, study))
+
+    def after_trial(study, frozen) -> None:
+        # An exception here would stop the study (Optuna does not catch callbacks): warn and go on;
+        # the refresh after the last trial runs unguarded and shows any lasting problem.
+        try:
+            rows = refresh(cfg, study, ctx.meta, ctx.tracking)
+        except Exception as exc:
+            print(f"kdlab: warning: report refresh after trial {frozen.number} failed: {one_line(exc)}",
+                  file=sys.stderr)
+            return
+        row = next((r for r in rows if r["trial"] == frozen.number), None)
+        if row is not None:
+            print(_trial_line(row), flush=True)
+
+    with ctx.tracking.parent(study):
+        study.optimize(lambda trial: objective(trial, ctx), n_trials=n_trials or cfg.search.n_trials,
+                       timeout=timeout_s if timeout_s is not None else cfg.search.timeout_s,
+                       catch=(Exception,), callbacks=[after_trial], gc_after_trial=True)
+        rows = refresh(cfg, study, ctx.meta, ctx.tracking)
+    report_dir = cfg.run_dir / "report"
+    print_front(rows, ctx.meta, console)
+    message, code = outcome(rows, ctx.meta["targets"], name, report_dir)
+    return SearchResult(name, _redacted(storage_url(cfg)), rows, [r for r in rows if r["is_pareto"]], message, code,
+                        report_dir)
+
+
+def run_report(cfg: Config, console=None) -> SearchResult:
+    """`kdlab report`: the front table and plots rebuilt from the stored study (nothing is measured)."""
+    storage = open_storage(cfg, create=False)
+    name = cfg.search.study_name or cfg.name
+    if name not in optuna.study.get_all_study_names(storage):
+        raise ConfigError(f"search.study_name: no study '{name}' in {_redacted(storage_url(cfg))}; "
+                          f"run kdlab search --config {cfg.config_path or '<config>'} first")
+    study = optuna.load_study(study_name=name, storage=storage)
+    meta = meta_of(cfg, study)
+    tracking = StudyTracking(cfg)
+    tracking.parent_run_id = study.user_attrs.get("mlflow_parent_run_id") if cfg.tracking.enabled else None
+    if tracking.enabled:
+        tracking.ensure_experiment()
+    rows = refresh(cfg, study, meta, tracking)
+    print_front(rows, meta, console)
+    message, code = outcome(rows, meta["targets"], name, cfg.run_dir / "report")
+    return SearchResult(name, _redacted(storage_url(cfg)), rows, [r for r in rows if r["is_pareto"]], message, code,
+                        cfg.run_dir / "report")

@@ -1,0 +1,382 @@
+"""The student search (`kdlab search`, `kdlab report`): tiny random-init teacher, 200 real SST-2 rows.
+
+Run: .venv/bin/python -m pytest -q tests/test_search.py
+
+End-to-end tests run the real `kdlab search` in this process (SQLite Optuna storage and MLflow store
+in a temporary folder) and assert on the Optuna study's trials, the MLflow parent and child runs,
+the report files and the checkpoints left behind; unit tests pin the space, constraints and screening.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import tiny_run_tree, write_config
+from distill.config import ConfigError, StudentConfig, load_config
+from distill.quantize import apply_recipe
+from distill.students import build_student
+from scripts.cli import main as kdlab
+from search.gate import Targets
+from search.space import SearchSpace, TeacherShape
+from search.objective import constraint_values, screened_out
+from search.study import storage_url
+
+FAST_PROFILE = {"batch_size": 1, "seq_len": "data", "warmup_iters": 2, "min_iters": 10, "min_seconds": 0.2,
+                "repeats": 2, "threads": 1, "max_cv": 1.0}
+# A searched learning rate makes every drawn candidate distinct (a repeat would be pruned, not run).
+SPACE = {"num_layers": [1, 2], "hidden_size": [32, 64], "num_heads": [2, 4], "recipes": ["dynamic-int8"],
+         "learning_rate": {"min": 1e-4, "max": 1e-2, "log": True}, "train_steps": 3, "seed_trials": 2}
+TRAIN_STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    """One folder (and one MLflow database) for the module; each test uses its own config name."""
+    return tmp_path_factory.mktemp("search")
+
+
+def search_config(root: Path, teacher: str, name: str, target: dict | None = None, **search) -> Path:
+    tree = tiny_run_tree(root / name, teacher, target={**FAST_PROFILE, **(target or {})},
+                         search={**SPACE, **search})
+    tree["name"] = name
+    tree["teacher"]["fine_tune"] = "never"  # a random head is teacher enough to distil from; no fine-tuning
+    tree["tracking"]["uri"] = f"sqlite:///{root / 'mlflow.db'}"
+    return write_config(root / f"{name}.yaml", tree)
+
+
+def load_study(root: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{root / name / 'optuna.db'}")
+
+
+def runs_of(root: Path, experiment: str):
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=[experiment], output_format="list")
+    parents = [r for r in runs if r.info.run_name == "search"]
+    children = [r for r in runs if r.data.tags.get("kdlab.stage") == "search-trial"]
+    return parents, children
+
+
+def served_sizes_mb(teacher_dir: str) -> dict:
+    """Sizes of the two seed students (1 and 2 teacher layers at full width) under dynamic-int8."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir, num_labels=2)
+    batch = AutoTokenizer.from_pretrained(teacher_dir)(["a fine film"], return_tensors="pt")
+    return {layers: apply_recipe("dynamic-int8", build_student(teacher, StudentConfig(num_layers=layers)),
+                                 example_batch=dict(batch)).size_mb for layers in (1, 2)}
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def main_search(root, tiny_teacher_dir):
+    """A 4-trial search whose size budget lies between the 1- and 2-layer full-width students.
+
+    Size does not depend on weights, so the screening is deterministic: the first seed (half the
+    teacher's layers, full width, dynamic-int8) is trained, the second (all layers) is rejected untrained.
+    """
+    sizes = served_sizes_mb(tiny_teacher_dir)
+    assert sizes[1] < sizes[2]
+    budget_mb = (sizes[1] + sizes[2]) / 2
+    config = search_config(root, tiny_teacher_dir, "main",
+                           target={"p95_ms": 10_000, "min_quality": 0.01, "max_size_mb": budget_mb})
+    code = kdlab(["search", "--config", str(config), "--n-trials", "4"])
+    return config, code, budget_mb
+
+
+def test_search_records_trials_constraints_checkpoints_and_mlflow_runs(root, main_search, capsys):
+    config, code, budget_mb = main_search
+    assert code == 0
+    study = load_study(root, "main")
+    trials = study.trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 4
+    seeds = [(t.user_attrs["num_layers"], t.user_attrs["hidden_size"], t.user_attrs["init"], t.user_attrs["recipe"])
+             for t in trials[:2]]
+    assert seeds == [(1, 64, "teacher-layers", "dynamic-int8"), (2, 64, "teacher-layers", "dynamic-int8")]
+
+    for t in trials:
+        u, c = t.user_attrs, t.constraints
+        assert u["hidden_size"] % u["num_heads"] == 0
+        assert set(c) == {"p95_ms", "size_mb", "quality"}
+        assert c["p95_ms"] == pytest.approx(u["p95_ms"] / 10_000 - 1)
+        assert c["size_mb"] == pytest.approx(u["size_mb"] / budget_mb - 1)
+        checkpoint = root / "main" / "trials" / str(t.number)
+        if u["screened_out"]:
+            assert u["size_mb"] > budget_mb and c["size_mb"] > 0 and c["quality"] == pytest.approx(1.0)
+            assert u["train_seconds"] == 0 and u["steps"] == 0 and t.values[0] == 0.0
+            assert t.values[1] == u["p95_ms"] == u["pre_p95_ms"] > 0
+            assert not checkpoint.exists()
+        else:
+            assert u["size_mb"] < budget_mb and all(v <= 0 for v in c.values())
+            assert u["steps"] == TRAIN_STEPS and u["train_seconds"] > 0
+            assert 0.0 <= t.values[0] == u["quality"] <= 1.0
+            assert c["quality"] == pytest.approx(1 - u["quality"] / 0.01)
+    assert trials[1].user_attrs["screened_out"] and not trials[0].user_attrs["screened_out"]
+
+    front = sorted(t.number for t in study.best_trials)
+    assert 0 in front or any(dominated_by(trials[0], trials[n]) for n in front)
+    for t in trials:  # front members keep their checkpoint (HF folder + tokenizer + figures); others are pruned
+        folder = root / "main" / "trials" / str(t.number)
+        assert folder.is_dir() == (t.number in front)
+    member = root / "main" / "trials" / str(front[0])
+    files = {p.name for p in member.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "kdlab_trial.json"} <= files
+    import json
+    figures = json.loads((member / "kdlab_trial.json").read_text())
+    assert figures["p95_ms"] == trials[front[0]].user_attrs["p95_ms"] and figures["feasible"] is True
+
+    report = root / "main" / "report"
+    with open(report / "pareto.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["trial"]) for r in rows] == [0, 1, 2, 3]
+    assert sorted(int(r["trial"]) for r in rows if r["is_pareto"] == "True") == front
+    assert all(r["screened_out"] == str(t.user_attrs["screened_out"]) for r, t in zip(rows, trials))
+    assert (rows[0]["threads"], rows[0]["batch_size"], rows[0]["seq_len"]) == ("1", "1", "data")
+    html = (report / "pareto.html").read_text()
+    assert "1 layers x 64 hidden, 4 heads, ffn 128, teacher-layers, dynamic-int8" in html  # the hover text
+    assert '<script src="https://cdn.plot.ly' not in html and len(html) > 1_000_000  # plotly.js embedded: opens offline
+    assert (report / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    parents, children = runs_of(root, "main")
+    assert len(parents) == 1 and len(children) == 4
+    parent = parents[0]
+    assert study.user_attrs["mlflow_parent_run_id"] == parent.info.run_id
+    artifacts = {a.path for a in MlflowClient().list_artifacts(parent.info.run_id)}
+    assert {"pareto.png", "pareto.html", "pareto.csv"} <= artifacts
+    assert parent.data.metrics["trials"] == 4 and parent.data.metrics["front_size"] == len(front)
+    by_trial = {int(r.data.params["trial_number"]): r for r in children}
+    for t in trials:
+        run = by_trial[t.number]
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.info.run_id == t.user_attrs["mlflow_run_id"] and run.info.status == "FINISHED"
+        assert run.data.tags["state"] == "COMPLETE"
+        assert run.data.tags["screened_out"] == str(t.user_attrs["screened_out"]).lower()
+        assert run.data.tags["feasible"] == str(all(v <= 0 for v in t.constraints.values())).lower()
+        assert run.data.tags["is_pareto"] == str(t.number in front).lower()
+        assert run.data.params["num_layers"] == str(t.user_attrs["num_layers"])
+        assert run.data.params["recipe"] == "dynamic-int8" and "learning_rate" in run.data.params
+        assert {"quality", "p50_ms", "p95_ms", "throughput", "size_mb", "params",
+                "train_seconds"} <= set(run.data.metrics)
+        assert run.data.metrics["p95_ms"] == pytest.approx(t.user_attrs["p95_ms"])
+        assert run.data.metrics["train_seconds"] == pytest.approx(t.user_attrs["train_seconds"])
+
+
+def dominated_by(a, b) -> bool:
+    return b.values[0] >= a.values[0] and b.values[1] <= a.values[1] and tuple(b.values) != tuple(a.values)
+
+
+def test_report_rebuilds_table_and_plots_from_the_stored_study(root, main_search, capsys):
+    config, _, _ = main_search
+    report = root / "main" / "report"
+    for name in ("pareto.png", "pareto.html", "pareto.csv"):
+        (report / name).unlink()
+    capsys.readouterr()
+    assert kdlab(["report", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    front = sorted(t.number for t in load_study(root, "main").best_trials)
+    assert "Pareto front" in out and f"{len(front)} of 4 trials" in out
+    assert "targets: p95 ≤ 10000.00 ms; quality ≥ 0.0100" in out
+    assert out.strip().splitlines()[-1].startswith(f"search 'main': {len(front)} student(s) on the front of 4 trials")
+    assert all((report / name).is_file() for name in ("pareto.png", "pareto.html", "pareto.csv"))
+
+
+def test_resuming_adds_trials_to_the_same_study_and_parent_run(root, main_search):
+    config, _, _ = main_search
+    before = {t.number: t.values for t in load_study(root, "main").trials}
+    assert kdlab(["search", "--config", str(config), "--n-trials", "2"]) == 0
+    study = load_study(root, "main")
+    assert [t.number for t in study.trials] == [0, 1, 2, 3, 4, 5]
+    assert {t.number: t.values for t in study.trials[:4]} == before  # kept, not re-run
+    assert [t.state.name for t in study.trials[4:]] == ["COMPLETE", "COMPLETE"]
+    assert "fixed_params" not in study.trials[4].system_attrs  # drawn by the sampler, not a re-enqueued seed
+    parents, children = runs_of(root, "main")
+    assert len(parents) == 1 and len(children) == 6  # same parent run, two more children
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+
+
+def test_a_failing_trial_is_recorded_and_the_study_goes_on(root, tiny_teacher_dir, monkeypatch):
+    import search.objective as objective_module
+    real, calls = objective_module.apply_recipe, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(objective_module, "apply_recipe", flaky)
+    config = search_config(root, tiny_teacher_dir, "flaky", target={"p95_ms": 1e-6})  # everything screened: fast
+    assert kdlab(["search", "--config", str(config), "--n-trials", "2"]) == 3
+    trials = load_study(root, "flaky").trials
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    assert trials[0].user_attrs["error"] == "RuntimeError: injected failure"
+    assert trials[1].user_attrs["screened_out"] is True
+    _, children = runs_of(root, "flaky")
+    failed = next(r for r in children if r.data.params["trial_number"] == "0")
+    assert failed.info.status == "FAILED" and failed.data.tags["state"] == "FAIL"
+    assert failed.data.tags["error"] == "RuntimeError: injected failure"
+
+
+def test_every_candidate_screened_out_exits_3_without_training(root, tiny_teacher_dir, monkeypatch, capsys):
+    import search.objective as objective_module
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a screened-out candidate was trained")
+
+    monkeypatch.setattr(objective_module, "fit", no_training)  # any training call would make its trial FAIL
+    # Relative to the fp32 teacher, which the search then measures itself (no gate was run here).
+    config = search_config(root, tiny_teacher_dir, "hopeless", target={"p95_ms": "teacher*0.000001"}, seed_trials=1)
+    assert kdlab(["search", "--config", str(config), "--n-trials", "3", "tracking.enabled=false"]) == 3
+    study = load_study(root, "hopeless")
+    reference = study.user_attrs["reference"]
+    assert reference["p95_ms"] > 0 and 0 <= reference["quality"] <= 1
+    assert study.user_attrs["targets"]["p95_ms"] == pytest.approx(1e-6 * reference["p95_ms"])
+    assert study.user_attrs["targets"]["spec"] == {"p95_ms": "teacher*0.000001"}
+    trials = study.trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    assert all(t.user_attrs["screened_out"] and t.user_attrs["train_seconds"] == 0 and t.user_attrs["steps"] == 0
+               for t in trials)
+    assert all(t.constraints["p95_ms"] > 0 and t.values[0] == 0.0 for t in trials)
+    assert not (root / "hopeless" / "trials").exists()
+    fastest = min(trials, key=lambda t: t.user_attrs["p95_ms"])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line == (f"no feasible student: fastest candidate measured {fastest.user_attrs['p95_ms']:.2f} ms vs budget "
+                    f"0.00 ms (trial {fastest.number}); 3 of 3 candidates screened out before training")
+    report = root / "hopeless" / "report"
+    assert all((report / n).is_file() for n in ("pareto.png", "pareto.html", "pareto.csv"))
+    with open(report / "pareto.csv", newline="") as fh:
+        assert [r["screened_out"] for r in csv.DictReader(fh)] == ["True"] * 3
+
+
+# ---------------------------------------------------------------- bad input
+
+
+BAD = [
+    (["search.num_layers=[]"], "search.num_layers: empty list"),
+    (["search.num_layers={min: 3, max: 1}"], "search.num_layers: min 3 is above max 1"),
+    (["search.hidden_size=[30]", "search.num_heads=[4, 8]"],
+     "search.num_heads: no head count in [4, 8] divides any search.hidden_size [30]"),
+    (["search.recipes=[int3]"], "search.recipes: unknown recipe 'int3'; valid: fp32"),
+    (["search.recipes=[]"], "search.recipes: is empty"),
+    (["search.init=[magic]"], "search.init: unknown init 'magic'; valid: teacher-layers, teacher-slice, random"),
+    (["search.hidden_size=[64, 128]"], "search.hidden_size: 128 exceeds the teacher's hidden size 64"),
+    (["search.num_layers=[1, 3]"], "search.num_layers: 3 exceeds the teacher's layers 2"),
+    (["search.init=[teacher-layers]"], "search.init: teacher-layers alone needs the teacher's widths"),
+    (["search.storage=postgresql://kdlab@127.0.0.1:1/optuna"], "search.storage: cannot open 'postgresql://kdlab@127.0.0.1:1/optuna'"),
+    (["search.storage=sqlite:////nonexistent-kdlab/x/optuna.db"], "search.storage: cannot open 'sqlite:////nonexistent-kdlab/x/optuna.db'"),
+    (["--n-trials", "0"], "--n-trials: must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD)
+def test_bad_input_exits_2_with_one_line_before_any_work(root, tiny_teacher_dir, capsys, args, message):
+    config = search_config(root, tiny_teacher_dir, "bad")
+    assert kdlab(["search", "--config", str(config), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kdlab: error: ") and message in err and "\n" not in err, err
+    assert not (root / "bad").exists()  # refused before anything was written
+
+
+def test_resuming_with_other_targets_is_refused(root, main_search, capsys):
+    config, _, _ = main_search
+    assert kdlab(["search", "--config", str(config), "target.p95_ms=5000"]) == 2
+    err = capsys.readouterr().err
+    assert "search.study_name: study 'main'" in err and "target.p95_ms was '10000', now '5000'" in err
+
+
+def test_report_without_a_study_is_a_config_error(root, tiny_teacher_dir, capsys):
+    config = search_config(root, tiny_teacher_dir, "never_searched")
+    assert kdlab(["report", "--config", str(config)]) == 2
+    assert "search.storage: no study database at" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- space, constraints, screening (unit)
+
+
+TEACHER = TeacherShape(num_layers=6, hidden_size=384, num_heads=12, intermediate_size=1536)  # MiniLM-L6
+
+
+def space(*overrides) -> SearchSpace:
+    return SearchSpace(load_config(None, ["data.dataset=glue", *overrides]), TEACHER)
+
+
+def test_drawn_candidates_respect_heads_and_initialisation_rules():
+    s = space("search.num_layers={min: 1, max: 8}", "search.hidden_size=[128, 192, 384, 512]",
+              "search.num_heads=[3, 4, 6, 12]", "search.init=[teacher-layers, teacher-slice, random]",
+              "search.recipes=[fp32, dynamic-int8]", "search.learning_rate={min: 1e-5, max: 1e-3, log: true}")
+    assert s.heads_for == {128: [4], 192: [3, 4, 6, 12], 384: [3, 4, 6, 12], 512: [4]}
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=1))
+    seen = set()
+    for _ in range(200):
+        trial = study.ask()
+        c = s.suggest(trial)
+        study.tell(trial, (0.5, 1.0))
+        seen.add(c.init)
+        assert c.hidden_size % c.num_heads == 0 and 1e-5 <= c.learning_rate <= 1e-3
+        assert c.intermediate_size == 1536 * c.hidden_size // 384  # the teacher's FFN/hidden ratio
+        fits = c.num_layers <= 6 and c.hidden_size <= 384 and c.num_heads <= 12 and c.hidden_size // c.num_heads <= 32
+        if c.init == "teacher-layers":
+            assert (c.hidden_size, c.num_heads, c.num_layers <= 6) == (384, 12, True)
+        elif c.init == "teacher-slice":
+            assert fits and (c.hidden_size, c.num_heads) != (384, 12)
+        else:
+            assert c.init == "random"
+    assert seen == {"teacher-layers", "teacher-slice", "random"}
+
+
+def test_seeds_are_teacher_layer_subsets_at_full_width_with_dynamic_int8():
+    s = space("search.num_layers={min: 1, max: 6}", "search.hidden_size=[192, 384]",
+              "search.recipes=[fp32, onnx-int8, dynamic-int8]")
+    seeds = s.seeds(3)
+    assert [(c.num_layers, c.hidden_size, c.num_heads, c.intermediate_size, c.init, c.recipe) for c in seeds] == [
+        (3, 384, 12, 1536, "teacher-layers", "dynamic-int8"), (2, 384, 12, 1536, "teacher-layers", "dynamic-int8"),
+        (4, 384, 12, 1536, "teacher-layers", "dynamic-int8")]
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.enqueue_trial(s.params_of(seeds[0]))
+    assert s.suggest(study.ask()) == seeds[0]  # the enqueued parameters reproduce the seed
+
+
+def test_constraint_values_are_relative_gaps():
+    targets = Targets(p95_ms=10.0, max_size_mb=4.0, min_quality=0.8)
+    assert constraint_values(targets, 12.0, 2.0, 0.9) == pytest.approx(
+        {"p95_ms": 0.2, "size_mb": -0.5, "quality": 1 - 0.9 / 0.8})
+    assert constraint_values(Targets(p95_ms=10.0), 5.0, 99.0, 0.1) == {"p95_ms": -0.5}  # unset targets: no constraint
+
+
+def test_screening_uses_the_margin_for_latency_only():
+    targets = Targets(p95_ms=10.0, max_size_mb=4.0)
+    assert screened_out(targets, 10.4, 3.0, margin=0.05) == []        # within timing noise of the budget
+    assert screened_out(targets, 10.6, 3.0, margin=0.05) == ["p95"]
+    assert screened_out(targets, 1.0, 4.1, margin=0.05) == ["size"]   # size does not change with training
+    assert screened_out(Targets(), 1e9, 1e9, margin=0.0) == []
+
+
+def test_a_repeated_candidate_is_pruned_without_work():
+    from types import SimpleNamespace
+
+    from search.objective import objective
+    s = space("search.num_layers=[2, 3]")
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for _ in range(2):
+        study.enqueue_trial(s.params_of(s.seeds(1)[0]))
+    first = study.ask()
+    for key, value in s.suggest(first).to_dict().items():
+        first.set_user_attr(key, value)
+    study.tell(first, (0.8, 2.0))
+    again = study.ask()
+    with pytest.raises(optuna.TrialPruned, match="same candidate as trial 0"):
+        objective(again, SimpleNamespace(space=s))  # no teacher, data or tracking: it stops before any work
+    study.tell(again, state=optuna.trial.TrialState.PRUNED)
+    assert study.trials[1].user_attrs["duplicate_of"] == 0
+
+
+def test_default_storage_lives_in_the_run_folder(tmp_path):
+    cfg = load_config(write_config(tmp_path / "c.yaml", {"name": "x", "data": {"dataset": "glue"}}))
+    assert storage_url(cfg) == "sqlite:///runs/x/optuna.db"
+    with pytest.raises(ConfigError, match="search.n_trials: must be >= 1"):
+        load_config(None, ["data.dataset=glue", "search.n_trials=0"])
