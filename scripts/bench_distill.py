@@ -35,6 +35,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 
+from scripts.bench_readme import write_readme_section  # noqa: E402
 from distill.config import load_config, to_dict  # noqa: E402
 from eval.latency import machine_info, versions  # noqa: E402
 from distill.losses import kd_ce_loss  # noqa: E402
@@ -186,18 +187,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_readme_section(text: str, marker: str = "distill") -> None:
-    path = ROOT / "benchmarks" / "README.md"
-    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
-    body = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{start}\n{text}\n{end}"
-    if start in body:
-        body = body[:body.index(start)] + block + body[body.index(end) + len(end):]
-    else:
-        body = body.rstrip() + "\n\n## Distillation on SST-2 (`make bench-distill`)\n\n" + block + "\n"
-    path.write_text(body)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/sst2_minilm.yaml")
@@ -234,7 +223,7 @@ def main() -> None:
         result["loop_overhead"] = result["loop"]["loop_overhead"]
         result["cached_logits_speedup"] = result["loop"]["cached_logits_speedup"]
         Path(args.out).write_text(json.dumps(result, indent=2))
-        write_readme_section(markdown(result))
+        write_readme_section("distill", "Distillation on SST-2 (`make bench-distill`)", markdown(result))
         print(json.dumps(result["loop"], indent=2))
         return
     loop = loop_costs(args.config, teacher_dir, rounds=2 if args.quick else 6, steps=5 if args.quick else 20,
@@ -262,7 +251,7 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=2))
     table = markdown(result)
     if not args.quick:
-        write_readme_section(table)
+        write_readme_section("distill", "Distillation on SST-2 (`make bench-distill`)", table)
     print(table)
     print(f"wrote {out}")
 

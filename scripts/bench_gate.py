@@ -33,6 +33,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
 
+from scripts.bench_readme import write_readme_section  # noqa: E402
 from distill.config import ConfigError, load_config  # noqa: E402
 from eval.latency import clamp_threads, coefficient_of_variation, matmul_peak_gflops, measure_one  # noqa: E402
 from search.gate import (build_candidates, check_row, mean_flops, measure_candidates,  # noqa: E402
@@ -142,21 +143,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_readme_section(path: Path, text: str, marker: str = "gate") -> None:
-    """Replace only our marked section (other benchmarks own the rest of the file)."""
-    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
-    body = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{start}\n{text}\n{end}"
-    if start in body and end in body:
-        body = body[:body.index(start)] + block + body[body.index(end) + len(end):]
-    else:
-        body = body.rstrip() + "\n\n## The gate on SST-2 (`make bench-gate`)\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(body)
-    os.replace(tmp, path)  # never leave a half-written README for the other benchmark to read
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/sst2_minilm.yaml")
@@ -234,7 +220,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     readme = Path(args.readme or (quick_dir / "README.md" if args.quick else "benchmarks/README.md"))
-    write_readme_section(readme, markdown(result))
+    write_readme_section("gate", "The gate on SST-2 (`make bench-gate`)", markdown(result), path=readme)
     print(markdown(result))
     print(f"bench_gate: wrote {out} and the gate section of {readme} in {result['seconds']:.0f} s")
     return 0

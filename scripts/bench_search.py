@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from scripts.bench_readme import write_readme_section  # noqa: E402
 from distill.config import ConfigError, load_config  # noqa: E402
 from eval.latency import machine_info, versions  # noqa: E402
 
@@ -83,20 +84,6 @@ def markdown(result: dict) -> str:
               f"max {_f(a['pre_vs_post_p95_rel_diff_max'], '{:.1%}')}."]
     return "\n".join(lines)
 
-
-def write_readme_section(path: Path, text: str) -> None:
-    """Replace only our marked section (other benchmarks own the rest of the file)."""
-    start, end = "<!-- search:start -->", "<!-- search:end -->"
-    body = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{start}\n{text}\n{end}"
-    if start in body and end in body:
-        body = body[:body.index(start)] + block + body[body.index(end) + len(end):]
-    else:
-        body = body.rstrip() + "\n\n## The student search on SST-2 (`make bench-search`)\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(body)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
@@ -154,7 +141,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(out_result, indent=2, default=str))
     readme = Path(args.readme or (quick_dir / "README.md" if args.quick else "benchmarks/README.md"))
-    write_readme_section(readme, markdown(out_result))
+    write_readme_section("search", "The student search on SST-2 (`make bench-search`)", markdown(out_result), path=readme)
     print(markdown(out_result))
     print(f"bench_search: wrote {out} and the search section of {readme} in {out_result['seconds']:.0f} s")
     return 0

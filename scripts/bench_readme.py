@@ -1,0 +1,22 @@
+"""The shared part of the benchmark drivers: each owns one marked section of benchmarks/README.md."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "benchmarks" / "README.md"
+
+
+def write_readme_section(marker: str, heading: str, text: str, path: Path = README) -> None:
+    """Replace only the `<!-- marker:start/end -->` section (other benchmarks own the rest)."""
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    body = path.read_text() if path.exists() else "# Benchmarks\n"
+    block = f"{start}\n{text}\n{end}"
+    if start in body and end in body:
+        body = body[:body.index(start)] + block + body[body.index(end) + len(end):]
+    else:
+        body = body.rstrip() + f"\n\n## {heading}\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(body)
+    os.replace(tmp, path)  # never leave a half-written README for another benchmark to read
