@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from eval.latency import machine_info, versions  # noqa: E402
+from scripts.bench_readme import write_readme_section  # noqa: E402
 
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 CONFIG = "configs/smoke.yaml"
@@ -41,6 +42,20 @@ def launch(processes: int, overrides: list[str]) -> tuple[dict, float]:
     seconds = time.perf_counter() - t0
     out_dir = next(o.split("=", 1)[1] for o in overrides if o.startswith("output_dir="))
     return json.loads((ROOT / out_dir / "student" / "kdlab_summary.json").read_text()), seconds
+
+
+def markdown(result: dict) -> str:
+    s = result["dev_accuracy"]
+    lines = [f"`configs/smoke.yaml` (2,000 SST-2 rows, 2-layer student from teacher layers, 2 epochs, batch 32 per "
+             f"process), one shared fine-tuned teacher (dev {result['teacher_dev_accuracy']:.4f}), "
+             f"{result['machine']['cpus']} CPU cores; 2 processes = DDP over gloo, half the steps at twice the "
+             "global batch.", "",
+             "| processes | seed | steps | dev accuracy | train s |", "|---|---|---|---|---|"]
+    lines += [f"| {r['processes']} | {r['seed']} | {r['steps']} | {r['dev_accuracy']:.4f} | {r['train_seconds']:.0f} |"
+              for r in result["runs"]]
+    lines += ["", f"Mean dev accuracy: 1 process {s['1']['mean']:.4f} (sd {s['1']['stdev']:.4f}), 2 processes "
+                  f"{s['2']['mean']:.4f} (sd {s['2']['stdev']:.4f}); difference {result['difference_of_means']:+.4f}."]
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -69,6 +84,7 @@ def main() -> None:
               "difference_of_means": round(stats["2"]["mean"] - stats["1"]["mean"], 4)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
+    write_readme_section("processes", "One vs two CPU processes (`make bench-processes`)", markdown(result))
     print(json.dumps(stats, indent=2))
 
 
