@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
-from sklearn.metrics import accuracy_score, f1_score
 from transformers import DataCollatorWithPadding
 
 from distill.config import Config, ConfigError, TargetConfig, parse_budget
 from distill.quantize import Quantized, RecipeUnavailable, apply_recipe
+from eval.metrics import classification_metrics
 from eval.latency import (TargetProfile, clamp_threads, count_flops, machine_info, matmul_peak_gflops, measure,
                           versions)
 from train.data import make_loader
@@ -186,10 +186,8 @@ def verdict(rows: list[GateRow], targets: Targets, config_path: str | None) -> t
 
 
 def quality_score(labels, preds, metric: str, num_labels: int) -> float:
-    """Accuracy, or F1 (binary for two labels, else macro), by scikit-learn."""
-    if metric == "accuracy":
-        return float(accuracy_score(labels, preds))
-    return float(f1_score(labels, preds, average="binary" if num_labels == 2 else "macro"))
+    """`metric` (accuracy or F1) of the predictions, as `eval.metrics` defines it for every stage."""
+    return classification_metrics(labels, preds, num_labels)[metric]
 
 
 def dev_quality(served: Quantized, batches: list, metric: str, num_labels: int) -> float:

@@ -13,14 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from accelerate import Accelerator
-from sklearn.metrics import accuracy_score, f1_score
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from distill.adapter import model_inputs
+from eval.metrics import classification_metrics
 from distill.config import TrainConfig
 from train.tracking import Tracker
 
@@ -64,9 +63,8 @@ def evaluate_classifier(model, loader, accelerator: Accelerator) -> dict:
         losses.append(loss.cpu())
     model.train()
     p, y = torch.cat(preds).numpy(), torch.cat(labels).numpy()
-    return {"accuracy": float(accuracy_score(y, p)),
-            "f1": float(f1_score(y, p, average="binary" if len(np.unique(y)) <= 2 and y.max() <= 1 else "macro")),
-            "loss": float(torch.cat(losses).mean())}
+    num_labels = accelerator.unwrap_model(model).config.num_labels
+    return {**classification_metrics(y, p, num_labels), "loss": float(torch.cat(losses).mean())}
 
 
 def _latest_state(state_root: Path) -> Path | None:
