@@ -41,7 +41,7 @@ from search.gate import (build_candidates, check_row, mean_flops, measure_candid
 from eval.latency import machine_info, versions  # noqa: E402
 from train.data import make_loader  # noqa: E402
 from train.pipeline import prepare  # noqa: E402
-from train.teacher import MARKER, ensure_teacher, teacher_key  # noqa: E402
+from train.teacher import ensure_teacher, require_fine_tuned  # noqa: E402
 
 AGREEMENT_TOLERANCE = 0.10
 ROW_KEYS = ("recipe", "threads", "batch_size", "quality", "p50_ms", "p95_ms", "p99_ms", "cv", "stable", "size_mb",
@@ -165,11 +165,8 @@ def main(argv=None) -> int:
         accelerator = Accelerator(cpu=True)
         set_seed(cfg.train.seed)
         prep = prepare(cfg, accelerator)
-        marker = cfg.run_dir / "teacher" / MARKER
-        fine_tuned = marker.is_file() and json.loads(marker.read_text()).get("key") == teacher_key(cfg, prep.data)
-        if not (args.quick or fine_tuned or args.allow_train):
-            raise ConfigError(f"teacher: {cfg.run_dir / 'teacher'} is not fine-tuned for {args.config} yet; train it "
-                              f"first (accelerate launch train/distill.py --config {args.config}) or pass --allow-train")
+        if not (args.quick or args.allow_train):
+            require_fine_tuned(cfg, prep.data, args.config)
         teacher, teacher_dev = ensure_teacher(cfg, accelerator, prep.data, prep.tokenizer, prep.train_ds, prep.eval_ds)
     except ConfigError as exc:
         print(f"bench_gate: error: {exc}", file=sys.stderr)

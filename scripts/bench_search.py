@@ -105,7 +105,7 @@ def main(argv=None) -> int:
 
     from search.study import run_search
     from train.pipeline import prepare
-    from train.teacher import MARKER, teacher_key
+    from train.teacher import require_fine_tuned
 
     quick_dir = Path(tempfile.mkdtemp(prefix="kdlab-bench-search-")) if args.quick else None
     overrides = ([*QUICK, f"output_dir={quick_dir}", f"tracking.uri=sqlite:///{quick_dir}/mlflow.db"]
@@ -115,12 +115,7 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, [*overrides, *args.overrides])
         accelerator = Accelerator(cpu=True)
         if not args.quick and not args.allow_train:
-            marker = cfg.run_dir / "teacher" / MARKER
-            key = teacher_key(cfg, prepare(cfg, accelerator).data)
-            if not (marker.is_file() and json.loads(marker.read_text()).get("key") == key):
-                raise ConfigError(f"teacher: {cfg.run_dir / 'teacher'} is not fine-tuned for {args.config} yet; train "
-                                  f"it first (accelerate launch train/distill.py --config {args.config}) "
-                                  "or pass --allow-train")
+            require_fine_tuned(cfg, prepare(cfg, accelerator).data, args.config)
         result = run_search(cfg, accelerator, n_trials=args.n_trials or (3 if args.quick else None))
     except ConfigError as exc:
         print(f"bench_search: error: {exc}", file=sys.stderr)

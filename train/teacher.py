@@ -68,6 +68,22 @@ def teacher_key(cfg: Config, data: TaskData) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def fine_tuned_record(cfg: Config, data: TaskData) -> dict | None:
+    """The marker of `runs/<name>/teacher/` when it holds the teacher this config produces, else None."""
+    marker = cfg.run_dir / "teacher" / MARKER
+    if not marker.is_file():
+        return None
+    record = json.loads(marker.read_text())
+    return record if record.get("key") == teacher_key(cfg, data) else None
+
+
+def require_fine_tuned(cfg: Config, data: TaskData, config_path: str) -> None:
+    """Benchmarks refuse to start a long fine-tuning by surprise: the teacher must be there already."""
+    if fine_tuned_record(cfg, data) is None:
+        raise ConfigError(f"teacher: {cfg.run_dir / 'teacher'} is not fine-tuned for {config_path} yet; train it "
+                          f"first (accelerate launch train/distill.py --config {config_path}) or pass --allow-train")
+
+
 def _load(source: str, cfg: Config, data: TaskData, attn: str | None):
     return AutoModelForSequenceClassification.from_pretrained(
         source, num_labels=data.num_labels, id2label=dict(enumerate(data.label_names)),
@@ -81,9 +97,10 @@ def ensure_teacher(cfg: Config, accelerator: Accelerator, data: TaskData, tokeni
     out = cfg.run_dir / "teacher"
     key = teacher_key(cfg, data)
     marker = out / MARKER
-    if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
+    record = fine_tuned_record(cfg, data)
+    if record is not None:
         accelerator.print(f"teacher: reusing fine-tuned checkpoint {out} (key {key})")
-        return _load(str(out), cfg, data, attn), json.loads(marker.read_text())["dev"]
+        return _load(str(out), cfg, data, attn), record["dev"]
 
     source = resolve_source(cfg.teacher.source)
     teacher = _load(source, cfg, data, attn)
