@@ -60,11 +60,30 @@ def needs_fine_tuning(model_config, num_labels: int, mode: str) -> bool:
     return not (has_head and model_config.num_labels == num_labels)
 
 
+def data_digest(cfg: Config, data: TaskData) -> str:
+    """What the training rows are, by content: the bytes of a local train file, else datasets' fingerprint.
+
+    datasets' fingerprint of a local file follows its modification time, so a fresh checkout or a
+    re-copied data folder would otherwise throw away a teacher trained on identical rows.
+    """
+    if cfg.data.train_file:
+        digest = hashlib.sha256()
+        with open(cfg.data.train_file, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        return "sha256:" + digest.hexdigest()
+    return "datasets:" + data.train._fingerprint
+
+
 def teacher_key(cfg: Config, data: TaskData) -> str:
-    """Hash of what determines the fine-tuned teacher: source, recipe, data, labels and seed."""
-    recipe = {"source": resolve_source(cfg.teacher.source), "teacher": dataclasses.asdict(cfg.teacher),
-              "data": dataclasses.asdict(cfg.data), "labels": data.label_names, "seed": cfg.train.seed,
-              "batch_size": cfg.train.batch_size, "train_fingerprint": data.train._fingerprint}
+    """Hash of what determines the fine-tuned teacher: source, recipe, data (by content), labels and seed.
+
+    The source is hashed as written (`minilm-l6`, a Hub id, a folder), not as resolved to a path on
+    this machine, so the key is the same in every checkout.
+    """
+    recipe = {"teacher": dataclasses.asdict(cfg.teacher), "data": dataclasses.asdict(cfg.data),
+              "labels": data.label_names, "seed": cfg.train.seed, "batch_size": cfg.train.batch_size,
+              "train_rows": data_digest(cfg, data)}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
