@@ -96,7 +96,8 @@ class TrainConfig:
     warmup_ratio: float = _f(0.1, "fraction of steps of linear warm-up, then linear decay to 0")
     grad_accum_steps: int = _f(1, "gradient accumulation steps per optimizer step")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
-    mixed_precision: str = _f("no", "no, bf16 or fp16 (fp16 needs a GPU)")
+    mixed_precision: Optional[str] = _f(None, "no, bf16 or fp16 (fp16 needs a GPU); default: what `accelerate launch` "
+                                              "was given (--mixed_precision or its config file), else no")
     eval_every_steps: Optional[int] = _f(None, "evaluate every N optimizer steps; default once per epoch")
     early_stopping_patience: Optional[int] = _f(None, "stop after N evaluations without improvement")
     save_state_every_steps: Optional[int] = _f(None, "accelerate save_state every N steps (for resume)")
@@ -177,6 +178,17 @@ class TrackingConfig:
 
 
 @dataclass
+class ExportConfig:
+    out_dir: Optional[str] = _f(None, "where `kdlab export` writes; default <output_dir>/export")
+    model_name: Optional[str] = _f(None, "MLflow Model Registry name; default the config's name")
+    alias: str = _f("champion", "registry alias set on the exported version")
+    min_label_agreement: float = _f(0.99, "refuse an export whose served artefact agrees with the fp32 model "
+                                          "on fewer dev labels than this")
+    latency_batch_sizes: list = _f([1, 8, 32], "batch sizes of the model card's latency table")
+    register: bool = _f(True, "log the export as an MLflow model and register it (needs tracking.enabled)")
+
+
+@dataclass
 class Config:
     name: str = _f("kdlab", "run name: experiment name and run folder runs/<name>/")
     output_dir: Optional[str] = _f(None, "where the run writes; default runs/<name>")
@@ -190,6 +202,7 @@ class Config:
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     config_path: Optional[str] = field(default=None, metadata={"help": "set by the loader", "internal": True})
 
     @property
@@ -329,10 +342,18 @@ def validate(cfg: Config, label: str = "<config>") -> None:
     c(0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}")
     c(t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
     c(t.num_epochs > 0 or (t.max_steps or 0) > 0, "train.num_epochs", "must be > 0 (or set train.max_steps)")
-    c(t.mixed_precision in ("no", "bf16", "fp16"), "train.mixed_precision",
+    c(t.mixed_precision in (None, "no", "bf16", "fp16"), "train.mixed_precision",
       f"'{t.mixed_precision}'; valid: no, bf16, fp16")
     _validate_target(cfg, c, label)
     _validate_search(cfg, c, label)
+    e = cfg.export
+    c(0.0 <= e.min_label_agreement <= 1.0, "export.min_label_agreement",
+      f"must be in [0, 1], got {e.min_label_agreement}")
+    c(isinstance(e.latency_batch_sizes, list) and len(e.latency_batch_sizes) > 0
+      and all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in e.latency_batch_sizes),
+      "export.latency_batch_sizes", f"must be a non-empty list of integers >= 1, got {e.latency_batch_sizes!r}")
+    c(bool(e.alias) and e.alias.replace("-", "").replace("_", "").isalnum(), "export.alias",
+      f"'{e.alias}'; valid: letters, digits, '-' and '_'")
 
 
 TEACHER_RELATIVE = re.compile(r"^\s*teacher\s*\*\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*$")

@@ -19,10 +19,10 @@ ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 SCRIPT = str(ROOT / "train" / "distill.py")
 
 
-def launch(config: Path, *overrides, processes: int = 1, check: bool = True):
+def launch(config: Path, *overrides, processes: int = 1, check: bool = True, launcher: tuple = ()):
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     if processes == 1:
-        cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "configs/accelerate/cpu_1proc.yaml")]
+        cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "configs/accelerate/cpu_1proc.yaml"), *launcher]
     else:
         env["ACCELERATE_USE_CPU"] = "true"
         cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(processes),
@@ -49,6 +49,7 @@ def test_launch_fine_tunes_teacher_distils_and_logs(tmp_path, tiny_teacher_dir):
     assert student.config.num_hidden_layers == 1 and student.config.num_labels == 2
     assert summary["student_params"] == sum(p.numel() for p in student.parameters())
     assert summary["teacher_logits_cached"] and list((run_dir / "cache").glob("teacher_logits-*.safetensors"))
+    assert summary["mixed_precision"] == "no"  # what configs/accelerate/cpu_1proc.yaml says
     assert (run_dir / "teacher" / "kdlab_teacher.json").is_file() and (run_dir / "config.yaml").is_file()
     assert "dev accuracy" in proc.stdout
 
@@ -63,9 +64,11 @@ def test_launch_fine_tunes_teacher_distils_and_logs(tmp_path, tiny_teacher_dir):
     assert len(history) == summary["steps"] == 26  # 200 rows / 16 = 13 steps x 2 epochs
     assert sum(history[-5:]) / 5 < sum(history[:5]) / 5  # the loss fell
 
-    # A second run with the same teacher config reuses the fine-tuned teacher.
-    again = launch(config, "student.init=random", "train.max_steps=2")
+    # A second run with the same teacher config reuses the fine-tuned teacher, and the launcher's
+    # --mixed_precision reaches training when the config leaves train.mixed_precision unset.
+    again = launch(config, "student.init=random", "train.max_steps=2", launcher=("--mixed_precision", "bf16"))
     assert "reusing fine-tuned checkpoint" in again.stdout
+    assert json.loads((run_dir / "student" / "kdlab_summary.json").read_text())["mixed_precision"] == "bf16"
     assert len([r for r in mlflow_runs(run_dir) if r.info.run_name == "teacher-finetune"]) == 1
 
 

@@ -35,7 +35,7 @@ class Prepared:
 
 def prepare(cfg: Config, accelerator: Accelerator) -> Prepared:
     """Validate everything against the real files and teacher, without writing anything."""
-    if cfg.train.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise ConfigError("train.mixed_precision: fp16 needs a GPU; valid on CPU: no, bf16")
     data = load_task_data(cfg.data, cfg.train.seed)
     teacher_config = load_teacher_config(cfg)
@@ -180,6 +180,8 @@ def _run(cfg: Config, accelerator: Accelerator, prep: Prepared) -> dict:
             "steps": result.steps, "train_seconds": round(result.train_seconds, 2),
             "samples_per_second": round(result.samples_per_second, 2), "teacher_logits_cached": logits_cache is not None,
             "hard_label_control": hard_only, "checkpoint": str(out), "mlflow_run_id": tracker.run_id,
+            "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device),
+            "num_processes": accelerator.num_processes,
         }
         tracker.log_metrics({"best_dev_" + cfg.task.metric: result.best_metric,
                              "train_seconds": result.train_seconds, "samples_per_second": result.samples_per_second})
