@@ -9,8 +9,9 @@ from train.teacher import teacher_key
 from conftest import SST2, tiny_run_tree, write_config
 
 
-def _key(tmp_path, train_file, **sections):
+def _key(tmp_path, train_file, teacher_section=None, **sections):
     tree = tiny_run_tree(tmp_path / "run", "minilm-l6", **sections)
+    tree["teacher"].update(teacher_section or {})
     tree["data"]["train_file"] = str(train_file)
     cfg = load_config(write_config(tmp_path / "c.yaml", tree))
     return teacher_key(cfg, load_task_data(cfg.data, cfg.train.seed))
@@ -38,5 +39,5 @@ def test_key_follows_the_rows_not_the_file_dates(tmp_path):
 def test_key_follows_the_fine_tuning_recipe(tmp_path):
     train = tmp_path / "train.tsv"
     train.write_text("".join((SST2 / "train.tsv").read_text().splitlines(keepends=True)[:301]))
-    assert _key(tmp_path, train) != _key(tmp_path, train, teacher={"learning_rate": 5e-4})
+    assert _key(tmp_path, train) != _key(tmp_path, train, teacher_section={"learning_rate": 5e-4})
     assert _key(tmp_path, train) == _key(tmp_path, train, student={"num_layers": 2})  # the student is not the teacher
