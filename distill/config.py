@@ -189,6 +189,15 @@ class ExportConfig:
 
 
 @dataclass
+class ServingConfig:
+    target_rps: Optional[float] = _f(None, "requests per second to plan for (the capacity plan is skipped when unset)")
+    p95_slo_ms: Optional[float] = _f(None, "p95 latency SLO per request batch; default target.p95_ms as resolved")
+    max_batch_size: int = _f(32, "largest batch an instance may serve")
+    headroom: float = _f(0.3, "fraction of an instance's measured throughput kept in reserve")
+    batch_sizes: list = _f([1, 2, 4, 8, 16, 32], "batch sizes measured for the plan")
+
+
+@dataclass
 class Config:
     name: str = _f("kdlab", "run name: experiment name and run folder runs/<name>/")
     output_dir: Optional[str] = _f(None, "where the run writes; default runs/<name>")
@@ -203,6 +212,7 @@ class Config:
     search: SearchConfig = field(default_factory=SearchConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
     config_path: Optional[str] = field(default=None, metadata={"help": "set by the loader", "internal": True})
 
     @property
@@ -354,6 +364,15 @@ def validate(cfg: Config, label: str = "<config>") -> None:
       "export.latency_batch_sizes", f"must be a non-empty list of integers >= 1, got {e.latency_batch_sizes!r}")
     c(bool(e.alias) and e.alias.replace("-", "").replace("_", "").isalnum(), "export.alias",
       f"'{e.alias}'; valid: letters, digits, '-' and '_'")
+    sv = cfg.serving
+    c(sv.target_rps is None or sv.target_rps > 0, "serving.target_rps", f"must be > 0, got {sv.target_rps}")
+    c(sv.p95_slo_ms is None or sv.p95_slo_ms > 0, "serving.p95_slo_ms", f"must be > 0, got {sv.p95_slo_ms}")
+    c(0.0 <= sv.headroom < 1.0, "serving.headroom", f"must be in [0, 1), got {sv.headroom}")
+    c(isinstance(sv.max_batch_size, int) and sv.max_batch_size >= 1, "serving.max_batch_size",
+      f"must be an integer >= 1, got {sv.max_batch_size!r}")
+    c(isinstance(sv.batch_sizes, list) and len(sv.batch_sizes) > 0
+      and all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in sv.batch_sizes),
+      "serving.batch_sizes", f"must be a non-empty list of integers >= 1, got {sv.batch_sizes!r}")
 
 
 TEACHER_RELATIVE = re.compile(r"^\s*teacher\s*\*\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*$")

@@ -266,6 +266,11 @@ def _ort_quantized(recipe: str, path: Path, threads: int) -> Quantized:
     return Quantized(recipe, "cpu", sum(file_size_mb(f) for f in files), files, forward)
 
 
+def serve_onnx(recipe: str, path: Path, threads: int = 1) -> Quantized:
+    """An ONNX file written earlier (an export folder's model.onnx / model.int8.onnx), served as `recipe`."""
+    return _ort_quantized(recipe, Path(path), threads)
+
+
 def _onnx_workdir(workdir: Path | None) -> Path:
     return Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="kdlab-onnx-"))
 

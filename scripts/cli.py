@@ -8,6 +8,12 @@
                                                                     Optuna student search (quality up, p95 down)
                                                                     under the targets; exit 0 front, 3 none feasible
     kdlab report --config configs/sst2_minilm.yaml                  the search's front and plots from the stored study
+    kdlab export --config configs/sst2_minilm.yaml [--trial N | --pick "max quality s.t. p95_ms<=8"] [--out DIR]
+                                                                    HF folder + ONNX + model card + manifest, parity-
+                                                                    checked; registered in MLflow (alias champion)
+    kdlab run --config configs/sst2_minilm.yaml                     teacher -> gate -> search (on MISS) -> export
+    kdlab predict --model runs/sst2_minilm/export --input texts.tsv --output preds.jsonl [--batch-size 64]
+                                                                    streamed, resumable batch predictions
     kdlab ui [--config configs/smoke.yaml] [--port 5000]            MLflow UI on 127.0.0.1
 
 For several processes use `accelerate launch train/distill.py --config ...` (see README).
@@ -21,6 +27,8 @@ import subprocess
 import sys
 
 from distill.config import ConfigError, load_config
+from distill.export import ExportError
+from eval.predict import add_arguments as add_predict_arguments, main as cmd_predict
 
 
 def _quiet_libraries() -> None:
@@ -81,7 +89,55 @@ def cmd_report(args) -> int:
     _quiet_optuna()
     result = run_report(cfg)
     print(result.message, flush=True)
+    if args.capacity:
+        from search.capacity import log_capacity, run_capacity
+        from search.study import study_targets
+        run_capacity(cfg, result.front, study_targets(cfg))
+        log_capacity(cfg)
+    capacity_md = cfg.run_dir / "report" / "capacity.md"
+    if capacity_md.is_file():
+        print(capacity_md.read_text(), flush=True)
     return result.exit_code
+
+
+def cmd_export(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if args.trial is not None and args.pick is not None:
+        raise ConfigError("--trial and --pick: give one of them (or neither, for the most accurate feasible model)")
+    from search.export import export_dir, run_export, summary_line
+    _quiet_optuna()
+    manifest = run_export(cfg, trial=args.trial, pick_text=args.pick, out=args.out)
+    print(summary_line(manifest, export_dir(cfg, args.out)), flush=True)
+    return 0
+
+
+def cmd_run(args) -> int:
+    """teacher -> gate -> search (only when the gate misses) -> export, stopping with the stage that fails."""
+    cfg = load_config(args.config, args.overrides)
+    from accelerate import Accelerator
+
+    from search.export import export_dir, run_export, summary_line
+    from search.gate import run_gate
+    _quiet_optuna()
+    gate = run_gate(cfg, Accelerator(cpu=True))  # fine-tunes the teacher first when needed
+    print(gate.message, flush=True)
+    if gate.passed is None:
+        from search.study import finished_trials, run_report, run_search
+        # `run` tops the study up to search.n_trials (--n-trials adds that many more): running it
+        # again exports from the finished study instead of searching all over.
+        todo = args.n_trials if args.n_trials is not None else cfg.search.n_trials - finished_trials(cfg)
+        if todo > 0:
+            result = run_search(cfg, _search_accelerator(cfg), n_trials=todo, timeout_s=args.timeout)
+        else:
+            print(f"search: the study already has {cfg.search.n_trials} or more finished trials "
+                  f"(--n-trials N adds more)", flush=True)
+            result = run_report(cfg)
+        print(result.message, flush=True)
+        if result.exit_code != 0:
+            return result.exit_code
+    manifest = run_export(cfg)
+    print(summary_line(manifest, export_dir(cfg, None)), flush=True)
+    return 0
 
 
 def cmd_ui(args) -> int:
@@ -108,6 +164,9 @@ COMMANDS = {
     "gate": (cmd_gate, "measure the teacher under each quantization recipe against the targets (exit 0 PASS, 3 MISS)"),
     "search": (cmd_search, "Optuna search for the best student under the targets (exit 0 front, 3 none feasible)"),
     "report": (cmd_report, "print the search's Pareto front and rewrite its plots from the stored study"),
+    "export": (cmd_export, "write the chosen model (HF folder, ONNX, model card, manifest) and register it in MLflow"),
+    "predict": (cmd_predict, "label a TSV/CSV/JSONL/.txt file with an export's served model, as JSON lines"),
+    "run": (cmd_run, "the whole flow: teacher -> gate -> search (only on a MISS) -> export"),
     "ui": (cmd_ui, "start the MLflow UI on 127.0.0.1 for the run's tracking store"),
 }
 
@@ -117,14 +176,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
+        if name == "predict":  # works on an export folder: no --config, no overrides
+            add_predict_arguments(p)
+            continue
         p.add_argument("--config", required=name != "ui", help="YAML config (see configs/)")
         p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
         if name == "ui":
             p.add_argument("--port", type=int, default=5000)
-        if name == "search":
+        if name in ("search", "run"):
             p.add_argument("--n-trials", type=int, default=None,
                            help="trials to add in this call (default search.n_trials)")
             p.add_argument("--timeout", type=float, default=None, help="start no new trial after this many seconds")
+        if name == "report":
+            p.add_argument("--capacity", action="store_true",
+                           help="measure the teacher and the front at serving.batch_sizes and plan instances for "
+                                "serving.target_rps (written to report/capacity.md/.json and MLflow)")
+        if name == "export":
+            p.add_argument("--trial", type=int, default=None, help="export this trial of the study")
+            p.add_argument("--pick", default=None,
+                           help="rule, e.g. \"max quality s.t. p95_ms<=8\" (fields: quality, p50_ms, p95_ms, "
+                                "p99_ms, size_mb, params, throughput, train_seconds)")
+            p.add_argument("--out", default=None, help="export folder (default export.out_dir or runs/<name>/export)")
     return parser
 
 
@@ -133,7 +205,7 @@ def main(argv=None) -> int:
     _quiet_libraries()
     try:
         return COMMANDS[args.command][0](args)
-    except ConfigError as exc:
+    except (ConfigError, ExportError) as exc:
         print(f"kdlab: error: {exc}", file=sys.stderr)
         return 2
 

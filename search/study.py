@@ -372,6 +372,27 @@ def run_search(cfg: Config, accelerator, n_trials: int | None = None, timeout_s:
                         report_dir)
 
 
+def finished_trials(cfg: Config) -> int:
+    """Trials of the config's study that ended (complete, pruned or failed); 0 when there is no study yet."""
+    if cfg.search.storage is None and not (cfg.run_dir / "optuna.db").is_file():
+        return 0
+    storage = open_storage(cfg, create=False)
+    name = cfg.search.study_name or cfg.name
+    if name not in optuna.study.get_all_study_names(storage):
+        return 0
+    return sum(t.state.is_finished() for t in optuna.load_study(study_name=name, storage=storage).get_trials(
+        deepcopy=False))
+
+
+def study_targets(cfg: Config) -> dict:
+    """The absolute targets the stored study was run with ({} when there is no study)."""
+    storage = open_storage(cfg, create=False)
+    name = cfg.search.study_name or cfg.name
+    if name not in optuna.study.get_all_study_names(storage):
+        return {}
+    return optuna.load_study(study_name=name, storage=storage).user_attrs.get("targets", {})
+
+
 def run_report(cfg: Config, console=None) -> SearchResult:
     """`kdlab report`: the front table and plots rebuilt from the stored study (nothing is measured)."""
     storage = open_storage(cfg, create=False)

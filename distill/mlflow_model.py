@@ -1,0 +1,24 @@
+"""The MLflow pyfunc flavour of an export folder: `models:/<name>@champion` predicts labels from texts.
+
+Logged by search/registry.py with this package (and eval/) as code, so loading needs kdlab's
+runtime libraries (pinned in the model's requirements) but not kdlab itself.
+"""
+from __future__ import annotations
+
+import mlflow.pyfunc
+
+
+class ExportedClassifier(mlflow.pyfunc.PythonModel):
+    """Serves the export's artefact (ONNX int8, dynamic int8, ...), the one the model card measured."""
+
+    def load_context(self, context) -> None:
+        from distill.export import load_served
+        self.served = load_served(context.artifacts["export"], check=False)
+        self.batch_size = 64
+
+    def predict(self, context, model_input: list[str], params=None) -> list[str]:
+        texts = [str(t) for t in model_input]
+        labels: list[str] = []
+        for i in range(0, len(texts), self.batch_size):
+            labels += self.served.predict_texts(texts[i:i + self.batch_size])[0]
+        return labels

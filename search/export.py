@@ -1,0 +1,394 @@
+"""`kdlab export`: choose the model to ship, write its export folder, prove it, describe it, register it.
+
+Library module for scripts/cli.py. The choice is made among what was measured:
+- the search's feasible front members that kept their checkpoint (runs/<name>/trials/<n>/);
+- the teacher under a recipe that met the targets in the gate (runs/<name>/report/gate.csv).
+Without `--trial` or `--pick` it takes the most accurate of those (lower p95 breaks ties).
+
+The folder is built in a staging folder beside the destination and moved into place only when
+complete: the parity check (served artefact against the fp32 model on the full dev set), the
+latency table and the model card are all done before anything replaces an earlier export.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from distill.config import Config, ConfigError, save_config
+from distill.export import (ExportError, build_served, load_served, move_into_place, parity, served_entry,
+                            write_manifest, write_model)
+
+NUMERIC = ("quality", "p50_ms", "p95_ms", "p99_ms", "size_mb", "params", "throughput", "train_seconds")
+_PICK = re.compile(r"^\s*(max|min)\s+([a-z0-9_]+)\s*(?:s\.t\.\s*(.+?))?\s*$", re.IGNORECASE)
+_COND = re.compile(r"^\s*([a-z0-9_]+)\s*(<=|>=|==|<|>)\s*([-+]?[0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)\s*$", re.IGNORECASE)
+_OPS = {"<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b, "<": lambda a, b: a < b, ">": lambda a, b: a > b,
+        "==": lambda a, b: a == b}
+
+
+@dataclass
+class Choice:
+    """One exportable model: a trained trial's checkpoint, or the teacher under a gate recipe."""
+    kind: str  # trial | teacher
+    label: str
+    recipe: str
+    source: Path
+    figures: dict  # quality, p50_ms, p95_ms, size_mb, ... as measured by the search or the gate
+    trial: int | None = None
+    mlflow_run_id: str | None = None
+    architecture: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- choosing
+
+
+def parse_pick(text: str) -> tuple[str, str, list[tuple[str, str, float]]]:
+    """'max quality s.t. p95_ms<=8, size_mb<50' -> ('max', 'quality', [('p95_ms', '<=', 8.0), ...])."""
+    m = _PICK.match(text or "")
+    valid = f"valid: 'max|min FIELD [s.t. FIELD<=NUMBER, ...]' with FIELD one of {', '.join(NUMERIC)}"
+    if not m:
+        raise ConfigError(f"--pick: cannot read '{text}'; {valid}")
+    sense, key, rest = m.group(1).lower(), m.group(2).lower(), m.group(3)
+    conds = []
+    for part in re.split(r",|\band\b", rest or "") if rest else []:
+        c = _COND.match(part)
+        if not c:
+            raise ConfigError(f"--pick: cannot read the condition '{part.strip()}'; {valid}")
+        conds.append((c.group(1).lower(), c.group(2), float(c.group(3))))
+    for name in [key, *(c[0] for c in conds)]:
+        if name not in NUMERIC:
+            raise ConfigError(f"--pick: unknown field '{name}'; {valid}")
+    return sense, key, conds
+
+
+def pick(choices: list[Choice], text: str) -> Choice:
+    sense, key, conds = parse_pick(text)
+    ok = [c for c in choices if c.figures.get(key) is not None
+          and all(c.figures.get(f) is not None and _OPS[op](c.figures[f], v) for f, op, v in conds)]
+    if not ok:
+        seen = ", ".join(f"{c.label} ({key} {c.figures.get(key)})" for c in choices) or "none"
+        raise ConfigError(f"--pick: no candidate satisfies '{text}'; candidates: {seen}")
+    best = max if sense == "max" else min
+    return best(ok, key=lambda c: (c.figures[key], -(c.figures.get("p95_ms") or 0.0)) if sense == "max"
+                else (c.figures[key], -(c.figures.get("quality") or 0.0)))
+
+
+def study_rows(cfg: Config) -> list[dict]:
+    """Every trial of the config's study as search/study_report rows ([] when there is no study)."""
+    import optuna
+
+    from search.study import open_storage
+    from search.study_report import trial_rows
+    name = cfg.search.study_name or cfg.name
+    storage_file = cfg.run_dir / "optuna.db"
+    if cfg.search.storage is None and not storage_file.is_file():
+        return []
+    storage = open_storage(cfg, create=False)
+    if name not in optuna.study.get_all_study_names(storage):
+        return []
+    study = optuna.load_study(study_name=name, storage=storage)
+    return trial_rows(study.get_trials(deepcopy=False), cfg.run_dir)
+
+
+def gate_rows(cfg: Config) -> list[dict]:
+    path = cfg.run_dir / "report" / "gate.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        return [r for r in csv.DictReader(fh) if r["status"] == "ok" and r.get("candidate") == "True"]
+
+
+def _num(value):
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(out) else out
+
+
+def teacher_folder(cfg: Config) -> Path:
+    from train.teacher import MARKER, resolve_source
+    fine_tuned = cfg.run_dir / "teacher"
+    if (fine_tuned / MARKER).is_file():
+        return fine_tuned
+    return Path(resolve_source(cfg.teacher.source))
+
+
+def all_choices(cfg: Config) -> tuple[list[Choice], list[Choice]]:
+    """(every exportable model, the default pool: feasible front members + gate recipes meeting the targets)."""
+    choices, default_pool = [], []
+    for r in study_rows(cfg):
+        if r["state"] != "COMPLETE" or r["screened_out"] or not r["checkpoint"]:
+            continue
+        arch = {k: r.get(k) for k in ("num_layers", "hidden_size", "num_heads", "intermediate_size", "init")}
+        c = Choice("trial", f"trial {r['trial']}", r["recipe"], Path(r["checkpoint"]),
+                   {k: r.get(k) for k in NUMERIC}, r["trial"], r.get("mlflow_run_id"), arch)
+        choices.append(c)
+        if r["feasible"] and r["is_pareto"]:
+            default_pool.append(c)
+    for r in gate_rows(cfg):
+        c = Choice("teacher", f"teacher {r['recipe']}", r["recipe"], teacher_folder(cfg),
+                   {k: _num(r.get(k)) for k in NUMERIC})
+        choices.append(c)
+        if r.get("meets_targets") == "True":
+            default_pool.append(c)
+    return choices, default_pool
+
+
+def choose(cfg: Config, trial: int | None = None, pick_text: str | None = None) -> Choice:
+    choices, pool = all_choices(cfg)
+    where = cfg.config_path or "<config>"
+    if trial is not None:
+        found = next((c for c in choices if c.trial == trial), None)
+        if found is None:
+            have = ", ".join(str(c.trial) for c in choices if c.kind == "trial") or "none"
+            raise ConfigError(f"--trial: trial {trial} has no trained checkpoint in {cfg.run_dir / 'trials'} "
+                              f"(screened out, failed, pruned, or not on the front); exportable trials: {have}")
+        return found
+    if pick_text is not None:
+        return pick(choices, pick_text)
+    if not pool:
+        raise ConfigError(f"nothing to export for {where}: no gate recipe met the targets and the search has no "
+                          f"feasible front member with a checkpoint (run kdlab gate / kdlab search --config {where}, "
+                          f"or choose with --trial N / --pick)")
+    return max(pool, key=lambda c: (c.figures.get("quality") or 0.0, -(c.figures.get("p95_ms") or math.inf)))
+
+
+# ---------------------------------------------------------------- measuring what is exported
+
+
+def latency_table(served, cfg: Config, eval_ds, tokenizer, vocab_size: int, threads: int) -> list[dict]:
+    """p50/p95 and throughput of the served artefact at each export.latency_batch_sizes on the target."""
+    from eval.latency import measure_one
+    from search.gate import _cycling, target_profile, timing_batches
+    rows = []
+    for bs in cfg.export.latency_batch_sizes:
+        batches, lengths = timing_batches(eval_ds, tokenizer, bs, cfg.target.seq_len, vocab_size=vocab_size,
+                                          seed=cfg.train.seed)
+        profile = target_profile(replace(cfg.target, batch_size=bs), threads, lengths["seq_len_median"])
+        r = measure_one(_cycling(served, batches), profile)
+        rows.append({"batch_size": bs, "p50_ms": r.p50_ms, "p95_ms": r.p95_ms, "p99_ms": r.p99_ms,
+                     "throughput": r.throughput, "cv": r.cv, "stable": r.stable,
+                     "padded_len_median": lengths["padded_len_median"]})
+    return rows
+
+
+def _f(value, fmt: str, none: str = "—") -> str:
+    return none if value is None else fmt.format(value)
+
+
+def model_card(m: dict) -> str:
+    """README.md of the export folder, from its manifest: every number in it is one the manifest holds."""
+    c, fig, par, ref = m["choice"], m["measured"], m["parity"], m.get("teacher_reference") or {}
+    arch = c.get("architecture") or {}
+    arch_line = (f"{arch['num_layers']} layers x {arch['hidden_size']} hidden, {arch['num_heads']} heads, FFN "
+                 f"{arch['intermediate_size']}, initialised {arch['init']}" if arch.get("num_layers")
+                 else "the teacher itself")
+    q, tq = fig["quality"], ref.get("quality")
+    cond = m["conditions"]
+    lines = [
+        f"# {m['name']}: {m['task']['type']} on {m['data']['train_file'] or m['data']['dataset']}", "",
+        f"Exported by kdlab on {m['created']} from {c['label']} (recipe `{c['recipe']}`). "
+        f"{'Distilled from' if c['kind'] == 'trial' else 'Quantized from'} the teacher `{m['teacher']['source']}`.",
+        "", "## Figures", "",
+        f"- Quality ({m['task']['metric']} on {par['rows']} dev rows, measured on the served artefact): **{q:.4f}**"
+        + (f", {q / tq:.1%} of the teacher's {tq:.4f}" if tq else ""),
+        f"- Size of the served artefact: {fig['size_mb']:.1f} MB; parameters: {_f(fig.get('params'), '{:,}')}",
+        f"- Parity with the fp32 PyTorch model on the same rows: label agreement {par['label_agreement']:.2%}, "
+        f"max |logit difference| {par['max_abs_diff']:.4f} (fp32 model quality {par['reference_quality']:.4f})",
+    ]
+    if m.get("front_position"):
+        lines.append(f"- On the search's Pareto front: {m['front_position']}")
+    lines += ["", f"Latency on {cond['device']}, {cond['threads']} thread(s), sequence length "
+              f"{cond['seq_len']} ({cond['cpu']}, torch {cond['torch']}):", "",
+              "| batch | p50 ms | p95 ms | rows/s |", "|---|---|---|---|"]
+    for r in m["latency"]:
+        lines.append(f"| {r['batch_size']} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['throughput']:.1f} |")
+    if ref.get("p95_ms"):
+        lines += ["", f"The fp32 teacher measured p95 {ref['p95_ms']:.2f} ms at batch {cond['batch_size']} under "
+                      f"the same profile ({ref['p95_ms'] / m['latency'][0]['p95_ms']:.1f}x slower than this model "
+                      f"at batch {m['latency'][0]['batch_size']})." if m['latency'] else ""]
+    cap = m.get("capacity")
+    if cap and cap.get("plan"):
+        pl = cap["plan"]
+        lines += ["", "## Capacity", ""]
+        if pl["batch_size"] is None:
+            lines.append(f"For {cap['target_rps']:g} requests/s at p95 <= {cap['p95_slo_ms']:.2f} ms: {pl['note']}.")
+        else:
+            lines.append(f"For {cap['target_rps']:g} requests/s at p95 <= {cap['p95_slo_ms']:.2f} ms: batch "
+                         f"{pl['batch_size']} (p95 {pl['p95_ms']:.2f} ms), {pl['throughput']:.0f} requests/s per "
+                         f"instance, **{pl['instances']} instance(s)** with {cap['headroom']:.0%} headroom.")
+        lines += ["", f"Assumes {cap['assumptions']}."]
+    lines += ["", "## Model", "", f"- Architecture: {arch_line}", f"- Serving recipe: `{c['recipe']}`: "
+              f"{m['served']['how']}", f"- Labels: {', '.join(m['labels'])}",
+              f"- Tokenization: max length {m['max_length']}, the teacher's tokenizer", "",
+              "## Data", "", f"- Training rows: {m['data']['train_file'] or m['data']['dataset']}"
+              f" (max {m['data']['max_train_samples'] or 'all'} rows)",
+              f"- Evaluation rows: {m['data']['eval_file'] or m['data']['eval_split']}", "",
+              "## Loading", "", "```python",
+              "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+              "model = AutoModelForSequenceClassification.from_pretrained(\"<this folder>\")  # fp32",
+              "tokenizer = AutoTokenizer.from_pretrained(\"<this folder>\")", "",
+              "from distill.export import load_served  # kdlab: the served artefact, as measured",
+              "labels, probs = load_served(\"<this folder>\").predict_texts([\"a gripping film\"])", "```", "",
+              f"Batch predictions: `kdlab predict --model <this folder> --input FILE --output OUT.jsonl`."]
+    if m.get("mlflow"):
+        ml = m["mlflow"]
+        lines += [f"MLflow: `mlflow.pyfunc.load_model(\"models:/{ml['model_name']}@{ml['alias']}\")` "
+                  f"(version {ml['version']})."]
+    lines += ["", "## Training configuration", "", "The resolved config is `training_config.yaml` in this folder; "
+              "`manifest.json` lists every file with its sha256.", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def export_dir(cfg: Config, out: str | None) -> Path:
+    return Path(out or cfg.export.out_dir or cfg.run_dir / "export")
+
+
+def teacher_choice(cfg: Config, recipe: str) -> Choice:
+    """The teacher under `recipe`, with the gate's figures when the gate measured it (benchmarks compare to it)."""
+    row = next((r for r in gate_rows(cfg) if r["recipe"] == recipe), None)
+    figures = {k: _num(row.get(k)) for k in NUMERIC} if row else {}
+    return Choice("teacher", f"teacher {recipe}", recipe, teacher_folder(cfg), figures)
+
+
+def run_export(cfg: Config, trial: int | None = None, pick_text: str | None = None, out: str | None = None,
+               console=None, choice: Choice | None = None) -> dict:
+    """Choose (or take `choice`), build, check and describe the export; returns its manifest."""
+    import torch
+    from accelerate import Accelerator
+    from transformers import AutoModelForSequenceClassification
+
+    from distill.quantize import apply_recipe
+    from eval.latency import clamp_threads, machine_info, versions
+    from search.gate import dev_quality
+    from train.data import make_loader
+    from train.pipeline import prepare
+
+    choice = choice or choose(cfg, trial, pick_text)
+    dest = export_dir(cfg, out)
+    say = console.print if console is not None else print
+    say(f"export: {choice.label}, recipe {choice.recipe} -> {dest}")
+    threads, _ = clamp_threads(cfg.target.threads)
+    torch.set_num_threads(threads)
+    prep = prepare(cfg, Accelerator(cpu=True))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = dest.with_name(f".{dest.name}.staging-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(choice.source, use_safetensors=True).eval()
+        write_model(model, prep.tokenizer, staging)
+        save_config(cfg, staging / "training_config.yaml")
+        batches = list(make_loader(prep.eval_ds, prep.tokenizer, cfg.train.eval_batch_size, shuffle=False))
+        build_served(staging, choice.recipe, example_batch=batches[0], device=cfg.target.device, threads=threads,
+                     allow_cpu_half=cfg.quantization.allow_cpu_bf16)
+        manifest = {
+            "format": "kdlab-export/1", "name": cfg.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "task": {"type": cfg.task.type, "metric": cfg.task.metric}, "labels": prep.data.label_names,
+            "max_length": cfg.data.max_length, "text_column": cfg.data.text_column,
+            "text_pair_column": cfg.data.text_pair_column, "served": served_entry(choice.recipe, cfg.target.device),
+            "teacher": {"source": cfg.teacher.source},
+            "data": {k: getattr(cfg.data, k) for k in ("train_file", "eval_file", "dataset", "eval_split",
+                                                       "max_train_samples")},
+            "choice": {"kind": choice.kind, "label": choice.label, "recipe": choice.recipe, "trial": choice.trial,
+                       "study": cfg.search.study_name or cfg.name, "source": str(choice.source),
+                       "mlflow_run_id": choice.mlflow_run_id, "architecture": choice.architecture,
+                       "search_figures": choice.figures},
+            "versions": versions(), "machine": machine_info(),
+        }
+        write_manifest(staging, manifest)  # load_served below reads the folder exactly as a user would
+        served = load_served(staging, threads=threads)
+        reference = apply_recipe("fp32", model, example_batch=batches[0], device="cpu", threads=threads)
+        agreement = parity(served.artefact, reference, batches)
+        metric, n = cfg.task.metric, prep.data.num_labels
+        agreement.update(served_quality=dev_quality(served.artefact, batches, metric, n),
+                         reference_quality=dev_quality(reference, batches, metric, n),
+                         bound=cfg.export.min_label_agreement)
+        if agreement["label_agreement"] < cfg.export.min_label_agreement:
+            raise ExportError(f"parity: the {choice.recipe} artefact agrees with the fp32 model on "
+                              f"{agreement['label_agreement']:.2%} of {agreement['rows']} dev labels, below "
+                              f"export.min_label_agreement {cfg.export.min_label_agreement:.2%}; nothing exported")
+        say(f"export: parity on {agreement['rows']} dev rows: label agreement {agreement['label_agreement']:.2%}, "
+            f"max |diff| {agreement['max_abs_diff']:.4f}; measuring latency at batch "
+            f"{', '.join(map(str, cfg.export.latency_batch_sizes))}")
+        latency = latency_table(served.artefact, cfg, prep.eval_ds, prep.tokenizer, model.config.vocab_size, threads)
+        reference_fig = _teacher_reference(cfg)
+        manifest["capacity"] = _capacity(cfg, served.artefact, prep, model.config.vocab_size, threads)
+        manifest.update(
+            parity=agreement, latency=latency, teacher_reference=reference_fig,
+            measured={"quality": agreement["served_quality"], "size_mb": served.artefact.size_mb,
+                      "params": sum(p.numel() for p in model.parameters())},
+            conditions={"device": cfg.target.device, "threads": threads, "batch_size": cfg.target.batch_size,
+                        "seq_len": cfg.target.seq_len, "cpu": machine_info()["cpu"], "torch": versions()["torch"]},
+            front_position=_front_position(cfg, choice))
+        (staging / "README.md").write_text(model_card(manifest))
+        manifest = write_manifest(staging, manifest)
+        move_into_place(staging, dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if cfg.export.register and cfg.tracking.enabled:
+        from search.registry import register_export
+        manifest["mlflow"] = register_export(cfg, dest, manifest)
+        (dest / "README.md").write_text(model_card(manifest))
+        manifest = write_manifest(dest, manifest)
+    return manifest
+
+
+def _capacity(cfg: Config, artefact, prep, vocab_size: int, threads: int) -> dict | None:
+    """The capacity plan of the exported model alone (serving.target_rps set), for its card."""
+    if cfg.serving.target_rps is None:
+        return None
+    from search.capacity import ASSUMPTIONS, measure_latencies, plan_one, slo_ms
+    from search.study import study_targets
+    slo = slo_ms(cfg, study_targets(cfg).get("p95_ms"))
+    if slo is None:
+        return {"note": "no SLO: set serving.p95_slo_ms (or target.p95_ms and run the search)"}
+    lat = measure_latencies({"export": artefact}, cfg, prep.eval_ds, prep.tokenizer, vocab_size, threads,
+                            cfg.serving.batch_sizes)["export"]
+    row = plan_one("export", lat, target_rps=cfg.serving.target_rps, p95_slo_ms=slo,
+                   max_batch_size=cfg.serving.max_batch_size, headroom=cfg.serving.headroom)
+    return {"target_rps": cfg.serving.target_rps, "p95_slo_ms": slo, "headroom": cfg.serving.headroom,
+            "latency": {str(b): {"p50_ms": v[0], "p95_ms": v[1]} for b, v in lat.items()}, "plan": row.__dict__,
+            "assumptions": ASSUMPTIONS}
+
+
+def _teacher_reference(cfg: Config) -> dict | None:
+    """The fp32 teacher's quality and p95 on the target, as the gate (or the search) measured them."""
+    path = cfg.run_dir / "report" / "gate.csv"
+    if path.is_file():
+        with open(path, newline="") as fh:
+            fp32 = next((r for r in csv.DictReader(fh) if r["recipe"] == "fp32" and r["status"] == "ok"), None)
+        if fp32:
+            return {"quality": _num(fp32["quality"]), "p95_ms": _num(fp32["p95_ms"]), "from": "gate"}
+    return None
+
+
+def _front_position(cfg: Config, choice: Choice) -> str | None:
+    rows = [r for r in study_rows(cfg) if r["is_pareto"]] if choice.kind == "trial" else []
+    if not rows:
+        return None
+    front = sorted(rows, key=lambda r: r["p95_ms"])
+    i = next((k for k, r in enumerate(front) if r["trial"] == choice.trial), None)
+    if i is None:
+        return "not a front member (chosen by hand)"
+    return (f"member {i + 1} of {len(front)} in order of p95 (fastest first); "
+            + ", ".join(f"trial {r['trial']}: {r['quality']:.4f} at {r['p95_ms']:.2f} ms" for r in front))
+
+
+def summary_line(manifest: dict, dest: Path) -> str:
+    p, lat = manifest["parity"], manifest["latency"][0]
+    reg = manifest.get("mlflow")
+    return (f"exported {manifest['choice']['label']} ({manifest['served']['recipe']}) to {dest}: quality "
+            f"{manifest['measured']['quality']:.4f}, p95 {lat['p95_ms']:.2f} ms at batch {lat['batch_size']}, "
+            f"{manifest['measured']['size_mb']:.1f} MB, parity {p['label_agreement']:.2%}"
+            + (f"; registered models:/{reg['model_name']}@{reg['alias']} (version {reg['version']})" if reg else ""))
+

@@ -1,0 +1,183 @@
+"""`kdlab export`: choosing, the export folder, its parity check, model card, manifest and MLflow registry.
+
+A real 3-trial `kdlab search` on a tiny random-init teacher and 200 SST-2 rows gives something to
+export; the tests assert on the folder and the registry it leaves behind.
+"""
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+from transformers import AutoModelForSequenceClassification
+
+from conftest import tiny_run_tree, write_config
+from distill.config import ConfigError, load_config
+from distill.export import ExportError, load_served, sha256_file
+from scripts.cli import main as kdlab
+from search.export import Choice, all_choices, choose, parse_pick, pick
+
+pytestmark = pytest.mark.slow
+PROFILE = {"batch_size": 1, "seq_len": "data", "warmup_iters": 2, "min_iters": 10, "min_seconds": 0.2,
+           "repeats": 2, "threads": 1, "max_cv": 1.0}
+SPACE = {"num_layers": [1, 2], "hidden_size": [64], "num_heads": [4], "recipes": ["dynamic-int8", "onnx-int8"],
+         "learning_rate": {"min": 1e-4, "max": 1e-2, "log": True}, "train_steps": 3, "seed_trials": 2}
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory, tiny_teacher_dir):
+    root = tmp_path_factory.mktemp("export")
+    tree = tiny_run_tree(root / "exp", tiny_teacher_dir, target=PROFILE, search=SPACE,
+                         export={"latency_batch_sizes": [1, 4]})
+    tree["name"] = "exp"
+    tree["teacher"]["fine_tune"] = "never"
+    tree["tracking"]["uri"] = f"sqlite:///{root / 'mlflow.db'}"
+    config = write_config(root / "exp.yaml", tree)
+    assert kdlab(["search", "--config", str(config), "--n-trials", "3"]) == 0
+    return root, config
+
+
+def test_export_writes_a_checked_folder_and_registers_it(searched):
+    root, config = searched
+    cfg = load_config(config)
+    expected = choose(cfg)  # the most accurate feasible front member
+    assert kdlab(["export", "--config", str(config)]) == 0
+    out = root / "exp" / "export"
+    manifest = json.loads((out / "manifest.json").read_text())
+
+    # The Hugging Face folder loads as a classifier with the task's labels.
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.num_labels == 2 and manifest["labels"] == ["0", "1"]
+    assert manifest["choice"]["trial"] == expected.trial and manifest["served"]["recipe"] == expected.recipe
+    assert (out / "model.onnx").is_file() and (out / "training_config.yaml").is_file()
+    if expected.recipe == "onnx-int8":
+        assert manifest["served"]["file"] == "model.int8.onnx" and (out / "model.int8.onnx").is_file()
+
+    # Every file is listed with its real hash; nothing is left beside the folder.
+    assert set(manifest["files"]) == {p.name for p in out.iterdir()} - {"manifest.json"}
+    assert all(sha256_file(out / n) == e["sha256"] for n, e in manifest["files"].items())
+    assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".export")) == []
+
+    # Parity was measured on the full dev set (200 rows here) against the fp32 model.
+    p = manifest["parity"]
+    assert p["rows"] == 200 and p["label_agreement"] >= 0.99 and p["max_abs_diff"] >= 0.0
+    assert manifest["measured"]["quality"] == p["served_quality"]
+    assert [r["batch_size"] for r in manifest["latency"]] == [1, 4]
+    assert all(r["p95_ms"] >= r["p50_ms"] > 0 for r in manifest["latency"])
+
+    # The model card carries the manifest's numbers.
+    card = (out / "README.md").read_text()
+    assert f"{manifest['measured']['quality']:.4f}" in card and f"{manifest['latency'][0]['p95_ms']:.2f}" in card
+    assert f"models:/exp@champion" in card
+
+    # Registry: alias champion on the new version, tagged; pyfunc predicts labels from texts.
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    version = client.get_model_version_by_alias("exp", "champion")
+    assert str(version.version) == manifest["mlflow"]["version"]
+    assert version.tags["trial"] == str(expected.trial) and version.tags["recipe"] == expected.recipe
+    assert float(version.tags["quality"]) == pytest.approx(manifest["measured"]["quality"], abs=1e-6)
+    assert version.run_id == expected.mlflow_run_id  # logged on the trial's own run
+    texts = ["a gripping , funny film", "a dull , lifeless mess", "it is a movie"]
+    labels = mlflow.pyfunc.load_model("models:/exp@champion").predict(texts)
+    assert list(labels) == load_served(out).predict_texts(texts)[0]
+
+
+def test_export_by_trial_and_pick_and_refusals(searched, capsys):
+    root, config = searched
+    cfg = load_config(config)
+    choices, _ = all_choices(cfg)
+    trials = [c for c in choices if c.kind == "trial"]
+    fastest = min(trials, key=lambda c: c.figures["p95_ms"])
+    out = root / "picked"
+    assert kdlab(["export", "--config", str(config), "--pick", "min p95_ms", "--out", str(out),
+                  "export.register=false"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["choice"]["trial"] == fastest.trial
+    assert "mlflow" not in json.loads((out / "manifest.json").read_text())
+
+    capsys.readouterr()
+    assert kdlab(["export", "--config", str(config), "--trial", "99", "--out", str(root / "t99")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kdlab: error: --trial: trial 99 has no trained checkpoint") and "\n" not in err
+    assert not (root / "t99").exists()
+    assert kdlab(["export", "--config", str(config), "--pick", "max accuracy", "--out", str(root / "bad")]) == 2
+    assert "unknown field 'accuracy'" in capsys.readouterr().err and not (root / "bad").exists()
+
+
+def test_failed_parity_leaves_the_earlier_export_untouched(searched, monkeypatch):
+    root, config = searched
+    out = root / "atomic"
+    assert kdlab(["export", "--config", str(config), "--out", str(out), "export.register=false"]) == 0
+    before = {p.name: sha256_file(p) for p in out.iterdir()}
+    import search.export as ex
+    monkeypatch.setattr(ex, "parity", lambda *a, **k: {"rows": 200, "max_abs_diff": 9.0, "label_agreement": 0.5})
+    assert kdlab(["export", "--config", str(config), "--out", str(out), "export.register=false"]) == 2
+    assert {p.name: sha256_file(p) for p in out.iterdir()} == before
+    assert [p.name for p in root.iterdir() if ".staging" in p.name] == []
+
+
+def test_nothing_to_export_is_a_one_line_error(tmp_path, tiny_teacher_dir, capsys):
+    tree = tiny_run_tree(tmp_path / "none", tiny_teacher_dir)
+    config = write_config(tmp_path / "c.yaml", tree)
+    assert kdlab(["export", "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kdlab: error: nothing to export") and "\n" not in err
+    assert not (tmp_path / "none" / "export").exists()
+
+
+@pytest.mark.parametrize("text,parsed", [
+    ("max quality", ("max", "quality", [])),
+    ("max quality s.t. p95_ms<=8", ("max", "quality", [("p95_ms", "<=", 8.0)])),
+    ("min p95_ms s.t. quality >= 0.85, size_mb<50", ("min", "p95_ms", [("quality", ">=", 0.85),
+                                                                        ("size_mb", "<", 50.0)])),
+    ("MAX quality s.t. p95_ms < 2.5 and size_mb <= 1e2", ("max", "quality", [("p95_ms", "<", 2.5),
+                                                                             ("size_mb", "<=", 100.0)])),
+])
+def test_parse_pick(text, parsed):
+    assert parse_pick(text) == parsed
+
+
+@pytest.mark.parametrize("text", ["best", "max", "max quality s.t.", "max quality s.t. p95_ms ~ 3", "max speed"])
+def test_parse_pick_refuses(text):
+    with pytest.raises(ConfigError, match="--pick"):
+        parse_pick(text)
+
+
+def test_pick_applies_constraints_and_breaks_ties_on_latency():
+    def c(label, q, p95, size=10.0):
+        return Choice("trial", label, "fp32", None, {"quality": q, "p95_ms": p95, "size_mb": size})
+    pool = [c("a", 0.90, 9.0), c("b", 0.88, 4.0), c("c", 0.88, 3.0), c("d", 0.80, 1.0, size=60.0)]
+    assert pick(pool, "max quality").label == "a"
+    assert pick(pool, "max quality s.t. p95_ms<=8").label == "c"  # b and c tie on quality; c is faster
+    assert pick(pool, "min p95_ms s.t. size_mb<50").label == "c"
+    with pytest.raises(ConfigError, match="no candidate satisfies"):
+        pick(pool, "max quality s.t. p95_ms<0.5")
+
+
+def _run_tree(tmp_path, teacher, target):
+    tree = tiny_run_tree(tmp_path / "run", teacher, target={**PROFILE, **target},
+                         quantization={"recipes": ["fp32", "dynamic-int8"]},
+                         search={**SPACE, "n_trials": 2, "recipes": ["dynamic-int8"]},
+                         export={"latency_batch_sizes": [1]})
+    tree["tracking"]["uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return write_config(tmp_path / "run.yaml", tree)
+
+
+def test_run_exports_the_quantized_teacher_when_the_gate_passes(tmp_path, tiny_teacher_dir, capsys):
+    config = _run_tree(tmp_path, tiny_teacher_dir, {"min_quality": "teacher*0.5"})
+    assert kdlab(["run", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "PASS" in out and "exported teacher" in out
+    manifest = json.loads((tmp_path / "run" / "export" / "manifest.json").read_text())
+    assert manifest["choice"]["kind"] == "teacher" and manifest["choice"]["recipe"] in ("fp32", "dynamic-int8")
+    assert not (tmp_path / "run" / "optuna.db").exists()  # no search on a PASS
+    assert (tmp_path / "run" / "teacher" / "kdlab_teacher.json").is_file()  # the teacher was fine-tuned first
+
+
+def test_run_searches_on_a_miss_and_exports_nothing_infeasible(tmp_path, tiny_teacher_dir, capsys):
+    config = _run_tree(tmp_path, tiny_teacher_dir, {"p95_ms": 0.0001})  # no model answers in 0.1 microseconds
+    assert kdlab(["run", "--config", str(config)]) == 3
+    out = capsys.readouterr().out
+    assert "MISS" in out and "no feasible student" in out
+    assert (tmp_path / "run" / "optuna.db").is_file()
+    assert not (tmp_path / "run" / "export").exists()

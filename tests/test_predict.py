@@ -1,0 +1,349 @@
+"""`kdlab predict` (eval/predict.py): batch inference over an export folder, streamed, resumable.
+
+Run: .venv/bin/python -m pytest -q tests/test_predict.py
+
+A tiny random-init BERT is exported as a real export folder (dynamic-int8, and onnx-int8 for one
+test) and run over 300 real SST-2 dev rows; the tests assert on the JSON lines it leaves behind,
+against the served artefact's own predictions, and on the one-line errors for bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import inspect
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import SST2
+from distill.config import ConfigError
+from distill.export import (MANIFEST, ExportError, build_served, load_served, served_entry, write_manifest,
+                            write_model)
+from eval.predict import Cursor, PredictInputError, add_arguments, main, partial_path, read_rows, run_predict
+
+N_ROWS = 300
+BATCH = 32
+
+
+def build_export(folder: Path, tokenizer, recipe: str) -> Path:
+    from transformers import BertConfig, BertForSequenceClassification
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=128, num_labels=2,
+                     id2label={0: "0", 1: "1"}, label2id={"0": 0, "1": 1})
+    model = BertForSequenceClassification(cfg).eval()
+    write_model(model, tokenizer, folder)
+    example = dict(tokenizer(["a gripping film", "dull"], padding=True, return_tensors="pt"))
+    build_served(folder, recipe, example_batch=example, threads=1)
+    write_manifest(folder, {"format": "kdlab-export/1", "name": "tiny", "labels": ["0", "1"], "max_length": 64,
+                            "text_column": "sentence", "text_pair_column": None,
+                            "served": served_entry(recipe, "cpu")})
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tokenizer(minilm_dir):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(minilm_dir)
+
+
+@pytest.fixture(scope="session")
+def export_int8(tmp_path_factory, tokenizer) -> Path:
+    return build_export(tmp_path_factory.mktemp("predict") / "export", tokenizer, "dynamic-int8")
+
+
+@pytest.fixture(scope="session")
+def sst2_texts() -> list[str]:
+    with open(SST2 / "dev.tsv", newline="", encoding="utf-8") as fh:
+        rows = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+        return [row["sentence"] for _, row in zip(range(N_ROWS), rows)]
+
+
+@pytest.fixture(scope="session")
+def sst2_tsv(tmp_path_factory) -> Path:
+    """The first 300 rows of the real SST-2 dev file, as it is on disk."""
+    path = tmp_path_factory.mktemp("sst2") / "dev300.tsv"
+    with open(SST2 / "dev.tsv", encoding="utf-8") as fh:
+        path.write_text("".join(line for _, line in zip(range(N_ROWS + 1), fh)), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def reference(export_int8, sst2_tsv, tmp_path_factory) -> bytes:
+    """The output of one uninterrupted run at batch 32."""
+    out = tmp_path_factory.mktemp("reference") / "out.jsonl"
+    run_predict(export_int8, sst2_tsv, out, batch_size=BATCH, threads=1, progress=False)
+    return out.read_bytes()
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def probs_tensor(recs: list[dict], labels=("0", "1")) -> torch.Tensor:
+    return torch.tensor([[r["probs"][name] for name in labels] for r in recs])
+
+
+def served_probs(served, texts: list[str], pairs: list[str] | None = None, batch: int = BATCH) -> torch.Tensor:
+    """The served artefact's probabilities over the same batches run_predict forms."""
+    out = []
+    for start in range(0, len(texts), batch):
+        _, probs = served.predict_texts(texts[start:start + batch], pairs[start:start + batch] if pairs else None)
+        out.append(probs)
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------- what it writes
+
+
+def test_rows_in_order_with_the_served_artefacts_probabilities(export_int8, sst2_tsv, sst2_texts, tmp_path):
+    out = tmp_path / "out.jsonl"
+    summary = run_predict(export_int8, sst2_tsv, out, batch_size=BATCH, threads=1, progress=False)
+    recs = records(out)
+    assert [r["row"] for r in recs] == list(range(N_ROWS))
+    assert summary["rows"] == summary["predicted"] == N_ROWS and summary["resumed_from"] == 0
+    assert summary["output"] == str(out) and summary["recipe"] == "dynamic-int8" and summary["rows_per_second"] > 0
+    assert not partial_path(out).exists()
+
+    probs = probs_tensor(recs)
+    assert {r["label"] for r in recs} <= {"0", "1"}
+    assert torch.allclose(probs.sum(-1), torch.ones(N_ROWS), atol=1e-5)
+    assert [r["label"] for r in recs] == [("0", "1")[i] for i in probs.argmax(-1).tolist()]
+    # Rounded to 6 decimals, they are the served artefact's own softmax for the same rows.
+    expected = served_probs(load_served(export_int8, threads=1), sst2_texts)
+    assert torch.allclose(probs, expected, atol=1e-6, rtol=0)
+
+
+def test_dynamic_int8_export_serves_the_quantized_module_not_fp32(export_int8, sst2_tsv, sst2_texts, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+    out = tmp_path / "out.jsonl"
+    run_predict(export_int8, sst2_tsv, out, batch_size=BATCH, threads=1, progress=False)
+    got = probs_tensor(records(out))[:BATCH]
+
+    served = load_served(export_int8, threads=1)
+    assert any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in served.artefact.module.modules())
+    batch = served.encode(sst2_texts[:BATCH])
+    fp32_model = AutoModelForSequenceClassification.from_pretrained(export_int8).eval()
+    with torch.inference_mode():
+        quantized = torch.softmax(served.artefact.module(**batch).logits, -1)
+        fp32 = torch.softmax(fp32_model(**batch).logits, -1)
+    assert torch.allclose(got, quantized, atol=1e-6, rtol=0)
+    assert (got - fp32).abs().max() > 1e-5  # int8 weights and activations move the probabilities
+
+
+def test_onnx_int8_export_serves_the_int8_graph(tmp_path, tokenizer, sst2_texts):
+    export = build_export(tmp_path / "export", tokenizer, "onnx-int8")
+    source = tmp_path / "in.txt"
+    source.write_text("".join(t + "\n" for t in sst2_texts[:64]), encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    summary = run_predict(export, source, out, batch_size=16, threads=1, progress=False)
+    assert summary["recipe"] == "onnx-int8" and summary["rows"] == 64
+
+    served = load_served(export, threads=1)
+    assert [f.name for f in served.artefact.files] == ["model.int8.onnx"] and served.artefact.module is None
+    assert torch.allclose(probs_tensor(records(out)), served_probs(served, sst2_texts[:64], batch=16), atol=1e-6,
+                          rtol=0)
+
+
+def test_every_input_format_gives_the_same_output(export_int8, sst2_texts, tmp_path):
+    texts = sst2_texts[:100]
+    (tmp_path / "in.txt").write_text("".join(t + "\n" for t in texts), encoding="utf-8")
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"id": i, "sentence": t}) + "\n"
+                                               for i, t in enumerate(texts)), encoding="utf-8")
+    with open(tmp_path / "in.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["label", "sentence"])
+        writer.writerows([[0, t] for t in texts])
+    outputs = set()
+    for name in ("in.txt", "in.jsonl", "in.csv"):
+        out = tmp_path / f"{name}.out.jsonl"
+        run_predict(export_int8, tmp_path / name, out, batch_size=BATCH, threads=1, progress=False)
+        outputs.add(out.read_bytes())
+    assert len(outputs) == 1 and len(outputs.pop().splitlines()) == 100
+
+
+def test_pair_columns_come_from_the_manifest(export_int8, sst2_texts, tmp_path):
+    export = tmp_path / "pair_export"
+    shutil.copytree(export_int8, export)
+    manifest = json.loads((export / MANIFEST).read_text())
+    manifest.pop("files")
+    write_manifest(export, {**manifest, "text_column": "premise", "text_pair_column": "hypothesis"})
+    premises, hypotheses = sst2_texts[:40], sst2_texts[40:80]
+    source = tmp_path / "pairs.jsonl"
+    source.write_text("".join(json.dumps({"premise": p, "hypothesis": h}) + "\n" for p, h in zip(premises, hypotheses)),
+                      encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    run_predict(export, source, out, batch_size=BATCH, threads=1, progress=False)
+    got = probs_tensor(records(out))
+    served = load_served(export, threads=1)
+    assert torch.allclose(got, served_probs(served, premises, hypotheses), atol=1e-6, rtol=0)
+    assert not torch.allclose(got, served_probs(served, premises), atol=1e-4)  # the second text is read
+
+    txt = tmp_path / "one_text.txt"
+    txt.write_text("a film\n", encoding="utf-8")
+    with pytest.raises(PredictInputError, match="reads text pairs"):
+        run_predict(export, txt, tmp_path / "txt.jsonl", progress=False)
+
+
+# ---------------------------------------------------------------- resuming an interrupted run
+
+
+def interrupted(out: Path, reference: bytes, k: int) -> None:
+    """OUTPUT.partial as a run killed while writing row k leaves it: k complete lines and a torn one."""
+    lines = reference.splitlines(keepends=True)
+    partial_path(out).write_bytes(b"".join(lines[:k]) + lines[k][: len(lines[k]) // 2])
+
+
+def test_resume_at_a_batch_boundary_gives_the_uninterrupted_output(export_int8, sst2_tsv, reference, tmp_path):
+    out = tmp_path / "out.jsonl"
+    interrupted(out, reference, 2 * BATCH)
+    summary = run_predict(export_int8, sst2_tsv, out, batch_size=BATCH, threads=1, progress=False)
+    assert summary["resumed_from"] == 2 * BATCH and summary["predicted"] == N_ROWS - 2 * BATCH
+    assert out.read_bytes() == reference and not partial_path(out).exists()
+
+
+def test_resume_mid_batch_writes_every_row_once_and_realigns_batches(export_int8, sst2_tsv, reference, tmp_path):
+    out = tmp_path / "out.jsonl"
+    k = 50
+    interrupted(out, reference, k)
+    summary = run_predict(export_int8, sst2_tsv, out, batch_size=BATCH, threads=1, progress=False)
+    assert summary["resumed_from"] == k and summary["rows"] == N_ROWS
+    got, want = records(out), [json.loads(line) for line in reference.splitlines()]
+    assert [r["row"] for r in got] == list(range(N_ROWS))
+    # From the next batch boundary on, batches hold the same rows as in the uninterrupted run; the
+    # shortened batch before it may differ in the last decimals (per-batch int8 activation scales).
+    assert got[:k] == want[:k] and got[2 * BATCH:] == want[2 * BATCH:]
+    assert torch.allclose(probs_tensor(got[k:2 * BATCH]), probs_tensor(want[k:2 * BATCH]), atol=1e-3)
+
+
+def test_no_resume_starts_over(export_int8, sst2_tsv, reference, tmp_path):
+    out = tmp_path / "out.jsonl"
+    partial_path(out).write_text("not json\n")
+    run_predict(export_int8, sst2_tsv, out, batch_size=BATCH, resume=False, threads=1, progress=False)
+    assert out.read_bytes() == reference and not partial_path(out).exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"not json\n", "not an interrupted run"),
+    (b'{"row": 7, "label": "0", "probs": {"0": 0.5, "1": 0.5}}\n', "not an interrupted run"),
+])
+def test_a_foreign_partial_is_refused_and_kept(export_int8, sst2_tsv, tmp_path, content, message):
+    out = tmp_path / "out.jsonl"
+    partial_path(out).write_bytes(content)
+    with pytest.raises(PredictInputError, match=message):
+        run_predict(export_int8, sst2_tsv, out, batch_size=BATCH, threads=1, progress=False)
+    assert partial_path(out).read_bytes() == content and not out.exists()
+
+
+def test_a_partial_longer_than_the_input_is_refused(export_int8, sst2_tsv, reference, tmp_path):
+    short = tmp_path / "short.tsv"
+    short.write_text("".join(sst2_tsv.read_text(encoding="utf-8").splitlines(keepends=True)[:11]), encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    partial_path(out).write_bytes(reference)
+    with pytest.raises(PredictInputError, match=f"holds {N_ROWS} rows but .*short.tsv has only 10"):
+        run_predict(export_int8, short, out, threads=1, progress=False)
+    assert partial_path(out).read_bytes() == reference
+
+
+# ---------------------------------------------------------------- reading: streamed, one-line errors
+
+
+def test_the_reader_streams_one_line_at_a_time(tmp_path):
+    assert inspect.isgeneratorfunction(read_rows)
+    path = tmp_path / "big.tsv"
+    path.write_bytes(b"sentence\tlabel\n" + b"a fine film\t1\n" * 5000 + b"caf\xe9\t1\n")
+    cursor = Cursor()
+    rows = read_rows(path, "sentence", cursor=cursor)
+    assert next(rows) == ("a fine film", None)
+    assert cursor.line == 2  # the header and one row read; the bad byte at the end not reached
+    with pytest.raises(PredictInputError, match="line 5002"):
+        list(rows)
+
+
+BAD_INPUTS = [
+    ("missing column", "in.tsv", b"text\tlabel\nfine\t1\n", ["in.tsv", "line 1", "no column 'sentence'",
+                                                                "columns: text, label"]),
+    ("empty file", "in.tsv", b"", ["in.tsv", "empty file", "valid: .tsv"]),
+    ("header only", "in.csv", b"sentence,label\n", ["in.csv", "no rows after the header"]),
+    ("not UTF-8", "in.tsv", b"sentence\tlabel\ngood\t1\ncaf\xe9\t1\n", ["in.tsv", "line 3", "0xe9", "not UTF-8",
+                                                                        "valid: UTF-8"]),
+    ("unknown extension", "in.xlsx", b"sentence\n", ["in.xlsx", "unknown input format '.xlsx'", ".jsonl", ".txt"]),
+    ("field count", "in.csv", b"sentence,label\ngood, fun,1\n", ["in.csv", "line 2", "3 fields", "header has 2"]),
+    ("bad JSON", "in.jsonl", b'{"sentence": "ok"}\n{"sentence": \n', ["in.jsonl", "line 2", "not valid JSON"]),
+    ("missing key", "in.jsonl", b'{"sentence": "ok"}\n{"text": "no"}\n', ["line 2", "no key 'sentence'",
+                                                                           "keys: text"]),
+    ("JSON array", "in.json", b'[{"sentence": "ok"}]\n', ["in.json", "line 1", "JSON array"]),
+    ("not found", "missing.tsv", None, ["missing.tsv", "not found"]),
+]
+
+
+@pytest.mark.parametrize("name, filename, content, expected", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
+def test_bad_input_is_one_line_and_leaves_no_output(export_int8, tmp_path, name, filename, content, expected):
+    source = tmp_path / filename
+    if content is not None:
+        source.write_bytes(content)
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(PredictInputError) as err:
+        run_predict(export_int8, source, out, batch_size=4, threads=1, progress=False)
+    message = str(err.value)
+    assert "\n" not in message and all(part in message for part in expected), message
+    assert isinstance(err.value, ConfigError)  # what `kdlab` turns into "kdlab: error: ..." and exit 2
+    assert not out.exists() and not partial_path(out).exists()
+
+
+def test_bad_bytes_after_written_batches_leave_no_partial(export_int8, tmp_path):
+    source = tmp_path / "in.tsv"
+    source.write_bytes(b"sentence\tlabel\n" + b"a fine film\t1\n" * 40 + b"caf\xe9\t1\n")
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(PredictInputError, match="line 42"):
+        run_predict(export_int8, source, out, batch_size=4, threads=1, progress=False)
+    assert not out.exists() and not partial_path(out).exists()
+
+
+def test_a_tampered_export_is_refused(export_int8, sst2_tsv, tmp_path):
+    export = tmp_path / "tampered"
+    shutil.copytree(export_int8, export)
+    weights = export / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ExportError, match="model.safetensors does not match its sha256"):
+        load_served(export)
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(ExportError, match="sha256"):
+        run_predict(export, sst2_tsv, out, progress=False)
+    with pytest.raises(ConfigError, match="sha256"):  # `kdlab predict` reports it in one line, exit 2
+        main(parse("--model", str(export), "--input", str(sst2_tsv), "--output", str(out), "--no-progress"))
+    assert not out.exists() and not partial_path(out).exists()
+
+
+# ---------------------------------------------------------------- the command-line pair
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="kdlab predict")
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_main_prints_the_summary_line(export_int8, sst2_tsv, tmp_path, capsys):
+    out = tmp_path / "out.jsonl"
+    args = parse("--model", str(export_int8), "--input", str(sst2_tsv), "--output", str(out), "--batch-size", "50",
+                 "--threads", "1", "--no-progress")
+    assert main(args) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"predict: {N_ROWS} rows in ") and "rows/s" in line and "dynamic-int8" in line
+    assert line.endswith(f"-> {out}") and len(records(out)) == N_ROWS
+
+
+def test_main_lets_bad_input_reach_the_cli_as_config_error(export_int8, tmp_path):
+    source = tmp_path / "in.tsv"
+    source.write_text("text\nfine\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="no column 'sentence'"):
+        main(parse("--model", str(export_int8), "--input", str(source), "--output", str(tmp_path / "o.jsonl"),
+                   "--text-column", "sentence", "--no-progress"))
+    assert main(parse("--model", str(export_int8), "--input", str(source), "--output", str(tmp_path / "o.jsonl"),
+                      "--text-column", "text", "--threads", "1", "--no-progress")) == 0
