@@ -1,10 +1,12 @@
 """The MLflow pyfunc flavour of an export folder: `models:/<name>@champion` predicts labels from texts.
 
-Logged by search/registry.py with this package (and eval/) as code, so loading needs kdlab's
-runtime libraries (pinned in the model's requirements) but not kdlab itself.
+Logged by search/registry.py as a model *from code* (this file; MLflow imports it and takes the
+model given to `set_model` below), with this package and eval/ as code paths: nothing is pickled,
+and loading needs kdlab's runtime libraries (pinned in the model's requirements) but not kdlab.
 """
 from __future__ import annotations
 
+import mlflow.models
 import mlflow.pyfunc
 
 
@@ -22,3 +24,6 @@ class ExportedClassifier(mlflow.pyfunc.PythonModel):
         for i in range(0, len(texts), self.batch_size):
             labels += self.served.predict_texts(texts[i:i + self.batch_size])[0]
         return labels
+
+
+mlflow.models.set_model(ExportedClassifier())

@@ -29,7 +29,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
@@ -54,10 +54,29 @@ class PredictInputError(ConfigError):
 
 @dataclass
 class Cursor:
-    """How far a reader has got: the physical line last read and the bytes consumed (errors and progress)."""
+    """How far a reader has got: the physical line last read and the bytes consumed (errors and progress).
+
+    With `skip` set, a malformed row becomes a BadRow (its output line says why) instead of stopping
+    the run; a problem with the file as a whole (header, format) still stops it.
+    """
 
     line: int = 0
     bytes: int = 0
+    skip: bool = False
+    undecodable: dict = field(default_factory=dict)  # line -> message, for lines that are not UTF-8 (skip mode)
+
+
+@dataclass
+class BadRow:
+    """A malformed input row, kept in its place so output row i is still input row i."""
+
+    message: str
+
+
+def _row_error(cursor: Cursor, message: str) -> BadRow:
+    if cursor.skip:
+        return BadRow(message)
+    raise PredictInputError(message)
 
 
 def input_format(path: Path) -> str:
@@ -82,9 +101,12 @@ def _lines(path: Path, cursor: Cursor) -> Iterator[str]:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise PredictInputError(
-                    f"{path}: line {cursor.line}: byte 0x{raw[exc.start]:02x} at position {exc.start + 1} is not "
-                    f"UTF-8; valid: UTF-8 text (convert it, e.g. iconv -f latin1 -t utf-8)") from None
+                message = (f"{path}: line {cursor.line}: byte 0x{raw[exc.start]:02x} at position {exc.start + 1} is "
+                           f"not UTF-8; valid: UTF-8 text (convert it, e.g. iconv -f latin1 -t utf-8)")
+                if not cursor.skip or cursor.line == 1:
+                    raise PredictInputError(message) from None
+                cursor.undecodable[cursor.line] = message
+                text = "\n"  # a placeholder the row readers turn into a BadRow
             yield text.removeprefix("\ufeff") if cursor.line == 1 else text
 
 
@@ -107,11 +129,15 @@ def _table_rows(path: Path, fmt: str, text_column: str, pair_column: str | None,
         text_at = _column(path, header, text_column, "--text-column")
         pair_at = None if pair_column is None else _column(path, header, pair_column, "--pair-column")
         for fields in reader:
+            if cursor.line in cursor.undecodable:
+                yield BadRow(cursor.undecodable.pop(cursor.line))
+                continue
             if not fields or (len(fields) == 1 and not fields[0].strip()):
                 continue
             if len(fields) != len(header):
-                raise PredictInputError(f"{path}: line {cursor.line}: {len(fields)} fields where the header has "
-                                        f"{len(header)}; valid: one field per header column ({hint})")
+                yield _row_error(cursor, f"{path}: line {cursor.line}: {len(fields)} fields where the header has "
+                                         f"{len(header)}; valid: one field per header column ({hint})")
+                continue
             yield fields[text_at], None if pair_at is None else fields[pair_at]
     except csv.Error as exc:
         raise PredictInputError(f"{path}: line {cursor.line}: {exc}; valid: {fmt.upper()} with {hint}") from None
@@ -121,6 +147,9 @@ def _jsonl_rows(path: Path, text_column: str, pair_column: str | None,
                 cursor: Cursor) -> Iterator[tuple[str, str | None]]:
     seen_record = False
     for line in _lines(path, cursor):
+        if cursor.line in cursor.undecodable:
+            yield BadRow(cursor.undecodable.pop(cursor.line))
+            continue
         if not line.strip():
             continue
         if not seen_record and line.lstrip().startswith("["):
@@ -130,23 +159,28 @@ def _jsonl_rows(path: Path, text_column: str, pair_column: str | None,
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise PredictInputError(f"{path}: line {cursor.line}: not valid JSON ({exc.msg} at column {exc.colno}); "
-                                    f"valid: one JSON object per line") from None
+            yield _row_error(cursor, f"{path}: line {cursor.line}: not valid JSON ({exc.msg} at column {exc.colno}); "
+                                     f"valid: one JSON object per line")
+            continue
         if not isinstance(record, dict):
-            raise PredictInputError(f"{path}: line {cursor.line}: a JSON {type(record).__name__}, not an object; "
-                                    f"valid: one JSON object per line, e.g. {{\"{text_column}\": \"...\"}}")
-        values = []
+            yield _row_error(cursor, f"{path}: line {cursor.line}: a JSON {type(record).__name__}, not an object; "
+                                     f"valid: one JSON object per line, e.g. {{\"{text_column}\": \"...\"}}")
+            continue
+        values, problem = [], None
         for key in (text_column, pair_column):
             if key is None:
                 values.append(None)
             elif key not in record:
-                raise PredictInputError(f"{path}: line {cursor.line}: no key '{key}'; keys: {', '.join(record)} "
-                                        f"(choose with --text-column / --pair-column)")
+                problem = (f"{path}: line {cursor.line}: no key '{key}'; keys: {', '.join(record)} "
+                           f"(choose with --text-column / --pair-column)")
             elif not isinstance(record[key], str):
-                raise PredictInputError(f"{path}: line {cursor.line}: '{key}' is a JSON "
-                                        f"{type(record[key]).__name__}; valid: a string")
+                problem = (f"{path}: line {cursor.line}: '{key}' is a JSON "
+                           f"{type(record[key]).__name__}; valid: a string")
             else:
                 values.append(record[key])
+        if problem:
+            yield _row_error(cursor, problem)
+            continue
         yield values[0], values[1]
 
 
@@ -155,6 +189,9 @@ def _text_rows(path: Path, pair_column: str | None, cursor: Cursor) -> Iterator[
         raise PredictInputError(f"{path}: a .txt file holds one text per line, but this model reads text pairs "
                                 f"(second text: '{pair_column}'); valid: .tsv, .csv or .jsonl with both columns")
     for line in _lines(path, cursor):
+        if cursor.line in cursor.undecodable:
+            yield BadRow(cursor.undecodable.pop(cursor.line))
+            continue
         yield line.rstrip("\r\n"), None
 
 
@@ -213,7 +250,7 @@ def complete_rows(partial: Path, labels: list[str]) -> tuple[int, int]:
     if count:
         try:
             record = json.loads(last)
-            ours = record["row"] == count - 1 and sorted(record["probs"]) == sorted(labels)
+            ours = record["row"] == count - 1 and ("error" in record or sorted(record["probs"]) == sorted(labels))
         except (ValueError, KeyError, TypeError):
             ours = False
         if not ours:
@@ -222,11 +259,19 @@ def complete_rows(partial: Path, labels: list[str]) -> tuple[int, int]:
     return count, end
 
 
-def output_lines(first_row: int, labels: list[str], probs, label_names: list[str]) -> str:
+def output_lines(first_row: int, labels: list[str], probs, label_names: list[str],
+                 bad: dict[int, str] | None = None) -> str:
+    """JSON lines for one batch; `bad` maps a position in the batch to the error of a skipped row."""
+    bad = bad or {}
+    predicted = iter(zip(labels, probs.tolist()))
     lines = []
-    for i, (label, row) in enumerate(zip(labels, probs.tolist())):
-        record = {"row": first_row + i, "label": label,
-                  "probs": {name: round(p, PROB_DECIMALS) for name, p in zip(label_names, row)}}
+    for i in range(len(labels) + len(bad)):
+        if i in bad:
+            record = {"row": first_row + i, "error": bad[i]}
+        else:
+            label, row = next(predicted)
+            record = {"row": first_row + i, "label": label,
+                      "probs": {name: round(p, PROB_DECIMALS) for name, p in zip(label_names, row)}}
         lines.append(json.dumps(record, ensure_ascii=False) + "\n")
     return "".join(lines)
 
@@ -249,12 +294,14 @@ def _without_transformers_progress_bars():
 
 def run_predict(model_dir, input_path, output_path, batch_size: int = 64, text_column: str | None = None,
                 pair_column: str | None = None, resume: bool = True, threads: int | None = None,
-                progress: bool = True) -> dict:
+                progress: bool = True, on_error: str = "stop") -> dict:
     """Label every row of `input_path` with the export in `model_dir`, writing JSON lines to `output_path`.
 
     Returns rows, predicted (this call), resumed_from, seconds, rows_per_second (this call's rows),
     load_seconds, output, recipe, device, threads, batch_size.
     Raises PredictInputError (a ConfigError) for bad input, ExportError for a bad export folder.
+    on_error='skip' writes {"row": i, "error": "<file>: line N: ..."} for a malformed row and goes on
+    (counted in `skipped`); 'stop' (default) stops at the first one.
     """
     import torch
     from tqdm.auto import tqdm
@@ -263,6 +310,8 @@ def run_predict(model_dir, input_path, output_path, batch_size: int = 64, text_c
     from eval.latency import clamp_threads
 
     input_path, output_path = Path(input_path), Path(output_path)
+    if on_error not in ("stop", "skip"):
+        raise PredictInputError(f"--on-error: '{on_error}'; valid: stop, skip")
     if batch_size < 1:
         raise PredictInputError(f"--batch-size: must be >= 1, got {batch_size}")
     input_format(input_path)  # a missing, empty or unknown file fails before the model loads
@@ -282,14 +331,14 @@ def run_predict(model_dir, input_path, output_path, batch_size: int = 64, text_c
     load_seconds = time.perf_counter() - started
 
     resumed, end = complete_rows(partial, served.labels) if resume and partial.is_file() else (0, 0)
-    cursor = Cursor()
+    cursor = Cursor(skip=on_error == "skip")
     rows = read_rows(input_path, text_column, pair_column, cursor)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     bar = tqdm(total=input_path.stat().st_size, unit="B", unit_scale=True, unit_divisor=1024, desc="predict",
                disable=not progress, file=sys.stderr)
-    started, written = time.perf_counter(), resumed
+    started, written, skipped_rows = time.perf_counter(), resumed, 0
     try:
         skipped = sum(1 for _ in islice(rows, resumed))
         if skipped < resumed:
@@ -301,10 +350,16 @@ def run_predict(model_dir, input_path, output_path, batch_size: int = 64, text_c
             # After a resume the first batch is shortened so that every later batch holds the same
             # rows as in an uninterrupted run (int8 activation scales are per batch).
             for batch in batches(rows, batch_size - resumed % batch_size, batch_size):
-                texts = [text for text, _ in batch]
-                pairs = [pair for _, pair in batch] if pair_column is not None else None
-                labels, probs = served.predict_texts(texts, pairs)
-                out.write(output_lines(written, labels, probs, served.labels))
+                bad = {i: row.message for i, row in enumerate(batch) if isinstance(row, BadRow)}
+                good = [row for row in batch if not isinstance(row, BadRow)]
+                for message in bad.values():
+                    skipped_rows += 1
+                    if skipped_rows <= 10:
+                        tqdm.write(f"predict: skipped {message}", file=sys.stderr)
+                texts = [text for text, _ in good]
+                pairs = [pair for _, pair in good] if pair_column is not None else None
+                labels, probs = served.predict_texts(texts, pairs) if good else ([], torch.empty(0, 0))
+                out.write(output_lines(written, labels, probs, served.labels, bad))
                 out.flush()
                 written += len(batch)
                 bar.set_postfix_str(f"{written:,} rows", refresh=False)
@@ -324,12 +379,13 @@ def run_predict(model_dir, input_path, output_path, batch_size: int = 64, text_c
     return {"rows": written, "predicted": predicted, "resumed_from": resumed, "seconds": seconds,
             "rows_per_second": predicted / seconds if seconds > 0 else float("nan"), "load_seconds": load_seconds,
             "output": str(output_path), "recipe": served.artefact.recipe, "device": served.artefact.device,
-            "threads": threads, "batch_size": batch_size}
+            "threads": threads, "batch_size": batch_size, "skipped": skipped_rows}
 
 
 def summary_line(summary: dict) -> str:
     resumed = f" ({summary['resumed_from']:,} from an earlier run)" if summary["resumed_from"] else ""
-    return (f"predict: {summary['rows']:,} rows{resumed} in {summary['seconds']:.1f} s "
+    skipped = f", {summary['skipped']:,} malformed rows skipped" if summary.get("skipped") else ""
+    return (f"predict: {summary['rows']:,} rows{resumed}{skipped} in {summary['seconds']:.1f} s "
             f"({summary['rows_per_second']:,.0f} rows/s; {summary['recipe']} on {summary['device']}, "
             f"batch {summary['batch_size']}, {summary['threads']} threads) -> {summary['output']}")
 
@@ -349,6 +405,9 @@ def add_arguments(parser) -> None:
                         help="start over even if OUTPUT.partial holds an interrupted run")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all CPUs)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
+    parser.add_argument("--on-error", choices=("stop", "skip"), default="stop",
+                        help="a malformed row: stop with its line number (default), or skip it, writing "
+                             "{\"row\": i, \"error\": ...} in its place")
 
 
 def main(args) -> int:
@@ -361,7 +420,7 @@ def main(args) -> int:
     try:
         summary = run_predict(args.model, args.input, args.output, batch_size=args.batch_size,
                               text_column=args.text_column, pair_column=args.pair_column, resume=args.resume,
-                              threads=args.threads, progress=args.progress)
+                              threads=args.threads, progress=args.progress, on_error=args.on_error)
     except ExportError as exc:
         raise ConfigError(str(exc)) from None
     except RecipeUnavailable as exc:

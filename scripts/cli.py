@@ -106,7 +106,7 @@ def cmd_export(args) -> int:
         raise ConfigError("--trial and --pick: give one of them (or neither, for the most accurate feasible model)")
     from search.export import export_dir, run_export, summary_line
     _quiet_optuna()
-    manifest = run_export(cfg, trial=args.trial, pick_text=args.pick, out=args.out)
+    manifest = run_export(cfg, trial=args.trial, pick_text=args.pick, out=args.out, force=args.force)
     print(summary_line(manifest, export_dir(cfg, args.out)), flush=True)
     return 0
 
@@ -135,8 +135,10 @@ def cmd_run(args) -> int:
         print(result.message, flush=True)
         if result.exit_code != 0:
             return result.exit_code
-    manifest = run_export(cfg)
+    manifest = run_export(cfg, force=True)  # `run` owns runs/<name>/export: a re-run replaces it when complete
     print(summary_line(manifest, export_dir(cfg, None)), flush=True)
+    print(f"look at the runs: kdlab ui --config {args.config}  (MLflow UI on http://127.0.0.1:5000); model card: "
+          f"{export_dir(cfg, None) / 'README.md'}", flush=True)
     return 0
 
 
@@ -197,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="rule, e.g. \"max quality s.t. p95_ms<=8\" (fields: quality, p50_ms, p95_ms, "
                                 "p99_ms, size_mb, params, throughput, train_seconds)")
             p.add_argument("--out", default=None, help="export folder (default export.out_dir or runs/<name>/export)")
+            p.add_argument("--force", action="store_true", help="replace an existing export folder")
     return parser
 
 

@@ -261,8 +261,11 @@ def teacher_choice(cfg: Config, recipe: str) -> Choice:
 
 
 def run_export(cfg: Config, trial: int | None = None, pick_text: str | None = None, out: str | None = None,
-               console=None, choice: Choice | None = None) -> dict:
-    """Choose (or take `choice`), build, check and describe the export; returns its manifest."""
+               console=None, choice: Choice | None = None, force: bool = False) -> dict:
+    """Choose (or take `choice`), build, check and describe the export; returns its manifest.
+
+    An existing export folder is replaced only with `force` (and only once the new one is complete).
+    """
     import torch
     from accelerate import Accelerator
     from transformers import AutoModelForSequenceClassification
@@ -275,6 +278,9 @@ def run_export(cfg: Config, trial: int | None = None, pick_text: str | None = No
 
     choice = choice or choose(cfg, trial, pick_text)
     dest = export_dir(cfg, out)
+    if dest.exists() and not force:
+        raise ConfigError(f"--out: {dest} exists; pass --force to replace it (the new export replaces it only once "
+                          f"complete)")
     say = console.print if console is not None else print
     say(f"export: {choice.label}, recipe {choice.recipe} -> {dest}")
     threads, _ = clamp_threads(cfg.target.threads)

@@ -29,7 +29,6 @@ def register_export(cfg: Config, folder: Path, manifest: dict) -> dict:
     """Log `folder` as a pyfunc model (on the trial's run when there is one), register it, set the alias."""
     import mlflow
 
-    from distill.mlflow_model import ExportedClassifier
     from train.tracking import ensure_experiment
     ensure_experiment(cfg)
     name = cfg.export.model_name or cfg.name
@@ -44,7 +43,7 @@ def register_export(cfg: Config, folder: Path, manifest: dict) -> dict:
     kwargs = {"run_id": run_id} if run_id else {"run_name": "export"}
     with mlflow.start_run(**kwargs) as run:
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=ExportedClassifier(), artifacts={"export": str(folder)},
+            name="model", python_model=str(ROOT / "distill" / "mlflow_model.py"), artifacts={"export": str(folder)},
             code_paths=[str(ROOT / "distill"), str(ROOT / "eval")], pip_requirements=pip_requirements(),
             input_example=["a gripping, funny film"], registered_model_name=name)
         mlflow.set_tags({"kdlab.export": str(folder), "kdlab.export_recipe": manifest["served"]["recipe"]})

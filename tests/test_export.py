@@ -9,7 +9,8 @@ import json
 
 import mlflow
 import pytest
-from transformers import AutoModelForSequenceClassification
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from conftest import tiny_run_tree, write_config
 from distill.config import ConfigError, load_config
@@ -45,9 +46,13 @@ def test_export_writes_a_checked_folder_and_registers_it(searched):
     out = root / "exp" / "export"
     manifest = json.loads((out / "manifest.json").read_text())
 
-    # The Hugging Face folder loads as a classifier with the task's labels.
-    model = AutoModelForSequenceClassification.from_pretrained(out)
+    # The Hugging Face folder loads as a classifier with the task's labels and the trial's weights.
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
     assert model.config.num_labels == 2 and manifest["labels"] == ["0", "1"]
+    before = AutoModelForSequenceClassification.from_pretrained(expected.source).eval()
+    batch = AutoTokenizer.from_pretrained(out)(["a gripping film", "a dull mess"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, before(**batch).logits)
     assert manifest["choice"]["trial"] == expected.trial and manifest["served"]["recipe"] == expected.recipe
     assert (out / "model.onnx").is_file() and (out / "training_config.yaml").is_file()
     if expected.recipe == "onnx-int8":
@@ -104,14 +109,17 @@ def test_export_by_trial_and_pick_and_refusals(searched, capsys):
     assert "unknown field 'accuracy'" in capsys.readouterr().err and not (root / "bad").exists()
 
 
-def test_failed_parity_leaves_the_earlier_export_untouched(searched, monkeypatch):
+def test_failed_parity_leaves_the_earlier_export_untouched(searched, monkeypatch, capsys):
     root, config = searched
     out = root / "atomic"
     assert kdlab(["export", "--config", str(config), "--out", str(out), "export.register=false"]) == 0
     before = {p.name: sha256_file(p) for p in out.iterdir()}
+    capsys.readouterr()
+    assert kdlab(["export", "--config", str(config), "--out", str(out), "export.register=false"]) == 2
+    assert "exists; pass --force to replace it" in capsys.readouterr().err  # no silent overwrite
     import search.export as ex
     monkeypatch.setattr(ex, "parity", lambda *a, **k: {"rows": 200, "max_abs_diff": 9.0, "label_agreement": 0.5})
-    assert kdlab(["export", "--config", str(config), "--out", str(out), "export.register=false"]) == 2
+    assert kdlab(["export", "--config", str(config), "--out", str(out), "--force", "export.register=false"]) == 2
     assert {p.name: sha256_file(p) for p in out.iterdir()} == before
     assert [p.name for p in root.iterdir() if ".staging" in p.name] == []
 
@@ -181,3 +189,20 @@ def test_run_searches_on_a_miss_and_exports_nothing_infeasible(tmp_path, tiny_te
     assert "MISS" in out and "no feasible student" in out
     assert (tmp_path / "run" / "optuna.db").is_file()
     assert not (tmp_path / "run" / "export").exists()
+
+
+def test_onnx_int8_export_is_served_from_its_int8_graph_through_the_registry(searched):
+    root, config = searched
+    from search.export import run_export, teacher_choice
+    cfg = load_config(config, ["export.model_name=exp-onnx", "export.min_label_agreement=0.0"])
+    manifest = run_export(cfg, out=str(root / "onnx"), choice=teacher_choice(cfg, "onnx-int8"))
+    out = root / "onnx"
+    assert manifest["served"] == {**manifest["served"], "recipe": "onnx-int8", "file": "model.int8.onnx"}
+    assert (out / "model.int8.onnx").is_file() and (out / "model.onnx").is_file()
+    p = manifest["parity"]
+    assert p["rows"] == 200 and 0.0 <= p["max_abs_diff"] < 1.0 and 0.0 <= p["label_agreement"] <= 1.0
+    served = load_served(out)
+    assert served.artefact.recipe == "onnx-int8" and served.artefact.files[0].name == "model.int8.onnx"
+    texts = ["a gripping , funny film", "a dull , lifeless mess"]
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    assert list(mlflow.pyfunc.load_model("models:/exp-onnx@champion").predict(texts)) == served.predict_texts(texts)[0]

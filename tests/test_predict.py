@@ -347,3 +347,32 @@ def test_main_lets_bad_input_reach_the_cli_as_config_error(export_int8, tmp_path
                    "--text-column", "sentence", "--no-progress"))
     assert main(parse("--model", str(export_int8), "--input", str(source), "--output", str(tmp_path / "o.jsonl"),
                       "--text-column", "text", "--threads", "1", "--no-progress")) == 0
+
+
+def test_on_error_skip_keeps_every_row_in_place(export_int8, sst2_texts, tmp_path):
+    """Malformed rows become {"row": i, "error": "...line N..."}; every other row is predicted as usual."""
+    texts = sst2_texts[:6]
+    raw = ("sentence\tlabel\n".encode() + f"{texts[0]}\t1\n".encode() + b"one field only\n"
+           + f"{texts[1]}\t0\n".encode() + b"caf\xe9 au lait\t1\n" + f"{texts[2]}\t1\n".encode())
+    path = tmp_path / "mixed.tsv"
+    path.write_bytes(raw)
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(PredictInputError, match="line 3: 1 fields where the header has 2"):
+        run_predict(export_int8, path, out, batch_size=4, threads=1, progress=False)  # default: stop
+    summary = run_predict(export_int8, path, out, batch_size=4, threads=1, progress=False, on_error="skip")
+    recs = records(out)
+    assert [r["row"] for r in recs] == [0, 1, 2, 3, 4] and summary["skipped"] == 2
+    assert "line 3: 1 fields" in recs[1]["error"] and "line 5: byte 0xe9" in recs[3]["error"]
+    good = [recs[0], recs[2], recs[4]]
+    served = load_served(export_int8, threads=1)
+    # Batches of 4 input rows: the good rows of the first (texts 0 and 1) are predicted together,
+    # then text 2 alone (dynamic int8 scales activations per batch).
+    first, second = served.predict_texts([texts[0], texts[1]]), served.predict_texts([texts[2]])
+    assert [r["label"] for r in good] == first[0] + second[0]
+    assert torch.allclose(probs_tensor(good), torch.cat([first[1], second[1]]), atol=1e-5)
+
+    jsonl = tmp_path / "mixed.jsonl"
+    jsonl.write_text(json.dumps({"sentence": texts[0]}) + "\n{not json\n" + json.dumps({"text": "x"}) + "\n")
+    run_predict(export_int8, jsonl, out, threads=1, progress=False, on_error="skip", resume=False)
+    recs = records(out)
+    assert "label" in recs[0] and "line 2: not valid JSON" in recs[1]["error"] and "no key 'sentence'" in recs[2]["error"]
