@@ -60,6 +60,8 @@ class TeacherConfig:
     num_epochs: float = _f(2.0, "fine-tuning epochs")
     learning_rate: float = _f(5e-5, "fine-tuning peak learning rate")
     trust_remote_code: bool = _f(False, "allow custom model code from the Hub (off unless you trust the repo)")
+    allow_pickle: bool = _f(False, "load a teacher that has only pickle weights (pytorch_model.bin); unpickling "
+                                   "can run code, so only for checkpoints you trust")
 
 
 @dataclass
@@ -593,12 +595,30 @@ def _validate_search(cfg: Config, c, label: str) -> None:
           f"{name} runs on cpu only; valid on cuda: fp32, bf16, fp16, bnb-int8, bnb-nf4")
 
 
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)[^@\s]+@")
+_URL_SECRET_PARAM = re.compile(r"(?P<head>[?&](?:password|passwd|pwd|token|secret|access_token|api_key)=)[^&\s]+",
+                               re.IGNORECASE)
+
+
+def redact(value: str) -> str:
+    """A URL with its password (and secret query parameters) replaced by ***: what logs and files may show."""
+    return _URL_SECRET_PARAM.sub(r"\g<head>***", _URL_PASSWORD.sub(r"\g<head>***@", value))
+
+
+def _redacted_tree(value):
+    if isinstance(value, dict):
+        return {k: _redacted_tree(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redacted_tree(v) for v in value]
+    return redact(value) if isinstance(value, str) else value
+
+
 def to_dict(cfg) -> dict:
-    """The resolved config as plain data (what is saved to config.yaml and logged)."""
+    """The resolved config as plain data (what is saved to config.yaml and logged), credentials masked."""
     out = dataclasses.asdict(cfg)
     out.pop("config_path", None)
     out["output_dir"] = str(cfg.run_dir)
-    return out
+    return _redacted_tree(out)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

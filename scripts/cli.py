@@ -148,7 +148,8 @@ def cmd_ui(args) -> int:
         uri = load_config(args.config, args.overrides).tracking.uri
     if uri.startswith("sqlite:///"):
         os.makedirs(os.path.dirname(uri[len("sqlite:///"):]) or ".", exist_ok=True)
-    print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port} (Ctrl-C stops it)", flush=True)
+    from distill.config import redact
+    print(f"MLflow UI for {redact(uri)} at http://127.0.0.1:{args.port} (Ctrl-C stops it)", flush=True)
     # Bound to loopback: the UI has no authentication.
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
            "--port", str(args.port), "--workers", "1"]

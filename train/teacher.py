@@ -81,7 +81,8 @@ def teacher_key(cfg: Config, data: TaskData) -> str:
     The source is hashed as written (`minilm-l6`, a Hub id, a folder), not as resolved to a path on
     this machine, so the key is the same in every checkout.
     """
-    recipe = {"teacher": dataclasses.asdict(cfg.teacher), "data": dataclasses.asdict(cfg.data),
+    teacher = {k: v for k, v in dataclasses.asdict(cfg.teacher).items() if k != "allow_pickle"}  # not an input
+    recipe = {"teacher": teacher, "data": dataclasses.asdict(cfg.data),
               "labels": data.label_names, "seed": cfg.train.seed, "batch_size": cfg.train.batch_size,
               "train_rows": data_digest(cfg, data)}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -103,11 +104,33 @@ def require_fine_tuned(cfg: Config, data: TaskData, config_path: str) -> None:
                           f"first (accelerate launch train/distill.py --config {config_path}) or pass --allow-train")
 
 
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
+
+
+def check_weights(source: str, cfg: Config) -> bool:
+    """True when the weights are to be read from safetensors; a pickle-only folder needs teacher.allow_pickle."""
+    folder = Path(source)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return True
+    pickles = [name for name in PICKLE_WEIGHTS if (folder / name).is_file()]
+    if pickles and not cfg.teacher.allow_pickle:
+        raise ConfigError(f"teacher.source: {source} has only pickle weights ({', '.join(pickles)}), and unpickling "
+                          f"can run code; convert them to safetensors, or set teacher.allow_pickle=true for a "
+                          f"checkpoint you trust")
+    return not pickles
+
+
 def _load(source: str, cfg: Config, data: TaskData, attn: str | None):
-    return AutoModelForSequenceClassification.from_pretrained(
-        source, num_labels=data.num_labels, id2label=dict(enumerate(data.label_names)),
-        label2id={n: i for i, n in enumerate(data.label_names)}, use_safetensors=True,
-        trust_remote_code=cfg.teacher.trust_remote_code, attn_implementation=attn)
+    safetensors = check_weights(source, cfg)
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=data.num_labels, id2label=dict(enumerate(data.label_names)),
+            label2id={n: i for i, n in enumerate(data.label_names)}, use_safetensors=safetensors,
+            trust_remote_code=cfg.teacher.trust_remote_code, attn_implementation=attn)
+    except OSError as exc:  # a Hub repo without safetensors, a folder without weights, a corrupted file
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"teacher.source: cannot load the weights of '{cfg.teacher.source}' ({first}); kdlab reads "
+                          f"safetensors (teacher.allow_pickle=true admits pickle weights you trust)") from None
 
 
 def ensure_teacher(cfg: Config, accelerator: Accelerator, data: TaskData, tokenizer,
