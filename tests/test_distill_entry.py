@@ -103,7 +103,7 @@ def test_two_cpu_processes_split_the_batches(tmp_path, tiny_teacher_dir):
     ("student.num_heads=5", "student.num_heads: 5 heads do not divide hidden_size 64"),
     ("train.warmup=0.1", "unknown key 'train.warmup'"),
     ("train.batch_size=big", "train.batch_size: expected an integer, got 'big'"),
-    ("teacher.source=/nonexistent/teacher", "teacher.source: cannot load '/nonexistent/teacher'"),
+    ("teacher.source=/nonexistent/teacher", "teacher.source: folder not found: /nonexistent/teacher"),
 ])
 def test_bad_input_exits_2_with_one_line_and_no_run_folder(tmp_path, tiny_teacher_dir, override, message):
     run_dir = tmp_path / "run"

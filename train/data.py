@@ -6,6 +6,7 @@ looked up per batch; batches are padded to their own longest row (SST-2 sentence
 from __future__ import annotations
 
 import csv
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,14 +39,36 @@ def _load_file(path: str, key: str) -> datasets.Dataset:
     fmt = FORMATS.get(p.suffix.lower())
     if fmt is None:
         raise ConfigError(f"data.{key}: unsupported format '{p.suffix}' ({path}); valid: {', '.join(FORMATS)}")
+    if fmt == "csv" and not _has_rows(p):
+        raise ConfigError(f"data.{key}: {path} has no rows after its header line; valid: a header, then one row per "
+                          f"example")
     kwargs = {}
     if p.suffix.lower() == ".tsv":
         # GLUE TSVs contain bare quote characters inside sentences: read them literally.
         kwargs = {"delimiter": "\t", "quoting": csv.QUOTE_NONE}
+    log = logging.getLogger("datasets")
+    level = log.level
+    log.setLevel(logging.CRITICAL)  # datasets logs a malformed file's traceback itself; ours is one line
     try:
         return datasets.load_dataset(fmt, data_files={"split": str(p)}, split="split", **kwargs)
     except Exception as exc:  # datasets raises many types for malformed files
+        cause = exc
+        while cause is not None and not isinstance(cause, UnicodeDecodeError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise ConfigError(f"data.{key}: {path} is not UTF-8 (byte 0x{cause.object[cause.start]:02x} at byte "
+                              f"offset {cause.start} of a block); valid: UTF-8 text (convert it, e.g. iconv -f latin1 "
+                              f"-t utf-8)") from None
         raise ConfigError(f"data.{key}: cannot read {path}: {str(exc).splitlines()[0]}") from None
+    finally:
+        log.setLevel(level)
+
+
+def _has_rows(path: Path) -> bool:
+    """A CSV/TSV with at least one non-blank line after the header (read two lines, not the file)."""
+    with open(path, "rb") as fh:
+        lines = (line for line in fh if line.strip())
+        return next(lines, None) is not None and next(lines, None) is not None
 
 
 def _load_raw(cfg: DataConfig, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
@@ -77,9 +100,16 @@ def _label_names(train: datasets.Dataset, dev: datasets.Dataset, cfg: DataConfig
     feature = train.features[cfg.label_column]
     if isinstance(feature, datasets.ClassLabel):
         return list(feature.names)
-    values = set(train[cfg.label_column]) | set(dev[cfg.label_column])
+    seen = set(train[cfg.label_column])
+    values = seen | set(dev[cfg.label_column])
     if None in values:
         raise ConfigError(f"data.label_column: '{cfg.label_column}' has empty labels")
+    unseen = values - seen
+    if unseen and not cfg.label_names:  # the model could never predict them; with label_names the user said so
+        where = cfg.eval_file or f"{cfg.dataset}[{cfg.eval_split}]"
+        raise ConfigError(f"data.label_column: {where} has label(s) {sorted(unseen, key=str)[:5]} that never occur in "
+                          f"the training rows (labels there: {', '.join(map(str, sorted(seen, key=str)))}); list every "
+                          f"class in data.label_names if that is intended")
     if all(isinstance(v, str) for v in values):
         names = cfg.label_names or sorted(values)
         unknown = values - set(names)

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from accelerate import Accelerator
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from distill.config import Config, ConfigError
@@ -39,6 +40,9 @@ def resolve_source(source: str) -> str:
 
 def load_teacher_config(cfg: Config):
     source = resolve_source(cfg.teacher.source)
+    if source.startswith(("/", "./", "../", "~")) and not Path(source).expanduser().exists():
+        raise ConfigError(f"teacher.source: folder not found: {source}; valid: a Hub id (namespace/name), a local "
+                          f"folder, or a named teacher ({', '.join(NAMED_TEACHERS)})")
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=cfg.teacher.trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -47,9 +51,24 @@ def load_teacher_config(cfg: Config):
                           f"({str(exc).splitlines()[0][:160]}); named teachers: {', '.join(NAMED_TEACHERS)}") from None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "tokenizer.model",
+                   "sentencepiece.bpe.model", "merges.txt")
+
+
 def load_tokenizer(cfg: Config):
     source = resolve_source(cfg.teacher.source)
-    return AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.teacher.trust_remote_code)
+    folder = Path(source)
+    # Without tokenizer files transformers builds an empty-vocabulary tokenizer that maps every word
+    # to [UNK] and trains on nothing: refuse instead.
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(f"teacher.source: {source} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); "
+                          f"save the tokenizer beside the weights (tokenizer.save_pretrained(folder))")
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.teacher.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"teacher.source: cannot load the tokenizer of '{cfg.teacher.source}' "
+                          f"({str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__})"
+                          ) from None
 
 
 def needs_fine_tuning(model_config, num_labels: int, mode: str) -> bool:
@@ -127,7 +146,7 @@ def _load(source: str, cfg: Config, data: TaskData, attn: str | None):
             source, num_labels=data.num_labels, id2label=dict(enumerate(data.label_names)),
             label2id={n: i for i, n in enumerate(data.label_names)}, use_safetensors=safetensors,
             trust_remote_code=cfg.teacher.trust_remote_code, attn_implementation=attn)
-    except OSError as exc:  # a Hub repo without safetensors, a folder without weights, a corrupted file
+    except (OSError, SafetensorError) as exc:  # a Hub repo without safetensors, no weights, a corrupted file
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"teacher.source: cannot load the weights of '{cfg.teacher.source}' ({first}); kdlab reads "
                           f"safetensors (teacher.allow_pickle=true admits pickle weights you trust)") from None
