@@ -35,6 +35,8 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import transformers
     transformers.logging.set_verbosity_error()
+    # "Loading weights" / "Writing model shards" bars on every from_pretrained: kdlab draws its own bars.
+    transformers.utils.logging.disable_progress_bar()
 
 
 def cmd_distill(args) -> int:

@@ -33,6 +33,7 @@ def main(argv=None) -> int:
         from train.pipeline import run  # heavy imports after the cheap checks
         import transformers
         transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()  # per-from_pretrained bars; the loop draws its own
         accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
                                   gradient_accumulation_steps=cfg.train.grad_accum_steps)
         summary = run(cfg, accelerator)
