@@ -72,21 +72,31 @@ def markdown(rows: list[CapacityRow], *, target_rps: float, p95_slo_ms: float, h
 
 
 def measure_latencies(served: dict, cfg, eval_ds, tokenizer, vocab_size: int, threads: int,
-                      batch_sizes: list[int]) -> dict[str, dict[int, tuple[float, float]]]:
-    """label -> {batch: (p50_ms, p95_ms)}: every model timed interleaved with the others at each batch size."""
+                      batch_sizes: list[int]) -> tuple[dict[str, dict[int, object]], dict[int, dict]]:
+    """Every model timed interleaved with the others at each batch size on the target profile.
+
+    Returns (label -> {batch: LatencyReport}, batch -> the timing batches' lengths).
+    """
     from dataclasses import replace
 
     from eval.latency import measure
     from search.gate import _cycling, target_profile, timing_batches
-    out: dict[str, dict[int, tuple[float, float]]] = {label: {} for label in served}
+    out: dict[str, dict[int, object]] = {label: {} for label in served}
+    lengths_of: dict[int, dict] = {}
     for bs in sorted(set(batch_sizes)):
         batches, lengths = timing_batches(eval_ds, tokenizer, bs, cfg.target.seq_len, vocab_size=vocab_size,
                                           seed=cfg.train.seed)
         profile = target_profile(replace(cfg.target, batch_size=bs), threads, lengths["seq_len_median"])
         reports = measure({label: _cycling(s, batches) for label, s in served.items()}, profile)
         for label, r in reports.items():
-            out[label][bs] = (r.p50_ms, r.p95_ms)
-    return out
+            out[label][bs] = r
+        lengths_of[bs] = lengths
+    return out, lengths_of
+
+
+def p50_p95(reports: dict[int, object]) -> dict[int, tuple[float, float]]:
+    """{batch: LatencyReport} -> {batch: (p50_ms, p95_ms)}, what the plan takes."""
+    return {b: (r.p50_ms, r.p95_ms) for b, r in reports.items()}
 
 
 def slo_ms(cfg, resolved_p95: float | None) -> float | None:
@@ -103,7 +113,8 @@ def run_capacity(cfg, front_rows: list[dict], targets: dict, console=None) -> di
     from distill.config import ConfigError
     from distill.quantize import apply_recipe
     from eval.latency import clamp_threads
-    from search.export import gate_rows, teacher_folder
+    from search.export import teacher_folder
+    from search.gate_report import gate_references
     from train.data import make_loader
     from train.pipeline import prepare
     sv = cfg.serving
@@ -119,9 +130,8 @@ def run_capacity(cfg, front_rows: list[dict], targets: dict, console=None) -> di
     example = next(iter(make_loader(prep.eval_ds, prep.tokenizer, 8, shuffle=False)))
     teacher = AutoModelForSequenceClassification.from_pretrained(teacher_folder(cfg), use_safetensors=True).eval()
     served = {"teacher fp32": apply_recipe("fp32", teacher, example_batch=example, threads=threads)}
-    gate = [r for r in gate_rows(cfg) if r["recipe"] != "fp32"]
-    if gate:
-        best = max(gate, key=lambda r: (float(r["quality"]), -float(r["p95_ms"])))
+    _, best = gate_references(cfg.run_dir)
+    if best:
         served[f"teacher {best['recipe']}"] = apply_recipe(best["recipe"], teacher, example_batch=example,
                                                            threads=threads, workdir=cfg.run_dir / "capacity" / "teacher")
     for r in front_rows:
@@ -133,8 +143,9 @@ def run_capacity(cfg, front_rows: list[dict], targets: dict, console=None) -> di
             workdir=cfg.run_dir / "capacity" / f"trial-{r['trial']}")
     say(f"capacity: timing {len(served)} model(s) at batch {', '.join(map(str, sv.batch_sizes))} "
         f"({cfg.target.device}, {threads} thread(s))")
-    latencies = measure_latencies(served, cfg, prep.eval_ds, prep.tokenizer, teacher.config.vocab_size, threads,
-                                  sv.batch_sizes)
+    reports, _ = measure_latencies(served, cfg, prep.eval_ds, prep.tokenizer, teacher.config.vocab_size, threads,
+                                   sv.batch_sizes)
+    latencies = {label: p50_p95(r) for label, r in reports.items()}
     rows = plan(latencies, target_rps=sv.target_rps, p95_slo_ms=slo, max_batch_size=sv.max_batch_size,
                 headroom=sv.headroom)
     conditions = f"{cfg.target.device}, {threads} thread(s), sequence length {cfg.target.seq_len}"
@@ -160,14 +171,10 @@ def log_capacity(cfg) -> None:
     if not cfg.tracking.enabled:
         return
     import mlflow
-    import optuna
 
-    from search.study import open_storage
-    name = cfg.search.study_name or cfg.name
-    storage = open_storage(cfg, create=False)
-    if name not in optuna.study.get_all_study_names(storage):
-        return
-    run_id = optuna.load_study(study_name=name, storage=storage).user_attrs.get("mlflow_parent_run_id")
+    from search.study import stored_study
+    study = stored_study(cfg)
+    run_id = study.user_attrs.get("mlflow_parent_run_id") if study is not None else None
     if not run_id:
         return
     mlflow.set_tracking_uri(cfg.tracking.uri)

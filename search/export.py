@@ -11,13 +11,12 @@ latency table and the model card are all done before anything replaces an earlie
 """
 from __future__ import annotations
 
-import csv
 import math
 import os
 import re
 import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from distill.config import Config, ConfigError, save_config
@@ -80,27 +79,16 @@ def pick(choices: list[Choice], text: str) -> Choice:
 
 def study_rows(cfg: Config) -> list[dict]:
     """Every trial of the config's study as search/study_report rows ([] when there is no study)."""
-    import optuna
-
-    from search.study import open_storage
+    from search.study import stored_study
     from search.study_report import trial_rows
-    name = cfg.search.study_name or cfg.name
-    storage_file = cfg.run_dir / "optuna.db"
-    if cfg.search.storage is None and not storage_file.is_file():
-        return []
-    storage = open_storage(cfg, create=False)
-    if name not in optuna.study.get_all_study_names(storage):
-        return []
-    study = optuna.load_study(study_name=name, storage=storage)
-    return trial_rows(study.get_trials(deepcopy=False), cfg.run_dir)
+    study = stored_study(cfg)
+    return [] if study is None else trial_rows(study.get_trials(deepcopy=False), cfg.run_dir)
 
 
 def gate_rows(cfg: Config) -> list[dict]:
-    path = cfg.run_dir / "report" / "gate.csv"
-    if not path.is_file():
-        return []
-    with open(path, newline="") as fh:
-        return [r for r in csv.DictReader(fh) if r["status"] == "ok" and r.get("candidate") == "True"]
+    """The gate's measured candidate recipes (report/gate.csv), [] when the gate was not run."""
+    from search.gate_report import gate_table
+    return [r for r in gate_table(cfg.run_dir) if r.get("candidate") == "True"]
 
 
 def _num(value):
@@ -162,20 +150,12 @@ def choose(cfg: Config, trial: int | None = None, pick_text: str | None = None) 
 # ---------------------------------------------------------------- measuring what is exported
 
 
-def latency_table(served, cfg: Config, eval_ds, tokenizer, vocab_size: int, threads: int) -> list[dict]:
-    """p50/p95 and throughput of the served artefact at each export.latency_batch_sizes on the target."""
-    from eval.latency import measure_one
-    from search.gate import _cycling, target_profile, timing_batches
-    rows = []
-    for bs in cfg.export.latency_batch_sizes:
-        batches, lengths = timing_batches(eval_ds, tokenizer, bs, cfg.target.seq_len, vocab_size=vocab_size,
-                                          seed=cfg.train.seed)
-        profile = target_profile(replace(cfg.target, batch_size=bs), threads, lengths["seq_len_median"])
-        r = measure_one(_cycling(served, batches), profile)
-        rows.append({"batch_size": bs, "p50_ms": r.p50_ms, "p95_ms": r.p95_ms, "p99_ms": r.p99_ms,
-                     "throughput": r.throughput, "cv": r.cv, "stable": r.stable,
-                     "padded_len_median": lengths["padded_len_median"]})
-    return rows
+def latency_rows(reports: dict, lengths: dict, batch_sizes: list[int]) -> list[dict]:
+    """The model card's latency table: p50/p95 and throughput of the served artefact at each batch size."""
+    return [{"batch_size": bs, "p50_ms": reports[bs].p50_ms, "p95_ms": reports[bs].p95_ms,
+             "p99_ms": reports[bs].p99_ms, "throughput": reports[bs].throughput, "cv": reports[bs].cv,
+             "stable": reports[bs].stable, "padded_len_median": lengths[bs]["padded_len_median"]}
+            for bs in batch_sizes]
 
 
 def _f(value, fmt: str, none: str = "—") -> str:
@@ -236,7 +216,7 @@ def model_card(m: dict) -> str:
               "tokenizer = AutoTokenizer.from_pretrained(\"<this folder>\")", "",
               "from distill.export import load_served  # kdlab: the served artefact, as measured",
               "labels, probs = load_served(\"<this folder>\").predict_texts([\"a gripping film\"])", "```", "",
-              f"Batch predictions: `kdlab predict --model <this folder> --input FILE --output OUT.jsonl`."]
+              "Batch predictions: `kdlab predict --model <this folder> --input FILE --output OUT.jsonl`."]
     if m.get("mlflow"):
         ml = m["mlflow"]
         lines += [f"MLflow: `mlflow.pyfunc.load_model(\"models:/{ml['model_name']}@{ml['alias']}\")` "
@@ -272,6 +252,7 @@ def run_export(cfg: Config, trial: int | None = None, pick_text: str | None = No
 
     from distill.quantize import apply_recipe
     from eval.latency import clamp_threads, machine_info, versions
+    from search.capacity import measure_latencies
     from search.gate import dev_quality
     from train.data import make_loader
     from train.pipeline import prepare
@@ -325,9 +306,14 @@ def run_export(cfg: Config, trial: int | None = None, pick_text: str | None = No
         say(f"export: parity on {agreement['rows']} dev rows: label agreement {agreement['label_agreement']:.2%}, "
             f"max |diff| {agreement['max_abs_diff']:.4f}; measuring latency at batch "
             f"{', '.join(map(str, cfg.export.latency_batch_sizes))}")
-        latency = latency_table(served.artefact, cfg, prep.eval_ds, prep.tokenizer, model.config.vocab_size, threads)
+        # One measurement serves the card's latency table and, with serving.target_rps, the capacity plan.
+        planning = cfg.serving.target_rps is not None
+        sizes = [*cfg.export.latency_batch_sizes, *(cfg.serving.batch_sizes if planning else [])]
+        reports, lengths = measure_latencies({"export": served.artefact}, cfg, prep.eval_ds, prep.tokenizer,
+                                             model.config.vocab_size, threads, sizes)
+        latency = latency_rows(reports["export"], lengths, cfg.export.latency_batch_sizes)
         reference_fig = _teacher_reference(cfg)
-        manifest["capacity"] = _capacity(cfg, served.artefact, prep, model.config.vocab_size, threads)
+        manifest["capacity"] = _capacity(cfg, reports["export"]) if planning else None
         manifest.update(
             parity=agreement, latency=latency, teacher_reference=reference_fig,
             measured={"quality": agreement["served_quality"], "size_mb": served.artefact.size_mb,
@@ -349,17 +335,14 @@ def run_export(cfg: Config, trial: int | None = None, pick_text: str | None = No
     return manifest
 
 
-def _capacity(cfg: Config, artefact, prep, vocab_size: int, threads: int) -> dict | None:
-    """The capacity plan of the exported model alone (serving.target_rps set), for its card."""
-    if cfg.serving.target_rps is None:
-        return None
-    from search.capacity import ASSUMPTIONS, measure_latencies, plan_one, slo_ms
+def _capacity(cfg: Config, reports: dict) -> dict:
+    """The capacity plan of the exported model alone, for its card, from its measured {batch: report}."""
+    from search.capacity import ASSUMPTIONS, p50_p95, plan_one, slo_ms
     from search.study import study_targets
     slo = slo_ms(cfg, study_targets(cfg).get("p95_ms"))
     if slo is None:
         return {"note": "no SLO: set serving.p95_slo_ms (or target.p95_ms and run the search)"}
-    lat = measure_latencies({"export": artefact}, cfg, prep.eval_ds, prep.tokenizer, vocab_size, threads,
-                            cfg.serving.batch_sizes)["export"]
+    lat = p50_p95({b: reports[b] for b in cfg.serving.batch_sizes})
     row = plan_one("export", lat, target_rps=cfg.serving.target_rps, p95_slo_ms=slo,
                    max_batch_size=cfg.serving.max_batch_size, headroom=cfg.serving.headroom)
     return {"target_rps": cfg.serving.target_rps, "p95_slo_ms": slo, "headroom": cfg.serving.headroom,
@@ -368,14 +351,10 @@ def _capacity(cfg: Config, artefact, prep, vocab_size: int, threads: int) -> dic
 
 
 def _teacher_reference(cfg: Config) -> dict | None:
-    """The fp32 teacher's quality and p95 on the target, as the gate (or the search) measured them."""
-    path = cfg.run_dir / "report" / "gate.csv"
-    if path.is_file():
-        with open(path, newline="") as fh:
-            fp32 = next((r for r in csv.DictReader(fh) if r["recipe"] == "fp32" and r["status"] == "ok"), None)
-        if fp32:
-            return {"quality": _num(fp32["quality"]), "p95_ms": _num(fp32["p95_ms"]), "from": "gate"}
-    return None
+    """The fp32 teacher's quality and p95 on the target, as the gate measured them."""
+    from search.gate_report import gate_references
+    fp32, _ = gate_references(cfg.run_dir)
+    return {"quality": _num(fp32["quality"]), "p95_ms": _num(fp32["p95_ms"]), "from": "gate"} if fp32 else None
 
 
 def _front_position(cfg: Config, choice: Choice) -> str | None:

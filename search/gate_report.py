@@ -137,3 +137,24 @@ def log_gate(cfg: Config, result) -> None:
         if result.report_dir is not None:
             tracker.log_artifact(result.report_dir / "gate.csv")
             tracker.log_artifact(result.report_dir / "gate.md")
+
+
+# ---------------------------------------------------------------- reading the table back
+
+
+def gate_table(run_dir: Path) -> list[dict]:
+    """The measured rows of `run_dir`/report/gate.csv as written above ([] when the gate was not run)."""
+    path = Path(run_dir) / "report" / "gate.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        return [r for r in csv.DictReader(fh) if r["status"] == "ok" and r["p95_ms"] and r["quality"]]
+
+
+def gate_references(run_dir: Path) -> tuple[dict | None, dict | None]:
+    """(the fp32 teacher's row, the best quantized candidate's row: most accurate, then fastest) of gate.csv."""
+    rows = gate_table(run_dir)
+    fp32 = next((r for r in rows if r["recipe"] == "fp32"), None)
+    quantized = [r for r in rows if r["recipe"] != "fp32" and r["candidate"] == "True"]
+    best = max(quantized, key=lambda r: (float(r["quality"]), -float(r["p95_ms"]))) if quantized else None
+    return fp32, best

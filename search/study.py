@@ -50,7 +50,7 @@ from pathlib import Path
 import optuna
 from accelerate.utils import set_seed
 
-from distill.config import Config, ConfigError
+from distill.config import Config, ConfigError, redact
 from eval.latency import clamp_threads, machine_info, versions
 from search.gate import (EXIT_MISS, EXIT_PASS, Targets, build_candidates, check_device, is_relative,
                          measure_candidates, resolve_targets, target_profile, timing_batches)
@@ -87,14 +87,6 @@ def storage_url(cfg: Config) -> str:
     return cfg.search.storage or f"sqlite:///{cfg.run_dir / 'optuna.db'}"
 
 
-def _redacted(url: str) -> str:
-    try:
-        from sqlalchemy.engine import make_url
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not even a URL: show it as given
-        return url
-
-
 def open_storage(cfg: Config, create: bool = True) -> optuna.storages.RDBStorage:
     """The study's RDB storage; an unreachable or malformed URL is a one-line ConfigError."""
     url = storage_url(cfg)
@@ -108,7 +100,7 @@ def open_storage(cfg: Config, create: bool = True) -> optuna.storages.RDBStorage
         return optuna.storages.RDBStorage(url)
     except Exception as exc:  # sqlalchemy/driver errors come in many types; all mean "cannot use this URL"
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-        raise ConfigError(f"search.storage: cannot open {_redacted(url)!r} ({type(exc).__name__}: {first}); "
+        raise ConfigError(f"search.storage: cannot open {redact(url)!r} ({type(exc).__name__}: {first}); "
                           "valid: a reachable RDB URL such as sqlite:///runs/x/optuna.db") from None
 
 
@@ -146,7 +138,7 @@ def _check_resumable(study: optuna.Study, fingerprint: dict, url: str) -> None:
     if changed == "target":
         key = next(k for k in fingerprint["target"] if stored["target"].get(k) != fingerprint["target"][k])
         detail = f" (target.{key} was {stored['target'].get(key)!r}, now {fingerprint['target'][key]!r})"
-    raise ConfigError(f"search.study_name: study '{study.study_name}' in {_redacted(url)} was created with a different "
+    raise ConfigError(f"search.study_name: study '{study.study_name}' in {redact(url)} was created with a different "
                       f"{changed}{detail}; its trials would not compare: use a new search.study_name")
 
 
@@ -234,20 +226,13 @@ def outcome(rows: list[dict], targets: dict, study_name: str, report_dir: Path) 
 
 def _gate_references(cfg: Config) -> list[dict]:
     """The fp32 teacher and its best quantized form from the gate's table, when the gate was run."""
-    import csv
-    path = cfg.run_dir / "report" / "gate.csv"
-    if not path.is_file():
-        return []
-    with open(path, newline="") as fh:
-        rows = [r for r in csv.DictReader(fh) if r["status"] == "ok" and r["p95_ms"] and r["quality"]]
+    from search.gate_report import gate_references
+    fp32, best = gate_references(cfg.run_dir)
     refs = []
-    fp32 = next((r for r in rows if r["recipe"] == "fp32"), None)
     if fp32:
         refs.append({"label": "teacher fp32 (gate)", "p95_ms": float(fp32["p95_ms"]),
                      "quality": float(fp32["quality"])})
-    quantized = [r for r in rows if r["recipe"] != "fp32" and r["candidate"] == "True"]
-    if quantized:
-        best = max(quantized, key=lambda r: (float(r["quality"]), -float(r["p95_ms"])))
+    if best:
         refs.append({"label": f"teacher {best['recipe']} (gate, best quantized)", "p95_ms": float(best["p95_ms"]),
                      "quality": float(best["quality"])})
     return refs
@@ -368,29 +353,31 @@ def run_search(cfg: Config, accelerator, n_trials: int | None = None, timeout_s:
     report_dir = cfg.run_dir / "report"
     print_front(rows, ctx.meta, console)
     message, code = outcome(rows, ctx.meta["targets"], name, report_dir)
-    return SearchResult(name, _redacted(storage_url(cfg)), rows, [r for r in rows if r["is_pareto"]], message, code,
+    return SearchResult(name, redact(storage_url(cfg)), rows, [r for r in rows if r["is_pareto"]], message, code,
                         report_dir)
+
+
+def stored_study(cfg: Config) -> optuna.Study | None:
+    """The config's study when its storage already holds it, else None (nothing is created)."""
+    if cfg.search.storage is None and not (cfg.run_dir / "optuna.db").is_file():
+        return None
+    storage = open_storage(cfg, create=False)
+    name = cfg.search.study_name or cfg.name
+    if name not in optuna.study.get_all_study_names(storage):
+        return None
+    return optuna.load_study(study_name=name, storage=storage)
 
 
 def finished_trials(cfg: Config) -> int:
     """Trials of the config's study that ended (complete, pruned or failed); 0 when there is no study yet."""
-    if cfg.search.storage is None and not (cfg.run_dir / "optuna.db").is_file():
-        return 0
-    storage = open_storage(cfg, create=False)
-    name = cfg.search.study_name or cfg.name
-    if name not in optuna.study.get_all_study_names(storage):
-        return 0
-    return sum(t.state.is_finished() for t in optuna.load_study(study_name=name, storage=storage).get_trials(
-        deepcopy=False))
+    study = stored_study(cfg)
+    return 0 if study is None else sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
 
 
 def study_targets(cfg: Config) -> dict:
     """The absolute targets the stored study was run with ({} when there is no study)."""
-    storage = open_storage(cfg, create=False)
-    name = cfg.search.study_name or cfg.name
-    if name not in optuna.study.get_all_study_names(storage):
-        return {}
-    return optuna.load_study(study_name=name, storage=storage).user_attrs.get("targets", {})
+    study = stored_study(cfg)
+    return {} if study is None else study.user_attrs.get("targets", {})
 
 
 def run_report(cfg: Config, console=None) -> SearchResult:
@@ -398,7 +385,7 @@ def run_report(cfg: Config, console=None) -> SearchResult:
     storage = open_storage(cfg, create=False)
     name = cfg.search.study_name or cfg.name
     if name not in optuna.study.get_all_study_names(storage):
-        raise ConfigError(f"search.study_name: no study '{name}' in {_redacted(storage_url(cfg))}; "
+        raise ConfigError(f"search.study_name: no study '{name}' in {redact(storage_url(cfg))}; "
                           f"run kdlab search --config {cfg.config_path or '<config>'} first")
     study = optuna.load_study(study_name=name, storage=storage)
     meta = meta_of(cfg, study)
@@ -409,5 +396,5 @@ def run_report(cfg: Config, console=None) -> SearchResult:
     rows = refresh(cfg, study, meta, tracking)
     print_front(rows, meta, console)
     message, code = outcome(rows, meta["targets"], name, cfg.run_dir / "report")
-    return SearchResult(name, _redacted(storage_url(cfg)), rows, [r for r in rows if r["is_pareto"]], message, code,
+    return SearchResult(name, redact(storage_url(cfg)), rows, [r for r in rows if r["is_pareto"]], message, code,
                         cfg.run_dir / "report")

@@ -14,7 +14,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from conftest import tiny_run_tree, write_config
 from distill.config import ConfigError, load_config
-from distill.export import ExportError, load_served, sha256_file
+from distill.export import load_served, sha256_file
 from scripts.cli import main as kdlab
 from search.export import Choice, all_choices, choose, parse_pick, pick
 
@@ -73,7 +73,7 @@ def test_export_writes_a_checked_folder_and_registers_it(searched):
     # The model card carries the manifest's numbers.
     card = (out / "README.md").read_text()
     assert f"{manifest['measured']['quality']:.4f}" in card and f"{manifest['latency'][0]['p95_ms']:.2f}" in card
-    assert f"models:/exp@champion" in card
+    assert "models:/exp@champion" in card
 
     # Registry: alias champion on the new version, tagged; pyfunc predicts labels from texts.
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
@@ -162,8 +162,8 @@ def test_pick_applies_constraints_and_breaks_ties_on_latency():
         pick(pool, "max quality s.t. p95_ms<0.5")
 
 
-def _run_tree(tmp_path, teacher, target):
-    tree = tiny_run_tree(tmp_path / "run", teacher, target={**PROFILE, **target},
+def _run_tree(tmp_path, teacher, target, **sections):
+    tree = tiny_run_tree(tmp_path / "run", teacher, target={**PROFILE, **target}, **sections,
                          quantization={"recipes": ["fp32", "dynamic-int8"]},
                          search={**SPACE, "n_trials": 2, "recipes": ["dynamic-int8"]},
                          export={"latency_batch_sizes": [1]})
@@ -172,13 +172,16 @@ def _run_tree(tmp_path, teacher, target):
 
 
 def test_run_exports_the_quantized_teacher_when_the_gate_passes(tmp_path, tiny_teacher_dir, capsys):
-    config = _run_tree(tmp_path, tiny_teacher_dir, {"min_quality": "teacher*0.5"})
+    config = _run_tree(tmp_path, tiny_teacher_dir, {"min_quality": "teacher*0.5"},
+                       serving={"target_rps": 50, "p95_slo_ms": 1000, "batch_sizes": [1, 2]})
     assert kdlab(["run", "--config", str(config)]) == 0
     out = capsys.readouterr().out
     assert "PASS" in out and "exported teacher" in out
     manifest = json.loads((tmp_path / "run" / "export" / "manifest.json").read_text())
     assert manifest["choice"]["kind"] == "teacher" and manifest["choice"]["recipe"] in ("fp32", "dynamic-int8")
     assert not (tmp_path / "run" / "optuna.db").exists()  # no search on a PASS
+    # The capacity plan needs no study when the SLO is given (batch 2 of 1..2 meets 1 s).
+    assert manifest["capacity"]["plan"]["batch_size"] == 2 and manifest["capacity"]["plan"]["instances"] >= 1
     assert (tmp_path / "run" / "teacher" / "kdlab_teacher.json").is_file()  # the teacher was fine-tuned first
 
 
