@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import tempfile
@@ -33,7 +32,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
 
-from scripts.bench_readme import write_readme_section  # noqa: E402
+from scripts.bench_readme import publish  # noqa: E402
 from distill.config import ConfigError, load_config  # noqa: E402
 from eval.latency import clamp_threads, coefficient_of_variation, matmul_peak_gflops, measure_one  # noqa: E402
 from search.gate import (build_candidates, check_row, mean_flops, measure_candidates,  # noqa: E402
@@ -214,12 +213,9 @@ def main(argv=None) -> int:
     }
     # A smoke run must not overwrite the real results: by default it writes next to its scratch run.
     out = Path(args.out or (quick_dir / "gate_sst2.json" if args.quick else "benchmarks/results/gate_sst2.json"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
     readme = Path(args.readme or (quick_dir / "README.md" if args.quick else "benchmarks/README.md"))
-    write_readme_section("gate", "The gate on SST-2 (`make bench-gate`)", markdown(result), path=readme)
-    print(markdown(result))
-    print(f"bench_gate: wrote {out} and the gate section of {readme} in {result['seconds']:.0f} s")
+    publish(result, markdown(result), marker="gate", heading="The gate on SST-2 (`make bench-gate`)", out=out,
+            readme=readme, script="bench_gate")
     return 0
 
 

@@ -37,7 +37,6 @@ GPU_RECIPES = "[fp32,fp16,bf16,bnb-int8,bnb-nf4]"  # the config refuses CPU-only
 
 def fp32_copy(src: Path, dst: Path) -> str:
     """The teacher with float32 weights (a copy carried as fp16 to fit a transfer limit is upcast)."""
-    import torch
     from safetensors.torch import load_file, save_file
     weights = load_file(src / "model.safetensors")
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in weights.values()})
@@ -47,7 +46,6 @@ def fp32_copy(src: Path, dst: Path) -> str:
             shutil.copy(f, dst / f.name)
     save_file({k: v.float().contiguous() if v.is_floating_point() else v for k, v in weights.items()},
               dst / "model.safetensors", metadata={"format": "pt"})
-    del torch
     return ",".join(dtypes)
 
 

@@ -1,6 +1,7 @@
 """The shared part of the benchmark drivers: each owns one marked section of benchmarks/README.md."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -20,3 +21,12 @@ def write_readme_section(marker: str, heading: str, text: str, path: Path = READ
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(body)
     os.replace(tmp, path)  # never leave a half-written README for another benchmark to read
+
+
+def publish(result: dict, text: str, *, marker: str, heading: str, out: Path, readme: Path, script: str) -> None:
+    """Write a benchmark's JSON and its README section, echo the section, and say where both went."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str))
+    write_readme_section(marker, heading, text, path=readme)
+    print(text)
+    print(f"{script}: wrote {out} and the {marker} section of {readme} in {result['seconds']:.0f} s")

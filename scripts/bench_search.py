@@ -18,7 +18,6 @@ Writes benchmarks/results/search_sst2.json and the section between `<!-- search:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -30,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from scripts.bench_readme import write_readme_section  # noqa: E402
+from scripts.bench_readme import publish  # noqa: E402
 from distill.config import ConfigError, load_config  # noqa: E402
 from eval.latency import machine_info, versions  # noqa: E402
 
@@ -193,12 +192,9 @@ def main(argv=None) -> int:
         shutil.copyfile(png, ROOT / "benchmarks" / "results" / "search_sst2_pareto.png")
         out_result["picture"] = "results/search_sst2_pareto.png"
     out = Path(args.out or (quick_dir / "search_sst2.json" if args.quick else "benchmarks/results/search_sst2.json"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(out_result, indent=2, default=str))
     readme = Path(args.readme or (quick_dir / "README.md" if args.quick else "benchmarks/README.md"))
-    write_readme_section("search", "The student search on SST-2 (`make bench-search`)", markdown(out_result), path=readme)
-    print(markdown(out_result))
-    print(f"bench_search: wrote {out} and the search section of {readme} in {out_result['seconds']:.0f} s")
+    publish(out_result, markdown(out_result), marker="search", heading="The student search on SST-2 (`make bench-search`)",
+            out=out, readme=readme, script="bench_search")
     return 0
 
 
