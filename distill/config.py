@@ -32,8 +32,14 @@ def _f(default, help: str, **kw):
 
 @dataclass
 class TaskConfig:
-    type: str = _f("classification", "classification (seq2seq is planned)")
-    metric: str = _f("accuracy", "dev metric used for early stopping and selection: accuracy or f1")
+    type: str = _f("classification", "classification (sequence classifiers) or seq2seq (T5, BART, encoder-decoder)")
+    metric: Optional[str] = _f(None, "dev metric used for early stopping and selection: accuracy or f1 "
+                                     "(classification; default accuracy); bleu, chrf, rouge1, rouge2, rougeL or "
+                                     "exact_match (seq2seq; default bleu)")
+
+    def __post_init__(self):
+        if self.metric is None:
+            self.metric = "bleu" if self.type == "seq2seq" else "accuracy"
 
 
 @dataclass
@@ -51,6 +57,14 @@ class DataConfig:
     max_train_samples: Optional[int] = _f(None, "use only the first N train rows (after shuffling with the seed)")
     max_eval_samples: Optional[int] = _f(None, "use only the first N dev rows")
     max_length: int = _f(128, "truncate inputs to this many tokens; batches are padded per batch")
+    source_column: str = _f("source", "seq2seq: column holding the source text (a.b reads key b of a dict column, "
+                                      "e.g. translation.de)")
+    target_column: str = _f("target", "seq2seq: column holding the target text")
+    train_target_file: Optional[str] = _f(None, "seq2seq: target side of line-aligned plain-text pairs; train_file is "
+                                                "then the source side (line N pairs with line N)")
+    eval_target_file: Optional[str] = _f(None, "seq2seq: target side of the dev pairs, line-aligned with eval_file")
+    source_prefix: str = _f("", "seq2seq: text put before every source, e.g. 'translate German to English: ' (T5)")
+    max_target_length: int = _f(128, "seq2seq: truncate targets to this many tokens")
 
 
 @dataclass
@@ -60,6 +74,9 @@ class TeacherConfig:
     num_epochs: float = _f(2.0, "fine-tuning epochs")
     learning_rate: float = _f(5e-5, "fine-tuning peak learning rate")
     trust_remote_code: bool = _f(False, "allow custom model code from the Hub (off unless you trust the repo)")
+    encoder_decoder: bool = _f(False, "seq2seq: build the teacher as an encoder-decoder warm-started from "
+                                      "teacher.source, an encoder-only model (BERT, MiniLM), for both halves "
+                                      "(Rothe et al. 2020); cross-attention starts random and is learned by fine-tuning")
     allow_pickle: bool = _f(False, "load a teacher that has only pickle weights (pytorch_model.bin); unpickling "
                                    "can run code, so only for checkpoints you trust")
 
@@ -73,6 +90,11 @@ class StudentConfig:
     init: str = _f("teacher-layers", "teacher-layers (copy, widths must match), teacher-slice (narrower), random")
     layer_map: Optional[list] = _f(None, "teacher layer index copied into each student layer; default uniform")
     pretrained: Optional[str] = _f(None, "start from this model folder instead of building from the teacher")
+    encoder_layers: Optional[int] = _f(None, "seq2seq: encoder layers; default the teacher's")
+    decoder_layers: Optional[int] = _f(None, "seq2seq: decoder layers; default student.num_layers")
+    encoder_layer_map: Optional[list] = _f(None, "seq2seq: teacher encoder layer copied into each student one; "
+                                                 "default spread out, first and last kept (DistilBART)")
+    decoder_layer_map: Optional[list] = _f(None, "seq2seq: teacher decoder layer copied into each student one")
 
 
 @dataclass
@@ -84,6 +106,9 @@ class DistillConfig:
     attention_weight: float = _f(0.0, "weight of attention KD (0 disables)")
     attention_loss: str = _f("minilm", "tinybert (attention-map MSE) or minilm (value-relation KL)")
     relation_heads: int = _f(4, "relation heads of the MiniLM value-relation loss")
+    seq_kd: str = _f("none", "seq2seq sequence-level KD (Kim & Rush 2016): none; only (train on the teacher's "
+                             "beam-search outputs instead of the references); mix (both)")
+    seq_kd_num_beams: int = _f(4, "beam size of the teacher outputs used for sequence-level KD (generated once, cached)")
     cache_teacher_logits: bool = _f(True, "compute teacher logits once and cache them when they are the only teacher signal")
 
 
@@ -106,6 +131,15 @@ class TrainConfig:
     resume_from: Optional[str] = _f(None, "state folder to resume from, or 'latest'")
     log_every_steps: int = _f(10, "log the loss every N steps")
     seed: int = _f(42, "seed for data order, initialisation and dropout")
+
+
+@dataclass
+class GenerationConfig:
+    """How seq2seq models decode, for dev metrics and for latency (task.type=seq2seq)."""
+    num_beams: int = _f(1, "beam size (1 = greedy)")
+    max_new_tokens: int = _f(64, "longest output in tokens")
+    lowercase: Optional[bool] = _f(None, "score lower-cased text; default: when the tokenizer lower-cases "
+                                         "(uncased BERT/MiniLM vocabularies cannot produce capitals)")
 
 
 @dataclass
@@ -153,6 +187,8 @@ class SearchConfig:
                                 "default sqlite:///<output_dir>/optuna.db")
     study_name: Optional[str] = _f(None, "Optuna study name; default the config's name")
     num_layers: Any = _f(None, "student layers (range); default 1..the teacher's layers")
+    encoder_layers: Any = _f(None, "seq2seq: student encoder layers (range); default the teacher's")
+    decoder_layers: Any = _f(None, "seq2seq: student decoder layers (range); default 1..the teacher's")
     hidden_size: Any = _f(None, "student width (range); default the teacher's width")
     num_heads: Any = _f(None, "head counts (range); per width only those dividing it are drawn; "
                         "default keeps the teacher's head size")
@@ -209,6 +245,7 @@ class Config:
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
@@ -317,8 +354,12 @@ def _check(ok: bool, label: str, key: str, message: str):
 def validate(cfg: Config, label: str = "<config>") -> None:
     """Range checks that need no file or model; each failure names the key and what is valid."""
     c = lambda ok, key, msg: _check(ok, label, key, msg)  # noqa: E731
-    c(cfg.task.type in ("classification",), "task.type", f"'{cfg.task.type}' is not supported; valid: classification")
-    c(cfg.task.metric in ("accuracy", "f1"), "task.metric", f"'{cfg.task.metric}'; valid: accuracy, f1")
+    c(cfg.task.type in TASK_METRICS, "task.type", f"'{cfg.task.type}' is not supported; valid: {', '.join(TASK_METRICS)}")
+    metrics = TASK_METRICS[cfg.task.type]
+    c(cfg.task.metric in metrics, "task.metric", f"'{cfg.task.metric}' for task.type={cfg.task.type}; valid: "
+      + ", ".join(metrics))
+    if cfg.task.type == "seq2seq":
+        _validate_seq2seq(cfg, c)
     d = cfg.data
     c(bool(d.dataset) or bool(d.train_file and d.eval_file), "data",
       "give data.dataset (Hub name) or both data.train_file and data.eval_file")
@@ -377,6 +418,39 @@ def validate(cfg: Config, label: str = "<config>") -> None:
       "serving.batch_sizes", f"must be a non-empty list of integers >= 1, got {sv.batch_sizes!r}")
 
 
+TASK_METRICS = {"classification": ("accuracy", "f1"),
+                "seq2seq": ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "exact_match")}
+
+
+def quality_scale(cfg: Config) -> float:
+    """The largest value of task.metric: 1 for accuracy/F1 (fractions), 100 for BLEU, chrF, ROUGE, exact match."""
+    return 100.0 if cfg.task.type == "seq2seq" else 1.0
+
+
+def _validate_seq2seq(cfg: Config, c) -> None:
+    d, s, g = cfg.data, cfg.student, cfg.generation
+    c(not (d.train_target_file and not d.train_file), "data.train_target_file", "needs data.train_file (the source side)")
+    c(bool(d.train_target_file) == bool(d.eval_target_file) or not d.train_file, "data.eval_target_file",
+      "give both data.train_target_file and data.eval_target_file (line-aligned pairs), or neither (columns)")
+    c(d.max_target_length > 0, "data.max_target_length", f"must be a positive integer, got {d.max_target_length}")
+    for key in ("encoder_layers", "decoder_layers"):
+        v = getattr(s, key)
+        c(v is None or v >= 1, f"student.{key}", f"must be >= 1, got {v}")
+    for key, n in (("encoder_layer_map", s.encoder_layers), ("decoder_layer_map", s.decoder_layers or s.num_layers)):
+        m = getattr(s, key)
+        c(m is None or n is None or len(m) == n, f"student.{key}", f"needs one teacher layer per student layer ({n}), "
+                                                                   f"got {m}")
+    c(s.init in ("teacher-layers", "random"), "student.init",
+      f"'{s.init}' for task.type=seq2seq; valid: teacher-layers (copy spread-out teacher layers), random")
+    k = cfg.distill
+    c(k.seq_kd in ("none", "only", "mix"), "distill.seq_kd", f"'{k.seq_kd}'; valid: none, only, mix")
+    c(k.seq_kd_num_beams >= 1, "distill.seq_kd_num_beams", f"must be >= 1, got {k.seq_kd_num_beams}")
+    c(k.attention_weight == 0, "distill.attention_weight", "attention KD is for classification; for seq2seq use "
+                                                            "distill.hidden_weight (encoder and decoder states)")
+    c(g.num_beams >= 1, "generation.num_beams", f"must be >= 1, got {g.num_beams}")
+    c(g.max_new_tokens >= 1, "generation.max_new_tokens", f"must be >= 1, got {g.max_new_tokens}")
+
+
 TEACHER_RELATIVE = re.compile(r"^\s*teacher\s*\*\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*$")
 
 
@@ -426,8 +500,9 @@ def _validate_target(cfg: Config, c, label: str) -> None:
         except ConfigError as exc:
             raise ConfigError(f"{label}: {exc}") from None
         if key == "min_quality" and parsed and parsed[0] == "abs":
-            c(parsed[1] <= 1.0, "target.min_quality",
-              f"{parsed[1]} is above 1; quality ({cfg.task.metric}) is a fraction in (0, 1]")
+            scale = quality_scale(cfg)
+            c(parsed[1] <= scale, "target.min_quality",
+              f"{parsed[1]} is above {scale:g}; quality ({cfg.task.metric}) lies in (0, {scale:g}]")
     q = cfg.quantization
     valid = _ladder()
     c(len(q.recipes) > 0, "quantization.recipes", f"is empty; valid: {', '.join(valid)}")
@@ -541,6 +616,8 @@ def search_ranges(cfg: Config) -> dict:
     s = cfg.search
     return {
         "num_layers": parse_range(s.num_layers, "num_layers", True, 1),
+        "encoder_layers": parse_range(s.encoder_layers, "encoder_layers", True, 1),
+        "decoder_layers": parse_range(s.decoder_layers, "decoder_layers", True, 1),
         "hidden_size": parse_range(s.hidden_size, "hidden_size", True, 1),
         "num_heads": parse_range(s.num_heads, "num_heads", True, 1),
         "intermediate_size": parse_range(s.intermediate_size, "intermediate_size", True, 1),

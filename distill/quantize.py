@@ -61,6 +61,7 @@ class Quantized:
     files: list[Path]
     forward: Callable[[dict[str, torch.Tensor]], torch.Tensor] = field(repr=False)
     module: nn.Module | None = field(default=None, repr=False)
+    tokens_per_row: float | None = None  # seq2seq: mean generated tokens per row on the dev set
 
     def predict(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits for a tokenized batch, as float32 on CPU."""
@@ -431,4 +432,53 @@ def apply_recipe(
         raise RecipeUnavailable(f"{name} failed at first forward on {device}: {type(exc).__name__}: {first_line}") from exc
     if not torch.isfinite(logits).all():
         raise RecipeUnavailable(f"{name} gives non-finite logits on the example batch (overflow in reduced precision?)")
+    return served
+
+
+# ---------------------------------------------------------------- seq2seq: a served call is a whole generate()
+
+SEQ2SEQ_ONNX_REASON = ("ONNX export of seq2seq generation is not built into kdlab yet (it needs separate encoder and "
+                       "decoder-with-past graphs and a decoding loop around them); use dynamic-int8 on CPU")
+GENERATE_INPUTS = ("input_ids", "attention_mask")
+
+
+def apply_generation_recipe(
+    name: str,
+    model: nn.Module,
+    *,
+    example_batch: dict[str, torch.Tensor],
+    generate_kwargs: dict,
+    device: str = "cpu",
+    allow_cpu_half: bool = False,
+    threads: int = 1,
+) -> Quantized:
+    """Recipe `name` for a seq2seq model; `predict(batch)` runs one `generate` call and returns token ids.
+
+    The torch recipes (fp32, bf16, fp16, dynamic-int8, bnb-*) apply unchanged to encoder-decoders;
+    the ONNX ones raise RecipeUnavailable (SEQ2SEQ_ONNX_REASON). The artefact generates once on
+    `example_batch` here, so a kernel that rejects the model fails now, not while timing.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown quantization recipe {name!r}; valid: {', '.join(RECIPES)}")
+    if name.startswith("onnx"):
+        raise RecipeUnavailable(f"{name}: {SEQ2SEQ_ONNX_REASON}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RecipeUnavailable(f"{name}: device='cuda' requested but torch.cuda.is_available() is False")
+    served = _REGISTRY[name](model, example_batch=example_batch, device=device, workdir=None,
+                             allow_cpu_half=allow_cpu_half, threads=threads)
+    module = served.module
+    run_on = "cpu" if name == "dynamic-int8" else device
+
+    def generate(batch: dict) -> torch.Tensor:
+        inputs = {k: batch[k].to(run_on) for k in GENERATE_INPUTS if k in batch}
+        with torch.inference_mode():
+            return module.generate(**inputs, **generate_kwargs).cpu()
+
+    served.forward = generate
+    try:
+        generate(example_batch)
+    except Exception as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise RecipeUnavailable(f"{name} failed at first generate on {device}: {type(exc).__name__}: "
+                                f"{first_line}") from exc
     return served

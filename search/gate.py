@@ -65,6 +65,7 @@ class GateRow:
     cv: float | None = None
     stable: bool | None = None
     throughput: float | None = None
+    tokens_per_s: float | None = None  # seq2seq: generated tokens per second at p50
     size_mb: float | None = None
     peak_pct: float | None = None
     meets: bool = False
@@ -296,6 +297,9 @@ def check_device(target: TargetConfig) -> None:
 
 def run_gate(cfg: Config, accelerator, console=None) -> GateResult:
     """Measure the teacher under every recipe on cfg.target; write the report and MLflow runs."""
+    if cfg.task.type == "seq2seq":
+        from search.seq2seq_gate import run_seq2seq_gate
+        return run_seq2seq_gate(cfg, accelerator, console)
     from search.gate_report import log_gate, print_table, write_reports
     from train.pipeline import prepare
     from train.teacher import ensure_teacher, load_teacher_config

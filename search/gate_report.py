@@ -15,7 +15,7 @@ from distill.config import Config, save_config
 from train.tracking import mlflow_run
 
 CSV_FIELDS = ("recipe", "status", "reason", "candidate", "quality", "p50_ms", "p95_ms", "p99_ms", "mean_ms", "cv",
-              "stable", "throughput", "size_mb", "peak_pct", "meets_targets", "misses", "device", "threads",
+              "stable", "throughput", "tokens_per_s", "size_mb", "peak_pct", "meets_targets", "misses", "device", "threads",
               "batch_size", "seq_len", "seq_len_median", "padded_len_median")
 
 
@@ -56,11 +56,12 @@ def targets_line(targets) -> str:
 def _cells(row) -> list[str]:
     name = row.recipe + ("" if row.candidate else " (ref)")
     return [name, _num(row.quality, "{:.4f}"), _num(row.p50_ms, "{:.2f}"), _num(row.p95_ms, "{:.2f}"),
-            _num(row.cv, "{:.3f}"), _num(row.throughput, "{:.1f}"), _num(row.size_mb, "{:.1f}"),
+            _num(row.cv, "{:.3f}"), _num(row.throughput, "{:.1f}"), _num(row.tokens_per_s, "{:.0f}"),
+            _num(row.size_mb, "{:.1f}"),
             _num(row.peak_pct, "{:.1f}"), meets_text(row)]
 
 
-HEADERS = ["recipe", "quality", "p50 ms", "p95 ms", "cv", "throughput /s", "size MB", "% peak", "meets targets?"]
+HEADERS = ["recipe", "quality", "p50 ms", "p95 ms", "cv", "throughput /s", "tokens /s", "size MB", "% peak", "meets targets?"]
 
 
 def print_table(result, console=None) -> None:

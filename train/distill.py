@@ -5,7 +5,7 @@
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 train/distill.py --config configs/smoke.yaml
 
 Writes runs/<name>/: config.yaml, teacher/ (fine-tuned, reused while its config is unchanged),
-cache/ (teacher logits), student/ (best checkpoint + kdlab_summary.json); MLflow runs in
+cache/ (teacher logits; for seq2seq, the teacher's beam outputs for sequence-level KD), student/ (best checkpoint + kdlab_summary.json); MLflow runs in
 the experiment named after the config. Configuration errors exit with code 2 and one line.
 """
 import argparse
@@ -30,7 +30,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        from train.pipeline import run  # heavy imports after the cheap checks
+        # heavy imports after the cheap checks
+        from train.pipeline import run
+        if cfg.task.type == "seq2seq":
+            from train.seq2seq import run
         import transformers
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()  # per-from_pretrained bars; the loop draws its own

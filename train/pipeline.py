@@ -21,7 +21,7 @@ from distill.losses import DistillLoss
 from distill.students import build_student, check_vocab, count_params, student_config
 from train.data import TaskData, load_task_data, make_loader, tokenize
 from train.loop import evaluate_classifier, fit
-from train.teacher import ensure_teacher, load_teacher_config, load_tokenizer
+from train.teacher import ensure_teacher, load_teacher_config, load_tokenizer, weights_digest
 from train.tracking import mlflow_run
 
 
@@ -68,10 +68,7 @@ def cached_teacher_logits(teacher, train_ds, tokenizer, cfg: Config, accelerator
     The cache key covers the teacher's weights, the tokenized data and the length limit, so a
     changed teacher or data set never reads stale logits.
     """
-    digest = hashlib.sha256()
-    for name, tensor in sorted(teacher.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.float().sum().item().hex().encode())
+    digest = hashlib.sha256(weights_digest(teacher).encode())
     digest.update(f"{train_ds._fingerprint}:{cfg.data.max_length}".encode())
     path = cfg.run_dir / "cache" / f"teacher_logits-{digest.hexdigest()[:16]}.safetensors"
     if not path.is_file():

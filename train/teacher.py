@@ -87,11 +87,22 @@ def data_digest(cfg: Config, data: TaskData) -> str:
     """
     if cfg.data.train_file:
         digest = hashlib.sha256()
-        with open(cfg.data.train_file, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
+        for path in filter(None, (cfg.data.train_file, cfg.data.train_target_file)):
+            with open(path, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(chunk)
         return "sha256:" + digest.hexdigest()
     return "datasets:" + data.train._fingerprint
+
+
+# Keys added after teachers were trained: hashed only when set, so adding a field never retires a teacher.
+_LATER_KEYS = {"encoder_decoder", "source_column", "target_column", "train_target_file", "eval_target_file",
+               "source_prefix", "max_target_length"}
+
+
+def _set_fields(section, values: dict) -> dict:
+    defaults = {f.name: f.default for f in dataclasses.fields(section)}
+    return {k: v for k, v in values.items() if k not in _LATER_KEYS or v != defaults[k]}
 
 
 def teacher_key(cfg: Config, data: TaskData) -> str:
@@ -101,10 +112,19 @@ def teacher_key(cfg: Config, data: TaskData) -> str:
     this machine, so the key is the same in every checkout.
     """
     teacher = {k: v for k, v in dataclasses.asdict(cfg.teacher).items() if k != "allow_pickle"}  # not an input
-    recipe = {"teacher": teacher, "data": dataclasses.asdict(cfg.data),
+    recipe = {"teacher": _set_fields(cfg.teacher, teacher), "data": _set_fields(cfg.data, dataclasses.asdict(cfg.data)),
               "labels": data.label_names, "seed": cfg.train.seed, "batch_size": cfg.train.batch_size,
               "train_rows": data_digest(cfg, data)}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def weights_digest(model) -> str:
+    """A cheap fingerprint of a model's weights (name and sum of every tensor), for cache keys."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.float().sum().item().hex().encode())
+    return digest.hexdigest()
 
 
 def fine_tuned_record(cfg: Config, data: TaskData) -> dict | None:

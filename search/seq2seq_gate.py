@@ -1,0 +1,121 @@
+"""The gate for seq2seq teachers: each recipe's artefact generates the dev set, and whole `generate` calls are timed.
+
+Library module for search/gate.py (`kdlab gate` dispatches here when task.type=seq2seq). The verdict,
+targets, reports and MLflow runs are the classification gate's; what differs is what a served call
+is. A request is one `generate` call with the config's decoding settings (generation.num_beams,
+max_new_tokens) on `target.batch_size` real dev sources, so the measured latency includes every
+decoder step the model chooses to take. Quality is task.metric (BLEU by default) of the artefact's
+own outputs on the dev set. ONNX recipes are reported as skipped with the reason.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+
+import torch
+from accelerate.utils import set_seed
+
+from distill.config import Config
+from distill.quantize import GENERATE_INPUTS, RecipeUnavailable, apply_generation_recipe
+from eval.latency import clamp_threads, machine_info, matmul_peak_gflops, versions
+from search.gate import (MAX_TIMING_BATCHES, GateResult, GateRow, check_device, check_row, is_relative,
+                         measure_candidates, resolve_targets, target_gaps, target_profile, verdict)
+from train.seq2seq import Prepared, ensure_seq2seq_teacher, generate_texts, generation_kwargs, prepare, score
+from train.seq2seq_data import make_seq2seq_loader
+
+
+def generation_batches(prep: Prepared, batch_size: int, seed: int = 0) -> tuple[list, dict]:
+    """Request batches of real dev sources (shuffled, padded per batch) and their source lengths."""
+    rows = prep.eval_ds.select_columns(list(GENERATE_INPUTS))[:]
+    lengths = [len(ids) for ids in rows["input_ids"]]
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(lengths), generator=g).tolist()
+    n_batches = min(max(1, len(order) // batch_size), MAX_TIMING_BATCHES)
+    while len(order) < n_batches * batch_size:
+        order = order + order
+    batches = [prep.tokenizer.pad([{c: rows[c][i] for c in GENERATE_INPUTS}
+                                   for i in order[k * batch_size:(k + 1) * batch_size]], return_tensors="pt")
+               for k in range(n_batches)]
+    batches = [{k: b[k] for k in GENERATE_INPUTS} for b in batches]
+    return batches, {"seq_len_median": statistics.median(lengths),
+                     "padded_len_median": statistics.median(b["input_ids"].shape[1] for b in batches)}
+
+
+def build_generators(teacher, recipes: list[str], *, prep: Prepared, cfg: Config, example_batch: dict, threads: int,
+                     reference_only: tuple = ()) -> list[tuple[GateRow, object]]:
+    """Apply each recipe, generate the whole dev set with its artefact and score it; failures are skipped rows."""
+    loader = make_seq2seq_loader(prep.eval_ds, prep.tokenizer, cfg.train.eval_batch_size, shuffle=False)
+    references = list(prep.data.eval["target"])
+    gen = generation_kwargs(cfg)
+    out = []
+    for name in recipes:
+        row = GateRow(name, candidate=name not in reference_only)
+        try:
+            served = apply_generation_recipe(name, teacher, example_batch=example_batch, generate_kwargs=gen,
+                                             device=cfg.target.device, allow_cpu_half=cfg.quantization.allow_cpu_bf16,
+                                             threads=threads)
+            row.size_mb = served.size_mb
+            texts, tokens = generate_texts(served.module, loader, prep.tokenizer, gen, desc=f"gate {name}")
+            row.quality = score(texts, references, prep.lowercase)[cfg.task.metric]
+            served.tokens_per_row = tokens / max(1, len(texts))
+        except RecipeUnavailable as exc:
+            row.status, row.reason, served = "skipped", str(exc), None
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            row.status, row.reason, served = "skipped", f"failed on the dev set: {type(exc).__name__}: {first}", None
+        out.append((row, served))
+    return out
+
+
+def fill_tokens_per_s(candidates: list, batch_size: int) -> None:
+    """Generated tokens per second at p50: mean output tokens per row x rows per call / p50."""
+    for row, served in candidates:
+        if served is not None and row.p50_ms:
+            row.tokens_per_s = served.tokens_per_row * batch_size / (row.p50_ms / 1e3)
+
+
+def run_seq2seq_gate(cfg: Config, accelerator, console=None) -> GateResult:
+    """Measure the seq2seq teacher under every recipe on cfg.target; write the report and MLflow runs."""
+    from search.gate_report import log_gate, print_table, write_reports
+
+    check_device(cfg.target)
+    set_seed(cfg.train.seed)
+    threads, warning = clamp_threads(cfg.target.threads)
+    if warning:
+        print(f"kdlab: warning: target.threads: {warning}", file=sys.stderr)
+    prep = prepare(cfg, accelerator)
+    teacher, teacher_dev = ensure_seq2seq_teacher(cfg, accelerator, prep)
+    teacher = teacher.to("cpu").eval()
+    batches, lengths = generation_batches(prep, cfg.target.batch_size, seed=cfg.train.seed)
+    recipes = list(cfg.quantization.recipes)
+    reference_only = ()
+    if is_relative(cfg.target) and "fp32" not in recipes:
+        recipes, reference_only = ["fp32", *recipes], ("fp32",)
+    candidates = build_generators(teacher, recipes, prep=prep, cfg=cfg, example_batch=batches[0], threads=threads,
+                                  reference_only=reference_only)
+    profile = target_profile(cfg.target, threads, lengths["seq_len_median"])
+    peak = matmul_peak_gflops(cfg.target.device, threads)
+    rows = measure_candidates(candidates, batches, profile)
+    fill_tokens_per_s(candidates, cfg.target.batch_size)
+    reference = next((r for r in rows if r.recipe == "fp32"), None)
+    targets = resolve_targets(cfg.target, reference)
+    for row in rows:
+        if row.status == "ok":
+            row.misses = check_row(row, targets)
+            row.meets = not row.misses
+    passed, message = verdict(rows, targets, cfg.config_path)
+    conditions = {
+        "device": cfg.target.device, "threads": threads, "threads_requested": cfg.target.threads,
+        "batch_size": cfg.target.batch_size, "seq_len": "data", **lengths,
+        "warmup_iters": cfg.target.warmup_iters, "min_iters": cfg.target.min_iters,
+        "min_seconds": cfg.target.min_seconds, "repeats": cfg.target.repeats, "max_cv": cfg.target.max_cv,
+        "metric": cfg.task.metric, "dev_rows": len(prep.eval_ds), "teacher": cfg.teacher.source,
+        "teacher_dev": teacher_dev, "generation": generation_kwargs(cfg), "lowercase_scoring": prep.lowercase,
+        "matmul_peak_gflops": peak, "machine": machine_info(), "versions": versions(),
+    }
+    result = GateResult(rows, targets, conditions, passed, target_gaps(rows, targets), message)
+    if accelerator.is_main_process:
+        result.report_dir = write_reports(cfg, result)
+        print_table(result, console)
+        log_gate(cfg, result)
+    return result
