@@ -103,9 +103,14 @@ def main(argv=None) -> int:
 
     started = time.perf_counter()
     work = Path(args.work)
-    out_dir = Path(args.out) if args.out else ROOT / "benchmarks" / "results"
-    out_path = out_dir / ("seq2seq_multi30k_quick.json" if args.quick else "seq2seq_multi30k.json")
+    out_dir = Path(args.out) if args.out else (work if args.quick else ROOT / "benchmarks" / "results")
+    out_path = out_dir / "seq2seq_multi30k.json"
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.teacher and Path(args.teacher, "model.safetensors").is_file():
+        # A copy carried with fp16 weights (to fit a transfer limit) trains from fp32 weights here.
+        from scripts.bench_gpu import fp32_copy
+        fp32_copy(Path(args.teacher), work / "teacher_source")
+        args.teacher = str(work / "teacher_source")
     overrides = overrides_for(args)
     cfg = load_config(args.config, overrides)
     cuda = torch.cuda.is_available()

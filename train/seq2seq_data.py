@@ -46,12 +46,12 @@ def _read_lines(path: str, key: str) -> list[str]:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"data.{key}: {path} is not UTF-8 (byte 0x{exc.object[exc.start]:02x} at byte offset "
                           f"{exc.start}); valid: UTF-8 text") from None
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()  # the newline that ends the last line
+    lines = [line.rstrip("\r") for line in text.split("\n")]
+    while lines and not lines[-1].strip():
+        lines.pop()  # the newline(s) after the last line (Multi30k's files end with a blank line)
     if not lines:
         raise ConfigError(f"data.{key}: {path} is empty")
-    return [line.rstrip("\r") for line in lines]
+    return lines
 
 
 def _pairs_from_lines(source_file: str, target_file: str, source_key: str, target_key: str) -> datasets.Dataset:
