@@ -81,6 +81,11 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for the latency measurement")
     parser.add_argument("--quick", action="store_true", help="a few hundred rows and steps: checks the code paths")
     parser.add_argument("--no-tracking", action="store_true")
+    parser.add_argument("--latency-only", action="store_true",
+                        help="only the CPU latency, on architecture-identical models forced to --output-tokens "
+                             "(for students trained elsewhere, e.g. on a GPU machine): updates the JSON in place")
+    parser.add_argument("--output-tokens", type=int, default=14,
+                        help="--latency-only: tokens every model generates (the teacher's mean greedy output length)")
     parser.add_argument("overrides", nargs="*", help="extra key=value config overrides")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -113,6 +118,8 @@ def main(argv=None) -> int:
         args.teacher = str(work / "teacher_source")
     overrides = overrides_for(args)
     cfg = load_config(args.config, overrides)
+    if args.latency_only:
+        return latency_only(args, cfg, out_path)
     cuda = torch.cuda.is_available()
     accelerator = Accelerator(mixed_precision="bf16" if cuda else "no")
     result = {"benchmark": "seq2seq_multi30k", "quick": args.quick, "machine": machine_info(), "versions": versions(),
@@ -200,6 +207,61 @@ def main(argv=None) -> int:
     return 0
 
 
+def latency_only(args, cfg, out_path: Path) -> int:
+    """p95 of a whole greedy `generate` at batch 1 on this CPU, for the teacher's and each student's architecture.
+
+    Latency depends on the architecture and on how many tokens are generated, not on what the weights
+    say: every model is built here with the trained models' shapes (teacher warm-started from MiniLM,
+    students shrunk from it) and forced to emit exactly `--output-tokens` tokens, the trained teacher's
+    mean greedy output length on test2016 (the trained students' means were within 3 % of it).
+    """
+    import torch
+    from accelerate import Accelerator
+
+    from distill.config import load_config
+    from distill.quantize import apply_generation_recipe
+    from distill.seq2seq import build_seq2seq_student
+    from eval.latency import machine_info, versions
+    from search.gate import GateRow, measure_candidates, target_profile
+    from search.seq2seq_gate import generation_batches
+    from train.seq2seq import prepare, resolve_source, warm_start
+
+    result = json.loads(out_path.read_text())
+    started = time.perf_counter()
+    prep = prepare(cfg, Accelerator(cpu=True))
+    teacher = warm_start(resolve_source(cfg.teacher.source), cfg, prep.tokenizer).eval()
+    models = {"teacher": teacher}
+    for layers in sorted({s["decoder_layers"] for s in result["students"]}):
+        models[f"dec{layers}"] = build_seq2seq_student(teacher, 6, layers).eval()
+    threads = min(args.threads, os.cpu_count() or 1)
+    batches, lengths = generation_batches(prep, 1, seed=cfg.train.seed)
+    gen = {"num_beams": 1, "do_sample": False, "max_new_tokens": args.output_tokens,
+           "min_new_tokens": args.output_tokens}
+    built = [(GateRow(name), apply_generation_recipe("fp32", m, example_batch=batches[0], generate_kwargs=gen,
+                                                     threads=threads)) for name, m in models.items()]
+    profile = target_profile(load_config(args.config, ["target.device=cpu"]).target, threads, lengths["seq_len_median"])
+    with torch.inference_mode():
+        rows = {r.recipe: r for r in measure_candidates(built, batches, profile)}
+    t = rows["teacher"]
+    result["teacher"].update(p95_ms=t.p95_ms, p50_ms=t.p50_ms, cv=t.cv)
+    for s in result["students"]:
+        r = rows[f"dec{s['decoder_layers']}"]
+        s.update(p95_ms=r.p95_ms, p50_ms=r.p50_ms, cv=r.cv, speedup=t.p95_ms / r.p95_ms)
+    result["conditions"]["latency"].update(
+        method=f"architecture-identical models forced to {args.output_tokens} output tokens (greedy), timed on "
+               f"this machine's CPU; BLEU from the trained models on {result.get('gpu') or result['train_device']}",
+        output_tokens=args.output_tokens, seq_len_median=lengths["seq_len_median"], min_iters=profile.min_iters,
+        min_seconds=profile.min_seconds, repeats=profile.repeats, threads=threads,
+        machine=machine_info(), versions=versions(), seconds=round(time.perf_counter() - started, 1))
+    out_path.write_text(json.dumps(result, indent=2, default=str))
+    text = render(result)
+    if args.out is None:
+        from scripts.bench_readme import write_readme_section
+        write_readme_section("seq2seq", "Seq2seq distillation on Multi30k (bench_seq2seq)", text)
+    print(text)
+    return 0
+
+
 def render(result: dict) -> str:
     t, c = result["teacher"], result["conditions"]
     lines = [f"Teacher: {t['source']} warm-started encoder-decoder, {t['params'] / 1e6:.1f}M parameters, "
@@ -214,12 +276,16 @@ def render(result: dict) -> str:
                      f"{100 * (s['retention'] or 0):.1f} % | {s.get('p95_ms') or 0:.1f} | {s.get('speedup') or 0:.2f}x | "
                      f"{s['params'] / 1e6:.1f}M |")
     lat = c["latency"]
+    where = lat.get("machine", result["machine"])["cpu"]
+    torch_version = lat.get("versions", result["versions"])["torch"]
     lines += ["", f"Conditions: Multi30k test2016 ({c['eval_rows']} sentences), {c['train_rows']} training pairs; "
                   f"greedy decoding, max {c['generation']['max_new_tokens']} new tokens, lower-cased sacreBLEU; "
                   f"students trained {c['student_epochs']:g} epochs at batch {c['batch_size']}; latency: whole "
                   f"`generate` per request, batch 1, {lat['threads']} CPU threads, real test2016 source lengths "
                   f"(median {lat.get('seq_len_median', 0):g} tokens), all models interleaved in one run on "
-                  f"{result['machine']['cpu']}; torch {result['versions']['torch']}."]
+                  f"{where}; torch {torch_version}."]
+    if lat.get("method"):
+        lines.append(f"Latency method: {lat['method']}.")
     return "\n".join(lines)
 
 
