@@ -56,7 +56,7 @@ from search.gate import (EXIT_MISS, EXIT_PASS, Targets, build_candidates, check_
                          measure_candidates, resolve_targets, target_profile, timing_batches)
 from search.objective import Context, objective, one_line
 from search.space import SearchSpace
-from search.study_report import print_front, trial_rows, write_report
+from search.study_report import arch_text, print_front, trial_rows, write_report
 from search.study_tracking import StudyTracking
 from train.data import make_loader
 from train.pipeline import cached_teacher_logits, prepare
@@ -177,8 +177,11 @@ def refresh(cfg: Config, study: optuna.Study, meta: dict, tracking: StudyTrackin
 
 
 def _trial_line(row: dict) -> str:
-    head = (f"trial {row['trial']}: {row.get('num_layers')}L x {row.get('hidden_size')} ({row.get('num_heads')} "
-            f"heads, ffn {row.get('intermediate_size')}), {row.get('init')}, {row.get('recipe')}: ")
+    if row.get("encoder_layers") is not None:  # seq2seq
+        head = f"trial {row['trial']}: {arch_text(row)}: "
+    else:
+        head = (f"trial {row['trial']}: {row.get('num_layers')}L x {row.get('hidden_size')} ({row.get('num_heads')} "
+                f"heads, ffn {row.get('intermediate_size')}), {row.get('init')}, {row.get('recipe')}: ")
     if row["state"] == "FAIL":
         return head + f"FAILED ({row.get('error')})"
     if row["state"] != "COMPLETE":
@@ -252,6 +255,11 @@ def _setup(cfg: Config, accelerator, space: SearchSpace, console) -> Context:
     threads, warning = clamp_threads(cfg.target.threads)
     if warning:
         print(f"kdlab: warning: target.threads: {warning}", file=sys.stderr)
+    if cfg.task.type == "seq2seq":
+        from search import seq2seq_search
+        tracking = StudyTracking(cfg)
+        tracking.ensure_experiment()
+        return seq2seq_search.setup(cfg, accelerator, space, console, tracking, threads)
     prep = prepare(cfg, accelerator)
     tracking = StudyTracking(cfg)
     tracking.ensure_experiment()  # before the teacher's own MLflow run creates the experiment elsewhere
@@ -285,7 +293,13 @@ def _resolve_targets(ctx: Context, study: optuna.Study) -> None:
         ctx.targets = Targets(**{k: stored.get(k) for k in TARGET_KEYS}, spec=stored.get("spec", {}))
         return
     cfg, reference = ctx.cfg, None
-    if is_relative(cfg.target):
+    if is_relative(cfg.target) and cfg.task.type == "seq2seq":
+        from search.seq2seq_search import reference as seq2seq_reference
+        reference = seq2seq_reference(ctx)
+        if reference.status == "ok":
+            study.set_user_attr("reference", {"p95_ms": reference.p95_ms, "quality": reference.quality,
+                                              "size_mb": reference.size_mb})
+    elif is_relative(cfg.target):
         cpu_teacher = ctx.teacher.to("cpu")
         built = build_candidates(cpu_teacher, ["fp32"], example_batch=ctx.quality_batches[0],
                                  quality_batches=ctx.quality_batches, metric=cfg.task.metric,
@@ -305,7 +319,13 @@ def run_search(cfg: Config, accelerator, n_trials: int | None = None, timeout_s:
                console=None) -> SearchResult:
     """Run (or resume) the study; write the report and MLflow runs; return the front and the verdict."""
     check_device(cfg.target)
-    space = SearchSpace.from_config(cfg, load_teacher_config(cfg))  # space errors before any work starts
+    if cfg.task.type == "seq2seq":
+        from search.seq2seq_search import Seq2SeqSpace, objective as seq2seq_objective
+        space = Seq2SeqSpace.from_config(cfg, load_teacher_config(cfg))
+        trial_objective = seq2seq_objective
+    else:
+        space = SearchSpace.from_config(cfg, load_teacher_config(cfg))  # space errors before any work starts
+        trial_objective = objective
     created = not cfg.run_dir.exists()
     storage = open_storage(cfg)
     name = cfg.search.study_name or cfg.name
@@ -346,7 +366,7 @@ def run_search(cfg: Config, accelerator, n_trials: int | None = None, timeout_s:
             print(_trial_line(row), flush=True)
 
     with ctx.tracking.parent(study):
-        study.optimize(lambda trial: objective(trial, ctx), n_trials=n_trials or cfg.search.n_trials,
+        study.optimize(lambda trial: trial_objective(trial, ctx), n_trials=n_trials or cfg.search.n_trials,
                        timeout=timeout_s if timeout_s is not None else cfg.search.timeout_s,
                        catch=(Exception,), callbacks=[after_trial], gc_after_trial=True)
         rows = refresh(cfg, study, ctx.meta, ctx.tracking)

@@ -15,7 +15,7 @@ from search.pareto import Point, front_steps, pareto_front
 ROW_FIELDS = ("trial", "state", "feasible", "screened_out", "is_pareto", "quality", "p50_ms", "p95_ms", "p99_ms",
               "throughput", "size_mb", "params", "train_seconds", "steps", "pre_p95_ms", "pre_size_mb", "num_layers",
               "hidden_size", "num_heads", "intermediate_size", "init", "recipe", "learning_rate", "temperature",
-              "alpha", "error", "duplicate_of", "checkpoint", "mlflow_run_id")
+              "alpha", "encoder_layers", "decoder_layers", "error", "duplicate_of", "checkpoint", "mlflow_run_id")
 ARCH = ("num_layers", "hidden_size", "num_heads", "intermediate_size", "init", "recipe", "learning_rate",
         "temperature", "alpha")
 FIGURES = ("quality", "p50_ms", "p95_ms", "p99_ms", "throughput", "size_mb", "params", "train_seconds", "steps",
@@ -50,6 +50,9 @@ def trial_rows(trials, run_dir: Path | None = None) -> list[dict]:
 def arch_text(row: dict) -> str:
     if row.get("num_layers") is None:
         return "(not drawn)"
+    if row.get("encoder_layers") is not None:  # seq2seq
+        return (f"{row['encoder_layers']}+{row['decoder_layers']} layers (encoder+decoder) x {row['hidden_size']}, "
+                f"{row['init']}, {row['recipe']}")
     return (f"{row['num_layers']} layers x {row['hidden_size']} hidden, {row['num_heads']} heads, "
             f"ffn {row['intermediate_size']}, {row['init']}, {row['recipe']}")
 

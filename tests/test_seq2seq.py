@@ -195,3 +195,28 @@ def test_bad_seq2seq_input_is_one_line(tmp_path, tiny_t5_dir, tiny_teacher_dir, 
     proc = run_bad(tmp_path, tree)
     assert_one_line(proc, *fragments)
     assert not run_dir.exists()
+
+
+@pytest.mark.slow
+def test_two_trial_seq2seq_search_leaves_a_pareto_front(tmp_path, tiny_t5_dir, pairs):
+    run_dir = tmp_path / "run"
+    tree = seq2seq_tree(run_dir, tiny_t5_dir, pairs,
+                        target={"min_iters": 5, "min_seconds": 0.2, "repeats": 1, "warmup_iters": 1,
+                                "p95_ms": "teacher*2"},
+                        search={"n_trials": 2, "train_steps": 3, "seed_trials": 2, "recipes": ["fp32"],
+                                "decoder_layers": [1, 2], "encoder_layers": [1, 2]})
+    config = write_config(tmp_path / "c.yaml", tree)
+    proc = subprocess.run([KDLAB, "search", "--config", str(config)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2+1 layers (encoder+decoder)" in proc.stdout and "2+2 layers (encoder+decoder)" in proc.stdout
+    report = run_dir / "report"
+    assert (report / "pareto.png").stat().st_size > 0
+    rows = list(__import__("csv").DictReader(open(report / "pareto.csv")))
+    assert len(rows) == 2 and {r["decoder_layers"] for r in rows} == {"1", "2"}
+    assert any(r["is_pareto"] == "True" for r in rows)
+    trained = [r for r in rows if r["screened_out"] == "False"]
+    assert trained and all(0 <= float(r["quality"]) <= 100 and int(r["steps"]) == 3 for r in trained)
+    for r in (r for r in trained if r["is_pareto"] == "True"):  # front members keep their checkpoint
+        summary = json.loads((run_dir / "trials" / r["trial"] / "kdlab_trial.json").read_text())
+        assert summary["candidate"]["decoder_layers"] == int(r["decoder_layers"])

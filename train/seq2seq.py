@@ -74,6 +74,19 @@ def decoder_start_id(model_config, tokenizer) -> int | None:
     return start
 
 
+def check_student(cfg: Config, teacher_config) -> None:
+    """Depths a teacher-layer copy cannot produce, before anything is trained (the student section is distill's)."""
+    if cfg.student.pretrained is not None:
+        return
+    enc_t, dec_t = (layer_depths(teacher_config) if teacher_config.is_encoder_decoder
+                    else (teacher_config.num_hidden_layers,) * 2)
+    for key, n, most in (("encoder_layers", cfg.student.encoder_layers or enc_t, enc_t),
+                         ("decoder_layers", cfg.student.decoder_layers or cfg.student.num_layers, dec_t)):
+        if cfg.student.init != "random" and n > most:
+            raise ConfigError(f"student.{key}: {n} exceeds the teacher's {most} layers for teacher "
+                              f"initialisation; valid: 1..{most} (or student.init=random)")
+
+
 def prepare(cfg: Config, accelerator: Accelerator) -> Prepared:
     """Validate data, tokenizer and teacher kind against the real files, without writing anything."""
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
@@ -83,14 +96,6 @@ def prepare(cfg: Config, accelerator: Accelerator) -> Prepared:
     check_teacher_kind(teacher_config, cfg)
     tokenizer = load_tokenizer(cfg)
     check_tokenizer(tokenizer, cfg.teacher.source)
-    if cfg.student.pretrained is None:
-        enc_t, dec_t = (layer_depths(teacher_config) if teacher_config.is_encoder_decoder
-                        else (teacher_config.num_hidden_layers,) * 2)
-        for key, n, most in (("encoder_layers", cfg.student.encoder_layers or enc_t, enc_t),
-                             ("decoder_layers", cfg.student.decoder_layers or cfg.student.num_layers, dec_t)):
-            if cfg.student.init != "random" and n > most:
-                raise ConfigError(f"student.{key}: {n} exceeds the teacher's {most} layers for teacher "
-                                  f"initialisation; valid: 1..{most} (or student.init=random)")
     start = decoder_start_id(teacher_config, tokenizer)
     with accelerator.main_process_first():
         train_ds = tokenize_pairs(data.train, tokenizer, cfg.data, start)
@@ -337,6 +342,7 @@ def run(cfg: Config, accelerator: Accelerator) -> dict:
     """Fine-tune the teacher if needed, distil the student, write runs/<name>/student/. Returns the summary."""
     set_seed(cfg.train.seed)
     prep = prepare(cfg, accelerator)
+    check_student(cfg, prep.teacher_config)
     created = not cfg.run_dir.exists()
     try:
         return _run(cfg, accelerator, prep)

@@ -1,0 +1,237 @@
+"""The student search for seq2seq: encoder depth × decoder depth × recipe, BLEU ↑ and generation p95 ↓.
+
+Library module for search/study.py (`kdlab search` dispatches here when task.type=seq2seq); the study,
+sampler, constraints, MLflow parent/child runs, Pareto report and resume logic are the classification
+search's. What differs: a candidate is (encoder layers, decoder layers, recipe, optional learning rate /
+temperature / alpha) of a student that copies spread-out teacher layers at the teacher's width; a
+served call is one greedy (or `generation.num_beams`) `generate` on real dev sources; quality is
+task.metric (BLEU by default) of the served artefact's generated text. Latency is measured before
+training with the decoder forced to the trained teacher's mean output length (an untrained student
+would stop at a random length), and again after training on its own outputs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import optuna
+
+from distill.config import Config, ConfigError, Range, search_ranges, search_recipes
+from distill.quantize import apply_generation_recipe
+from distill.seq2seq import build_seq2seq_student, layer_depths, model_width
+from distill.students import count_params
+from search.gate import GateRow, Targets, measure_candidates, target_profile
+from search.objective import Context, _record, constraint_values, one_line, screened_out
+from search.space import _ask, _snap
+from search.seq2seq_gate import build_generators, generation_batches
+from train.loop import fit
+from train.seq2seq import (configure_generation, ensure_seq2seq_teacher, evaluate_seq2seq, generate_texts,
+                           generation_kwargs, load_seq2seq, make_seq2seq_loss, prepare, score)
+from train.seq2seq_data import make_seq2seq_loader
+
+
+@dataclass(frozen=True)
+class Seq2SeqCandidate:
+    encoder_layers: int
+    decoder_layers: int
+    recipe: str
+    learning_rate: float
+    temperature: float
+    alpha: float
+    hidden_size: int
+    init: str = "teacher-layers"
+
+    def label(self) -> str:
+        return f"{self.encoder_layers}+{self.decoder_layers} layers x {self.hidden_size}, {self.init}, {self.recipe}"
+
+    def to_dict(self) -> dict:
+        # num_layers (the decoder's depth, what decoding time scales with) keeps the shared reports readable.
+        return {**asdict(self), "num_layers": self.decoder_layers, "num_heads": None, "intermediate_size": None}
+
+
+class Seq2SeqSpace:
+    """`search.encoder_layers`, `decoder_layers`, `recipes` and the training knobs, bound to the teacher."""
+
+    def __init__(self, cfg: Config, teacher_config):
+        enc_t, dec_t = (layer_depths(teacher_config) if getattr(teacher_config, "is_encoder_decoder", False)
+                        else (teacher_config.num_hidden_layers,) * 2)
+        self.teacher_depths = (enc_t, dec_t)
+        self.width = model_width(teacher_config) if teacher_config.is_encoder_decoder else teacher_config.hidden_size
+        ranges = search_ranges(cfg)
+        self.encoder = ranges["encoder_layers"] or Range(choices=(enc_t,))
+        self.decoder = ranges["decoder_layers"] or Range(low=1, high=dec_t, step=1)
+        for key, rng, most in (("encoder_layers", self.encoder, enc_t), ("decoder_layers", self.decoder, dec_t)):
+            if max(rng.values()) > most:
+                raise ConfigError(f"search.{key}: {max(rng.values())} exceeds the teacher's {most} layers; "
+                                  f"valid: 1..{most} (students copy teacher layers)")
+        recipes = search_recipes(cfg)
+        onnx = [r for r in recipes if r.startswith("onnx")]
+        if onnx:
+            raise ConfigError(f"search.recipes: {onnx[0]} cannot serve seq2seq generation yet; valid for seq2seq: "
+                              "fp32, dynamic-int8 (cpu), fp16, bf16, bnb-int8, bnb-nf4")
+        self.recipes = Range(choices=tuple(recipes))
+        self.learning_rate = ranges["learning_rate"] or Range(choices=(cfg.train.learning_rate,))
+        self.temperature = ranges["temperature"] or Range(choices=(cfg.distill.temperature,))
+        self.alpha = ranges["alpha"] or Range(choices=(cfg.distill.alpha,))
+        self.defaults = (cfg.train.learning_rate, cfg.distill.temperature, cfg.distill.alpha)
+
+    @classmethod
+    def from_config(cls, cfg: Config, teacher_config) -> "Seq2SeqSpace":
+        return cls(cfg, teacher_config)
+
+    def suggest(self, trial) -> Seq2SeqCandidate:
+        return Seq2SeqCandidate(int(_ask(trial, "encoder_layers", self.encoder)),
+                                int(_ask(trial, "decoder_layers", self.decoder)), _ask(trial, "recipe", self.recipes),
+                                float(_ask(trial, "learning_rate", self.learning_rate)),
+                                float(_ask(trial, "temperature", self.temperature)),
+                                float(_ask(trial, "alpha", self.alpha)), self.width)
+
+    def params_of(self, c: Seq2SeqCandidate) -> dict:
+        return {"encoder_layers": c.encoder_layers, "decoder_layers": c.decoder_layers, "recipe": c.recipe,
+                "learning_rate": c.learning_rate, "temperature": c.temperature, "alpha": c.alpha}
+
+    def seeds(self, n: int, device: str = "cpu") -> list[Seq2SeqCandidate]:
+        """The deepest encoder with 1, 2, ... decoder layers: decoding steps dominate generation time."""
+        recipe = next((r for r in ("dynamic-int8", "fp16", "fp32") if r in self.recipes.choices),
+                      self.recipes.choices[0])
+        lr, temperature, alpha = (float(_snap(r, v)) for r, v in
+                                  zip((self.learning_rate, self.temperature, self.alpha), self.defaults))
+        encoder = max(self.encoder.values())
+        out = []
+        for layers in self.decoder.values():
+            c = Seq2SeqCandidate(encoder, int(layers), recipe, lr, temperature, alpha, self.width)
+            if c not in out:
+                out.append(c)
+        return out[:n]
+
+    def describe(self) -> dict:
+        def rng(r):
+            return {k: v for k, v in asdict(r).items() if v is not None and v is not False}
+        return {"encoder_layers": rng(self.encoder), "decoder_layers": rng(self.decoder),
+                "recipes": list(self.recipes.choices), "learning_rate": rng(self.learning_rate),
+                "temperature": rng(self.temperature), "alpha": rng(self.alpha)}
+
+
+# ---------------------------------------------------------------- study setup
+
+
+def setup(cfg: Config, accelerator, space: Seq2SeqSpace, console, tracking, threads: int) -> Context:
+    prep = prepare(cfg, accelerator)
+    teacher, teacher_dev = ensure_seq2seq_teacher(cfg, accelerator, prep)
+    teacher = teacher.to(accelerator.device).eval()
+    batches, lengths = generation_batches(prep, cfg.target.batch_size, seed=cfg.train.seed)
+    profile = target_profile(cfg.target, threads, lengths["seq_len_median"])
+    eval_loader = accelerator.prepare(make_seq2seq_loader(prep.eval_ds, prep.tokenizer, cfg.train.eval_batch_size,
+                                                          shuffle=False))
+    ctx = Context(cfg, accelerator, prep, teacher, space, Targets(), profile, batches, [batches[0]], eval_loader,
+                  None, None, threads, tracking, {}, console)
+    # Untrained students stop at random lengths; screen them at the trained teacher's mean output length.
+    ctx.screen_tokens = max(1, round(teacher_dev.get("gen_tokens_mean") or cfg.generation.max_new_tokens))
+    ctx.meta = {"conditions": {"device": cfg.target.device, "threads": threads, "batch_size": cfg.target.batch_size,
+                               "seq_len": "data", **lengths, "metric": cfg.task.metric, "dev_rows": len(prep.eval_ds),
+                               "teacher": cfg.teacher.source, "teacher_dev": teacher_dev,
+                               "generation": generation_kwargs(cfg), "screen_output_tokens": ctx.screen_tokens}}
+    return ctx
+
+
+def reference(ctx: Context) -> GateRow:
+    """The fp32 teacher as a served generator, scored and timed (for `teacher*f` targets)."""
+    teacher = ctx.teacher.to("cpu")
+    built = build_generators(teacher, ["fp32"], prep=ctx.prep, cfg=ctx.cfg, example_batch=ctx.batches[0],
+                             threads=ctx.threads)
+    row = measure_candidates(built, ctx.batches, ctx.profile)[0]
+    ctx.teacher.to(ctx.accelerator.device)
+    return row
+
+
+# ---------------------------------------------------------------- one trial
+
+
+def objective(trial: optuna.Trial, ctx: Context):
+    candidate = ctx.space.suggest(trial)
+    for key, value in candidate.to_dict().items():
+        trial.set_user_attr(key, value)
+    twin = next((t.number for t in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                 if all(t.user_attrs.get(k) == v for k, v in candidate.to_dict().items())), None)
+    if twin is not None:
+        trial.set_user_attr("duplicate_of", twin)
+        raise optuna.TrialPruned(f"same candidate as trial {twin}")
+    with ctx.tracking.child(trial, candidate.to_dict()) as tracker:
+        try:
+            return _evaluate(trial, candidate, ctx, tracker)
+        except Exception as exc:
+            trial.set_user_attr("error", one_line(exc))
+            tracker.set_tags({"state": "FAIL", "error": one_line(exc)})
+            shutil.rmtree(ctx.cfg.run_dir / "trials" / str(trial.number), ignore_errors=True)
+            raise
+
+
+def _served(recipe: str, model, ctx: Context, gen: dict):
+    cfg = ctx.cfg
+    return apply_generation_recipe(recipe, model.to("cpu") if cfg.target.device == "cpu" else model,
+                                   example_batch=ctx.batches[0], generate_kwargs=gen, device=cfg.target.device,
+                                   allow_cpu_half=cfg.quantization.allow_cpu_bf16, threads=ctx.threads)
+
+
+def _time(served, ctx: Context) -> GateRow:
+    return measure_candidates([(GateRow(served.recipe, size_mb=served.size_mb), served)], ctx.batches, ctx.profile)[0]
+
+
+def _evaluate(trial, c: Seq2SeqCandidate, ctx: Context, tracker):
+    cfg = ctx.cfg
+    student = build_seq2seq_student(ctx.teacher, c.encoder_layers, c.decoder_layers, seed=cfg.train.seed)
+    configure_generation(student, ctx.prep.tokenizer)
+    params = count_params(student)
+    forced = {**generation_kwargs(cfg), "max_new_tokens": ctx.screen_tokens, "min_new_tokens": ctx.screen_tokens}
+    pre = _time(_served(c.recipe, student, ctx, forced), ctx)
+    misses = screened_out(ctx.targets, pre.p95_ms, pre.size_mb, cfg.search.screen_margin)
+    if misses:
+        figures = {"quality": 0.0, "p50_ms": pre.p50_ms, "p95_ms": pre.p95_ms, "p99_ms": pre.p99_ms,
+                   "throughput": pre.throughput, "size_mb": pre.size_mb, "params": params, "train_seconds": 0.0,
+                   "steps": 0, "pre_p95_ms": pre.p95_ms, "pre_size_mb": pre.size_mb, "screened_out": True,
+                   "screen_misses": misses}
+        _record(trial, tracker, figures, constraint_values(ctx.targets, pre.p95_ms, pre.size_mb, 0.0))
+        return 0.0, pre.p95_ms
+
+    trial_dir = cfg.run_dir / "trials" / str(trial.number)
+    student.to(ctx.accelerator.device)
+    train_cfg = dataclasses.replace(cfg.train, learning_rate=c.learning_rate, max_steps=cfg.search.train_steps,
+                                    num_epochs=cfg.search.train_epochs, resume_from=None, save_state_every_steps=None)
+    trial_cfg = dataclasses.replace(cfg, train=train_cfg, distill=dataclasses.replace(
+        cfg.distill, temperature=c.temperature, alpha=c.alpha))
+    compute_loss, loss_mod = make_seq2seq_loss(trial_cfg, ctx.teacher, student)
+    loader = make_seq2seq_loader(ctx.prep.train_ds, ctx.prep.tokenizer, cfg.train.batch_size, shuffle=True,
+                                 seed=cfg.train.seed)
+    references = list(ctx.prep.data.eval["target"])
+
+    def save_best(model):
+        model.save_pretrained(trial_dir)
+        ctx.prep.tokenizer.save_pretrained(trial_dir)
+
+    result = fit(ctx.accelerator, student, loader, cfg=train_cfg, compute_loss=compute_loss,
+                 evaluate=lambda m: evaluate_seq2seq(m, ctx.eval_loader, ctx.prep.tokenizer, references, cfg,
+                                                     ctx.prep.lowercase, ctx.accelerator),
+                 save_best=save_best, out_dir=trial_dir, tracker=tracker, metric=cfg.task.metric,
+                 extra_modules=[loss_mod], desc="distill")
+    trained = load_seq2seq(str(trial_dir), cfg, ctx.prep.tokenizer).eval()
+    gen = generation_kwargs(cfg)
+    served = _served(c.recipe, trained, ctx, gen)
+    loader = make_seq2seq_loader(ctx.prep.eval_ds, ctx.prep.tokenizer, cfg.train.eval_batch_size, shuffle=False)
+    texts, _ = generate_texts(served.module, loader, ctx.prep.tokenizer, gen)
+    quality = score(texts, references, ctx.prep.lowercase)[cfg.task.metric]
+    post = _time(served, ctx)
+    figures = {"quality": quality, "p50_ms": post.p50_ms, "p95_ms": post.p95_ms, "p99_ms": post.p99_ms,
+               "throughput": post.throughput, "size_mb": post.size_mb, "params": params,
+               "train_seconds": result.train_seconds, "steps": result.steps, "pre_p95_ms": pre.p95_ms,
+               "pre_size_mb": pre.size_mb, "screened_out": False, "fp32_dev": result.best_metric,
+               "stable": post.stable, "cv": post.cv}
+    constraints = constraint_values(ctx.targets, post.p95_ms, post.size_mb, quality)
+    _record(trial, tracker, figures, constraints)
+    (trial_dir / "kdlab_trial.json").write_text(json.dumps({
+        "trial": trial.number, "candidate": c.to_dict(), **figures, "constraints": constraints,
+        "feasible": all(v <= 0 for v in constraints.values()), "targets": ctx.meta["targets"],
+        "conditions": ctx.meta["conditions"]}, indent=2, default=str))
+    return quality, post.p95_ms
