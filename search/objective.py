@@ -96,6 +96,15 @@ def _record(trial, tracker, figures: dict, constraints: dict) -> None:
 
 
 def objective(trial: optuna.Trial, ctx: Context):
+    return run_trial(trial, ctx, _evaluate)
+
+
+def run_trial(trial: optuna.Trial, ctx: Context, evaluate):
+    """Draw a candidate, prune a repeat, and run `evaluate(trial, candidate, ctx, tracker)` in its MLflow child run.
+
+    Shared by every task's objective: a failure is recorded (user attr `error`, child run tagged FAIL,
+    the trial's checkpoint folder removed) and re-raised for Optuna to mark the trial FAIL.
+    """
     candidate = ctx.space.suggest(trial)
     for key, value in candidate.to_dict().items():
         trial.set_user_attr(key, value)
@@ -108,7 +117,7 @@ def objective(trial: optuna.Trial, ctx: Context):
         raise optuna.TrialPruned(f"same candidate as trial {twin}")
     with ctx.tracking.child(trial, candidate.to_dict()) as tracker:
         try:
-            return _evaluate(trial, candidate, ctx, tracker)
+            return evaluate(trial, candidate, ctx, tracker)
         except Exception as exc:
             trial.set_user_attr("error", one_line(exc))
             tracker.set_tags({"state": "FAIL", "error": one_line(exc)})

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import optuna
 
@@ -24,7 +22,7 @@ from distill.quantize import apply_generation_recipe
 from distill.seq2seq import build_seq2seq_student, layer_depths, model_width
 from distill.students import count_params
 from search.gate import GateRow, Targets, measure_candidates, target_profile
-from search.objective import Context, _record, constraint_values, one_line, screened_out
+from search.objective import Context, _record, constraint_values, run_trial, screened_out
 from search.space import _ask, _snap
 from search.seq2seq_gate import build_generators, generation_batches
 from train.loop import fit
@@ -151,22 +149,7 @@ def reference(ctx: Context) -> GateRow:
 
 
 def objective(trial: optuna.Trial, ctx: Context):
-    candidate = ctx.space.suggest(trial)
-    for key, value in candidate.to_dict().items():
-        trial.set_user_attr(key, value)
-    twin = next((t.number for t in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-                 if all(t.user_attrs.get(k) == v for k, v in candidate.to_dict().items())), None)
-    if twin is not None:
-        trial.set_user_attr("duplicate_of", twin)
-        raise optuna.TrialPruned(f"same candidate as trial {twin}")
-    with ctx.tracking.child(trial, candidate.to_dict()) as tracker:
-        try:
-            return _evaluate(trial, candidate, ctx, tracker)
-        except Exception as exc:
-            trial.set_user_attr("error", one_line(exc))
-            tracker.set_tags({"state": "FAIL", "error": one_line(exc)})
-            shutil.rmtree(ctx.cfg.run_dir / "trials" / str(trial.number), ignore_errors=True)
-            raise
+    return run_trial(trial, ctx, _evaluate)
 
 
 def _served(recipe: str, model, ctx: Context, gen: dict):
