@@ -222,6 +222,8 @@ class ExportConfig:
     alias: str = _f("champion", "registry alias set on the exported version")
     min_label_agreement: float = _f(0.99, "refuse an export whose served artefact agrees with the fp32 model "
                                           "on fewer dev labels than this")
+    max_quality_drop: float = _f(1.0, "seq2seq: refuse an export whose served artefact scores more than this many "
+                                      "points of task.metric (e.g. BLEU) below the fp32 model on the dev set")
     latency_batch_sizes: list = _f([1, 8, 32], "batch sizes of the model card's latency table")
     register: bool = _f(True, "log the export as an MLflow model and register it (needs tracking.enabled)")
 
@@ -402,6 +404,7 @@ def validate(cfg: Config, label: str = "<config>") -> None:
     e = cfg.export
     c(0.0 <= e.min_label_agreement <= 1.0, "export.min_label_agreement",
       f"must be in [0, 1], got {e.min_label_agreement}")
+    c(e.max_quality_drop >= 0, "export.max_quality_drop", f"must be >= 0, got {e.max_quality_drop}")
     c(isinstance(e.latency_batch_sizes, list) and len(e.latency_batch_sizes) > 0
       and all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in e.latency_batch_sizes),
       "export.latency_batch_sizes", f"must be a non-empty list of integers >= 1, got {e.latency_batch_sizes!r}")

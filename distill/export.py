@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from distill.quantize import Quantized, apply_recipe, serve_onnx
+from distill.quantize import Quantized, apply_generation_recipe, apply_recipe, serve_onnx
 
 MANIFEST = "manifest.json"
 ONNX_SERVED = {"onnx-fp32": "model.onnx", "onnx-int8": "model.int8.onnx"}
@@ -43,6 +43,18 @@ HOW = {
 }
 HF_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
             "vocab.txt", "spiece.model", "merges.txt", "vocab.json", "added_tokens.json", "generation_config.json")
+
+
+SEQ2SEQ_HOW = {
+    "fp32": "AutoModelForSeq2SeqLM.from_pretrained(folder), model.generate(**inputs, **manifest['generation']) "
+            "on {device}",
+    "fp16": "from_pretrained(folder, dtype=torch.float16), then generate, on {device}",
+    "bf16": "from_pretrained(folder, dtype=torch.bfloat16), then generate, on {device}",
+    "dynamic-int8": "AutoModelForSeq2SeqLM.from_pretrained(folder), then torch.ao.quantization.quantize_dynamic("
+                    "model, {{nn.Linear}}, dtype=torch.qint8), then generate, on CPU",
+    "bnb-int8": "from_pretrained(folder), Linear layers replaced by bitsandbytes Linear8bitLt, then generate",
+    "bnb-nf4": "from_pretrained(folder), Linear layers replaced by bitsandbytes Linear4bit nf4, then generate",
+}
 
 
 class ExportError(Exception):
@@ -93,6 +105,13 @@ def served_entry(recipe: str, device: str) -> dict:
             "file": ONNX_SERVED.get(recipe, "model.safetensors"), "how": HOW[recipe].format(device=device)}
 
 
+def seq2seq_served_entry(recipe: str, device: str) -> dict:
+    if recipe not in SEQ2SEQ_HOW:
+        raise ExportError(f"recipe '{recipe}' cannot be exported for seq2seq; valid: {', '.join(SEQ2SEQ_HOW)}")
+    return {"recipe": recipe, "device": device, "file": "model.safetensors",
+            "how": SEQ2SEQ_HOW[recipe].format(device=device)}
+
+
 def write_manifest(folder: Path, manifest: dict) -> dict:
     manifest = {**manifest, "files": file_table(folder)}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
@@ -130,6 +149,19 @@ class Served:
                              return_tensors="pt")
         return dict(enc)
 
+    @property
+    def is_seq2seq(self) -> bool:
+        return self.manifest.get("task", {}).get("type") == "seq2seq"
+
+    def generate_texts(self, texts: list[str]) -> list[str]:
+        """Seq2seq exports: the served artefact's outputs, decoded, with the manifest's prefix and decoding."""
+        prefix = self.manifest.get("source_prefix", "")
+        enc = self.tokenizer([prefix + t for t in texts], truncation=True, max_length=self.manifest["max_length"],
+                             padding=True, return_tensors="pt", return_token_type_ids=False)
+        ids = self.artefact.predict(dict(enc))
+        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True,
+                                                               clean_up_tokenization_spaces=True)]
+
     def predict_texts(self, texts: list[str], pairs: list[str] | None = None) -> tuple[list[str], torch.Tensor]:
         """Labels and class probabilities (float32, rows sum to 1) of the served artefact."""
         logits = self.artefact.predict(self.encode(texts, pairs))
@@ -162,7 +194,13 @@ def load_served(folder: str | Path, *, device: str | None = None, threads: int =
     served = manifest["served"]
     recipe, device = served["recipe"], device or served["device"]
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    if recipe in ONNX_SERVED:
+    if manifest.get("task", {}).get("type") == "seq2seq":
+        from transformers import AutoModelForSeq2SeqLM
+        model = AutoModelForSeq2SeqLM.from_pretrained(folder, use_safetensors=True).eval()
+        example = dict(tokenizer(["a"], return_tensors="pt", return_token_type_ids=False))
+        artefact = apply_generation_recipe(recipe, model, example_batch=example, generate_kwargs=manifest["generation"],
+                                           device=device, threads=threads, allow_cpu_half=True)
+    elif recipe in ONNX_SERVED:
         artefact = serve_onnx(recipe, folder / served["file"], threads)
     else:
         model = AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=True).eval()

@@ -1,4 +1,4 @@
-"""The MLflow pyfunc flavour of an export folder: `models:/<name>@champion` predicts labels from texts.
+"""The MLflow pyfunc flavour of an export folder: `models:/<name>@champion` maps texts to labels or outputs.
 
 Logged by search/registry.py as a model *from code* (this file; MLflow imports it and takes the
 model given to `set_model` below), with this package and eval/ as code paths: nothing is pickled,
@@ -19,11 +19,13 @@ class ExportedClassifier(mlflow.pyfunc.PythonModel):
         self.batch_size = 64
 
     def predict(self, context, model_input: list[str], params=None) -> list[str]:
+        """Labels (classification) or generated texts (seq2seq), one per input text."""
         texts = [str(t) for t in model_input]
-        labels: list[str] = []
+        out: list[str] = []
         for i in range(0, len(texts), self.batch_size):
-            labels += self.served.predict_texts(texts[i:i + self.batch_size])[0]
-        return labels
+            chunk = texts[i:i + self.batch_size]
+            out += self.served.generate_texts(chunk) if self.served.is_seq2seq else self.served.predict_texts(chunk)[0]
+        return out
 
 
 mlflow.models.set_model(ExportedClassifier())

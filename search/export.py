@@ -262,6 +262,9 @@ def run_export(cfg: Config, trial: int | None = None, pick_text: str | None = No
     if dest.exists() and not force:
         raise ConfigError(f"--out: {dest} exists; pass --force to replace it (the new export replaces it only once "
                           f"complete)")
+    if cfg.task.type == "seq2seq":
+        from search.seq2seq_export import run_seq2seq_export
+        return run_seq2seq_export(cfg, choice, dest, console)
     say = console.print if console is not None else print
     say(f"export: {choice.label}, recipe {choice.recipe} -> {dest}")
     threads, _ = clamp_threads(cfg.target.threads)
@@ -370,6 +373,9 @@ def _front_position(cfg: Config, choice: Choice) -> str | None:
 
 
 def summary_line(manifest: dict, dest: Path) -> str:
+    if manifest["task"]["type"] == "seq2seq":
+        from search.seq2seq_export import seq2seq_summary_line
+        return seq2seq_summary_line(manifest, dest)
     p, lat = manifest["parity"], manifest["latency"][0]
     reg = manifest.get("mlflow")
     return (f"exported {manifest['choice']['label']} ({manifest['served']['recipe']}) to {dest}: quality "

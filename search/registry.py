@@ -45,7 +45,7 @@ def register_export(cfg: Config, folder: Path, manifest: dict) -> dict:
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(ROOT / "distill" / "mlflow_model.py"), artifacts={"export": str(folder)},
             code_paths=[str(ROOT / "distill"), str(ROOT / "eval")], pip_requirements=pip_requirements(),
-            input_example=["a gripping, funny film"], registered_model_name=name)
+            input_example=[manifest.get("example_input", "a gripping, funny film")], registered_model_name=name)
         mlflow.set_tags({"kdlab.export": str(folder), "kdlab.export_recipe": manifest["served"]["recipe"]})
     client = mlflow.MlflowClient()
     version = str(info.registered_model_version)

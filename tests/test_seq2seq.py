@@ -220,3 +220,24 @@ def test_two_trial_seq2seq_search_leaves_a_pareto_front(tmp_path, tiny_t5_dir, p
     for r in (r for r in trained if r["is_pareto"] == "True"):  # front members keep their checkpoint
         summary = json.loads((run_dir / "trials" / r["trial"] / "kdlab_trial.json").read_text())
         assert summary["candidate"]["decoder_layers"] == int(r["decoder_layers"])
+
+    # export the front's best: a folder that loads and generates, registered as a pyfunc that returns texts
+    proc = subprocess.run([KDLAB, "export", "--config", str(config), "export.latency_batch_sizes=[1,2]"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    export = run_dir / "export"
+    manifest = json.loads((export / "manifest.json").read_text())
+    assert manifest["task"]["type"] == "seq2seq" and manifest["served"]["recipe"] == "fp32"
+    assert [r["batch_size"] for r in manifest["latency"]] == [1, 2]
+    assert manifest["latency"][1]["throughput"] == pytest.approx(2 / (manifest["latency"][1]["p50_ms"] / 1e3), rel=0.02)
+    assert manifest["parity"]["identical_outputs"] == 1.0  # fp32 served = the fp32 model
+    assert "ONNX" in manifest["onnx"] and not list(export.glob("*.onnx"))
+    model = AutoModelForSeq2SeqLM.from_pretrained(export)
+    assert model.config.num_decoder_layers in (1, 2)
+    from distill.export import load_served
+    served = load_served(export)
+    texts = ["Ein Hund rennt.", "Zwei Männer stehen."]
+    assert len(served.generate_texts(texts)) == 2
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    pyfunc = mlflow.pyfunc.load_model("models:/tiny_s2s@champion")
+    assert list(pyfunc.predict(texts)) == served.generate_texts(texts)
