@@ -250,7 +250,8 @@ def complete_rows(partial: Path, labels: list[str]) -> tuple[int, int]:
     if count:
         try:
             record = json.loads(last)
-            ours = record["row"] == count - 1 and ("error" in record or sorted(record["probs"]) == sorted(labels))
+            ours = record["row"] == count - 1 and ("error" in record or (
+                "output" in record if not labels else sorted(record["probs"]) == sorted(labels)))
         except (ValueError, KeyError, TypeError):
             ours = False
         if not ours:
@@ -261,17 +262,24 @@ def complete_rows(partial: Path, labels: list[str]) -> tuple[int, int]:
 
 def output_lines(first_row: int, labels: list[str], probs, label_names: list[str],
                  bad: dict[int, str] | None = None) -> str:
-    """JSON lines for one batch; `bad` maps a position in the batch to the error of a skipped row."""
+    """JSON lines for one batch; `bad` maps a position in the batch to the error of a skipped row.
+
+    Seq2seq exports pass their generated texts as `labels` and no `probs`: each line is {"row", "output"}.
+    """
     bad = bad or {}
-    predicted = iter(zip(labels, probs.tolist()))
+    if probs is None:
+        predicted = iter((text, None) for text in labels)
+    else:
+        predicted = iter(zip(labels, probs.tolist()))
     lines = []
     for i in range(len(labels) + len(bad)):
         if i in bad:
             record = {"row": first_row + i, "error": bad[i]}
         else:
             label, row = next(predicted)
-            record = {"row": first_row + i, "label": label,
-                      "probs": {name: round(p, PROB_DECIMALS) for name, p in zip(label_names, row)}}
+            record = ({"row": first_row + i, "output": label} if row is None else
+                      {"row": first_row + i, "label": label,
+                       "probs": {name: round(p, PROB_DECIMALS) for name, p in zip(label_names, row)}})
         lines.append(json.dumps(record, ensure_ascii=False) + "\n")
     return "".join(lines)
 
@@ -358,7 +366,10 @@ def run_predict(model_dir, input_path, output_path, batch_size: int = 64, text_c
                         tqdm.write(f"predict: skipped {message}", file=sys.stderr)
                 texts = [text for text, _ in good]
                 pairs = [pair for _, pair in good] if pair_column is not None else None
-                labels, probs = served.predict_texts(texts, pairs) if good else ([], torch.empty(0, 0))
+                if served.is_seq2seq:
+                    labels, probs = (served.generate_texts(texts) if good else []), None
+                else:
+                    labels, probs = served.predict_texts(texts, pairs) if good else ([], torch.empty(0, 0))
                 out.write(output_lines(written, labels, probs, served.labels, bad))
                 out.flush()
                 written += len(batch)

@@ -54,6 +54,7 @@ def run_seq2seq_export(cfg: Config, choice, dest: Path, console=None) -> dict:
             "format": "kdlab-export/1", "name": cfg.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "task": {"type": "seq2seq", "metric": cfg.task.metric}, "labels": [],
             "max_length": cfg.data.max_length, "source_prefix": cfg.data.source_prefix, "generation": gen,
+            "text_column": cfg.data.source_column, "text_pair_column": None,
             "lowercase_scoring": prep.lowercase, "example_input": prep.data.eval[0]["source"],
             "served": seq2seq_served_entry(choice.recipe, cfg.target.device), "teacher": {"source": cfg.teacher.source},
             "onnx": f"not exported: {SEQ2SEQ_ONNX_REASON}",

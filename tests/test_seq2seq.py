@@ -241,3 +241,14 @@ def test_two_trial_seq2seq_search_leaves_a_pareto_front(tmp_path, tiny_t5_dir, p
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     pyfunc = mlflow.pyfunc.load_model("models:/tiny_s2s@champion")
     assert list(pyfunc.predict(texts)) == served.generate_texts(texts)
+
+    # batch prediction of a plain-text file: one {"row", "output"} line per source, the served artefact's text
+    sources = tmp_path / "sources.txt"
+    sources.write_text("\n".join(texts + ["Eine Frau liest."]) + "\n")
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.run([KDLAB, "predict", "--model", str(export), "--input", str(sources), "--output", str(out),
+                           "--batch-size", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["row"] for r in lines] == [0, 1, 2]
+    assert [r["output"] for r in lines[:2]] == served.generate_texts(texts)
