@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import SST2, build_export, make_tiny_teacher, tiny_run_tree, write_config  # noqa: E402
+from conftest import DATA, SST2, build_export, make_tiny_teacher, tiny_run_tree, write_config  # noqa: E402
 
 ROWS = (SST2 / "train.tsv").read_text(encoding="utf-8").splitlines(keepends=True)[:120]
 
@@ -46,6 +46,24 @@ def _with_data(tmp: Path, teacher: str, train: str | bytes, dev: str | bytes | N
     (d.write_bytes if isinstance(dev, bytes) else d.write_text)(dev)
     tree = _tree(tmp, teacher)
     tree["data"].update(train_file=str(t), eval_file=str(d), max_train_samples=None, max_eval_samples=None, **data)
+    return write_config(tmp / "c.yaml", tree)
+
+
+def _seq2seq(tmp: Path, teacher_dir: str, sources: int = 30, targets: int = 30, hole: int | None = None,
+             **sections) -> Path:
+    """A seq2seq config on real Multi30k pairs (German -> English), optionally broken."""
+    de = (DATA / "multi30k" / "train.de").read_text(encoding="utf-8").splitlines()[:sources]
+    en = (DATA / "multi30k" / "train.en").read_text(encoding="utf-8").splitlines()[:targets]
+    if hole is not None:
+        de[hole] = ""
+    for name, lines in (("s.de", de), ("s.en", en)):
+        (tmp / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tree = _tree(tmp, teacher_dir)
+    tree["task"] = {"type": "seq2seq"}
+    tree["data"] = {"train_file": str(tmp / "s.de"), "train_target_file": str(tmp / "s.en"),
+                    "eval_file": str(tmp / "s.de"), "eval_target_file": str(tmp / "s.en")}
+    for key, value in sections.items():
+        tree.setdefault(key, {}).update(value)
     return write_config(tmp / "c.yaml", tree)
 
 
@@ -152,6 +170,19 @@ CASES = [
     ("predict-unknown-format", "an input file of an unknown format",
      lambda t, T: ["predict", "--model", str(_export(t, T)), "--input", str(_raw(t, "a")), "--output",
                    str(t / "o.jsonl")], "unknown input format"),
+    ("seq2seq-line-counts", "seq2seq: source and target files of different line counts",
+     lambda t, T: ["distill", "--config", str(_seq2seq(t, T, targets=29))], "has 29 lines but data.train_file"),
+    ("seq2seq-empty-line", "seq2seq: an empty source line inside the file",
+     lambda t, T: ["distill", "--config", str(_seq2seq(t, T, hole=6))], "empty text at line 7"),
+    ("seq2seq-bert-teacher", "seq2seq: an encoder-only (BERT) teacher",
+     lambda t, T: ["distill", "--config", str(_seq2seq(t, T))], "cannot generate"),
+    ("seq2seq-metric", "seq2seq: a classification metric",
+     lambda t, T: ["distill", "--config", str(_seq2seq(t, T, task={"metric": "accuracy"}))],
+     "valid: bleu, chrf, rouge1, rouge2, rougeL, exact_match"),
+    ("seq2seq-onnx-search", "seq2seq: an ONNX recipe in the search space",
+     lambda t, T: ["search", "--config", str(_seq2seq(t, T, teacher={"encoder_decoder": True},
+                                                        search={"recipes": ["onnx-int8"]}))],
+     "cannot serve seq2seq generation yet"),
     ("predict-missing-input", "an input file that does not exist",
      lambda t, T: ["predict", "--model", str(_export(t, T)), "--input", str(t / "none.tsv"), "--output",
                    str(t / "o.jsonl")], "not found"),
