@@ -127,8 +127,10 @@ class TrainConfig:
                                               "was given (--mixed_precision or its config file), else no")
     eval_every_steps: Optional[int] = _f(None, "evaluate every N optimizer steps; default once per epoch")
     early_stopping_patience: Optional[int] = _f(None, "stop after N evaluations without improvement")
-    save_state_every_steps: Optional[int] = _f(None, "accelerate save_state every N steps (for resume)")
-    resume_from: Optional[str] = _f(None, "state folder to resume from, or 'latest'")
+    save_state_every_steps: Optional[int] = _f(None, "save the whole training state (model, optimizer, scheduler, "
+                                                     "RNG, step) every N steps, atomically; the same command after a "
+                                                     "crash then resumes from the newest complete state")
+    resume_from: Optional[str] = _f(None, "state folder to resume from, or 'latest' (also to extend a finished run)")
     log_every_steps: int = _f(10, "log the loss every N steps")
     seed: int = _f(42, "seed for data order, initialisation and dropout")
 

@@ -6,9 +6,14 @@ early stopping, best-checkpoint keeping, `save_state`/resume, progress bar and m
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
+import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -67,9 +72,108 @@ def evaluate_classifier(model, loader, accelerator: Accelerator) -> dict:
     return {**classification_metrics(y, p, num_labels), "loss": float(torch.cat(losses).mean())}
 
 
-def _latest_state(state_root: Path) -> Path | None:
-    states = sorted(state_root.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
-    return states[-1] if states else None
+STATE_MARKER = "kdlab_state.json"
+KEEP_STATES = 2  # the newest complete state and one before it, in case the newest is torn later
+
+
+def _torn(path: Path) -> str | None:
+    """Why a saved state cannot be trusted (None: complete): no marker, or a file missing or of another size."""
+    marker = path / STATE_MARKER
+    if not marker.is_file():
+        return f"no {STATE_MARKER} (the save did not finish)"
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError):
+        return f"{STATE_MARKER} is unreadable"
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, not the {size} written"
+    return None
+
+
+def _states(state_root: Path) -> list[Path]:
+    """Saved states, newest first (temporary folders of an unfinished save are not states)."""
+    found = [p for p in state_root.glob("step_*") if p.is_dir() and p.name.split("_")[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]), reverse=True)
+
+
+def _latest_state(state_root: Path, say=print) -> Path | None:
+    """The newest complete state; a torn one (killed mid-save, truncated file) is skipped, and said so."""
+    for path in _states(state_root):
+        why = _torn(path)
+        if why is None:
+            return path
+        say(f"train: skipping torn state {path}: {why}")
+    return None
+
+
+def run_fingerprint(cfg: TrainConfig, model, desc: str) -> str:
+    """What a saved state must share to be resumed automatically: the training config and the model's shapes."""
+    train = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "resume_from"}
+    shapes = [(name, list(p.shape)) for name, p in model.state_dict().items()]
+    return hashlib.sha256(json.dumps([desc, train, shapes], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _save_state(accelerator: Accelerator, state_root: Path, step: int, fingerprint: str) -> None:
+    """accelerate's save_state into a temporary folder, a marker listing every file, then one rename.
+
+    A kill at any point leaves either the previous states untouched or a `.step_N.tmp` folder that
+    is never read; older states beyond KEEP_STATES are removed only after the new one is in place.
+    """
+    tmp, final = state_root / f".step_{step}.tmp", state_root / f"step_{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in tmp.rglob("*") if p.is_file()}
+        marker = tmp / STATE_MARKER
+        marker.write_text(json.dumps({"step": step, "fingerprint": fingerprint, "files": files}))
+        with open(marker) as fh:
+            os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in _states(state_root)[KEEP_STATES:]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _auto_resume(state_root: Path, fingerprint: str, total_steps: int, say) -> Path | None:
+    """The state to continue from when the same command runs again after a crash (None: start over)."""
+    latest = _latest_state(state_root, say)
+    if latest is None:
+        return None
+    marker = json.loads((latest / STATE_MARKER).read_text())
+    if marker.get("fingerprint") != fingerprint:
+        say(f"train: not resuming from {latest}: it was saved by another training config or model")
+        return None
+    if marker["step"] >= total_steps:
+        return None  # that run finished: this one starts over
+    return latest
+
+
+@contextmanager
+def atomic_dir(path: Path):
+    """Write a folder as a whole: yield a temporary sibling, then swap it in (the old one goes only after)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def fit(accelerator: Accelerator, model, train_loader, *, cfg: TrainConfig,
@@ -105,10 +209,19 @@ def fit(accelerator: Accelerator, model, train_loader, *, cfg: TrainConfig,
     accelerator.register_for_checkpointing(state)
     state_root = out_dir / "state"
 
+    fingerprint = run_fingerprint(cfg, accelerator.unwrap_model(model), desc)
+    path = None
     if cfg.resume_from:
-        path = _latest_state(state_root) if cfg.resume_from == "latest" else Path(cfg.resume_from)
+        path = _latest_state(state_root, accelerator.print) if cfg.resume_from == "latest" else Path(cfg.resume_from)
         if path is None or not path.is_dir():
             raise FileNotFoundError(f"train.resume_from: no saved state at {cfg.resume_from} ({state_root})")
+        if _torn(path):
+            raise FileNotFoundError(f"train.resume_from: {path} is torn ({_torn(path)}); valid: a complete state "
+                                    f"folder, or 'latest' (the newest complete one)")
+    elif cfg.save_state_every_steps:
+        # The same command after a crash (kill -9, lost machine) continues from its newest complete state.
+        path = _auto_resume(state_root, fingerprint, total_steps, accelerator.print)
+    if path is not None:
         accelerator.load_state(str(path))
         accelerator.print(f"resumed from {path} at step {state.step}")
 
@@ -150,7 +263,7 @@ def fit(accelerator: Accelerator, model, train_loader, *, cfg: TrainConfig,
                 stop = _evaluate_and_keep(accelerator, model, state, evaluate, save_best, tracker,
                                           metric, cfg, desc) or stop
             if cfg.save_state_every_steps and state.step % cfg.save_state_every_steps == 0:
-                accelerator.save_state(str(state_root / f"step_{state.step}"))
+                _save_state(accelerator, state_root, state.step, fingerprint)
             if state.step >= total_steps or stop:
                 stop = True
                 break
@@ -183,3 +296,5 @@ def _evaluate_and_keep(accelerator, model, state: LoopState, evaluate, save_best
 
 def remove_states(out_dir: Path) -> None:
     shutil.rmtree(out_dir / "state", ignore_errors=True)
+    if out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()

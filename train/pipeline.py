@@ -20,7 +20,7 @@ from distill.config import Config, ConfigError, save_config
 from distill.losses import DistillLoss
 from distill.students import build_student, check_vocab, count_params, student_config
 from train.data import TaskData, load_task_data, make_loader, tokenize
-from train.loop import evaluate_classifier, fit
+from train.loop import atomic_dir, evaluate_classifier, fit
 from train.teacher import ensure_teacher, load_teacher_config, load_tokenizer, weights_digest
 from train.tracking import mlflow_run
 
@@ -155,8 +155,9 @@ def _run(cfg: Config, accelerator: Accelerator, prep: Prepared) -> dict:
     train_loader = make_loader(prep.train_ds, prep.tokenizer, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed)
 
     def save_best(model):
-        model.save_pretrained(out)
-        prep.tokenizer.save_pretrained(out)
+        with atomic_dir(out) as tmp:  # a kill mid-save never leaves a half-written best checkpoint
+            model.save_pretrained(tmp)
+            prep.tokenizer.save_pretrained(tmp)
 
     tags = {"kdlab.teacher_source": cfg.teacher.source, "kdlab.student_init": cfg.student.init,
             "kdlab.hard_label_control": hard_only}

@@ -29,7 +29,7 @@ from distill.config import Config, ConfigError, save_config
 from distill.seq2seq import Seq2SeqDistillLoss, build_seq2seq_student, layer_depths
 from distill.students import count_params
 from eval.metrics import generation_metrics
-from train.loop import fit, remove_states
+from train.loop import atomic_dir, fit, remove_states
 from train.seq2seq_data import (Seq2SeqData, check_tokenizer, end_token_id, load_seq2seq_data, make_seq2seq_loader,
                                 tokenize_pairs)
 from train.teacher import (MARKER, check_weights, data_digest, fine_tuned_record, load_teacher_config, load_tokenizer,
@@ -231,21 +231,23 @@ def ensure_seq2seq_teacher(cfg: Config, accelerator: Accelerator, prep: Prepared
         return loss, {}
 
     def save_best(model):
-        model.save_pretrained(out)
-        prep.tokenizer.save_pretrained(out)
+        with atomic_dir(out) as tmp:
+            model.save_pretrained(tmp)
+            prep.tokenizer.save_pretrained(tmp)
 
     with mlflow_run(cfg, "teacher-finetune", accelerator.is_main_process,
                     tags={"kdlab.teacher_source": cfg.teacher.source}) as tracker:
         result = fit(accelerator, teacher, train_loader, cfg=train_cfg, compute_loss=ce_loss,
                      evaluate=lambda m: evaluate_seq2seq(m, eval_loader, prep.tokenizer, references, cfg,
                                                          prep.lowercase, accelerator),
-                     save_best=save_best, out_dir=out, tracker=tracker, metric=cfg.task.metric, desc="teacher")
+                     save_best=save_best, out_dir=cfg.run_dir / "teacher_run", tracker=tracker,
+                     metric=cfg.task.metric, desc="teacher")
         best = load_seq2seq(str(out), cfg, prep.tokenizer).to(accelerator.device)
         dev = evaluate_seq2seq(best, eval_loader, prep.tokenizer, references, cfg, prep.lowercase)
         tracker.log_metrics({f"teacher/best_dev_{k}": v for k, v in dev.items()})
         tracker.set_tags({"kdlab.checkpoint": str(out)})
     if accelerator.is_main_process:
-        remove_states(out)
+        remove_states(cfg.run_dir / "teacher_run")
         (out / MARKER).write_text(json.dumps({"key": key, "source": cfg.teacher.source, "dev": dev,
                                               "train_seconds": result.train_seconds, "steps": result.steps},
                                              indent=2))
@@ -382,8 +384,9 @@ def _run(cfg: Config, accelerator: Accelerator, prep: Prepared) -> dict:
     references = list(prep.data.eval["target"])
 
     def save_best(model):
-        model.save_pretrained(out)
-        prep.tokenizer.save_pretrained(out)
+        with atomic_dir(out) as tmp:
+            model.save_pretrained(tmp)
+            prep.tokenizer.save_pretrained(tmp)
 
     training = "seq-kd" if cfg.distill.seq_kd != "none" else ("word-kd" if cfg.distill.alpha > 0 else "references")
     tags = {"kdlab.teacher_source": cfg.teacher.source, "kdlab.task": "seq2seq", "kdlab.training": training}

@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from distill.config import Config, ConfigError
 from train.data import TaskData, make_loader
-from train.loop import evaluate_classifier, fit, remove_states
+from train.loop import atomic_dir, evaluate_classifier, fit, remove_states
 from train.tracking import mlflow_run
 
 # name -> (pip package exposing get_model_path(), Hub id used when the package is absent)
@@ -204,21 +204,22 @@ def ensure_teacher(cfg: Config, accelerator: Accelerator, data: TaskData, tokeni
         return out.loss, {}
 
     def save_best(model):
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
+        with atomic_dir(out) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
 
     with mlflow_run(cfg, "teacher-finetune", accelerator.is_main_process,
                     tags={"kdlab.teacher_source": cfg.teacher.source}) as tracker:
         result = fit(accelerator, teacher, train_loader, cfg=train_cfg, compute_loss=ce_loss,
                      evaluate=lambda m: evaluate_classifier(m, eval_loader, accelerator),
-                     save_best=save_best, out_dir=out, tracker=tracker, metric=cfg.task.metric,
-                     desc="teacher")
+                     save_best=save_best, out_dir=cfg.run_dir / "teacher_run", tracker=tracker,
+                     metric=cfg.task.metric, desc="teacher")
         best = _load(str(out), cfg, data, attn)
         dev = evaluate_classifier(best.to(accelerator.device), eval_loader, accelerator)
         tracker.log_metrics({f"teacher/best_dev_{k}": v for k, v in dev.items()})
         tracker.set_tags({"kdlab.checkpoint": str(out)})
     if accelerator.is_main_process:
-        remove_states(out)
+        remove_states(cfg.run_dir / "teacher_run")
         marker.write_text(json.dumps({"key": key, "source": cfg.teacher.source, "dev": dev,
                                       "train_seconds": result.train_seconds, "steps": result.steps}, indent=2))
     accelerator.wait_for_everyone()

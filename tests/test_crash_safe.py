@@ -1,0 +1,96 @@
+"""Crash-safe training: atomic state saves, torn states skipped, and kill -9 then the same command resumes.
+
+The kill test runs the real `accelerate launch train/distill.py` twice on the same config in two run
+folders: once uninterrupted, once killed with SIGKILL (the whole process group) after it saved a
+state and then started again with the same command. Both must end with the same best dev accuracy
+and the same best student weights.
+"""
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, tiny_run_tree, write_config
+from test_distill_entry import ACCELERATE, SCRIPT, launch
+
+from train.loop import STATE_MARKER, _latest_state, _torn, atomic_dir
+
+
+def _fake_state(root: Path, step: int, files: dict, marker: bool = True) -> Path:
+    path = root / f"step_{step}"
+    path.mkdir(parents=True)
+    for name, data in files.items():
+        (path / name).write_bytes(data)
+    if marker:
+        (path / STATE_MARKER).write_text(json.dumps({"step": step, "fingerprint": "x",
+                                                     "files": {n: len(d) for n, d in files.items()}}))
+    return path
+
+
+def test_torn_states_are_skipped_for_the_newest_complete_one(tmp_path):
+    root = tmp_path / "state"
+    _fake_state(root, 4, {"model.safetensors": b"a" * 100, "optimizer.bin": b"b" * 50})
+    good = _fake_state(root, 8, {"model.safetensors": b"a" * 100, "optimizer.bin": b"b" * 50})
+    truncated = _fake_state(root, 12, {"model.safetensors": b"a" * 100, "optimizer.bin": b"b" * 50})
+    (truncated / "optimizer.bin").write_bytes(b"b" * 10)
+    _fake_state(root, 16, {"model.safetensors": b"a" * 100}, marker=False)  # killed before its marker
+    (root / ".step_20.tmp").mkdir()  # killed mid-save: never a state
+    said = []
+    assert _latest_state(root, said.append) == good
+    assert "no kdlab_state.json" in said[0] and "step_16" in said[0]
+    assert "optimizer.bin has 10 bytes, not the 50 written" in said[1]
+    assert _torn(good) is None
+
+
+def test_atomic_dir_keeps_the_old_folder_when_writing_fails(tmp_path):
+    out = tmp_path / "student"
+    with atomic_dir(out) as tmp:
+        (tmp / "model.safetensors").write_text("v1")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out) as tmp:
+            (tmp / "model.safetensors").write_text("half")
+            raise RuntimeError("killed")
+    assert (out / "model.safetensors").read_text() == "v1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]
+
+
+@pytest.mark.slow
+def test_kill_9_then_the_same_command_resumes_to_the_same_result(tmp_path, tiny_teacher_dir):
+    train = {"max_steps": 120, "save_state_every_steps": 10, "eval_every_steps": 30, "log_every_steps": 10}
+    results = {}
+    for name in ("straight", "killed"):
+        run_dir = tmp_path / name
+        config = write_config(tmp_path / f"{name}.yaml", tiny_run_tree(run_dir, tiny_teacher_dir, train=train))
+        if name == "killed":
+            cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "configs/accelerate/cpu_1proc.yaml"), SCRIPT,
+                   "--config", str(config)]
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    start_new_session=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+            state = run_dir / "student_run" / "state"
+            deadline = time.time() + 600
+            while not any((p / STATE_MARKER).is_file() for p in state.glob("step_*")) and time.time() < deadline:
+                assert proc.poll() is None, "the run ended before it could be killed"
+                time.sleep(0.02)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            saved = max(int(p.name.split("_")[1]) for p in state.glob("step_*") if (p / STATE_MARKER).is_file())
+            assert saved < 120
+            again = launch(config)
+            assert f"at step {saved}" in again.stdout  # the newest complete state, nothing earlier
+        else:
+            launch(config)
+        summary = json.loads((run_dir / "student" / "kdlab_summary.json").read_text())
+        results[name] = (summary, load_file(str(run_dir / "student" / "model.safetensors")))
+    (a, wa), (b, wb) = results["straight"], results["killed"]
+    assert b["steps"] == a["steps"] == 120
+    assert b["best_step"] == a["best_step"]
+    assert b["best_dev"]["accuracy"] == pytest.approx(a["best_dev"]["accuracy"], abs=1e-9)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.allclose(wa[key], wb[key], atol=1e-5), key

@@ -1,0 +1,153 @@
+"""Two `kdlab search` workers on one PostgreSQL study and one real MLflow tracking server.
+
+Run: .venv/bin/python -m pytest -q tests/test_scale_out.py
+
+What README "Scaling out" describes for several machines, exercised on one: a throw-away PostgreSQL
+cluster (tests/postgres.py) holds the Optuna study (`search.storage`) and the MLflow server's backend
+store (`mlflow server --workers 2`, artefacts proxied through it, `tracking.uri=http://...`). The
+teacher is fine-tuned, and its logits cached, once by `kdlab distill` before the workers start
+(two workers fine-tuning into one run folder at once would race); then two `kdlab search` processes
+run at the same time, 2 trials each, on a tiny random-init teacher and 200 real SST-2 rows. The
+assertions are on what they leave: the study's trials, the MLflow child runs, pareto.csv and the
+front `kdlab report` recomputes. Skips when PostgreSQL cannot be started (fails under
+KDLAB_REQUIRE_POSTGRES=1, as on CI).
+"""
+from __future__ import annotations
+
+import csv
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+
+from conftest import ROOT, tiny_run_tree, write_config
+from postgres import mlflow_server, postgres, postgres_url  # noqa: F401  (fixtures)
+from scripts.cli import main as kdlab
+
+pytestmark = pytest.mark.slow
+KDLAB = str(Path(sys.executable).parent / "kdlab")
+FAST_PROFILE = {"batch_size": 1, "seq_len": "data", "warmup_iters": 1, "min_iters": 5, "min_seconds": 0.2,
+                "repeats": 1, "threads": 1, "max_cv": 1.0}
+# A small, all-categorical space (no searched learning rate), so two workers can draw the same
+# student: the duplicate check has something to catch.
+SPACE = {"num_layers": [1, 2], "hidden_size": [32, 64], "num_heads": [2, 4], "recipes": ["dynamic-int8"],
+         "train_steps": 3, "seed_trials": 2}
+TRIALS_PER_WORKER = 2
+PARAM_KEYS = ("num_layers", "hidden_size", "num_heads", "intermediate_size", "init", "recipe", "learning_rate",
+              "temperature", "alpha")
+
+
+@pytest.fixture(scope="module")
+def tracking_uri(postgres, tmp_path_factory):  # noqa: F811
+    """A real MLflow tracking server, backend in the cluster's `mlflow` database, 2 server workers."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    with mlflow_server(postgres.url("mlflow"), root / "artifacts", workers=2, log=root / "server.log") as uri:
+        yield uri
+
+
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory, tiny_teacher_dir, postgres_url, tracking_uri):  # noqa: F811
+    root = tmp_path_factory.mktemp("scale_out")
+    tree = tiny_run_tree(root / "run", tiny_teacher_dir, target=FAST_PROFILE, search=SPACE)
+    tree["name"] = "scale"
+    config = write_config(root / "scale.yaml", tree)
+    # Given on the command line as a user would (a password would come from the environment, not the YAML).
+    overrides = [f"search.storage={postgres_url}", f"tracking.uri={tracking_uri}"]
+
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    # The teacher once, before any worker, as a user would: `kdlab distill` fine-tunes it
+    # (teacher/kdlab_teacher.json) and caches its logits; the workers then only read both.
+    # train.max_steps keeps the student part short; it is not in the teacher's key.
+    prep = subprocess.run([KDLAB, "distill", "--config", str(config), *overrides, "train.max_steps=2"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert prep.returncode == 0, f"kdlab distill exit {prep.returncode}\n{prep.stdout[-2000:]}\n{prep.stderr[-2000:]}"
+    assert (root / "run" / "teacher" / "kdlab_teacher.json").is_file()
+    caches = sorted((root / "run" / "cache").glob("teacher_logits-*.safetensors"))
+    assert len(caches) == 1
+
+    cmd = [KDLAB, "search", "--config", str(config), "--n-trials", str(TRIALS_PER_WORKER), *overrides]
+    workers = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for _ in range(2)]
+    outputs = []
+    try:
+        for proc in workers:
+            out, err = proc.communicate(timeout=420)
+            outputs.append((proc.returncode, out, err))
+    finally:
+        for proc in workers:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    pareto_csv = (root / "run" / "report" / "pareto.csv").read_text()  # as the last worker left it
+    study = optuna.load_study(study_name="scale", storage=postgres_url)
+    return {"root": root, "config": config, "overrides": overrides, "outputs": outputs, "pareto_csv": pareto_csv,
+            "study": study, "caches": caches}
+
+
+def test_both_workers_share_one_study(two_workers):
+    for code, out, err in two_workers["outputs"]:
+        assert code == 0, f"worker exit {code}\n{out[-3000:]}\n{err[-3000:]}"
+    trials = two_workers["study"].trials
+    assert len(trials) == 2 * TRIALS_PER_WORKER
+    assert sorted(t.number for t in trials) == list(range(2 * TRIALS_PER_WORKER))
+    assert {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"}
+    assert sum(t.state.name == "COMPLETE" for t in trials) >= 2  # the two seeds at least are distinct students
+    # Each worker reports only the trials it ran: the two sets split the study between them.
+    ran = [set(map(int, re.findall(r"^trial (\d+):", out, re.M))) for _, out, _ in two_workers["outputs"]]
+    assert all(ran) and not ran[0] & ran[1] and ran[0] | ran[1] == {t.number for t in trials}
+    # The workers read the teacher and its logits; neither fine-tuned or cached again.
+    assert sorted((two_workers["root"] / "run" / "cache").glob("teacher_logits-*.safetensors")) == \
+        two_workers["caches"]
+    assert all("reusing fine-tuned checkpoint" in out for _, out, _ in two_workers["outputs"])
+
+
+def test_no_student_is_trained_twice(two_workers):
+    trials = two_workers["study"].trials
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    params = Counter(tuple(t.user_attrs.get(k) for k in PARAM_KEYS) for t in complete)
+    repeated = {p: n for p, n in params.items() if n > 1}
+    assert not repeated, f"COMPLETE trials training the same student: {repeated}"
+    for t in trials:
+        if t.state.name == "PRUNED":  # the only reason a trial is pruned: it repeats a completed one
+            twin = trials[t.user_attrs["duplicate_of"]]
+            assert twin.state.name == "COMPLETE"
+            assert all(t.user_attrs.get(k) == twin.user_attrs.get(k) for k in PARAM_KEYS)
+
+
+def test_every_finished_trial_has_one_mlflow_child_run(two_workers, tracking_uri):
+    study = two_workers["study"]
+    mlflow.set_tracking_uri(tracking_uri)
+    runs = mlflow.search_runs(experiment_names=["scale"], output_format="list")
+    parents = [r for r in runs if r.data.tags.get("kdlab.stage") == "search"]
+    children = [r for r in runs if r.data.tags.get("kdlab.stage") == "search-trial"]
+    assert len(parents) == 1, f"{len(parents)} parent runs for one study"
+    assert study.user_attrs["mlflow_parent_run_id"] == parents[0].info.run_id
+    per_trial = Counter(int(r.data.params["trial_number"]) for r in children)
+    for t in study.trials:
+        expected = 1 if t.state.name == "COMPLETE" else 0  # a pruned repeat is never trained or logged
+        assert per_trial.get(t.number, 0) == expected, f"trial {t.number} ({t.state.name}): {per_trial}"
+    by_trial = {int(r.data.params["trial_number"]): r for r in children}
+    for number, run in by_trial.items():
+        t = study.trials[number]
+        assert run.info.run_id == t.user_attrs["mlflow_run_id"] and run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert run.data.tags["state"] == "COMPLETE"
+        assert run.data.metrics["p95_ms"] == pytest.approx(t.user_attrs["p95_ms"])
+
+
+def test_report_recomputes_the_front_the_workers_left(two_workers, capsys):
+    before = list(csv.DictReader(two_workers["pareto_csv"].splitlines()))
+    assert kdlab(["report", "--config", str(two_workers["config"]), *two_workers["overrides"]]) == 0
+    after = list(csv.DictReader((two_workers["root"] / "run" / "report" / "pareto.csv").read_text().splitlines()))
+    front_of = lambda rows: sorted(int(r["trial"]) for r in rows if r["is_pareto"] == "True")  # noqa: E731
+    study = optuna.load_study(study_name="scale", storage=two_workers["overrides"][0].split("=", 1)[1])
+    assert front_of(before) == front_of(after) == sorted(t.number for t in study.best_trials)
+    assert [(r["trial"], r["state"], r["quality"], r["p95_ms"]) for r in before] == \
+        [(r["trial"], r["state"], r["quality"], r["p95_ms"]) for r in after]
+    assert "Pareto front" in capsys.readouterr().out
