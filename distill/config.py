@@ -188,6 +188,9 @@ class SearchConfig:
     storage: Optional[str] = _f(None, "Optuna RDB URL (sqlite:///..., postgresql://...); "
                                 "default sqlite:///<output_dir>/optuna.db")
     study_name: Optional[str] = _f(None, "Optuna study name; default the config's name")
+    heartbeat_s: int = _f(60, "a running trial records a heartbeat this often; one silent for 2x this long (its "
+                              "worker was killed or lost) is marked FAIL by the next worker and retried")
+    max_retries: int = _f(2, "retries of a trial whose worker died (its params are enqueued again)")
     num_layers: Any = _f(None, "student layers (range); default 1..the teacher's layers")
     encoder_layers: Any = _f(None, "seq2seq: student encoder layers (range); default the teacher's")
     decoder_layers: Any = _f(None, "seq2seq: student decoder layers (range); default 1..the teacher's")
@@ -640,6 +643,8 @@ def _validate_search(cfg: Config, c, label: str) -> None:
     s = cfg.search
     c(s.n_trials >= 1, "search.n_trials", f"must be >= 1, got {s.n_trials}")
     c(s.timeout_s is None or s.timeout_s > 0, "search.timeout_s", f"must be > 0, got {s.timeout_s}")
+    c(s.heartbeat_s >= 1, "search.heartbeat_s", f"must be >= 1, got {s.heartbeat_s}")
+    c(s.max_retries >= 0, "search.max_retries", f"must be >= 0, got {s.max_retries}")
     c(s.sampler in SAMPLERS, "search.sampler", f"'{s.sampler}'; valid: {', '.join(SAMPLERS)}")
     c(s.train_steps is None or s.train_steps >= 1, "search.train_steps", f"must be >= 1, got {s.train_steps}")
     c(s.train_epochs > 0, "search.train_epochs", f"must be > 0, got {s.train_epochs}")

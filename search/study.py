@@ -97,11 +97,43 @@ def open_storage(cfg: Config, create: bool = True) -> optuna.storages.RDBStorage
                               f"{cfg.config_path or '<config>'} first")
         path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        return optuna.storages.RDBStorage(url)
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=cfg.search.heartbeat_s, grace_period=2 * cfg.search.heartbeat_s,
+            failed_trial_callback=_DeadTrial(cfg))
     except Exception as exc:  # sqlalchemy/driver errors come in many types; all mean "cannot use this URL"
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         raise ConfigError(f"search.storage: cannot open {redact(url)!r} ({type(exc).__name__}: {first}); "
                           "valid: a reachable RDB URL such as sqlite:///runs/x/optuna.db") from None
+
+
+class _DeadTrial:
+    """Called by Optuna for a trial whose worker stopped sending heartbeats (killed, machine lost).
+
+    Optuna has already marked it FAIL; this closes its MLflow child run as FAILED (it would stay
+    RUNNING forever) and enqueues the same parameters again (RetryFailedTrialCallback), up to
+    search.max_retries times per original trial.
+    """
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.retry = optuna.storages.RetryFailedTrialCallback(max_retry=cfg.search.max_retries)
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        why = f"worker died: no heartbeat for {2 * self.cfg.search.heartbeat_s} s"
+        if run_id and self.cfg.tracking.enabled:
+            try:
+                from mlflow.tracking import MlflowClient
+                client = MlflowClient(self.cfg.tracking.uri)
+                client.set_tag(run_id, "state", "FAIL")
+                client.set_tag(run_id, "error", why)
+                client.set_terminated(run_id, status="FAILED")
+            except Exception as exc:  # tracking trouble must not stop the study
+                print(f"kdlab: warning: could not mark the MLflow run of dead trial {trial.number} FAILED: "
+                      f"{one_line(exc)}", file=sys.stderr)
+        self.retry(study, trial)
+        print(f"kdlab: trial {trial.number} had no heartbeat for {2 * self.cfg.search.heartbeat_s} s (its worker "
+              f"died): marked FAIL and enqueued again", file=sys.stderr)
 
 
 def make_sampler(cfg: Config, n_existing: int) -> optuna.samplers.BaseSampler:
@@ -346,6 +378,7 @@ def run_search(cfg: Config, accelerator, n_trials: int | None = None, timeout_s:
         raise ConfigError(f"search.study_name: study '{name}' exists with other objectives; "
                           "use a new search.study_name")
     study.set_user_attr("fingerprint", fingerprint)
+    optuna.storages.fail_stale_trials(study)  # trials of dead workers: FAIL, MLflow FAILED, retried
     _resolve_targets(ctx, study)
     if not study.trials:
         for candidate in space.seeds(cfg.search.seed_trials, cfg.target.device):

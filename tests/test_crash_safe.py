@@ -94,3 +94,51 @@ def test_kill_9_then_the_same_command_resumes_to_the_same_result(tmp_path, tiny_
     assert wa.keys() == wb.keys()
     for key in wa:
         assert torch.allclose(wa[key], wb[key], atol=1e-5), key
+
+
+@pytest.mark.slow
+def test_a_search_worker_killed_mid_trial_is_failed_retried_and_its_mlflow_run_closed(tmp_path, tiny_teacher_dir):
+    import mlflow
+    import optuna
+    KDLAB = str(Path(ACCELERATE).parent / "kdlab")
+    run_dir = tmp_path / "run"
+    tree = tiny_run_tree(run_dir, tiny_teacher_dir,
+                         target={"min_iters": 5, "min_seconds": 0.2, "repeats": 1, "warmup_iters": 1,
+                                 "p95_ms": "teacher*5"},
+                         search={"n_trials": 1, "train_steps": 40, "seed_trials": 1, "recipes": ["fp32"],
+                                 "num_layers": [1], "heartbeat_s": 1, "max_retries": 1})
+    config = write_config(tmp_path / "c.yaml", tree)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    worker = subprocess.Popen([KDLAB, "search", "--config", str(config)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+    url = f"sqlite:///{run_dir / 'optuna.db'}"
+    deadline, running = time.time() + 600, None
+    while running is None and time.time() < deadline:
+        assert worker.poll() is None, "the worker ended before it could be killed"
+        time.sleep(0.2)
+        try:
+            study = optuna.load_study(study_name="tiny", storage=url)
+        except Exception:  # not created yet
+            continue
+        running = next((t for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+                        if "mlflow_run_id" in t.user_attrs), None)
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+    time.sleep(3)  # longer than 2 heartbeats: the trial is now stale
+
+    proc = subprocess.run([KDLAB, "search", "--config", str(config)], cwd=ROOT, capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"trial {running.number} had no heartbeat" in proc.stderr
+    trials = optuna.load_study(study_name="tiny", storage=url).get_trials()
+    dead = trials[running.number]
+    assert dead.state == optuna.trial.TrialState.FAIL
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == running.number]
+    assert len(retry) == 1 and retry[0].state == optuna.trial.TrialState.COMPLETE
+    assert retry[0].params == dead.params
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) == 1  # no duplicate completions
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    dead_run = client.get_run(running.user_attrs["mlflow_run_id"])
+    assert dead_run.info.status == "FAILED" and dead_run.data.tags["state"] == "FAIL"
+    assert client.get_run(retry[0].user_attrs["mlflow_run_id"]).info.status == "FINISHED"
