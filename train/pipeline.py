@@ -22,7 +22,7 @@ from distill.students import build_student, check_vocab, count_params, student_c
 from train.data import TaskData, load_task_data, make_loader, tokenize
 from train.loop import atomic_dir, evaluate_classifier, fit
 from train.teacher import ensure_teacher, load_teacher_config, load_tokenizer, weights_digest
-from train.tracking import mlflow_run
+from train.tracking import check_reachable, mlflow_run
 
 
 @dataclass
@@ -37,6 +37,8 @@ def prepare(cfg: Config, accelerator: Accelerator) -> Prepared:
     """Validate everything against the real files and teacher, without writing anything."""
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise ConfigError("train.mixed_precision: fp16 needs a GPU; valid on CPU: no, bf16")
+    if accelerator.is_main_process:
+        check_reachable(cfg)  # an unreachable tracking server: one line now, not after the teacher trained
     data = load_task_data(cfg.data, cfg.train.seed)
     teacher_config = load_teacher_config(cfg)
     tokenizer = load_tokenizer(cfg)
