@@ -58,21 +58,29 @@ class Tracker:
         self.kept += 1
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        if not self.active:
+            return
         import mlflow
         values = {k: float(v) for k, v in metrics.items()}
         self._send("metrics", values, step, lambda: mlflow.log_metrics(values, step=step))
 
     def log_params(self, params: dict) -> None:
+        if not self.active:
+            return
         import mlflow
         values = {k: str(v)[:_MAX_PARAM] for k, v in params.items()}
         self._send("params", values, None, lambda: mlflow.log_params(values))
 
     def set_tags(self, tags: dict) -> None:
+        if not self.active:
+            return
         import mlflow
         values = {k: str(v) for k, v in tags.items()}
         self._send("tags", values, None, lambda: mlflow.set_tags(values))
 
     def log_artifact(self, path: str | Path) -> None:
+        if not self.active:
+            return
         import mlflow
         self._send("artifact", {"path": str(path)}, None, lambda: mlflow.log_artifact(str(path)))
 
