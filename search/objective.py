@@ -110,8 +110,13 @@ def run_trial(trial: optuna.Trial, ctx: Context, evaluate):
         trial.set_user_attr(key, value)
     # TPE returns to good points of a mostly categorical space; training the same candidate again
     # would spend minutes to learn nothing new, so a repeat is pruned and points to its twin.
-    twin = next((t.number for t in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-                 if all(t.user_attrs.get(k) == v for k, v in candidate.to_dict().items())), None)
+    # Workers sharing a study can draw (or enqueue) the same point at once: of trials running the same
+    # candidate, the lowest-numbered one trains and every later one is pruned, so each student trains once.
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
+    twin = next((t.number for t in trial.study.get_trials(deepcopy=False, states=states)
+                 if (t.state == optuna.trial.TrialState.COMPLETE or t.number < trial.number)
+                 and t.number != trial.number
+                 and all(t.user_attrs.get(k) == v for k, v in candidate.to_dict().items())), None)
     if twin is not None:
         trial.set_user_attr("duplicate_of", twin)
         raise optuna.TrialPruned(f"same candidate as trial {twin}")

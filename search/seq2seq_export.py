@@ -96,6 +96,7 @@ def run_seq2seq_export(cfg: Config, choice, dest: Path, console=None) -> dict:
             tokens = sum(int((artefact.predict(b)[:, 1:] != prep.tokenizer.pad_token_id).sum()) for b in batches[:8])
             per_call = tokens / min(8, len(batches))
             latency.append({"batch_size": bs, "p50_ms": row.p50_ms, "p95_ms": row.p95_ms, "p99_ms": row.p99_ms,
+                            "mean_ms": row.mean_ms,
                             "throughput": row.throughput, "tokens_per_s": per_call / (row.p50_ms / 1e3), "cv": row.cv,
                             "stable": row.stable, "source_len_median": lengths["seq_len_median"]})
         manifest.update(parity=agreement, latency=latency,

@@ -43,6 +43,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,7 @@ DIRECTIONS = ["maximize", "minimize"]  # quality, p95_ms
 STARTUP_TRIALS = 6  # seeds + a few random draws before TPE models the trials (Optuna's 10 is a whole small budget)
 NSGA2_POPULATION = 10  # a generation a 10-50 trial budget can complete several times
 TARGET_KEYS = ("p95_ms", "min_quality", "max_size_mb")
+STORAGE_ATTEMPTS = 5  # opening a fresh database while another worker creates its tables
 PROFILE_KEYS = ("device", "threads", "batch_size", "seq_len")
 
 
@@ -96,27 +98,41 @@ def open_storage(cfg: Config, create: bool = True) -> optuna.storages.RDBStorage
             raise ConfigError(f"search.storage: no study database at {path}; run kdlab search --config "
                               f"{cfg.config_path or '<config>'} first")
         path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        return optuna.storages.RDBStorage(
-            url, heartbeat_interval=cfg.search.heartbeat_s, grace_period=2 * cfg.search.heartbeat_s,
-            failed_trial_callback=_DeadTrial(cfg))
-    except Exception as exc:  # sqlalchemy/driver errors come in many types; all mean "cannot use this URL"
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-        raise ConfigError(f"search.storage: cannot open {redact(url)!r} ({type(exc).__name__}: {first}); "
-                          "valid: a reachable RDB URL such as sqlite:///runs/x/optuna.db") from None
+    last = None
+    for attempt in range(STORAGE_ATTEMPTS):
+        try:
+            with warnings.catch_warnings():  # Optuna marks heartbeats experimental; kdlab relies on them on purpose
+                warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url, heartbeat_interval=cfg.search.heartbeat_s, grace_period=2 * cfg.search.heartbeat_s,
+                    heartbeat_stale_trial_callback=_DeadTrial(cfg))
+        except Exception as exc:
+            # Workers started together race to create the schema of a fresh database; the loser sees
+            # a unique-constraint or "already exists" error and simply opens it a moment later.
+            last = exc
+            if not any(word in str(exc) for word in ("UNIQUE constraint", "already exists", "duplicate key",
+                                                     "database is locked")):
+                break
+            time.sleep(0.5 * (attempt + 1))
+    # sqlalchemy/driver errors come in many types; all mean "cannot use this URL"
+    first = str(last).strip().splitlines()[0][:200] if str(last).strip() else ""
+    raise ConfigError(f"search.storage: cannot open {redact(url)!r} ({type(last).__name__}: {first}); "
+                      "valid: a reachable RDB URL such as sqlite:///runs/x/optuna.db")
 
 
 class _DeadTrial:
     """Called by Optuna for a trial whose worker stopped sending heartbeats (killed, machine lost).
 
     Optuna has already marked it FAIL; this closes its MLflow child run as FAILED (it would stay
-    RUNNING forever) and enqueues the same parameters again (RetryFailedTrialCallback), up to
+    RUNNING forever) and enqueues the same parameters again (RetryHeartbeatStaleTrialCallback), up to
     search.max_retries times per original trial.
     """
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.retry = optuna.storages.RetryFailedTrialCallback(max_retry=cfg.search.max_retries)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+            self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=cfg.search.max_retries)
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         run_id = trial.user_attrs.get("mlflow_run_id")

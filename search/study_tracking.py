@@ -53,16 +53,44 @@ class StudyTracking:
                 resumed = mlflow.get_run(run_id).info.lifecycle_stage == "active"
             except MlflowException:  # another tracking store, or the run was deleted
                 resumed = False
-        kwargs = {"run_id": run_id} if resumed else {"run_name": "search"}
-        with mlflow.start_run(**kwargs) as run:
+        if resumed:
+            run = mlflow.start_run(run_id=run_id)
+        else:
+            run = mlflow.start_run(run_name="search")
+            mlflow.set_tags({"kdlab.stage": "search", "optuna.study": study.study_name})
+            winner = self._elect(study.study_name, run.info)
+            if winner != run.info.run_id:  # another worker created the study's parent first: use theirs
+                mlflow.end_run()
+                mlflow.MlflowClient().delete_run(run.info.run_id)
+                run, resumed = mlflow.start_run(run_id=winner), True
+            else:
+                # Params are immutable in MLflow: log the resolved config once, when the parent is created.
+                mlflow.log_params({k: str(v)[:500] for k, v in flatten(to_dict(self.cfg)).items()})
+            study.set_user_attr(PARENT_ATTR, run.info.run_id)
+        try:
             tracker = Tracker(True)
             tracker.run_id = self.parent_run_id = run.info.run_id
-            if not resumed:
-                # Params are immutable in MLflow: log the resolved config once, when the parent is created.
-                tracker.log_params(flatten(to_dict(self.cfg)))
-                tracker.set_tags({"kdlab.stage": "search", "optuna.study": study.study_name})
-                study.set_user_attr(PARENT_ATTR, run.info.run_id)
             yield tracker
+            status = "FINISHED"
+        except BaseException:
+            status = "FAILED"
+            raise
+        finally:
+            mlflow.end_run(status=status)
+
+    @staticmethod
+    def _elect(study_name: str, info) -> str:
+        """The study's parent when workers start together: the oldest live `search` run tagged with the study.
+
+        Each worker tags its own candidate before looking, so a later worker always sees an earlier
+        one, and all of them agree on the oldest (start time, then run id); the others delete theirs.
+        """
+        import mlflow
+        name = study_name.replace("'", "\\'")
+        runs = mlflow.MlflowClient().search_runs(
+            [info.experiment_id], filter_string=f"tags.`optuna.study` = '{name}' and tags.`kdlab.stage` = 'search'")
+        live = [r for r in runs if r.info.lifecycle_stage == "active"] or []
+        return min(live, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id if live else info.run_id
 
     @contextmanager
     def child(self, trial, params: dict):

@@ -8,6 +8,7 @@ and the same best student weights.
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -109,19 +110,23 @@ def test_a_search_worker_killed_mid_trial_is_failed_retried_and_its_mlflow_run_c
                                  "num_layers": [1], "heartbeat_s": 1, "max_retries": 1})
     config = write_config(tmp_path / "c.yaml", tree)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    worker = subprocess.Popen([KDLAB, "search", "--config", str(config)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+    log = open(tmp_path / "worker.log", "w")
+    worker = subprocess.Popen([KDLAB, "search", "--config", str(config)], cwd=ROOT, stdout=log, stderr=log,
+                              start_new_session=True, env=env)
     url = f"sqlite:///{run_dir / 'optuna.db'}"
+    db = run_dir / "optuna.db"
     deadline, running = time.time() + 600, None
     while running is None and time.time() < deadline:
-        assert worker.poll() is None, "the worker ended before it could be killed"
+        assert worker.poll() is None, f"the worker ended first: {(tmp_path / 'worker.log').read_text()[-2000:]}"
         time.sleep(0.2)
+        # Read the worker's database without opening it as an Optuna storage (that would create its tables).
         try:
-            study = optuna.load_study(study_name="tiny", storage=url)
-        except Exception:  # not created yet
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+                row = con.execute("SELECT t.number FROM trials t JOIN trial_user_attributes a ON a.trial_id = "
+                                  "t.trial_id WHERE t.state = 'RUNNING' AND a.key = 'mlflow_run_id'").fetchone()
+        except sqlite3.Error:
             continue
-        running = next((t for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
-                        if "mlflow_run_id" in t.user_attrs), None)
+        running = row[0] if row else None
     os.killpg(worker.pid, signal.SIGKILL)
     worker.wait()
     time.sleep(3)  # longer than 2 heartbeats: the trial is now stale
@@ -129,16 +134,16 @@ def test_a_search_worker_killed_mid_trial_is_failed_retried_and_its_mlflow_run_c
     proc = subprocess.run([KDLAB, "search", "--config", str(config)], cwd=ROOT, capture_output=True, text=True,
                           env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"trial {running.number} had no heartbeat" in proc.stderr
+    assert f"trial {running} had no heartbeat" in proc.stderr
     trials = optuna.load_study(study_name="tiny", storage=url).get_trials()
-    dead = trials[running.number]
+    dead = trials[running]
     assert dead.state == optuna.trial.TrialState.FAIL
-    retry = [t for t in trials if t.system_attrs.get("failed_trial") == running.number]
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == running]
     assert len(retry) == 1 and retry[0].state == optuna.trial.TrialState.COMPLETE
     assert retry[0].params == dead.params
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) == 1  # no duplicate completions
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     client = mlflow.MlflowClient()
-    dead_run = client.get_run(running.user_attrs["mlflow_run_id"])
+    dead_run = client.get_run(dead.user_attrs["mlflow_run_id"])
     assert dead_run.info.status == "FAILED" and dead_run.data.tags["state"] == "FAIL"
     assert client.get_run(retry[0].user_attrs["mlflow_run_id"]).info.status == "FINISHED"
