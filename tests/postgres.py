@@ -28,10 +28,10 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 PG_USER = "postgres"  # the cluster's superuser, and the system user the binaries run as under root
 MLFLOW_HEALTH_TIMEOUT_S = 180  # ~25 s on a quiet 2-core machine (../shared/STACK.md); more when it is busy
@@ -75,7 +75,7 @@ class PostgresCluster:
 
     def _pg(self, tool: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         proc = subprocess.run([*self.run_as, str(self.bindir / tool), *args], capture_output=True, text=True,
-                              timeout=timeout, cwd=self.root)
+                              timeout=timeout, cwd=self.root, check=False)
         if proc.returncode != 0:
             raise PostgresUnavailable(f"{tool} exited {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-500:]}")
         return proc
@@ -111,7 +111,6 @@ def postgres_cluster(databases: tuple = ("kdlab",)) -> Iterator[PostgresCluster]
         os.chown(root, entry.pw_uid, entry.pw_gid)
     cluster = PostgresCluster(free_port(), bindir, root, run_as)
     data, log = root / "data", root / "server.log"
-    started = False
     try:
         cluster._pg("initdb", "-D", str(data), "-U", PG_USER, "--auth=trust", "--encoding=UTF8", "--locale=C",
                     "--no-sync")
@@ -122,14 +121,13 @@ def postgres_cluster(databases: tuple = ("kdlab",)) -> Iterator[PostgresCluster]
         except PostgresUnavailable as exc:
             tail = log.read_text(errors="replace").strip()[-500:] if log.is_file() else ""
             raise PostgresUnavailable(f"{exc} {tail}".strip()) from None
-        started = True
         for name in databases:
             cluster.create_database(name)
         yield cluster
     finally:
-        if started:
+        if (data / "postmaster.pid").exists():  # also when pg_ctl gave up waiting on a server that did start
             subprocess.run([*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
-                           capture_output=True, timeout=120)
+                           capture_output=True, timeout=120, check=False)
         shutil.rmtree(root, ignore_errors=True)
 
 

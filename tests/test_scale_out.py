@@ -15,6 +15,7 @@ KDLAB_REQUIRE_POSTGRES=1, as on CI).
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import subprocess
@@ -27,11 +28,12 @@ import optuna
 import pytest
 
 from conftest import ROOT, tiny_run_tree, write_config
-from postgres import mlflow_server, postgres, postgres_url  # noqa: F401  (fixtures)
+from postgres import free_port, mlflow_server, postgres, postgres_url  # noqa: F401  (fixtures)
 from scripts.cli import main as kdlab
 
 pytestmark = pytest.mark.slow
 KDLAB = str(Path(sys.executable).parent / "kdlab")
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 FAST_PROFILE = {"batch_size": 1, "seq_len": "data", "warmup_iters": 1, "min_iters": 5, "min_seconds": 0.2,
                 "repeats": 1, "threads": 1, "max_cv": 1.0}
 # A small, all-categorical space (no searched learning rate), so two workers can draw the same
@@ -65,29 +67,32 @@ def two_workers(tmp_path_factory, tiny_teacher_dir, postgres_url, tracking_uri):
     # (teacher/kdlab_teacher.json) and caches its logits; the workers then only read both.
     # train.max_steps keeps the student part short; it is not in the teacher's key.
     prep = subprocess.run([KDLAB, "distill", "--config", str(config), *overrides, "train.max_steps=2"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
     assert prep.returncode == 0, f"kdlab distill exit {prep.returncode}\n{prep.stdout[-2000:]}\n{prep.stderr[-2000:]}"
     assert (root / "run" / "teacher" / "kdlab_teacher.json").is_file()
     caches = sorted((root / "run" / "cache").glob("teacher_logits-*.safetensors"))
     assert len(caches) == 1
 
     cmd = [KDLAB, "search", "--config", str(config), "--n-trials", str(TRIALS_PER_WORKER), *overrides]
-    workers = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for _ in range(2)]
-    outputs = []
+    # Output to files, not pipes: a worker blocked on a full pipe would stall the study for the other.
+    logs = [(root / f"worker{i}.out", root / f"worker{i}.err") for i in range(2)]
+    workers = []
+    for out_path, err_path in logs:
+        with open(out_path, "w") as out, open(err_path, "w") as err:
+            workers.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err))
     try:
         for proc in workers:
-            out, err = proc.communicate(timeout=420)
-            outputs.append((proc.returncode, out, err))
+            proc.wait(timeout=420)
     finally:
         for proc in workers:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+    outputs = [(proc.returncode, out.read_text(), err.read_text()) for proc, (out, err) in zip(workers, logs)]
     pareto_csv = (root / "run" / "report" / "pareto.csv").read_text()  # as the last worker left it
     study = optuna.load_study(study_name="scale", storage=postgres_url)
-    return {"root": root, "config": config, "overrides": overrides, "outputs": outputs, "pareto_csv": pareto_csv,
-            "study": study, "caches": caches}
+    return {"root": root, "config": config, "overrides": overrides, "storage": postgres_url, "outputs": outputs,
+            "pareto_csv": pareto_csv, "study": study, "caches": caches}
 
 
 def test_both_workers_share_one_study(two_workers):
@@ -99,7 +104,7 @@ def test_both_workers_share_one_study(two_workers):
     assert {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"}
     assert sum(t.state.name == "COMPLETE" for t in trials) >= 2  # the two seeds at least are distinct students
     # Each worker reports only the trials it ran: the two sets split the study between them.
-    ran = [set(map(int, re.findall(r"^trial (\d+):", out, re.M))) for _, out, _ in two_workers["outputs"]]
+    ran = [set(map(int, re.findall(r"^trial (\d+):", out, re.MULTILINE))) for _, out, _ in two_workers["outputs"]]
     assert all(ran) and not ran[0] & ran[1] and ran[0] | ran[1] == {t.number for t in trials}
     # The workers read the teacher and its logits; neither fine-tuned or cached again.
     assert sorted((two_workers["root"] / "run" / "cache").glob("teacher_logits-*.safetensors")) == \
@@ -141,13 +146,42 @@ def test_every_finished_trial_has_one_mlflow_child_run(two_workers, tracking_uri
         assert run.data.metrics["p95_ms"] == pytest.approx(t.user_attrs["p95_ms"])
 
 
+def front_of(rows: list[dict]) -> list[int]:
+    return sorted(int(r["trial"]) for r in rows if r["is_pareto"] == "True")
+
+
 def test_report_recomputes_the_front_the_workers_left(two_workers, capsys):
     before = list(csv.DictReader(two_workers["pareto_csv"].splitlines()))
     assert kdlab(["report", "--config", str(two_workers["config"]), *two_workers["overrides"]]) == 0
     after = list(csv.DictReader((two_workers["root"] / "run" / "report" / "pareto.csv").read_text().splitlines()))
-    front_of = lambda rows: sorted(int(r["trial"]) for r in rows if r["is_pareto"] == "True")  # noqa: E731
-    study = optuna.load_study(study_name="scale", storage=two_workers["overrides"][0].split("=", 1)[1])
+    study = optuna.load_study(study_name="scale", storage=two_workers["storage"])
     assert front_of(before) == front_of(after) == sorted(t.number for t in study.best_trials)
     assert [(r["trial"], r["state"], r["quality"], r["p95_ms"]) for r in before] == \
         [(r["trial"], r["state"], r["quality"], r["p95_ms"]) for r in after]
     assert "Pareto front" in capsys.readouterr().out
+
+
+def test_multi_node_config_rendezvous_as_two_machines_on_one_host(tmp_path, tiny_teacher_dir):
+    """configs/accelerate/multi_node_ddp.yaml as shipped, launched twice (machine_rank 0 and 1) over 127.0.0.1;
+    on CPU (ACCELERATE_USE_CPU, gloo) in place of GPUs: one DDP run of 2 processes, written by rank 0 only."""
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path / "c.yaml", tiny_run_tree(run_dir, tiny_teacher_dir))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    launch = [ACCELERATE, "launch", "--config_file", str(ROOT / "configs" / "accelerate" / "multi_node_ddp.yaml"),
+              "--num_machines", "2", "--num_processes", "2", "--main_process_ip", "127.0.0.1",
+              "--main_process_port", str(free_port()), "--mixed_precision", "no"]
+    script = [str(ROOT / "train" / "distill.py"), "--config", str(config), "train.max_steps=4"]
+    ranks = [subprocess.Popen([*launch, "--machine_rank", str(rank), *script], cwd=ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for rank in (0, 1)]
+    try:
+        outputs = [proc.communicate(timeout=300)[0] for proc in ranks]
+    finally:
+        for proc in ranks:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for proc, out in zip(ranks, outputs):
+        assert proc.returncode == 0, out[-3000:]
+    summary = json.loads((run_dir / "student" / "kdlab_summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["steps"] == 4
+    assert "dev accuracy" in outputs[0] and "dev accuracy" not in outputs[1]  # rank 0 reports; rank 1 only trains

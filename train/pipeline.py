@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass
 
@@ -85,7 +86,7 @@ def cached_teacher_logits(teacher, train_ds, tokenizer, cfg: Config, accelerator
         if accelerator.is_main_process:
             order = torch.cat(idx_all).argsort()
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")  # workers sharing a run folder may write at once
             save_file({"logits": torch.cat(logits_all)[order].contiguous()}, str(tmp))
             tmp.rename(path)
         accelerator.wait_for_everyone()

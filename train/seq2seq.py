@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass
 
@@ -284,7 +285,7 @@ def seq_kd_targets(teacher, prep: Prepared, cfg: Config, accelerator: Accelerato
     empty = sum(1 for t in texts if not t)
     if accelerator.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # workers sharing a run folder may write at once
         tmp.write_text(json.dumps({"beams": cfg.distill.seq_kd_num_beams, "empty": empty, "targets": texts}))
         tmp.rename(path)
     accelerator.wait_for_everyone()
