@@ -59,7 +59,7 @@ bench-seq2seq: setup
 	$(BIN)/python scripts/bench_seq2seq.py
 
 # Soak (README "Scaling out"): 20 trials by 2 `kdlab search` workers on one PostgreSQL study and one MLflow
-# server, a random worker SIGKILLed every 60 s and restarted; writes benchmarks/results/soak.json. Needs PostgreSQL
+# server, a random worker SIGKILLed every 15 s and restarted; writes benchmarks/results/soak.json. Needs PostgreSQL
 # (Debian: apt-get install postgresql). Quick check: .venv/bin/python scripts/soak.py --trials 4 --out /tmp/soak.json
 soak: setup
 	$(BIN)/python scripts/soak.py

@@ -214,6 +214,11 @@ def main(argv=None) -> int:
     except (ConfigError, ExportError) as exc:
         print(f"kdlab: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # A search's running trial is left to Optuna's heartbeat (failed and retried by the next worker), a
+        # prediction keeps OUTPUT.partial to resume from, an export leaves the previous export untouched.
+        print(f"kdlab: interrupted ({args.command}); run the same command again to continue", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Soak: a student search by 2 workers on one PostgreSQL study while workers are killed and restarted.
 
-    make soak                                                          # 20 trials, a kill every 60 s
+    make soak                                                          # 20 trials of 300 steps, a kill every 15 s
     .venv/bin/python scripts/soak.py --trials 4 --kill-every 30 --out /tmp/soak.json   # a quick check
 
 What README "Scaling out" describes, on one machine and under fire: a throw-away PostgreSQL cluster
@@ -61,8 +61,8 @@ HEARTBEAT_S = 5  # a killed worker's trial is failed (and retried) by the other 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=20, help="COMPLETE trials the study must reach")
-    p.add_argument("--kill-every", type=float, default=60.0, help="seconds between two SIGKILLs of a random worker")
-    p.add_argument("--train-steps", type=int, default=30, help="optimizer steps per trial (search.train_steps)")
+    p.add_argument("--kill-every", type=float, default=15.0, help="seconds between two SIGKILLs of a random worker")
+    p.add_argument("--train-steps", type=int, default=300, help="optimizer steps per trial (search.train_steps)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--teacher", default="tiny", help="tiny (2 layers x 64, random weights) or a teacher.source")
     p.add_argument("--train-rows", type=int, default=2000, help="SST-2 train rows (data.max_train_samples)")

@@ -63,3 +63,46 @@ def test_a_tracker_without_a_fallback_still_raises(monkeypatch):
     monkeypatch.setattr(mlflow, "log_metrics", lambda *a, **k: (_ for _ in ()).throw(ConnectionError("down")))
     with pytest.raises(ConnectionError):
         Tracker(True).log_metrics({"loss": 1.0}, step=1)
+
+
+@pytest.mark.slow
+def test_a_real_server_stopped_mid_run_leaves_training_finished_and_the_gap_recorded(tmp_path, tiny_teacher_dir):
+    """A real `mlflow server`, stopped while `accelerate launch train/distill.py` trains."""
+    import contextlib
+    import os
+    import time
+
+    import mlflow
+
+    from postgres import mlflow_server
+    from test_distill_entry import ACCELERATE, SCRIPT
+
+    run_dir = tmp_path / "run"
+    with contextlib.ExitStack() as server:
+        uri = server.enter_context(mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "artifacts",
+                                                 workers=1))
+        tree = tiny_run_tree(run_dir, tiny_teacher_dir, tracking={"uri": uri},
+                             train={"max_steps": 400, "log_every_steps": 1, "eval_every_steps": 100})
+        config = write_config(tmp_path / "c.yaml", tree)
+        cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "configs/accelerate/cpu_1proc.yaml"), SCRIPT,
+               "--config", str(config)]
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        client = mlflow.MlflowClient(uri)
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                      filter_string="tags.`kdlab.stage` = 'distill'")
+            if runs and client.get_metric_history(runs[0].info.run_id, "distill/loss"):
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, "training ended before the server could be stopped"
+    # the server is gone now; training must go on to the end
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "MLflow tracking lost" in err and "MLflow tracking was lost at step" in err
+    records = [json.loads(line) for line in (run_dir / "tracking_offline.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if r["kind"] == "metrics" and r["step"] is not None]
+    assert steps and max(steps) == 400  # the last step's loss is kept, not dropped
+    summary = json.loads((run_dir / "student" / "kdlab_summary.json").read_text())
+    assert summary["steps"] == 400
