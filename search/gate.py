@@ -300,7 +300,6 @@ def run_gate(cfg: Config, accelerator, console=None) -> GateResult:
     if cfg.task.type == "seq2seq":
         from search.seq2seq_gate import run_seq2seq_gate
         return run_seq2seq_gate(cfg, accelerator, console)
-    from search.gate_report import log_gate, print_table, write_reports
     from train.pipeline import prepare
     from train.teacher import ensure_teacher, load_teacher_config
 
@@ -334,13 +333,7 @@ def run_gate(cfg: Config, accelerator, console=None) -> GateResult:
     flops = mean_flops(teacher, batches)
     rows = measure_candidates(candidates, batches, profile, flops=flops, peak_gflops=peak)
 
-    reference = next((r for r in rows if r.recipe == "fp32"), None)
-    targets = resolve_targets(cfg.target, reference)
-    for row in rows:
-        if row.status == "ok":
-            row.misses = check_row(row, targets)
-            row.meets = not row.misses
-    passed, message = verdict(rows, targets, cfg.config_path)
+    targets, passed, message = judge(rows, cfg)
     conditions = {
         "device": cfg.target.device, "threads": threads, "threads_requested": cfg.target.threads,
         "batch_size": cfg.target.batch_size, "seq_len": seq_len, **lengths,
@@ -350,7 +343,25 @@ def run_gate(cfg: Config, accelerator, console=None) -> GateResult:
         "teacher_dev": teacher_dev, "flops_per_request": flops, "matmul_peak_gflops": peak,
         "machine": machine_info(), "versions": versions(),
     }
-    result = GateResult(rows, targets, conditions, passed, target_gaps(rows, targets), message)
+    return publish(cfg, GateResult(rows, targets, conditions, passed, target_gaps(rows, targets), message),
+                   accelerator, console)
+
+
+def judge(rows: list[GateRow], cfg: Config) -> tuple[Targets, GateRow | None, str]:
+    """Targets resolved against the measured fp32 row, each row checked, and the verdict."""
+    reference = next((r for r in rows if r.recipe == "fp32"), None)
+    targets = resolve_targets(cfg.target, reference)
+    for row in rows:
+        if row.status == "ok":
+            row.misses = check_row(row, targets)
+            row.meets = not row.misses
+    passed, message = verdict(rows, targets, cfg.config_path)
+    return targets, passed, message
+
+
+def publish(cfg: Config, result: GateResult, accelerator, console=None) -> GateResult:
+    """gate.csv / gate.md, the table on the console and the MLflow runs (main process only)."""
+    from search.gate_report import log_gate, print_table, write_reports
     if accelerator.is_main_process:
         result.report_dir = write_reports(cfg, result)
         print_table(result, console)

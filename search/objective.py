@@ -92,6 +92,33 @@ def _record(trial, tracker, figures: dict, constraints: dict) -> None:
     tracker.log_metrics({k: v for k, v in figures.items() if k in FIGURES and v is not None})
 
 
+def record_screened(trial, tracker, ctx: Context, pre: GateRow, params: int, misses: list[str]):
+    """Record a candidate rejected untrained (quality 0.0, zero training) and return its objectives."""
+    figures = {"quality": 0.0, "p50_ms": pre.p50_ms, "p95_ms": pre.p95_ms, "p99_ms": pre.p99_ms,
+               "throughput": pre.throughput, "size_mb": pre.size_mb, "params": params, "train_seconds": 0.0,
+               "steps": 0, "pre_p95_ms": pre.p95_ms, "pre_size_mb": pre.size_mb, "screened_out": True,
+               "screen_misses": misses}
+    _record(trial, tracker, figures, constraint_values(ctx.targets, pre.p95_ms, pre.size_mb, 0.0))
+    return 0.0, pre.p95_ms
+
+
+def record_trained(trial, tracker, ctx: Context, candidate, trial_dir: Path, quality: float, pre: GateRow,
+                   post: GateRow, params: int, result):
+    """Record a trained candidate (figures, constraints, kdlab_trial.json) and return its objectives."""
+    figures = {"quality": quality, "p50_ms": post.p50_ms, "p95_ms": post.p95_ms, "p99_ms": post.p99_ms,
+               "throughput": post.throughput, "size_mb": post.size_mb, "params": params,
+               "train_seconds": result.train_seconds, "steps": result.steps, "pre_p95_ms": pre.p95_ms,
+               "pre_size_mb": pre.size_mb, "screened_out": False, "fp32_dev": result.best_metric,
+               "stable": post.stable, "cv": post.cv}
+    constraints = constraint_values(ctx.targets, post.p95_ms, post.size_mb, quality)
+    _record(trial, tracker, figures, constraints)
+    (trial_dir / "kdlab_trial.json").write_text(json.dumps({
+        "trial": trial.number, "candidate": candidate.to_dict(), **figures, "constraints": constraints,
+        "feasible": all(v <= 0 for v in constraints.values()), "targets": ctx.meta["targets"],
+        "conditions": ctx.meta["conditions"]}, indent=2, default=str))
+    return quality, post.p95_ms
+
+
 # ---------------------------------------------------------------- one trial
 
 
@@ -140,13 +167,7 @@ def _evaluate(trial, candidate: Candidate, ctx: Context, tracker):
         pre = _measure(served, ctx)
     misses = screened_out(ctx.targets, pre.p95_ms, pre.size_mb, cfg.search.screen_margin)
     if misses:
-        figures = {"quality": 0.0, "p50_ms": pre.p50_ms, "p95_ms": pre.p95_ms, "p99_ms": pre.p99_ms,
-                   "throughput": pre.throughput, "size_mb": pre.size_mb, "params": params, "train_seconds": 0.0,
-                   "steps": 0, "pre_p95_ms": pre.p95_ms, "pre_size_mb": pre.size_mb, "screened_out": True,
-                   "screen_misses": misses}
-        constraints = constraint_values(ctx.targets, pre.p95_ms, pre.size_mb, 0.0)
-        _record(trial, tracker, figures, constraints)
-        return 0.0, pre.p95_ms
+        return record_screened(trial, tracker, ctx, pre, params, misses)
 
     trial_dir = cfg.run_dir / "trials" / str(trial.number)
     result = _distil(candidate, ctx, student, trial_dir, tracker)
@@ -157,18 +178,7 @@ def _evaluate(trial, candidate: Candidate, ctx: Context, tracker):
                           threads=ctx.threads)
     quality = dev_quality(served, ctx.quality_batches, cfg.task.metric, ctx.prep.data.num_labels)
     post = _measure(served, ctx)
-    figures = {"quality": quality, "p50_ms": post.p50_ms, "p95_ms": post.p95_ms, "p99_ms": post.p99_ms,
-               "throughput": post.throughput, "size_mb": post.size_mb, "params": params,
-               "train_seconds": result.train_seconds, "steps": result.steps, "pre_p95_ms": pre.p95_ms,
-               "pre_size_mb": pre.size_mb, "screened_out": False, "fp32_dev": result.best_metric,
-               "stable": post.stable, "cv": post.cv}
-    constraints = constraint_values(ctx.targets, post.p95_ms, post.size_mb, quality)
-    _record(trial, tracker, figures, constraints)
-    (trial_dir / "kdlab_trial.json").write_text(json.dumps({
-        "trial": trial.number, "candidate": candidate.to_dict(), **figures, "constraints": constraints,
-        "feasible": all(v <= 0 for v in constraints.values()), "targets": ctx.meta["targets"],
-        "conditions": ctx.meta["conditions"]}, indent=2, default=str))
-    return quality, post.p95_ms
+    return record_trained(trial, tracker, ctx, candidate, trial_dir, quality, pre, post, params, result)
 
 
 def _distil(candidate: Candidate, ctx: Context, student, trial_dir: Path, tracker):

@@ -18,8 +18,8 @@ from accelerate.utils import set_seed
 from distill.config import Config
 from distill.quantize import GENERATE_INPUTS, RecipeUnavailable, apply_generation_recipe
 from eval.latency import clamp_threads, machine_info, matmul_peak_gflops, versions
-from search.gate import (MAX_TIMING_BATCHES, GateResult, GateRow, check_device, check_row, is_relative,
-                         measure_candidates, resolve_targets, target_gaps, target_profile, verdict)
+from search.gate import (MAX_TIMING_BATCHES, GateResult, GateRow, check_device, is_relative, judge,
+                         measure_candidates, publish, target_gaps, target_profile)
 from train.seq2seq import Prepared, ensure_seq2seq_teacher, generate_texts, generation_kwargs, prepare, score
 from train.seq2seq_data import make_seq2seq_loader
 
@@ -76,8 +76,6 @@ def fill_tokens_per_s(candidates: list, batch_size: int) -> None:
 
 def run_seq2seq_gate(cfg: Config, accelerator, console=None) -> GateResult:
     """Measure the seq2seq teacher under every recipe on cfg.target; write the report and MLflow runs."""
-    from search.gate_report import log_gate, print_table, write_reports
-
     check_device(cfg.target)
     set_seed(cfg.train.seed)
     threads, warning = clamp_threads(cfg.target.threads)
@@ -97,13 +95,7 @@ def run_seq2seq_gate(cfg: Config, accelerator, console=None) -> GateResult:
     peak = matmul_peak_gflops(cfg.target.device, threads)
     rows = measure_candidates(candidates, batches, profile)
     fill_tokens_per_s(candidates, cfg.target.batch_size)
-    reference = next((r for r in rows if r.recipe == "fp32"), None)
-    targets = resolve_targets(cfg.target, reference)
-    for row in rows:
-        if row.status == "ok":
-            row.misses = check_row(row, targets)
-            row.meets = not row.misses
-    passed, message = verdict(rows, targets, cfg.config_path)
+    targets, passed, message = judge(rows, cfg)
     conditions = {
         "device": cfg.target.device, "threads": threads, "threads_requested": cfg.target.threads,
         "batch_size": cfg.target.batch_size, "seq_len": "data", **lengths,
@@ -113,9 +105,5 @@ def run_seq2seq_gate(cfg: Config, accelerator, console=None) -> GateResult:
         "teacher_dev": teacher_dev, "generation": generation_kwargs(cfg), "lowercase_scoring": prep.lowercase,
         "matmul_peak_gflops": peak, "machine": machine_info(), "versions": versions(),
     }
-    result = GateResult(rows, targets, conditions, passed, target_gaps(rows, targets), message)
-    if accelerator.is_main_process:
-        result.report_dir = write_reports(cfg, result)
-        print_table(result, console)
-        log_gate(cfg, result)
-    return result
+    return publish(cfg, GateResult(rows, targets, conditions, passed, target_gaps(rows, targets), message),
+                   accelerator, console)

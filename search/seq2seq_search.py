@@ -12,7 +12,6 @@ would stop at a random length), and again after training on its own outputs.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import asdict, dataclass
 
 import optuna
@@ -22,7 +21,7 @@ from distill.quantize import apply_generation_recipe
 from distill.seq2seq import build_seq2seq_student, layer_depths, model_width
 from distill.students import count_params
 from search.gate import GateRow, Targets, measure_candidates, target_profile
-from search.objective import Context, _record, constraint_values, run_trial, screened_out
+from search.objective import Context, record_screened, record_trained, run_trial, screened_out
 from search.space import _ask, _snap
 from search.seq2seq_gate import build_generators, generation_batches
 from train.loop import fit
@@ -172,12 +171,7 @@ def _evaluate(trial, c: Seq2SeqCandidate, ctx: Context, tracker):
     pre = _time(_served(c.recipe, student, ctx, forced), ctx)
     misses = screened_out(ctx.targets, pre.p95_ms, pre.size_mb, cfg.search.screen_margin)
     if misses:
-        figures = {"quality": 0.0, "p50_ms": pre.p50_ms, "p95_ms": pre.p95_ms, "p99_ms": pre.p99_ms,
-                   "throughput": pre.throughput, "size_mb": pre.size_mb, "params": params, "train_seconds": 0.0,
-                   "steps": 0, "pre_p95_ms": pre.p95_ms, "pre_size_mb": pre.size_mb, "screened_out": True,
-                   "screen_misses": misses}
-        _record(trial, tracker, figures, constraint_values(ctx.targets, pre.p95_ms, pre.size_mb, 0.0))
-        return 0.0, pre.p95_ms
+        return record_screened(trial, tracker, ctx, pre, params, misses)
 
     trial_dir = cfg.run_dir / "trials" / str(trial.number)
     student.to(ctx.accelerator.device)
@@ -206,15 +200,4 @@ def _evaluate(trial, c: Seq2SeqCandidate, ctx: Context, tracker):
     texts, _ = generate_texts(served.module, loader, ctx.prep.tokenizer, gen)
     quality = score(texts, references, ctx.prep.lowercase)[cfg.task.metric]
     post = _time(served, ctx)
-    figures = {"quality": quality, "p50_ms": post.p50_ms, "p95_ms": post.p95_ms, "p99_ms": post.p99_ms,
-               "throughput": post.throughput, "size_mb": post.size_mb, "params": params,
-               "train_seconds": result.train_seconds, "steps": result.steps, "pre_p95_ms": pre.p95_ms,
-               "pre_size_mb": pre.size_mb, "screened_out": False, "fp32_dev": result.best_metric,
-               "stable": post.stable, "cv": post.cv}
-    constraints = constraint_values(ctx.targets, post.p95_ms, post.size_mb, quality)
-    _record(trial, tracker, figures, constraints)
-    (trial_dir / "kdlab_trial.json").write_text(json.dumps({
-        "trial": trial.number, "candidate": c.to_dict(), **figures, "constraints": constraints,
-        "feasible": all(v <= 0 for v in constraints.values()), "targets": ctx.meta["targets"],
-        "conditions": ctx.meta["conditions"]}, indent=2, default=str))
-    return quality, post.p95_ms
+    return record_trained(trial, tracker, ctx, c, trial_dir, quality, pre, post, params, result)

@@ -123,22 +123,27 @@ def run(cfg: Config, accelerator: Accelerator) -> dict:
     """Fine-tune the teacher if needed, distil the student, write runs/<name>/student/. Returns the summary."""
     set_seed(cfg.train.seed)
     prep = prepare(cfg, accelerator)
-    run_dir = cfg.run_dir
-    created = not run_dir.exists()
+    return in_run_folder(cfg, accelerator, lambda: _run(cfg, accelerator, prep))
+
+
+def in_run_folder(cfg: Config, accelerator: Accelerator, body):
+    """Create runs/<name>/ with its config.yaml and run `body`; a ConfigError found late (a bad teacher
+    file, say) removes a run folder this call created, so a bad config leaves nothing behind."""
+    created = not cfg.run_dir.exists()
+    if accelerator.is_main_process:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, cfg.run_dir / "config.yaml")
+    accelerator.wait_for_everyone()
     try:
-        return _run(cfg, accelerator, prep)
+        return body()
     except ConfigError:
         if created and accelerator.is_main_process:
-            shutil.rmtree(run_dir, ignore_errors=True)
+            shutil.rmtree(cfg.run_dir, ignore_errors=True)
         raise
 
 
 def _run(cfg: Config, accelerator: Accelerator, prep: Prepared) -> dict:
     run_dir = cfg.run_dir
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    accelerator.wait_for_everyone()
     attn = "eager" if cfg.distill.attention_weight > 0 and cfg.distill.attention_loss == "tinybert" else None
     teacher, teacher_dev = ensure_teacher(cfg, accelerator, prep.data, prep.tokenizer,
                                           prep.train_ds, prep.eval_ds, attn=attn)

@@ -15,7 +15,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass
 
 import datasets
@@ -26,11 +25,12 @@ from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from transformers import AutoModelForSeq2SeqLM, EncoderDecoderModel
 
-from distill.config import Config, ConfigError, save_config
+from distill.config import Config, ConfigError
 from distill.seq2seq import Seq2SeqDistillLoss, build_seq2seq_student, layer_depths
 from distill.students import count_params
 from eval.metrics import generation_metrics
 from train.loop import atomic_dir, fit, remove_states
+from train.pipeline import in_run_folder
 from train.seq2seq_data import (Seq2SeqData, check_tokenizer, end_token_id, load_seq2seq_data, make_seq2seq_loader,
                                 tokenize_pairs)
 from train.teacher import (MARKER, check_weights, data_digest, fine_tuned_record, load_teacher_config, load_tokenizer,
@@ -348,21 +348,11 @@ def run(cfg: Config, accelerator: Accelerator) -> dict:
     set_seed(cfg.train.seed)
     prep = prepare(cfg, accelerator)
     check_student(cfg, prep.teacher_config)
-    created = not cfg.run_dir.exists()
-    try:
-        return _run(cfg, accelerator, prep)
-    except ConfigError:
-        if created and accelerator.is_main_process:
-            shutil.rmtree(cfg.run_dir, ignore_errors=True)
-        raise
+    return in_run_folder(cfg, accelerator, lambda: _run(cfg, accelerator, prep))
 
 
 def _run(cfg: Config, accelerator: Accelerator, prep: Prepared) -> dict:
     run_dir = cfg.run_dir
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    accelerator.wait_for_everyone()
     teacher, teacher_dev = ensure_seq2seq_teacher(cfg, accelerator, prep)
     teacher.to(accelerator.device).eval()
     shape = student_shape(cfg, teacher)
