@@ -126,6 +126,16 @@ def run(cfg: Config, accelerator: Accelerator) -> dict:
     return in_run_folder(cfg, accelerator, lambda: _run(cfg, accelerator, prep))
 
 
+def close_run(cfg: Config, accelerator: Accelerator, tracker, result, summary: dict, out) -> None:
+    """The best metric, time and throughput in MLflow, and kdlab_summary.json beside the best checkpoint."""
+    tracker.log_metrics({"best_dev_" + cfg.task.metric: result.best_metric,
+                         "train_seconds": result.train_seconds, "samples_per_second": result.samples_per_second})
+    tracker.set_tags({"kdlab.checkpoint": str(out)})
+    if accelerator.is_main_process:
+        (out / "kdlab_summary.json").write_text(json.dumps(summary, indent=2))
+        tracker.log_artifact(cfg.run_dir / "config.yaml")
+
+
 def in_run_folder(cfg: Config, accelerator: Accelerator, body):
     """Create runs/<name>/ with its config.yaml and run `body`; a ConfigError found late (a bad teacher
     file, say) removes a run folder this call created, so a bad config leaves nothing behind."""
@@ -189,12 +199,7 @@ def _run(cfg: Config, accelerator: Accelerator, prep: Prepared) -> dict:
             "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device),
             "num_processes": accelerator.num_processes,
         }
-        tracker.log_metrics({"best_dev_" + cfg.task.metric: result.best_metric,
-                             "train_seconds": result.train_seconds, "samples_per_second": result.samples_per_second})
-        tracker.set_tags({"kdlab.checkpoint": str(out)})
-        if accelerator.is_main_process:
-            (out / "kdlab_summary.json").write_text(json.dumps(summary, indent=2))
-            tracker.log_artifact(run_dir / "config.yaml")
+        close_run(cfg, accelerator, tracker, result, summary, out)
     accelerator.wait_for_everyone()
     summary["step_times"] = result.step_times
     return summary

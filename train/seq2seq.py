@@ -30,7 +30,7 @@ from distill.seq2seq import Seq2SeqDistillLoss, build_seq2seq_student, layer_dep
 from distill.students import count_params
 from eval.metrics import generation_metrics
 from train.loop import atomic_dir, fit, remove_states
-from train.pipeline import in_run_folder
+from train.pipeline import close_run, in_run_folder
 from train.seq2seq_data import (Seq2SeqData, check_tokenizer, end_token_id, load_seq2seq_data, make_seq2seq_loader,
                                 tokenize_pairs)
 from train.teacher import (MARKER, check_weights, data_digest, fine_tuned_record, load_teacher_config, load_tokenizer,
@@ -405,12 +405,7 @@ def _run(cfg: Config, accelerator: Accelerator, prep: Prepared) -> dict:
             "mlflow_run_id": tracker.run_id, "mixed_precision": accelerator.mixed_precision,
             "device": str(accelerator.device), "num_processes": accelerator.num_processes,
         }
-        tracker.log_metrics({"best_dev_" + cfg.task.metric: result.best_metric,
-                             "train_seconds": result.train_seconds, "samples_per_second": result.samples_per_second})
-        tracker.set_tags({"kdlab.checkpoint": str(out)})
-        if accelerator.is_main_process:
-            (out / "kdlab_summary.json").write_text(json.dumps(summary, indent=2))
-            tracker.log_artifact(run_dir / "config.yaml")
+        close_run(cfg, accelerator, tracker, result, summary, out)
     accelerator.wait_for_everyone()
     summary["step_times"] = result.step_times
     return summary
