@@ -330,12 +330,8 @@ def run_export(cfg: Config, trial: int | None = None, pick_text: str | None = No
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if cfg.export.register and cfg.tracking.enabled:
-        from search.registry import register_export
-        manifest["mlflow"] = register_export(cfg, dest, manifest)
-        (dest / "README.md").write_text(model_card(manifest))
-        manifest = write_manifest(dest, manifest)
-    return manifest
+    from search.seq2seq_export import register
+    return register(cfg, dest, manifest, model_card)
 
 
 def _capacity(cfg: Config, reports: dict) -> dict:

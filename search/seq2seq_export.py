@@ -23,11 +23,21 @@ from distill.export import (ExportError, load_served, move_into_place, seq2seq_s
                             write_model)
 
 
+def register(cfg: Config, dest: Path, manifest: dict, card) -> dict:
+    """Register the finished export in MLflow (when asked) and rewrite its card and manifest to say so."""
+    if cfg.export.register and cfg.tracking.enabled:
+        from search.registry import register_export
+        manifest["mlflow"] = register_export(cfg, dest, manifest)
+        (dest / "README.md").write_text(card(manifest))
+        manifest = write_manifest(dest, manifest)
+    return manifest
+
+
 def run_seq2seq_export(cfg: Config, choice, dest: Path, console=None) -> dict:
     import torch
     from accelerate import Accelerator
 
-    from distill.quantize import SEQ2SEQ_ONNX_REASON, apply_generation_recipe
+    from distill.quantize import SEQ2SEQ_ONNX_REASON
     from eval.latency import clamp_threads, machine_info, versions
     from search.gate import GateRow, measure_candidates, target_profile
     from search.seq2seq_gate import generation_batches
@@ -89,8 +99,7 @@ def run_seq2seq_export(cfg: Config, choice, dest: Path, console=None) -> dict:
         latency = []
         for bs in cfg.export.latency_batch_sizes:
             batches, lengths = generation_batches(prep, bs, seed=cfg.train.seed)
-            artefact = apply_generation_recipe(choice.recipe, model, example_batch=batches[0], generate_kwargs=gen,
-                                               device=cfg.target.device, threads=threads)
+            artefact = served.artefact  # what a user loads from the folder, built once
             profile = dataclasses.replace(target_profile(cfg.target, threads, lengths["seq_len_median"]), batch_size=bs)
             row = measure_candidates([(GateRow(choice.recipe), artefact)], batches, profile)[0]
             tokens = sum(int((artefact.predict(b)[:, 1:] != prep.tokenizer.pad_token_id).sum()) for b in batches[:8])
@@ -110,12 +119,7 @@ def run_seq2seq_export(cfg: Config, choice, dest: Path, console=None) -> dict:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if cfg.export.register and cfg.tracking.enabled:
-        from search.registry import register_export
-        manifest["mlflow"] = register_export(cfg, dest, manifest)
-        (dest / "README.md").write_text(seq2seq_card(manifest))
-        manifest = write_manifest(dest, manifest)
-    return manifest
+    return register(cfg, dest, manifest, seq2seq_card)
 
 
 def seq2seq_card(m: dict) -> str:

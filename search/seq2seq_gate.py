@@ -9,36 +9,27 @@ own outputs on the dev set. ONNX recipes are reported as skipped with the reason
 """
 from __future__ import annotations
 
-import statistics
 import sys
 
-import torch
 from accelerate.utils import set_seed
 
 from distill.config import Config
-from distill.quantize import GENERATE_INPUTS, RecipeUnavailable, apply_generation_recipe
+from distill.quantize import RecipeUnavailable, apply_generation_recipe
 from eval.latency import clamp_threads, machine_info, matmul_peak_gflops, versions
-from search.gate import (MAX_TIMING_BATCHES, GateResult, GateRow, check_device, is_relative, judge,
-                         measure_candidates, publish, target_gaps, target_profile)
+from search.gate import (GateResult, GateRow, check_device, is_relative, judge,
+                         measure_candidates, publish, target_gaps, target_profile,
+                         timing_batches)
 from train.seq2seq import Prepared, ensure_seq2seq_teacher, generate_texts, generation_kwargs, prepare, score
 from train.seq2seq_data import make_seq2seq_loader
 
 
 def generation_batches(prep: Prepared, batch_size: int, seed: int = 0) -> tuple[list, dict]:
-    """Request batches of real dev sources (shuffled, padded per batch) and their source lengths."""
-    rows = prep.eval_ds.select_columns(list(GENERATE_INPUTS))[:]
-    lengths = [len(ids) for ids in rows["input_ids"]]
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(lengths), generator=g).tolist()
-    n_batches = min(max(1, len(order) // batch_size), MAX_TIMING_BATCHES)
-    while len(order) < n_batches * batch_size:
-        order = order + order
-    batches = [prep.tokenizer.pad([{c: rows[c][i] for c in GENERATE_INPUTS}
-                                   for i in order[k * batch_size:(k + 1) * batch_size]], return_tensors="pt")
-               for k in range(n_batches)]
-    batches = [{k: b[k] for k in GENERATE_INPUTS} for b in batches]
-    return batches, {"seq_len_median": statistics.median(lengths),
-                     "padded_len_median": statistics.median(b["input_ids"].shape[1] for b in batches)}
+    """Request batches of real dev sources (shuffled, padded per batch) and their source lengths.
+
+    The classification gate's `timing_batches` on the tokenized dev pairs: it keeps only the encoder
+    inputs, which is exactly what one `generate` call takes.
+    """
+    return timing_batches(prep.eval_ds, prep.tokenizer, batch_size, "data", vocab_size=len(prep.tokenizer), seed=seed)
 
 
 def build_generators(teacher, recipes: list[str], *, prep: Prepared, cfg: Config, example_batch: dict, threads: int,

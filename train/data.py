@@ -71,15 +71,20 @@ def _has_rows(path: Path) -> bool:
         return next(lines, None) is not None and next(lines, None) is not None
 
 
-def _load_raw(cfg: DataConfig, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+def load_splits(cfg: DataConfig) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """The train and dev splits as read: local files (train_file/eval_file) or a Hub dataset."""
     if cfg.train_file:
-        train, dev = _load_file(cfg.train_file, "train_file"), _load_file(cfg.eval_file, "eval_file")
-    else:
-        try:
-            train = datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.train_split)
-            dev = datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.eval_split)
-        except Exception as exc:
-            raise ConfigError(f"data.dataset: cannot load '{cfg.dataset}': {str(exc).splitlines()[0]}") from None
+        return _load_file(cfg.train_file, "train_file"), _load_file(cfg.eval_file, "eval_file")
+    try:
+        return (datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.train_split),
+                datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.eval_split))
+    except Exception as exc:
+        raise ConfigError(f"data.dataset: cannot load '{cfg.dataset}': {str(exc).splitlines()[0]}") from None
+
+
+def subsample(train: datasets.Dataset, dev: datasets.Dataset, cfg: DataConfig,
+              seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """data.max_train_samples rows of train (shuffled with the seed) and the first max_eval_samples of dev."""
     if cfg.max_train_samples and cfg.max_train_samples < len(train):
         train = train.shuffle(seed=seed).select(range(cfg.max_train_samples)).flatten_indices()
     if cfg.max_eval_samples and cfg.max_eval_samples < len(dev):
@@ -126,7 +131,7 @@ def _label_names(train: datasets.Dataset, dev: datasets.Dataset, cfg: DataConfig
 
 def load_task_data(cfg: DataConfig, seed: int = 42) -> TaskData:
     """Read and check both splits; no tokenization yet (that needs the teacher's tokenizer)."""
-    train, dev = _load_raw(cfg, seed)
+    train, dev = subsample(*load_splits(cfg), cfg, seed)
     _check_columns(train, cfg, "train")
     _check_columns(dev, cfg, "eval")
     names = _label_names(train, dev, cfg)

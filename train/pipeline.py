@@ -34,12 +34,17 @@ class Prepared:
     eval_ds: object
 
 
-def prepare(cfg: Config, accelerator: Accelerator) -> Prepared:
-    """Validate everything against the real files and teacher, without writing anything."""
+def check_launch(cfg: Config, accelerator: Accelerator) -> None:
+    """What the launcher and the tracking server must allow, checked before any data or model is read."""
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise ConfigError("train.mixed_precision: fp16 needs a GPU; valid on CPU: no, bf16")
     if accelerator.is_main_process:
         check_reachable(cfg)  # an unreachable tracking server: one line now, not after the teacher trained
+
+
+def prepare(cfg: Config, accelerator: Accelerator) -> Prepared:
+    """Validate everything against the real files and teacher, without writing anything."""
+    check_launch(cfg, accelerator)
     data = load_task_data(cfg.data, cfg.train.seed)
     teacher_config = load_teacher_config(cfg)
     tokenizer = load_tokenizer(cfg)

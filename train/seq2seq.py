@@ -30,12 +30,12 @@ from distill.seq2seq import Seq2SeqDistillLoss, build_seq2seq_student, layer_dep
 from distill.students import count_params
 from eval.metrics import generation_metrics
 from train.loop import atomic_dir, fit, remove_states
-from train.pipeline import close_run, in_run_folder
+from train.pipeline import check_launch, close_run, in_run_folder
 from train.seq2seq_data import (Seq2SeqData, check_tokenizer, end_token_id, load_seq2seq_data, make_seq2seq_loader,
                                 tokenize_pairs)
 from train.teacher import (MARKER, check_weights, data_digest, fine_tuned_record, load_teacher_config, load_tokenizer,
                            resolve_source, teacher_key, weights_digest)
-from train.tracking import check_reachable, mlflow_run
+from train.tracking import mlflow_run
 
 ENCODER_INPUTS = ("input_ids", "attention_mask")
 
@@ -90,10 +90,7 @@ def check_student(cfg: Config, teacher_config) -> None:
 
 def prepare(cfg: Config, accelerator: Accelerator) -> Prepared:
     """Validate data, tokenizer and teacher kind against the real files, without writing anything."""
-    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        raise ConfigError("train.mixed_precision: fp16 needs a GPU; valid on CPU: no, bf16")
-    if accelerator.is_main_process:
-        check_reachable(cfg)  # an unreachable tracking server: one line now, not after the teacher trained
+    check_launch(cfg, accelerator)
     data = load_seq2seq_data(cfg.data, cfg.train.seed)
     teacher_config = load_teacher_config(cfg)
     check_teacher_kind(teacher_config, cfg)

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorForSeq2Seq
 
 from distill.config import ConfigError, DataConfig
-from train.data import _load_file
+from train.data import load_splits, subsample
 
 MODEL_COLUMNS = ("input_ids", "attention_mask", "labels", "idx")
 
@@ -98,21 +98,14 @@ def load_seq2seq_data(cfg: DataConfig, seed: int = 42) -> Seq2SeqData:
     if cfg.train_target_file:
         train = _pairs_from_lines(cfg.train_file, cfg.train_target_file, "train_file", "train_target_file")
         dev = _pairs_from_lines(cfg.eval_file, cfg.eval_target_file, "eval_file", "eval_target_file")
-    elif cfg.train_file:
-        train = _pairs_from_columns(_load_file(cfg.train_file, "train_file"), cfg, cfg.train_file, "train_file")
-        dev = _pairs_from_columns(_load_file(cfg.eval_file, "eval_file"), cfg, cfg.eval_file, "eval_file")
     else:
-        try:
-            raw_train = datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.train_split)
-            raw_dev = datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.eval_split)
-        except Exception as exc:
-            raise ConfigError(f"data.dataset: cannot load '{cfg.dataset}': {str(exc).splitlines()[0]}") from None
-        train = _pairs_from_columns(raw_train, cfg, f"{cfg.dataset}[{cfg.train_split}]", "dataset")
-        dev = _pairs_from_columns(raw_dev, cfg, f"{cfg.dataset}[{cfg.eval_split}]", "dataset")
-    if cfg.max_train_samples and cfg.max_train_samples < len(train):
-        train = train.shuffle(seed=seed).select(range(cfg.max_train_samples)).flatten_indices()
-    if cfg.max_eval_samples and cfg.max_eval_samples < len(dev):
-        dev = dev.select(range(cfg.max_eval_samples))
+        raw_train, raw_dev = load_splits(cfg)
+        where = (cfg.train_file, cfg.eval_file) if cfg.train_file else \
+            (f"{cfg.dataset}[{cfg.train_split}]", f"{cfg.dataset}[{cfg.eval_split}]")
+        key = ("train_file", "eval_file") if cfg.train_file else ("dataset", "dataset")
+        train = _pairs_from_columns(raw_train, cfg, where[0], key[0])
+        dev = _pairs_from_columns(raw_dev, cfg, where[1], key[1])
+    train, dev = subsample(train, dev, cfg, seed)
     return Seq2SeqData(train=train, eval=dev)
 
 
