@@ -353,6 +353,11 @@ def _measure_matmul_gflops(device: str, n: int, trials: int) -> float:
     return flops / best_s / 1e9
 
 
+def cache_dir() -> Path:
+    """Where kdlab keeps per-machine measurements: $KDLAB_CACHE_DIR, else ~/.cache/kdlab."""
+    return Path(os.environ.get("KDLAB_CACHE_DIR") or Path.home() / ".cache" / "kdlab")
+
+
 def matmul_peak_gflops(device: str = "cpu", threads: int = 1, cache_path: str | Path | None = None) -> float:
     """Achievable fp32 GFLOP/s of this machine: the best of several square matmuls.
 
@@ -364,7 +369,7 @@ def matmul_peak_gflops(device: str = "cpu", threads: int = 1, cache_path: str | 
     """
     if device not in DEVICES:
         raise ValueError(f"device={device!r}; valid: {', '.join(DEVICES)}")
-    path = Path(cache_path) if cache_path else Path.home() / ".cache" / "kdlab" / "matmul_peak.json"
+    path = Path(cache_path) if cache_path else cache_dir() / "matmul_peak.json"
     hardware = torch.cuda.get_device_name() if device == "cuda" else _cpu_model_name()
     n = 4096 if device == "cuda" else 1024
     key = "|".join([socket.gethostname(), hardware, device, f"threads={threads}", f"torch={torch.__version__}", f"n={n}"])

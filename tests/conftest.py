@@ -1,7 +1,10 @@
 """Shared fixtures: the real SST-2 files, a tiny random-init teacher folder, config writers."""
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,43 @@ DATA = ROOT.parent / "shared" / "data"
 SST2 = DATA / "sst2"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Per-machine caches (the matmul peak) go to a folder of this test session, never the user's home; subprocesses
+# inherit it.
+os.environ["KDLAB_CACHE_DIR"] = tempfile.mkdtemp(prefix="kdlab-test-cache-")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_mlflow_uri():
+    """kdlab commands run in-process set MLflow's process-wide tracking URI; put it back after every test so no
+    test reads another's store by accident."""
+    import mlflow
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    mlflow.set_tracking_uri(before or "")
+    mlflow.set_registry_uri(before or "")
+
+
+@contextlib.contextmanager
+def mlflow_store(uri: str):
+    """A client on `uri`; inside the block MLflow's process-wide URIs point at it too (for `models:/` loads),
+    and are put back after."""
+    import mlflow
+    from mlflow.tracking import _tracking_service
+    previous = mlflow.get_tracking_uri() if _tracking_service.utils.is_tracking_uri_set() else ""
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    finally:
+        mlflow.set_tracking_uri(previous)
+        mlflow.set_registry_uri(previous)
 
 
 @pytest.fixture(scope="session")
