@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(BIN)/pip install -q --no-deps $(TEACHER)
 	touch $(STAMP)
 
+# The scale-out tests start a throw-away PostgreSQL cluster (Debian: apt-get install postgresql); they fail,
+# not skip, when it cannot start. KDLAB_REQUIRE_POSTGRES=0 make test skips them instead, and says so.
 test: setup
-	$(BIN)/python -m pytest -q --timeout 900 tests
+	KDLAB_REQUIRE_POSTGRES=$${KDLAB_REQUIRE_POSTGRES:-1} $(BIN)/python -m pytest -q --timeout 900 tests
 
 # The main job on embedded defaults (SQLite MLflow under runs/): fine-tune the MiniLM-L6 teacher on
 # 2,000 SST-2 rows and distil a 2-layer student; then `kdlab run`: gate the teacher's quantized forms,
