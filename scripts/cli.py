@@ -8,7 +8,8 @@
                                                                     Optuna student search (quality up, p95 down)
                                                                     under the targets; exit 0 front, 3 none feasible
     kdlab report --config configs/sst2_minilm.yaml                  the search's front and plots from the stored study
-    kdlab export --config configs/sst2_minilm.yaml [--trial N | --pick "max quality s.t. p95_ms<=8"] [--out DIR]
+    kdlab export --config configs/sst2_minilm.yaml [--trial N | --pick "max quality s.t. p95_ms<=8" | --recipe R]
+                 [--out DIR]
                                                                     HF folder + ONNX + model card + manifest, parity-
                                                                     checked; registered in MLflow (alias champion)
     kdlab run --config configs/sst2_minilm.yaml                     teacher -> gate -> search (on MISS) -> export
@@ -104,11 +105,15 @@ def cmd_report(args) -> int:
 
 def cmd_export(args) -> int:
     cfg = load_config(args.config, args.overrides)
-    if args.trial is not None and args.pick is not None:
-        raise ConfigError("--trial and --pick: give one of them (or neither, for the most accurate feasible model)")
+    given = [flag for flag, value in (("--trial", args.trial), ("--pick", args.pick), ("--recipe", args.recipe))
+             if value is not None]
+    if len(given) > 1:
+        raise ConfigError(f"{' and '.join(given)}: give one of --trial, --pick, --recipe (or none, for the most "
+                          f"accurate feasible model)")
     from search.export import export_dir, run_export, summary_line
     _quiet_optuna()
-    manifest = run_export(cfg, trial=args.trial, pick_text=args.pick, out=args.out, force=args.force)
+    manifest = run_export(cfg, trial=args.trial, pick_text=args.pick, out=args.out, force=args.force,
+                          recipe=args.recipe)
     print(summary_line(manifest, export_dir(cfg, args.out)), flush=True)
     return 0
 
@@ -201,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--pick", default=None,
                            help="rule, e.g. \"max quality s.t. p95_ms<=8\" (fields: quality, p50_ms, p95_ms, "
                                 "p99_ms, size_mb, params, throughput, train_seconds)")
+            p.add_argument("--recipe", default=None,
+                           help="export the teacher under this recipe, as the gate measured it (the recipe its PASS "
+                                "line names)")
             p.add_argument("--out", default=None, help="export folder (default export.out_dir or runs/<name>/export)")
             p.add_argument("--force", action="store_true", help="replace an existing export folder")
     return parser

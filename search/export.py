@@ -3,7 +3,8 @@
 Library module for scripts/cli.py. The choice is made among what was measured:
 - the search's feasible front members that kept their checkpoint (runs/<name>/trials/<n>/);
 - the teacher under a recipe that met the targets in the gate (runs/<name>/report/gate.csv).
-Without `--trial` or `--pick` it takes the most accurate of those (lower p95 breaks ties).
+Without `--trial`, `--pick` or `--recipe` it takes the most accurate of those (lower p95 breaks ties);
+`--recipe R` takes the teacher under the gate's measured recipe R (what the gate's PASS line prints).
 
 The folder is built in a staging folder beside the destination and moved into place only when
 complete: the parity check (served artefact against the fp32 model on the full dev set), the
@@ -128,7 +129,21 @@ def all_choices(cfg: Config) -> tuple[list[Choice], list[Choice]]:
     return choices, default_pool
 
 
-def choose(cfg: Config, trial: int | None = None, pick_text: str | None = None) -> Choice:
+def recipe_choice(cfg: Config, recipe: str) -> Choice:
+    """`--recipe R`: the teacher under R, which the gate must have measured (what its PASS line names)."""
+    where = cfg.config_path or "<config>"
+    measured = [r["recipe"] for r in gate_rows(cfg)]
+    if recipe not in measured:
+        table = cfg.run_dir / "report" / "gate.csv"
+        valid = (f"measured recipes in {table}: {', '.join(measured)}" if measured
+                 else f"no recipe was measured ({table} is missing or lists none); run kdlab gate --config {where}")
+        raise ConfigError(f"--recipe: '{recipe}' was not measured by the gate; {valid}")
+    return teacher_choice(cfg, recipe)
+
+
+def choose(cfg: Config, trial: int | None = None, pick_text: str | None = None, recipe: str | None = None) -> Choice:
+    if recipe is not None:
+        return recipe_choice(cfg, recipe)
     choices, pool = all_choices(cfg)
     where = cfg.config_path or "<config>"
     if trial is not None:
@@ -241,7 +256,7 @@ def teacher_choice(cfg: Config, recipe: str) -> Choice:
 
 
 def run_export(cfg: Config, trial: int | None = None, pick_text: str | None = None, out: str | None = None,
-               console=None, choice: Choice | None = None, force: bool = False) -> dict:
+               console=None, choice: Choice | None = None, force: bool = False, recipe: str | None = None) -> dict:
     """Choose (or take `choice`), build, check and describe the export; returns its manifest.
 
     An existing export folder is replaced only with `force` (and only once the new one is complete).
@@ -257,7 +272,7 @@ def run_export(cfg: Config, trial: int | None = None, pick_text: str | None = No
     from train.data import make_loader
     from train.pipeline import prepare
 
-    choice = choice or choose(cfg, trial, pick_text)
+    choice = choice or choose(cfg, trial, pick_text, recipe)
     dest = export_dir(cfg, out)
     if dest.exists() and not force:
         raise ConfigError(f"--out: {dest} exists; pass --force to replace it (the new export replaces it only once "

@@ -50,3 +50,19 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("name: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_training_and_seq2seq_keys_defaults_and_ranges(tmp_path):
+    cfg = load_config(write(tmp_path, BASE))
+    t, d = cfg.train, cfg.data
+    # Off unless set: no early stopping, no saved states, one batch per optimizer step.
+    assert (t.early_stopping_patience, t.save_state_every_steps, t.grad_accum_steps) == (None, None, 1)
+    assert (d.source_column, d.target_column, d.source_prefix, cfg.teacher.encoder_decoder) == (
+        "source", "target", "", False)
+    dotted = load_config(write(tmp_path, BASE), ["data.source_column=translation.de",
+                                                 "data.source_prefix='translate German to English: '"])
+    assert (dotted.data.source_column, dotted.data.source_prefix) == ("translation.de", "translate German to English: ")
+    with pytest.raises(ConfigError, match=r"train\.grad_accum_steps: must be >= 1"):
+        load_config(write(tmp_path, BASE), ["train.grad_accum_steps=0"])
+    with pytest.raises(ConfigError, match=r"teacher\.encoder_decoder: expected true or false, got 'yes please'"):
+        load_config(write(tmp_path, BASE), ["teacher.encoder_decoder=yes please"])

@@ -1,4 +1,6 @@
-"""Seq2seq students, losses and generation metrics against hand-computed values and identities."""
+"""Seq2seq students, losses, generation metrics, data options and the warm-started teacher, against
+hand-computed values and identities."""
+import json
 import math
 from types import SimpleNamespace
 
@@ -373,3 +375,140 @@ def test_disjoint_outputs_score_zero_and_bad_inputs_raise():
         generation_metrics([], [])
     with pytest.raises(ValueError):
         generation_metrics(["a"], ["a", "b"])
+
+
+# --- Data options: source/target columns, nested translation dicts, source prefix ----------------
+# README (Seq2seq): "source/target columns of TSV/JSONL (`source_column`, `target_column`; `translation.de` reads
+# a dict column of a Hub dataset), with an optional `source_prefix`"; train/seq2seq_data.py.
+
+PAIRS = [("Ein Hund läuft.", "A dog runs."), ("Zwei Männer", "Two men"), ("Ein kleines Mädchen", "A little girl")]
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return str(path)
+
+
+def _translation_files(tmp_path):
+    """A Hub-style translation dataset as JSONL: an id and one dict column {'de': ..., 'en': ...} per row."""
+    rows = [{"id": i, "translation": {"de": de, "en": en}} for i, (de, en) in enumerate(PAIRS)]
+    return _jsonl(tmp_path / "train.jsonl", rows), _jsonl(tmp_path / "dev.jsonl", rows[:2])
+
+
+def test_source_and_target_columns_choose_the_pair_among_other_columns(tmp_path):
+    from distill.config import DataConfig
+    from train.seq2seq_data import load_seq2seq_data
+    lines = ["id\tde\ten\tnote"] + [f"{i}\t{de}\t{en}\tx{i}" for i, (de, en) in enumerate(PAIRS)]
+    (tmp_path / "train.tsv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "dev.tsv").write_text("\n".join(lines[:2]) + "\n")
+    files = {"train_file": str(tmp_path / "train.tsv"), "eval_file": str(tmp_path / "dev.tsv")}
+    data = load_seq2seq_data(DataConfig(**files, source_column="de", target_column="en"))
+    assert data.train.column_names == ["source", "target"]
+    assert list(zip(data.train["source"], data.train["target"])) == PAIRS
+    assert list(zip(data.eval["source"], data.eval["target"])) == PAIRS[:1]
+    # The other direction is the same file with the two keys swapped.
+    reverse = load_seq2seq_data(DataConfig(**files, source_column="en", target_column="de"))
+    assert list(zip(reverse.train["source"], reverse.train["target"])) == [(en, de) for de, en in PAIRS]
+    with pytest.raises(ConfigError, match=r"data\.source_column: column 'source' not in .*train\.tsv; columns: id, "
+                                          r"de, en, note"):
+        load_seq2seq_data(DataConfig(**files))  # the defaults, source/target, are not columns of this file
+
+
+def test_a_dotted_column_reads_one_key_of_a_nested_translation_dict(tmp_path):
+    from distill.config import DataConfig
+    from train.seq2seq_data import load_seq2seq_data
+    train, dev = _translation_files(tmp_path)
+    data = load_seq2seq_data(DataConfig(train_file=train, eval_file=dev, source_column="translation.de",
+                                        target_column="translation.en"))
+    assert list(zip(data.train["source"], data.train["target"])) == PAIRS
+    assert list(zip(data.eval["source"], data.eval["target"])) == PAIRS[:2]
+    with pytest.raises(ConfigError) as info:
+        load_seq2seq_data(DataConfig(train_file=train, eval_file=dev, source_column="translation.fr",
+                                     target_column="translation.en"))
+    assert str(info.value) == f"data.source_column: column 'translation' of {train} holds no key 'fr'"
+
+
+def test_source_prefix_goes_before_every_source_and_never_into_the_targets(minilm_dir):
+    import datasets
+    from transformers import AutoTokenizer
+
+    from distill.config import DataConfig
+    from train.seq2seq_data import tokenize_pairs
+    tok = AutoTokenizer.from_pretrained(minilm_dir)  # uncased BERT vocabulary: [CLS] 101, [SEP] 102
+    ds = datasets.Dataset.from_dict({"source": [p[0] for p in PAIRS[:2]], "target": [p[1] for p in PAIRS[:2]]})
+    prefix = "translate German to English: "
+    with_prefix = tokenize_pairs(ds, tok, DataConfig(source_prefix=prefix), decoder_start_token_id=tok.cls_token_id)
+    plain = tokenize_pairs(ds, tok, DataConfig(), decoder_start_token_id=tok.cls_token_id)
+    assert [tok.decode(r["input_ids"]) for r in with_prefix] == [
+        "[CLS] translate german to english : ein hund lauft. [SEP]",
+        "[CLS] translate german to english : zwei manner [SEP]"]
+    prefix_ids = tok(prefix, add_special_tokens=False)["input_ids"]
+    assert len(prefix_ids) == 5  # translate, german, to, english, ':'
+    for p, q in zip(with_prefix, plain):
+        assert p["input_ids"] == [101, *prefix_ids, *q["input_ids"][1:]]
+        assert p["labels"] == q["labels"]  # the prefix is the source's alone
+    # The decoder starts from [CLS]: a target never begins with it, and ends with [SEP].
+    assert [tok.decode(r["labels"]) for r in with_prefix] == ["a dog runs. [SEP]", "two men [SEP]"]
+    assert [r["idx"] for r in with_prefix] == [0, 1]
+    # data.max_length counts the prefix: 8 tokens keep [CLS], the 5 prefix tokens, one source token and [SEP].
+    short = tokenize_pairs(ds, tok, DataConfig(source_prefix=prefix, max_length=8), decoder_start_token_id=101)
+    assert tok.decode(short[0]["input_ids"]) == "[CLS] translate german to english : ein [SEP]"
+
+
+def test_config_options_reach_the_prepared_seq2seq_data(tmp_path, tiny_teacher_dir):
+    """The four options as YAML keys through train/seq2seq.prepare (what `kdlab distill` runs first)."""
+    from accelerate import Accelerator
+
+    from conftest import write_config
+    from distill.config import load_config
+    from train.seq2seq import prepare
+    train, dev = _translation_files(tmp_path)
+    tree = {"name": "s2s", "output_dir": str(tmp_path / "run"), "task": {"type": "seq2seq"},
+            "data": {"train_file": train, "eval_file": dev, "source_column": "translation.de",
+                     "target_column": "translation.en", "source_prefix": "translate German to English: "},
+            "teacher": {"source": tiny_teacher_dir, "encoder_decoder": True}, "tracking": {"enabled": False}}
+    prep = prepare(load_config(write_config(tmp_path / "c.yaml", tree)), Accelerator(cpu=True))
+    assert list(zip(prep.data.train["source"], prep.data.train["target"])) == PAIRS
+    assert [prep.tokenizer.decode(r["input_ids"]) for r in prep.eval_ds] == [
+        "[CLS] translate german to english : ein hund lauft. [SEP]",
+        "[CLS] translate german to english : zwei manner [SEP]"]
+    assert [prep.tokenizer.decode(r["labels"]) for r in prep.eval_ds] == ["a dog runs. [SEP]", "two men [SEP]"]
+    assert not (tmp_path / "run").exists()  # prepare writes nothing
+    # Without teacher.encoder_decoder the same encoder-only teacher is refused: it cannot generate.
+    tree["teacher"]["encoder_decoder"] = False
+    with pytest.raises(ConfigError, match=r"is a bert model \(encoder only\) and cannot generate"):
+        prepare(load_config(write_config(tmp_path / "c.yaml", tree)), Accelerator(cpu=True))
+
+
+# --- teacher.encoder_decoder: an encoder-only checkpoint warm-started into both halves ------------
+
+
+def test_encoder_decoder_teacher_starts_both_halves_from_the_encoder_checkpoint(tiny_teacher_dir):
+    from transformers import AutoTokenizer, BertModel
+
+    from distill.config import Config
+    from train.seq2seq import check_teacher_kind, warm_start
+    tok = AutoTokenizer.from_pretrained(tiny_teacher_dir)
+    source = BertModel.from_pretrained(tiny_teacher_dir).state_dict()
+    model = warm_start(tiny_teacher_dir, Config(), tok)
+    assert isinstance(model, EncoderDecoderModel)
+    encoder, decoder = model.encoder.state_dict(), model.decoder.bert.state_dict()
+    for name, weight in source.items():
+        assert torch.equal(encoder[name], weight), name
+        if not name.startswith("pooler."):  # the decoder (BertLMHeadModel) has no pooler
+            assert torch.equal(decoder[name], weight), name
+    # Only cross-attention (and the LM head's transform) are new: Rothe et al. 2020.
+    assert model.config.decoder.is_decoder and model.config.decoder.add_cross_attention
+    assert any(".crossattention." in name for name in decoder) and not any(".crossattention." in n for n in source)
+    # It decodes with the BERT vocabulary's tokens: starts at [CLS], pads with [PAD], stops at [SEP].
+    assert (model.config.decoder_start_token_id, model.config.pad_token_id, model.config.eos_token_id) == (101, 0, 102)
+    assert (model.generation_config.decoder_start_token_id, model.generation_config.eos_token_id) == (101, 102)
+    out = model.eval().generate(**tok(["ein hund"], return_tensors="pt", return_token_type_ids=False),
+                                max_new_tokens=3, do_sample=False)
+    assert out[0, 0].item() == 101 and out.shape[1] <= 4
+    # The flag on a model that already generates is refused, naming the key to drop.
+    with pytest.raises(ConfigError, match=r"teacher.encoder_decoder: 't5-dir' is already a seq2seq model \(t5\); "
+                                          r"drop teacher.encoder_decoder"):
+        cfg = Config()
+        cfg.teacher.source, cfg.teacher.encoder_decoder = "t5-dir", True
+        check_teacher_kind(_t5_config(), cfg)
