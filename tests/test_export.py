@@ -1,13 +1,19 @@
 """`kdlab export`: choosing, the export folder, its parity check, model card, manifest and MLflow registry.
 
 A real 3-trial `kdlab search` on a tiny random-init teacher and 200 SST-2 rows gives something to
-export; the tests assert on the folder and the registry it leaves behind.
+export; the tests assert on the folder and the registry it leaves behind. Expected values come from
+independent oracles: the choice from the Optuna study itself (`study.best_trials`, feasibility from
+`FrozenTrial.constraints`), parity and predictions from a raw forward of the exported files
+(tests/test_oracles.py), the capacity plan from its formula on the measured latencies.
 """
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 
 import mlflow
+import optuna
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -16,7 +22,8 @@ from conftest import tiny_run_tree, write_config
 from distill.config import ConfigError, load_config
 from distill.export import load_served, sha256_file
 from scripts.cli import main as kdlab
-from search.export import Choice, all_choices, choose, parse_pick, pick
+from search.export import Choice, parse_pick, pick
+from test_oracles import RawServed, labels_of, parity_oracle, sst2_dev
 
 pytestmark = pytest.mark.slow
 PROFILE = {"batch_size": 1, "seq_len": "data", "warmup_iters": 2, "min_iters": 10, "min_seconds": 0.2,
@@ -38,10 +45,40 @@ def searched(tmp_path_factory, tiny_teacher_dir):
     return root, config
 
 
+def stored_study(root: Path) -> optuna.Study:
+    return optuna.load_study(study_name="exp", storage=f"sqlite:///{root / 'exp' / 'optuna.db'}")
+
+
+def feasible(t: optuna.trial.FrozenTrial) -> bool:
+    """Optuna's convention: a COMPLETE trial whose every constraint is <= 0."""
+    return t.state == optuna.trial.TrialState.COMPLETE and all(v <= 0 for v in t.constraints.values())
+
+
+def checkpoint(root: Path, t: optuna.trial.FrozenTrial) -> Path:
+    return root / "exp" / "trials" / str(t.number)
+
+
+def exportable(root: Path, study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Trained (COMPLETE, not screened out) trials whose checkpoint folder is still there."""
+    return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
+            and not t.user_attrs.get("screened_out") and checkpoint(root, t).is_dir()]
+
+
+def default_choice(root: Path) -> optuna.trial.FrozenTrial:
+    """What `kdlab export` must take by default, from the study alone: of the feasible front members
+    (study.best_trials) with a checkpoint, the highest quality (values[0]); ties go to the lower p95 (values[1])."""
+    assert not (root / "exp" / "report" / "gate.csv").exists()  # no gate was run: only trials compete
+    study = stored_study(root)
+    kept = {t.number for t in exportable(root, study)}
+    pool = [t for t in study.best_trials if feasible(t) and t.number in kept]
+    assert pool, "the search left no feasible front member to export"
+    return max(pool, key=lambda t: (t.values[0], -t.values[1]))
+
+
 def test_export_writes_a_checked_folder_and_registers_it(searched):
     root, config = searched
-    cfg = load_config(config)
-    expected = choose(cfg)  # the most accurate feasible front member
+    expected = default_choice(root)  # the most accurate feasible front member, read off the Optuna study
+    recipe = expected.user_attrs["recipe"]
     assert kdlab(["export", "--config", str(config)]) == 0
     out = root / "exp" / "export"
     manifest = json.loads((out / "manifest.json").read_text())
@@ -49,13 +86,15 @@ def test_export_writes_a_checked_folder_and_registers_it(searched):
     # The Hugging Face folder loads as a classifier with the task's labels and the trial's weights.
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()
     assert model.config.num_labels == 2 and manifest["labels"] == ["0", "1"]
-    before = AutoModelForSequenceClassification.from_pretrained(expected.source).eval()
+    before = AutoModelForSequenceClassification.from_pretrained(checkpoint(root, expected)).eval()
     batch = AutoTokenizer.from_pretrained(out)(["a gripping film", "a dull mess"], padding=True, return_tensors="pt")
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, before(**batch).logits)
-    assert manifest["choice"]["trial"] == expected.trial and manifest["served"]["recipe"] == expected.recipe
+    assert manifest["choice"]["trial"] == expected.number and manifest["served"]["recipe"] == recipe
+    assert manifest["choice"]["search_figures"]["quality"] == expected.values[0]
+    assert manifest["choice"]["search_figures"]["p95_ms"] == expected.values[1]
     assert (out / "model.onnx").is_file() and (out / "training_config.yaml").is_file()
-    if expected.recipe == "onnx-int8":
+    if recipe == "onnx-int8":
         assert manifest["served"]["file"] == "model.int8.onnx" and (out / "model.int8.onnx").is_file()
 
     # Every file is listed with its real hash; nothing is left beside the folder.
@@ -63,9 +102,17 @@ def test_export_writes_a_checked_folder_and_registers_it(searched):
     assert all(sha256_file(out / n) == e["sha256"] for n, e in manifest["files"].items())
     assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".export")) == []
 
-    # Parity was measured on the full dev set (200 rows here) against the fp32 model.
+    # Parity was measured on the full dev set (200 rows here) against the fp32 model: the same figures come
+    # out of a raw forward of the exported files over the same dev batches (eval_batch_size 64).
     p = manifest["parity"]
+    texts, labels = sst2_dev(200)
+    raw = RawServed(out, recipe)
+    want = parity_oracle(raw, texts, labels, batch=64, max_length=manifest["max_length"])
     assert p["rows"] == 200 and p["label_agreement"] >= 0.99 and p["max_abs_diff"] >= 0.0
+    assert p["label_agreement"] == want["label_agreement"]
+    assert p["max_abs_diff"] == pytest.approx(want["max_abs_diff"], rel=1e-4) and want["max_abs_diff"] > 0
+    assert p["served_quality"] == pytest.approx(want["served_quality"])
+    assert p["reference_quality"] == pytest.approx(want["reference_quality"])
     assert manifest["measured"]["quality"] == p["served_quality"]
     assert [r["batch_size"] for r in manifest["latency"]] == [1, 4]
     assert all(r["p95_ms"] >= r["p50_ms"] > 0 for r in manifest["latency"])
@@ -80,24 +127,23 @@ def test_export_writes_a_checked_folder_and_registers_it(searched):
     client = mlflow.MlflowClient()
     version = client.get_model_version_by_alias("exp", "champion")
     assert str(version.version) == manifest["mlflow"]["version"]
-    assert version.tags["trial"] == str(expected.trial) and version.tags["recipe"] == expected.recipe
+    assert version.tags["trial"] == str(expected.number) and version.tags["recipe"] == recipe
     assert float(version.tags["quality"]) == pytest.approx(manifest["measured"]["quality"], abs=1e-6)
-    assert version.run_id == expected.mlflow_run_id  # logged on the trial's own run
+    assert version.run_id == expected.user_attrs["mlflow_run_id"]  # logged on the trial's own run
     texts = ["a gripping , funny film", "a dull , lifeless mess", "it is a movie"]
     labels = mlflow.pyfunc.load_model("models:/exp@champion").predict(texts)
-    assert list(labels) == load_served(out).predict_texts(texts)[0]
+    assert list(labels) == labels_of(raw.probs(texts, max_length=manifest["max_length"]), manifest["labels"])
 
 
 def test_export_by_trial_and_pick_and_refusals(searched, capsys):
     root, config = searched
-    cfg = load_config(config)
-    choices, _ = all_choices(cfg)
-    trials = [c for c in choices if c.kind == "trial"]
-    fastest = min(trials, key=lambda c: c.figures["p95_ms"])
+    # `--pick "min p95_ms"` takes the fastest exportable trial of the study (a tie goes to higher quality).
+    candidates = exportable(root, stored_study(root))
+    fastest = min(candidates, key=lambda t: (t.values[1], -t.values[0]))
     out = root / "picked"
     assert kdlab(["export", "--config", str(config), "--pick", "min p95_ms", "--out", str(out),
                   "export.register=false"]) == 0
-    assert json.loads((out / "manifest.json").read_text())["choice"]["trial"] == fastest.trial
+    assert json.loads((out / "manifest.json").read_text())["choice"]["trial"] == fastest.number
     assert "mlflow" not in json.loads((out / "manifest.json").read_text())
 
     capsys.readouterr()
@@ -162,6 +208,57 @@ def test_pick_applies_constraints_and_breaks_ties_on_latency():
         pick(pool, "max quality s.t. p95_ms<0.5")
 
 
+def hand_made_run(tmp_path: Path, trials: list, gate: list[dict] | None = None):
+    """A run folder holding an Optuna study of hand-made trials (checkpoint folders for those marked so)
+    and, optionally, a gate table; returns its config. Nothing is trained or measured."""
+    tmp_path.mkdir(parents=True)
+    cfg = load_config(write_config(tmp_path / "c.yaml", {"name": "hand", "output_dir": str(tmp_path / "run"),
+                                                         "data": {"dataset": "glue"},
+                                                         "teacher": {"source": str(tmp_path / "teacher")}}))
+    cfg.run_dir.mkdir(parents=True)
+    study = optuna.create_study(study_name="hand", storage=f"sqlite:///{cfg.run_dir / 'optuna.db'}",
+                                directions=["maximize", "minimize"])
+    for number, (quality, p95, violation, kept) in enumerate(trials):
+        study.add_trial(optuna.trial.create_trial(
+            values=[quality, p95], constraints={"p95_ms": violation},
+            user_attrs={"recipe": "dynamic-int8", "screened_out": False, "quality": quality, "p95_ms": p95}))
+        if kept:
+            (cfg.run_dir / "trials" / str(number)).mkdir(parents=True)
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL))
+    if gate:
+        (cfg.run_dir / "report").mkdir()
+        fields = ["recipe", "status", "candidate", "meets_targets", "quality", "p95_ms"]
+        lines = [",".join(fields)] + [",".join(str(row[f]) for f in fields) for row in gate]
+        (cfg.run_dir / "report" / "gate.csv").write_text("\n".join(lines) + "\n")
+    return cfg
+
+
+# (quality, p95_ms, constraint value, checkpoint kept). Trial 2 would dominate every other one but violates its
+# target; trial 3 is dominated by trial 1; so the feasible front is {0, 1} and trial 1 is the most accurate.
+HAND_TRIALS = [(0.80, 2.0, -0.5, True), (0.90, 6.0, -0.1, True), (0.95, 1.0, 0.3, True), (0.85, 7.0, -0.2, True)]
+
+
+def test_default_choice_is_the_most_accurate_feasible_front_member(tmp_path):
+    from search.export import choose
+    assert choose(hand_made_run(tmp_path / "a", HAND_TRIALS)).trial == 1
+    # Without its checkpoint, trial 1 cannot be exported: the other front member is taken, never the
+    # dominated trial 3 or the infeasible trial 2.
+    no_checkpoint = [t if i != 1 else (*t[:3], False) for i, t in enumerate(HAND_TRIALS)]
+    assert choose(hand_made_run(tmp_path / "b", no_checkpoint)).trial == 0
+
+
+def test_default_choice_breaks_a_quality_tie_on_the_lower_p95(tmp_path):
+    from search.export import choose
+    teacher = {"recipe": "dynamic-int8", "status": "ok", "candidate": "True", "meets_targets": "True",
+               "quality": 0.90}
+    unmet = {"recipe": "onnx-int8", "status": "ok", "candidate": "True", "meets_targets": "False",
+             "quality": 0.99, "p95_ms": 0.5}  # misses a target: not in the default pool
+    faster = choose(hand_made_run(tmp_path / "a", HAND_TRIALS, [{**teacher, "p95_ms": 4.0}, unmet]))
+    assert (faster.kind, faster.recipe) == ("teacher", "dynamic-int8")  # 0.90 at 4 ms beats trial 1's 0.90 at 6
+    slower = choose(hand_made_run(tmp_path / "b", HAND_TRIALS, [{**teacher, "p95_ms": 9.0}, unmet]))
+    assert (slower.kind, slower.trial) == ("trial", 1)
+
+
 def _run_tree(tmp_path, teacher, target, **sections):
     tree = tiny_run_tree(tmp_path / "run", teacher, target={**PROFILE, **target}, **sections,
                          quantization={"recipes": ["fp32", "dynamic-int8"]},
@@ -181,7 +278,19 @@ def test_run_exports_the_quantized_teacher_when_the_gate_passes(tmp_path, tiny_t
     assert manifest["choice"]["kind"] == "teacher" and manifest["choice"]["recipe"] in ("fp32", "dynamic-int8")
     assert not (tmp_path / "run" / "optuna.db").exists()  # no search on a PASS
     # The capacity plan needs no study when the SLO is given (batch 2 of 1..2 meets 1 s).
+    cap = manifest["capacity"]
     assert manifest["capacity"]["plan"]["batch_size"] == 2 and manifest["capacity"]["plan"]["instances"] >= 1
+    # By hand (search/capacity.py's docstring): the largest measured batch within the SLO; throughput =
+    # batch / p50; instances = ceil(target_rps / (throughput x (1 - headroom))), at least 1.
+    assert (cap["target_rps"], cap["p95_slo_ms"], cap["headroom"]) == (50, 1000, 0.3)
+    lat = cap["latency"]
+    assert set(lat) == {"1", "2"} and all(lat[b]["p95_ms"] <= 1000 for b in lat)
+    throughput = 2 / (lat["2"]["p50_ms"] / 1000)
+    assert cap["plan"]["throughput"] == pytest.approx(throughput, rel=1e-9)
+    assert cap["plan"]["p95_ms"] == lat["2"]["p95_ms"]
+    assert cap["plan"]["instances"] == max(1, math.ceil(50 / (throughput * (1 - 0.3))))
+    # The plan's batch-1 figures are the latency table's own measurement (one timing serves both).
+    assert lat["1"]["p50_ms"] == manifest["latency"][0]["p50_ms"] and manifest["latency"][0]["batch_size"] == 1
     assert (tmp_path / "run" / "teacher" / "kdlab_teacher.json").is_file()  # the teacher was fine-tuned first
 
 
@@ -204,8 +313,15 @@ def test_onnx_int8_export_is_served_from_its_int8_graph_through_the_registry(sea
     assert (out / "model.int8.onnx").is_file() and (out / "model.onnx").is_file()
     p = manifest["parity"]
     assert p["rows"] == 200 and 0.0 <= p["max_abs_diff"] < 1.0 and 0.0 <= p["label_agreement"] <= 1.0
+    # An onnxruntime session of our own on model.int8.onnx, against the folder's fp32 weights, same dev batches.
+    raw = RawServed(out, "onnx-int8")
+    want = parity_oracle(raw, *sst2_dev(200), batch=64, max_length=manifest["max_length"])
+    assert p["label_agreement"] == want["label_agreement"] and want["max_abs_diff"] > 0
+    assert p["max_abs_diff"] == pytest.approx(want["max_abs_diff"], rel=1e-4)
+    assert manifest["measured"]["quality"] == p["served_quality"] == pytest.approx(want["served_quality"])
     served = load_served(out)
     assert served.artefact.recipe == "onnx-int8" and served.artefact.files[0].name == "model.int8.onnx"
     texts = ["a gripping , funny film", "a dull , lifeless mess"]
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-    assert list(mlflow.pyfunc.load_model("models:/exp-onnx@champion").predict(texts)) == served.predict_texts(texts)[0]
+    assert list(mlflow.pyfunc.load_model("models:/exp-onnx@champion").predict(texts)) == \
+        labels_of(raw.probs(texts, max_length=manifest["max_length"]), manifest["labels"])

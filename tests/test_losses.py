@@ -84,18 +84,123 @@ def test_uniform_hidden_map():
     assert uniform_hidden_map(2, 6) == [0, 3, 6]
 
 
+# ---------------------------------------------------------------- DistillLoss against hand-written formulas
+# The oracles below spell each term out in plain torch (softmax, log, sums, masks); none calls distill.losses.
+
+
+def hand_kd(s_logits, t_logits, temperature):
+    """T^2 * mean over rows of sum_c p_t (log p_t - log p_s), p = softmax(z / T)."""
+    log_ps = torch.log_softmax(s_logits / temperature, -1)
+    pt = torch.softmax(t_logits / temperature, -1)
+    return (pt * (pt.log() - log_ps)).sum(-1).mean() * temperature ** 2
+
+
+def hand_ce(s_logits, labels):
+    return -torch.log_softmax(s_logits, -1)[torch.arange(len(labels)), labels].mean()
+
+
+def masked_token_mean(per_token, mask):
+    m = mask.float()
+    return (per_token * m).sum() / m.sum()
+
+
+def hand_hidden(s_hidden, t_hidden, mask, weight, bias):
+    h = s_hidden @ weight.T + bias  # the learned projection W h_s + b
+    return masked_token_mean((h - t_hidden).pow(2).mean(-1), mask)
+
+
+def hand_attention(s_attn, t_attn, mask):
+    if s_attn.shape[1] != t_attn.shape[1]:  # different head counts: compare head means
+        s_attn, t_attn = s_attn.mean(1, keepdim=True), t_attn.mean(1, keepdim=True)
+    return masked_token_mean((s_attn - t_attn).pow(2).mean(dim=(1, 3)), mask)
+
+
+def hand_value_relation(s_values, t_values, mask, heads):
+    def log_rel(v):
+        b, t, w = v.shape
+        d = w // heads
+        v = v.view(b, t, heads, d).transpose(1, 2)
+        scores = v @ v.transpose(-1, -2) / math.sqrt(d)
+        scores = scores.masked_fill(mask[:, None, None, :] == 0, -1e9)  # padded keys get no weight
+        return torch.log_softmax(scores, -1)
+    log_s, log_t = log_rel(s_values), log_rel(t_values)
+    per_query = (log_t.exp() * (log_t - log_s)).sum(-1).mean(1)
+    return masked_token_mean(per_query, mask)
+
+
+def padded_mask():
+    return torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0]])
+
+
 def test_distill_loss_combines_weighted_terms():
+    torch.manual_seed(0)
     cfg = DistillConfig(temperature=2.0, alpha=0.5, hidden_weight=2.0)
     loss_mod = DistillLoss(cfg, student_layers=1, teacher_layers=2, student_width=4, teacher_width=8)
     assert len(loss_mod.projections) == 2 and loss_mod.hidden_map == [0, 2]
-    mask = torch.ones(3, 5, dtype=torch.long)
+    mask = padded_mask()
     s = Signals(logits=torch.randn(3, 2), hidden_states=tuple(torch.randn(3, 5, 4) for _ in range(2)),
                 attention_mask=mask)
     t = Signals(logits=torch.randn(3, 2), hidden_states=tuple(torch.randn(3, 5, 8) for _ in range(3)))
     y = torch.tensor([0, 1, 1])
     loss, parts = loss_mod(s, t, y)
-    expected_hidden = 2.0 * torch.stack([
-        hidden_mse_loss(s.hidden_states[0], t.hidden_states[0], mask, loss_mod.projections[0]),
-        hidden_mse_loss(s.hidden_states[1], t.hidden_states[2], mask, loss_mod.projections[1])]).mean()
-    assert parts["hidden"] == pytest.approx(expected_hidden.item(), rel=1e-5)
+    p = loss_mod.projections
+    with torch.no_grad():
+        # student embeddings -> teacher embeddings, student layer 1 -> teacher layer 2 (uniform map 1 of 2)
+        hidden = 2.0 * (hand_hidden(s.hidden_states[0], t.hidden_states[0], mask, p[0].weight, p[0].bias)
+                        + hand_hidden(s.hidden_states[1], t.hidden_states[2], mask, p[1].weight, p[1].bias)) / 2
+        kd_ce = 0.5 * hand_kd(s.logits, t.logits, 2.0) + 0.5 * hand_ce(s.logits, y)
+    assert set(parts) == {"kd_ce", "hidden"}
+    assert parts["kd_ce"] == pytest.approx(kd_ce.item(), rel=1e-5)
+    assert parts["hidden"] == pytest.approx(hidden.item(), rel=1e-5)
+    assert loss.item() == pytest.approx((kd_ce + hidden).item(), rel=1e-5)
     assert loss.item() == pytest.approx(parts["kd_ce"] + parts["hidden"], rel=1e-5)
+    loss.backward()  # the projections train with the student
+    assert all(q.weight.grad is not None and q.weight.grad.abs().sum() > 0 for q in p)
+
+
+def test_distill_loss_tinybert_attention_term_uses_the_teachers_last_layer():
+    torch.manual_seed(1)
+    cfg = DistillConfig(temperature=3.0, alpha=0.25, attention_weight=0.7, attention_loss="tinybert")
+    loss_mod = DistillLoss(cfg, student_layers=2, teacher_layers=3, student_width=8, teacher_width=8)
+    assert loss_mod.needs_attentions and not loss_mod.needs_values and not loss_mod.needs_hidden
+    mask = padded_mask()
+    s_attn = tuple(torch.softmax(torch.randn(3, 2, 5, 5), -1) for _ in range(2))  # 2 student heads
+    t_attn = tuple(torch.softmax(torch.randn(3, 4, 5, 5) * (k + 1), -1) for k in range(3))  # 4 teacher heads
+    s = Signals(logits=torch.randn(3, 4), attentions=s_attn, attention_mask=mask)
+    t = Signals(logits=torch.randn(3, 4), attentions=t_attn)
+    y = torch.tensor([3, 0, 2])
+    loss, parts = loss_mod(s, t, y)
+    attention = 0.7 * hand_attention(s_attn[-1], t_attn[2], mask)  # last student layer vs last teacher layer
+    kd_ce = 0.25 * hand_kd(s.logits, t.logits, 3.0) + 0.75 * hand_ce(s.logits, y)
+    assert set(parts) == {"kd_ce", "attention"}
+    assert parts["attention"] == pytest.approx(attention.item(), rel=1e-5)
+    assert parts["kd_ce"] == pytest.approx(kd_ce.item(), rel=1e-5)
+    assert loss.item() == pytest.approx((kd_ce + attention).item(), rel=1e-5)
+    # Another teacher layer gives another value: the test would see a wrong layer index.
+    assert abs(hand_attention(s_attn[-1], t_attn[1], mask).item() * 0.7 - parts["attention"]) > 1e-4
+    # Padded query rows do not count: changing them leaves the term unchanged.
+    s_pad = list(s_attn)
+    s_pad[-1] = s_pad[-1].clone()
+    s_pad[-1][1, :, 3:] = 1.0
+    _, parts_pad = loss_mod(Signals(logits=s.logits, attentions=tuple(s_pad), attention_mask=mask), t, y)
+    assert parts_pad["attention"] == pytest.approx(parts["attention"], rel=1e-6)
+
+
+def test_distill_loss_minilm_value_relation_term():
+    torch.manual_seed(2)
+    cfg = DistillConfig(temperature=1.0, alpha=1.0, attention_weight=1.5, attention_loss="minilm", relation_heads=2)
+    loss_mod = DistillLoss(cfg, student_layers=1, teacher_layers=2, student_width=8, teacher_width=12)
+    assert loss_mod.needs_values and not loss_mod.needs_attentions
+    mask = padded_mask()
+    s_values = [torch.randn(3, 5, 8)]
+    t_values = [torch.randn(3, 5, 12), torch.randn(3, 5, 12) * 2.0]
+    s = Signals(logits=torch.randn(3, 2), values=s_values, attention_mask=mask)
+    t = Signals(logits=torch.randn(3, 2), values=t_values)
+    y = torch.tensor([1, 0, 1])
+    loss, parts = loss_mod(s, t, y)
+    attention = 1.5 * hand_value_relation(s_values[0], t_values[1], mask, heads=2)
+    kd = hand_kd(s.logits, t.logits, 1.0)  # alpha = 1: no cross-entropy
+    assert parts["attention"] == pytest.approx(attention.item(), rel=1e-5)
+    assert parts["kd_ce"] == pytest.approx(kd.item(), rel=1e-5)
+    assert loss.item() == pytest.approx((kd + attention).item(), rel=1e-5)
+    assert abs(1.5 * hand_value_relation(s_values[0], t_values[0], mask, heads=2).item() - parts["attention"]) > 1e-4

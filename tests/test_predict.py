@@ -4,7 +4,9 @@ Run: .venv/bin/python -m pytest -q tests/test_predict.py
 
 A tiny random-init BERT is exported as a real export folder (dynamic-int8, and onnx-int8 for one
 test) and run over 300 real SST-2 dev rows; the tests assert on the JSON lines it leaves behind,
-against the served artefact's own predictions, and on the one-line errors for bad input.
+against an independent oracle (tests/test_oracles.py: the folder's tokenizer and a raw forward of
+its weights, quantized with quantize_dynamic or run by an onnxruntime session on the served .onnx
+file, never kdlab's own loading code), and on the one-line errors for bad input.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import pytest
 import torch
 
 from conftest import SST2, build_export
+from test_oracles import RawServed, labels_of
 from distill.config import ConfigError
 from distill.export import MANIFEST, ExportError, load_served, write_manifest
 from eval.predict import Cursor, PredictInputError, add_arguments, main, partial_path, read_rows, run_predict
@@ -70,19 +73,28 @@ def probs_tensor(recs: list[dict], labels=("0", "1")) -> torch.Tensor:
     return torch.tensor([[r["probs"][name] for name in labels] for r in recs])
 
 
-def served_probs(served, texts: list[str], pairs: list[str] | None = None, batch: int = BATCH) -> torch.Tensor:
-    """The served artefact's probabilities over the same batches run_predict forms."""
-    out = []
-    for start in range(0, len(texts), batch):
-        _, probs = served.predict_texts(texts[start:start + batch], pairs[start:start + batch] if pairs else None)
-        out.append(probs)
-    return torch.cat(out)
+def oracle(export: Path, recipe: str = "dynamic-int8") -> RawServed:
+    """The export's served artefact rebuilt from its raw files, with the manifest's max_length."""
+    raw = RawServed(export, recipe)
+    raw.max_length = json.loads((export / MANIFEST).read_text())["max_length"]
+    return raw
+
+
+def oracle_probs(raw: RawServed, texts: list[str], pairs: list[str] | None = None, batch: int = BATCH):
+    """Probabilities over the same batches run_predict forms."""
+    return raw.probs(texts, pairs, batch=batch, max_length=raw.max_length)
+
+
+@pytest.fixture(scope="session")
+def raw_int8(export_int8) -> RawServed:
+    return oracle(export_int8)
 
 
 # ---------------------------------------------------------------- what it writes
 
 
-def test_rows_in_order_with_the_served_artefacts_probabilities(export_int8, sst2_tsv, sst2_texts, tmp_path):
+def test_rows_in_order_with_the_served_artefacts_probabilities(export_int8, sst2_tsv, sst2_texts, raw_int8,
+                                                               tmp_path):
     out = tmp_path / "out.jsonl"
     summary = run_predict(export_int8, sst2_tsv, out, batch_size=BATCH, threads=1, progress=False)
     recs = records(out)
@@ -95,24 +107,24 @@ def test_rows_in_order_with_the_served_artefacts_probabilities(export_int8, sst2
     assert {r["label"] for r in recs} <= {"0", "1"}
     assert torch.allclose(probs.sum(-1), torch.ones(N_ROWS), atol=1e-5)
     assert [r["label"] for r in recs] == [("0", "1")[i] for i in probs.argmax(-1).tolist()]
-    # Rounded to 6 decimals, they are the served artefact's own softmax for the same rows.
-    expected = served_probs(load_served(export_int8, threads=1), sst2_texts)
+    # Rounded to 6 decimals, they are the int8 model's softmax for the same rows and batches, computed raw.
+    expected = oracle_probs(raw_int8, sst2_texts)
     assert torch.allclose(probs, expected, atol=1e-6, rtol=0)
+    assert [r["label"] for r in recs] == labels_of(expected, ("0", "1"))
 
 
-def test_dynamic_int8_export_serves_the_quantized_module_not_fp32(export_int8, sst2_tsv, sst2_texts, tmp_path):
-    from transformers import AutoModelForSequenceClassification
+def test_dynamic_int8_export_serves_the_quantized_module_not_fp32(export_int8, sst2_tsv, sst2_texts, raw_int8,
+                                                                  tmp_path):
     out = tmp_path / "out.jsonl"
     run_predict(export_int8, sst2_tsv, out, batch_size=BATCH, threads=1, progress=False)
     got = probs_tensor(records(out))[:BATCH]
 
     served = load_served(export_int8, threads=1)
     assert any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in served.artefact.module.modules())
-    batch = served.encode(sst2_texts[:BATCH])
-    fp32_model = AutoModelForSequenceClassification.from_pretrained(export_int8).eval()
+    batch = raw_int8.encode(sst2_texts[:BATCH], max_length=raw_int8.max_length)
+    quantized = oracle_probs(raw_int8, sst2_texts[:BATCH])
     with torch.inference_mode():
-        quantized = torch.softmax(served.artefact.module(**batch).logits, -1)
-        fp32 = torch.softmax(fp32_model(**batch).logits, -1)
+        fp32 = torch.softmax(raw_int8.fp32(**batch).logits, -1)
     assert torch.allclose(got, quantized, atol=1e-6, rtol=0)
     assert (got - fp32).abs().max() > 1e-5  # int8 weights and activations move the probabilities
 
@@ -127,8 +139,15 @@ def test_onnx_int8_export_serves_the_int8_graph(tmp_path, tokenizer, sst2_texts)
 
     served = load_served(export, threads=1)
     assert [f.name for f in served.artefact.files] == ["model.int8.onnx"] and served.artefact.module is None
-    assert torch.allclose(probs_tensor(records(out)), served_probs(served, sst2_texts[:64], batch=16), atol=1e-6,
-                          rtol=0)
+    # An onnxruntime session of its own on the folder's model.int8.onnx gives the same probabilities...
+    raw = oracle(export, "onnx-int8")
+    expected = oracle_probs(raw, sst2_texts[:64], batch=16)
+    recs = records(out)
+    assert torch.allclose(probs_tensor(recs), expected, atol=1e-6, rtol=0)
+    assert [r["label"] for r in recs] == labels_of(expected, ("0", "1"))
+    # ...and not those of the fp32 graph beside it (model.onnx): the int8 graph is the one served.
+    fp32_graph = oracle_probs(oracle(export, "onnx-fp32"), sst2_texts[:64], batch=16)
+    assert (probs_tensor(recs) - fp32_graph).abs().max() > 1e-5
 
 
 def test_every_input_format_gives_the_same_output(export_int8, sst2_texts, tmp_path):
@@ -148,7 +167,7 @@ def test_every_input_format_gives_the_same_output(export_int8, sst2_texts, tmp_p
     assert len(outputs) == 1 and len(outputs.pop().splitlines()) == 100
 
 
-def test_pair_columns_come_from_the_manifest(export_int8, sst2_texts, tmp_path):
+def test_pair_columns_come_from_the_manifest(export_int8, sst2_texts, raw_int8, tmp_path):
     export = tmp_path / "pair_export"
     shutil.copytree(export_int8, export)
     manifest = json.loads((export / MANIFEST).read_text())
@@ -161,9 +180,8 @@ def test_pair_columns_come_from_the_manifest(export_int8, sst2_texts, tmp_path):
     out = tmp_path / "out.jsonl"
     run_predict(export, source, out, batch_size=BATCH, threads=1, progress=False)
     got = probs_tensor(records(out))
-    served = load_served(export, threads=1)
-    assert torch.allclose(got, served_probs(served, premises, hypotheses), atol=1e-6, rtol=0)
-    assert not torch.allclose(got, served_probs(served, premises), atol=1e-4)  # the second text is read
+    assert torch.allclose(got, oracle_probs(raw_int8, premises, hypotheses), atol=1e-6, rtol=0)
+    assert not torch.allclose(got, oracle_probs(raw_int8, premises), atol=1e-4)  # the second text is read
 
     txt = tmp_path / "one_text.txt"
     txt.write_text("a film\n", encoding="utf-8")
@@ -332,7 +350,7 @@ def test_main_lets_bad_input_reach_the_cli_as_config_error(export_int8, tmp_path
                       "--text-column", "text", "--threads", "1", "--no-progress")) == 0
 
 
-def test_on_error_skip_keeps_every_row_in_place(export_int8, sst2_texts, tmp_path):
+def test_on_error_skip_keeps_every_row_in_place(export_int8, sst2_texts, raw_int8, tmp_path):
     """Malformed rows become {"row": i, "error": "...line N..."}; every other row is predicted as usual."""
     texts = sst2_texts[:6]
     raw = ("sentence\tlabel\n".encode() + f"{texts[0]}\t1\n".encode() + b"one field only\n"
@@ -347,12 +365,11 @@ def test_on_error_skip_keeps_every_row_in_place(export_int8, sst2_texts, tmp_pat
     assert [r["row"] for r in recs] == [0, 1, 2, 3, 4] and summary["skipped"] == 2
     assert "line 3: 1 fields" in recs[1]["error"] and "line 5: byte 0xe9" in recs[3]["error"]
     good = [recs[0], recs[2], recs[4]]
-    served = load_served(export_int8, threads=1)
     # Batches of 4 input rows: the good rows of the first (texts 0 and 1) are predicted together,
     # then text 2 alone (dynamic int8 scales activations per batch).
-    first, second = served.predict_texts([texts[0], texts[1]]), served.predict_texts([texts[2]])
-    assert [r["label"] for r in good] == first[0] + second[0]
-    assert torch.allclose(probs_tensor(good), torch.cat([first[1], second[1]]), atol=1e-5)
+    first, second = oracle_probs(raw_int8, [texts[0], texts[1]]), oracle_probs(raw_int8, [texts[2]])
+    assert [r["label"] for r in good] == labels_of(first, ("0", "1")) + labels_of(second, ("0", "1"))
+    assert torch.allclose(probs_tensor(good), torch.cat([first, second]), atol=1e-5)
 
     jsonl = tmp_path / "mixed.jsonl"
     jsonl.write_text(json.dumps({"sentence": texts[0]}) + "\n{not json\n" + json.dumps({"text": "x"}) + "\n")

@@ -14,6 +14,7 @@ KDLAB_REQUIRE_POSTGRES=1, as on CI).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -22,6 +23,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import optuna
@@ -123,6 +125,63 @@ def test_no_student_is_trained_twice(two_workers):
             twin = trials[t.user_attrs["duplicate_of"]]
             assert twin.state.name == "COMPLETE"
             assert all(t.user_attrs.get(k) == twin.user_attrs.get(k) for k in PARAM_KEYS)
+
+
+class _NoTracking:
+    """Stands in for StudyTracking: the duplicate check runs before any MLflow call that matters here."""
+
+    @contextlib.contextmanager
+    def child(self, trial, params):
+        yield None
+
+
+def test_a_duplicate_is_pruned_against_its_running_then_its_completed_twin(postgres_url, tiny_teacher_dir,  # noqa: F811
+                                                                            tmp_path):
+    """Three workers' handles on one PostgreSQL study draw the same enqueued student. The one holding the lowest
+    trial number trains; the second, drawn while the first is still RUNNING, and the third, drawn after it
+    completed, are both pruned as repeats of it, without training (search/objective.py run_trial)."""
+    from distill.config import load_config
+    from search.objective import objective, run_trial
+    from search.space import SearchSpace
+    from search.study import DIRECTIONS
+    from train.teacher import load_teacher_config
+
+    cfg = load_config(write_config(tmp_path / "c.yaml", tiny_run_tree(tmp_path / "run", tiny_teacher_dir,
+                                                                      search=SPACE)))
+    space = SearchSpace.from_config(cfg, load_teacher_config(cfg))
+    params = space.params_of(space.seeds(1)[0])
+    name = "scale-duplicates"  # not the two workers' study, whose trials the other tests count
+    optuna.create_study(study_name=name, storage=postgres_url, directions=DIRECTIONS)
+    worker_a, worker_b, worker_c = (optuna.load_study(study_name=name, storage=postgres_url) for _ in range(3))
+    for _ in range(3):
+        worker_a.enqueue_trial(params)  # the same student, three times
+    no_work = SimpleNamespace(space=space)  # no teacher, data or tracking: a repeat must stop before any work
+    trained = []
+
+    def train_while_a_twin_is_drawn(trial, candidate, ctx, tracker):
+        trained.append(trial.number)
+        twin = worker_b.ask()
+        assert twin.number == 1 and worker_b.trials[0].state.name == "RUNNING"
+        with pytest.raises(optuna.TrialPruned, match=f"same candidate as trial {trial.number}"):
+            objective(twin, no_work)
+        worker_b.tell(twin, state=optuna.trial.TrialState.PRUNED)
+        return 0.5, 1.0
+
+    first = worker_a.ask()
+    assert first.number == 0
+    worker_a.tell(first, run_trial(first, SimpleNamespace(space=space, tracking=_NoTracking(), cfg=cfg),
+                                   train_while_a_twin_is_drawn))
+    late = worker_c.ask()
+    with pytest.raises(optuna.TrialPruned, match="same candidate as trial 0"):
+        objective(late, no_work)
+    worker_c.tell(late, state=optuna.trial.TrialState.PRUNED)
+
+    trials = optuna.load_study(study_name=name, storage=postgres_url).trials
+    assert trained == [0]
+    assert [t.state.name for t in trials] == ["COMPLETE", "PRUNED", "PRUNED"]
+    assert [t.user_attrs.get("duplicate_of") for t in trials] == [None, 0, 0]
+    assert all(t.user_attrs.get(k) == trials[0].user_attrs.get(k) for t in trials[1:] for k in PARAM_KEYS)
+    assert trials[0].user_attrs["num_layers"] == space.seeds(1)[0].num_layers
 
 
 def test_every_finished_trial_has_one_mlflow_child_run(two_workers, tracking_uri):

@@ -120,6 +120,8 @@ def test_search_records_trials_constraints_checkpoints_and_mlflow_runs(root, mai
 
     front = sorted(t.number for t in study.best_trials)
     assert 0 in front or any(dominated_by(trials[0], trials[n]) for n in front)
+    assert front == brute_force_front(trials)  # exactly the feasible trials no feasible trial dominates
+    assert 1 not in front  # the screened-out seed misses the size budget: infeasible, never on the front
     for t in trials:  # front members keep their checkpoint (HF folder + tokenizer + figures); others are pruned
         folder = root / "main" / "trials" / str(t.number)
         assert folder.is_dir() == (t.number in front)
@@ -170,6 +172,27 @@ def dominated_by(a, b) -> bool:
     return b.values[0] >= a.values[0] and b.values[1] <= a.values[1] and tuple(b.values) != tuple(a.values)
 
 
+def brute_force_front(trials) -> list[int]:
+    """The Pareto front by pairwise comparison: COMPLETE trials with every constraint <= 0 (Optuna's
+    feasibility) that no other such trial dominates (quality >=, p95 <=, not both equal)."""
+    feasible = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE
+                and all(v <= 0 for v in t.constraints.values())]
+    return sorted(a.number for a in feasible if not any(dominated_by(a, b) for b in feasible))
+
+
+def test_brute_force_front_oracle_on_hand_made_trials():
+    """The oracle above on trials whose front is known by hand."""
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for quality, p95, violation in [(0.80, 5.0, -0.1), (0.90, 9.0, 0.0), (0.85, 5.0, -0.5), (0.95, 1.0, 0.2),
+                                    (0.85, 5.0, -0.2), (0.70, 9.5, -1.0)]:
+        study.add_trial(optuna.trial.create_trial(values=[quality, p95], constraints={"p95_ms": violation}))
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL))
+    # 2 and 4 tie and both dominate 0 and 5; 1 (violation exactly 0) is feasible and the most accurate;
+    # 3 would dominate every trial but violates its constraint.
+    assert brute_force_front(study.trials) == [1, 2, 4]
+    assert sorted(t.number for t in study.best_trials) == [1, 2, 4]
+
+
 def test_report_rebuilds_table_and_plots_from_the_stored_study(root, main_search, capsys):
     config, _, _ = main_search
     report = root / "main" / "report"
@@ -185,17 +208,21 @@ def test_report_rebuilds_table_and_plots_from_the_stored_study(root, main_search
     assert all((report / name).is_file() for name in ("pareto.png", "pareto.html", "pareto.csv"))
 
 
-def test_resuming_adds_trials_to_the_same_study_and_parent_run(root, main_search):
-    config, _, _ = main_search
-    before = {t.number: t.values for t in load_study(root, "main").trials}
+def test_resuming_adds_trials_to_the_same_study_and_parent_run(root, tiny_teacher_dir):
+    # A study of its own: resuming `main` would change the trial counts the other tests assert on.
+    config = search_config(root, tiny_teacher_dir, "resume", target={"p95_ms": 10_000})
     assert kdlab(["search", "--config", str(config), "--n-trials", "2"]) == 0
-    study = load_study(root, "main")
-    assert [t.number for t in study.trials] == [0, 1, 2, 3, 4, 5]
-    assert {t.number: t.values for t in study.trials[:4]} == before  # kept, not re-run
-    assert [t.state.name for t in study.trials[4:]] == ["COMPLETE", "COMPLETE"]
-    assert "fixed_params" not in study.trials[4].system_attrs  # drawn by the sampler, not a re-enqueued seed
-    parents, children = runs_of(root, "main")
-    assert len(parents) == 1 and len(children) == 6  # same parent run, two more children
+    first = load_study(root, "resume").trials
+    assert all("fixed_params" in t.system_attrs for t in first)  # the two enqueued seeds
+    before = {t.number: t.values for t in first}
+    assert kdlab(["search", "--config", str(config), "--n-trials", "2"]) == 0
+    study = load_study(root, "resume")
+    assert [t.number for t in study.trials] == [0, 1, 2, 3]
+    assert {t.number: t.values for t in study.trials[:2]} == before  # kept, not re-run
+    assert [t.state.name for t in study.trials[2:]] == ["COMPLETE", "COMPLETE"]
+    assert all("fixed_params" not in t.system_attrs for t in study.trials[2:])  # drawn, not re-enqueued seeds
+    parents, children = runs_of(root, "resume")
+    assert len(parents) == 1 and len(children) == 4  # same parent run, two more children
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
 
 
