@@ -6,13 +6,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
 import pytest
 from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
 
-from conftest import ROOT, tiny_run_tree, write_config
+from conftest import ROOT, free_port, tiny_run_tree, write_config
 
 pytestmark = pytest.mark.slow
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
@@ -26,7 +27,7 @@ def launch(config: Path, *overrides, processes: int = 1, check: bool = True, lau
     else:
         env["ACCELERATE_USE_CPU"] = "true"
         cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(processes),
-               "--main_process_port", "29533"]
+               "--main_process_port", str(free_port())]
     proc = subprocess.run([*cmd, SCRIPT, "--config", str(config), *overrides], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
@@ -34,9 +35,37 @@ def launch(config: Path, *overrides, processes: int = 1, check: bool = True, lau
     return proc
 
 
+def pause_env(stage_step: str, release: Path) -> dict:
+    """The environment of a run that pauses after a known step (train/loop.py's test hook, `_pause_point`):
+    after step N of stage STAGE ("distill:40") it writes `release`.reached and waits until `release` exists."""
+    return {**os.environ, "TOKENIZERS_PARALLELISM": "false", "KDLAB_PAUSE_AFTER_STEP": stage_step,
+            "KDLAB_PAUSE_FILE": str(release)}
+
+
+def wait_for_pause(release: Path, proc: subprocess.Popen, log: Path | None = None, timeout_s: float = 600) -> dict:
+    """Block until the run of `proc` is paused (its `release`.reached exists); returns what it wrote there.
+
+    `timeout_s` only bounds a broken run: nothing here races the machine's speed."""
+    reached = release.with_name(release.name + ".reached")
+    deadline = time.monotonic() + timeout_s
+    while not reached.is_file():
+        tail = log.read_text()[-3000:] if log is not None and log.is_file() else ""
+        assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before its pause\n{tail}"
+        assert time.monotonic() < deadline, f"no pause within {timeout_s} s\n{tail}"
+        time.sleep(0.05)
+    return json.loads(reached.read_text())
+
+
+def mlflow_client(run_dir: Path) -> mlflow.MlflowClient:
+    """A client on the run's SQLite store (what tiny_run_tree's tracking.uri names), not the process-wide URI."""
+    return mlflow.MlflowClient(f"sqlite:///{run_dir.parent / 'mlflow.db'}")
+
+
 def mlflow_runs(run_dir: Path, experiment: str = "tiny"):
-    mlflow.set_tracking_uri(f"sqlite:///{run_dir.parent / 'mlflow.db'}")
-    return mlflow.search_runs(experiment_names=[experiment], output_format="list")
+    client = mlflow_client(run_dir)
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None, f"no MLflow experiment {experiment!r} in {run_dir.parent / 'mlflow.db'}"
+    return client.search_runs([found.experiment_id])
 
 
 def test_launch_fine_tunes_teacher_distils_and_logs(tmp_path, tiny_teacher_dir):
@@ -59,7 +88,7 @@ def test_launch_fine_tunes_teacher_distils_and_logs(tmp_path, tiny_teacher_dir):
     assert distill.data.params["student.num_layers"] == "1"
     assert distill.data.params["distill.temperature"] == "2.0"
     assert distill.data.metrics["best_dev_accuracy"] == pytest.approx(summary["best_dev"]["accuracy"])
-    client = mlflow.MlflowClient()
+    client = mlflow_client(run_dir)
     history = [m.value for m in client.get_metric_history(distill.info.run_id, "distill/loss")]
     assert len(history) == summary["steps"] == 26  # 200 rows / 16 = 13 steps x 2 epochs
     assert sum(history[-5:]) / 5 < sum(history[:5]) / 5  # the loss fell
@@ -83,8 +112,7 @@ def test_resume_continues_step_count(tmp_path, tiny_teacher_dir):
     assert "at step 6" in proc.stdout
     summary = json.loads((run_dir / "student" / "kdlab_summary.json").read_text())
     assert summary["steps"] == 10
-    history = mlflow.MlflowClient().get_metric_history(
-        summary["mlflow_run_id"], "distill/loss") if mlflow_runs(run_dir) else []
+    history = mlflow_client(run_dir).get_metric_history(summary["mlflow_run_id"], "distill/loss")
     assert [m.step for m in history] == [7, 8, 9, 10]
 
 

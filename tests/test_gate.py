@@ -8,7 +8,10 @@ report/gate.csv and gate.md, and the MLflow runs; unit tests pin the target arit
 from __future__ import annotations
 
 import csv
+import json
+import math
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -87,8 +90,8 @@ def test_loose_target_passes_and_leaves_table_files_and_mlflow_runs(root, tiny_t
     assert "| recipe | quality | p50 ms | p95 ms |" in md and verdict_line in md and "skipped: fp16 needs" in md
     assert (root / "loose" / "gate" / "onnx-int8" / "model.int8.onnx").is_file()
 
-    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["loose"], output_format="list")
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("loose").experiment_id])
     parents = [r for r in runs if r.info.run_name == "gate"]
     assert len(parents) == 1
     parent = parents[0]
@@ -105,6 +108,51 @@ def test_loose_target_passes_and_leaves_table_files_and_mlflow_runs(root, tiny_t
     assert dyn.metrics["p95_ms"] == pytest.approx(float(by["dynamic-int8"]["p95_ms"]))
     assert dyn.tags["status"] == "ok" and dyn.tags["meets_targets"] == "true"
 
+    # The PASS line's command is a real one: run it as printed and look at the export it leaves.
+    printed = shlex.split(verdict_line.split("export it with: ", 1)[1])
+    assert printed == ["kdlab", "export", "--config", str(config), "--recipe", "fp32"]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([str(Path(sys.executable).parent / printed[0]), *printed[1:]], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    export = root / "loose" / "export"
+    assert proc.stdout.strip().splitlines()[-1].startswith(f"exported teacher fp32 (fp32) to {export}: quality ")
+    manifest = json.loads((export / "manifest.json").read_text())
+    choice = manifest["choice"]
+    assert (choice["kind"], choice["label"], choice["recipe"], choice["trial"]) == ("teacher", "teacher fp32", "fp32",
+                                                                                   None)
+    assert choice["source"] == tiny_teacher_dir  # teacher.fine_tune=never: the teacher folder itself
+    assert manifest["served"]["recipe"] == "fp32"
+    # The figures the choice carries are the gate's own row for that recipe.
+    assert choice["search_figures"]["p95_ms"] == pytest.approx(float(by["fp32"]["p95_ms"]))
+    assert choice["search_figures"]["quality"] == pytest.approx(float(by["fp32"]["quality"]))
+    assert (export / "model.safetensors").is_file() and (export / "README.md").is_file()
+
+
+def test_export_recipe_must_be_one_the_gate_measured(root, tiny_teacher_dir, capsys):
+    config = gate_config(root, tiny_teacher_dir, "recipes", ["fp32", "fp16", "dynamic-int8"], p95_ms=10_000)
+    run_dir = root / "recipes"
+    assert kdlab(["export", "--config", str(config), "--recipe", "fp32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"kdlab: error: --recipe: 'fp32' was not measured by the gate; no recipe was measured "
+                   f"({run_dir / 'report' / 'gate.csv'} is missing or lists none); run kdlab gate --config {config}")
+    assert not run_dir.exists()
+
+    assert kdlab(["gate", "--config", str(config)]) == 0
+    capsys.readouterr()
+    before = sorted(p.name for p in run_dir.iterdir())
+    # fp16 was skipped (no CUDA), onnx-int8 not in this ladder, int3 no recipe at all: none was measured.
+    for recipe in ("fp16", "onnx-int8", "int3"):
+        assert kdlab(["export", "--config", str(config), "--recipe", recipe]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"kdlab: error: --recipe: '{recipe}' was not measured by the gate; measured recipes in "
+                       f"{run_dir / 'report' / 'gate.csv'}: fp32, dynamic-int8")
+        assert sorted(p.name for p in run_dir.iterdir()) == before  # no export/, no staging folder
+    assert kdlab(["export", "--config", str(config), "--recipe", "fp32", "--trial", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("kdlab: error: --trial and --recipe: give one of --trial, --pick, --recipe (or none, for the "
+                   "most accurate feasible model)")
+
 
 def test_impossible_target_misses_with_the_gap_and_clamps_threads(root, tiny_teacher_dir):
     config = gate_config(root, tiny_teacher_dir, "impossible", ["fp32", "dynamic-int8"],
@@ -120,9 +168,9 @@ def test_impossible_target_misses_with_the_gap_and_clamps_threads(root, tiny_tea
     assert line.startswith(f"MISS: best p95 {float(best['p95_ms']):.2f} ms ({best['recipe']}) vs budget 0.00 ms: "
                            f"missed by {float(best['p95_ms']) - 1e-6:.2f} ms")
     assert "best size" in line and line.endswith(f"distillation needed (kdlab search --config {config})")
-    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-    parent = mlflow.search_runs(experiment_names=["impossible"], filter_string="tags.kdlab.stage = 'gate'",
-                                output_format="list")[0]
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    parent = client.search_runs([client.get_experiment_by_name("impossible").experiment_id],
+                                filter_string="tags.kdlab.stage = 'gate'")[0]
     assert parent.data.tags["kdlab.gate"] == "MISS"
     assert parent.data.metrics["gap_p95_ms"] == pytest.approx(float(best["p95_ms"]) - 1e-6, rel=1e-3)
 
@@ -222,6 +270,25 @@ def test_first_recipe_in_ladder_order_that_meets_every_target_passes():
     assert passed.recipe == "dynamic-int8"  # onnx-int8 is faster but misses quality
     assert message == ("PASS: dynamic-int8 meets p95 ≤ 5.00 ms (4.00 ms) and quality ≥ 0.8700 (0.8800); "
                        "export it with: kdlab export --config c.yaml --recipe dynamic-int8")
+
+
+def test_a_figure_exactly_at_its_limit_meets_it():
+    # The documented rule is p95 <= budget, quality >= floor, size <= max (the PASS line prints ≤ and ≥).
+    targets = Targets(p95_ms=4.0, min_quality=0.88, max_size_mb=20.0)
+    at_limit = judged([row("dynamic-int8", 4.0, 0.88, 20.0)], targets)
+    assert at_limit[0].misses == [] and at_limit[0].meets
+    passed, message = verdict(at_limit, targets, "c.yaml")
+    assert passed.recipe == "dynamic-int8"
+    assert message == ("PASS: dynamic-int8 meets p95 ≤ 4.00 ms (4.00 ms) and quality ≥ 0.8800 (0.8800) and "
+                       "size ≤ 20.0 MB (20.0 MB); export it with: kdlab export --config c.yaml --recipe dynamic-int8")
+    # The smallest step past each limit misses it.
+    over = judged([row("dynamic-int8", math.nextafter(4.0, math.inf), math.nextafter(0.88, 0.0),
+                       math.nextafter(20.0, math.inf))], targets)
+    assert over[0].misses == ["p95", "quality", "size"]
+    # teacher*1 resolves to the fp32 teacher's own p95, which then meets it exactly.
+    fp32 = row("fp32", 7.31, 0.9, 80.0)
+    relative = resolve_targets(TargetConfig(p95_ms="teacher*1"), fp32)
+    assert relative.p95_ms == 7.31 and check_row(fp32, relative) == []
 
 
 def test_miss_reports_the_gap_per_target():

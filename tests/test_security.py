@@ -45,8 +45,8 @@ def test_credentials_are_masked_in_saved_configs_and_mlflow_params(tmp_path, tin
     assert kdlab(["distill", "--config", str(config)]) == 0
     saved = (tmp_path / "run" / "config.yaml").read_text()
     assert SECRET not in saved and "postgresql://kdlab:***@127.0.0.1:5432/optuna?sslmode=require" in saved
-    mlflow.set_tracking_uri(tree["tracking"]["uri"])
-    params = [r.data.params for r in mlflow.search_runs(experiment_names=["tiny"], output_format="list")]
+    client = mlflow.MlflowClient(tree["tracking"]["uri"])
+    params = [r.data.params for r in client.search_runs([client.get_experiment_by_name("tiny").experiment_id])]
     assert params and all(SECRET not in str(p) for p in params)
     assert any(p.get("search.storage") == "postgresql://kdlab:***@127.0.0.1:5432/optuna?sslmode=require"
                for p in params)

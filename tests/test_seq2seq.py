@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-from conftest import DATA, ROOT, write_config
+from conftest import DATA, ROOT, mlflow_store, write_config
 from test_distill_entry import launch
 
 MULTI30K = DATA / "multi30k"
@@ -82,8 +82,8 @@ def test_launch_distils_a_t5_student_with_sequence_kd(tmp_path, tiny_t5_dir, pai
                            max_new_tokens=5)
     assert out.shape[0] == 1 and 1 < out.shape[1] <= 6
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = {r.info.run_name: r for r in mlflow.search_runs(experiment_names=["tiny_s2s"], output_format="list")}
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("tiny_s2s").experiment_id])}
     assert set(runs) == {"teacher-finetune", "distill"}
     metrics = runs["distill"].data.metrics
     assert metrics["best_dev_bleu"] == pytest.approx(summary["best_dev"]["bleu"])
@@ -238,8 +238,8 @@ def test_two_trial_seq2seq_search_leaves_a_pareto_front(tmp_path, tiny_t5_dir, p
     served = load_served(export)
     texts = ["Ein Hund rennt.", "Zwei Männer stehen."]
     assert len(served.generate_texts(texts)) == 2
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    pyfunc = mlflow.pyfunc.load_model("models:/tiny_s2s@champion")
+    with mlflow_store(f"sqlite:///{tmp_path / 'mlflow.db'}"):  # `models:/` resolves through the registry URI
+        pyfunc = mlflow.pyfunc.load_model("models:/tiny_s2s@champion")
     assert list(pyfunc.predict(texts)) == served.generate_texts(texts)
 
     # batch prediction of a plain-text file: one {"row", "output"} line per source, the served artefact's text

@@ -3,6 +3,9 @@
 `fit` knows nothing of teachers or students: it gets a model, a `compute_loss(model, batch)`
 and an `evaluate(model)`; it owns the optimizer, schedule, accumulation, clipping, evaluation,
 early stopping, best-checkpoint keeping, `save_state`/resume, progress bar and metric logging.
+
+Test hook, off unless KDLAB_PAUSE_AFTER_STEP is set: KDLAB_PAUSE_AFTER_STEP=STAGE:N with KDLAB_PAUSE_FILE=PATH
+pauses the fit whose `desc` is STAGE (`teacher`, `distill`) after optimizer step N; see `_pause_point`.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -176,6 +180,43 @@ def atomic_dir(path: Path):
     shutil.rmtree(old, ignore_errors=True)
 
 
+PAUSE_AFTER_STEP_ENV = "KDLAB_PAUSE_AFTER_STEP"
+PAUSE_FILE_ENV = "KDLAB_PAUSE_FILE"
+
+
+def _pause_point(desc: str) -> tuple[int, Path] | None:
+    """The step and release file of the test pause for a fit named `desc` (None: no pause; the default).
+
+    With KDLAB_PAUSE_AFTER_STEP=STAGE:N (e.g. `distill:40`) and KDLAB_PAUSE_FILE=PATH, the fit whose `desc`
+    is STAGE stops after optimizer step N, once that step's logging, evaluation, best checkpoint and state
+    save are done: the main process writes PATH.reached (JSON: pid, stage, step) and every process then
+    waits until PATH exists. Tests kill, interrupt or release a run at a known step this way, instead of
+    racing the machine's speed. Once PATH exists, later fits of that process pass step N without stopping.
+    """
+    spec = os.environ.get(PAUSE_AFTER_STEP_ENV)
+    if not spec:
+        return None
+    stage, _, step = spec.rpartition(":")
+    release = os.environ.get(PAUSE_FILE_ENV)
+    if not stage or not step.isdigit() or int(step) < 1 or not release:
+        raise ValueError(f"{PAUSE_AFTER_STEP_ENV}={spec!r} needs the form STAGE:N with N >= 1 (e.g. distill:40) "
+                         f"and {PAUSE_FILE_ENV} set to the release file (now {release!r})")
+    return (int(step), Path(release)) if stage == desc else None
+
+
+def _pause(accelerator: Accelerator, desc: str, step: int, release: Path) -> None:
+    """Say that step `step` of `desc` is reached (PATH.reached, written whole) and wait for PATH."""
+    if accelerator.is_main_process:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        reached = release.with_name(release.name + ".reached")
+        tmp = reached.with_name(f"{reached.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "stage": desc, "step": step}))
+        os.replace(tmp, reached)  # a test polling for it never reads half a file
+    while not release.exists():
+        time.sleep(0.05)
+
+
 def fit(accelerator: Accelerator, model, train_loader, *, cfg: TrainConfig,
         compute_loss: Callable, evaluate: Callable, save_best: Callable, out_dir: Path,
         tracker: Tracker, metric: str = "accuracy", extra_modules: list | None = None,
@@ -226,6 +267,7 @@ def fit(accelerator: Accelerator, model, train_loader, *, cfg: TrainConfig,
         accelerator.print(f"resumed from {path} at step {state.step}")
 
     eval_every = cfg.eval_every_steps or steps_per_epoch
+    pause = _pause_point(desc)
     progress = tqdm(total=total_steps, initial=state.step, desc=desc,
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     model.train()
@@ -264,6 +306,8 @@ def fit(accelerator: Accelerator, model, train_loader, *, cfg: TrainConfig,
                                           metric, cfg, desc) or stop
             if cfg.save_state_every_steps and state.step % cfg.save_state_every_steps == 0:
                 _save_state(accelerator, state_root, state.step, fingerprint)
+            if pause is not None and state.step == pause[0]:
+                _pause(accelerator, desc, state.step, pause[1])
             if state.step >= total_steps or stop:
                 stop = True
                 break
