@@ -274,8 +274,14 @@ def fit(accelerator: Accelerator, model, train_loader, *, cfg: TrainConfig,
     step_times, samples, start = [], 0, time.perf_counter()
     stop = state.step >= total_steps
     epoch = state.step // steps_per_epoch
+    # Epoch e shuffles with seed + e: a run resumed in epoch e draws the batches an uninterrupted run draws
+    # there (the loader's generator itself is neither saved with the state nor reseeded by set_epoch).
+    sampler = train_loader.get_sampler() if hasattr(train_loader, "get_sampler") else None
+    generator = getattr(sampler, "generator", None)
+    base_seed = generator.initial_seed() if generator is not None else None
     while not stop:
-        # Reseeding per epoch keeps the shuffled order reproducible, also after a resume.
+        if generator is not None:
+            generator.manual_seed(base_seed + epoch)
         if hasattr(train_loader, "set_epoch"):
             train_loader.set_epoch(epoch)
         done_in_epoch = state.step - epoch * steps_per_epoch
