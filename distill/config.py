@@ -401,6 +401,10 @@ def validate(cfg: Config, label: str = "<config>") -> None:
     c(t.learning_rate > 0, "train.learning_rate", f"must be > 0, got {t.learning_rate}")
     c(0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}")
     c(t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
+    c(t.early_stopping_patience is None or t.early_stopping_patience >= 1, "train.early_stopping_patience",
+      f"must be >= 1 evaluations, or null for no early stopping; got {t.early_stopping_patience}")
+    c(t.save_state_every_steps is None or t.save_state_every_steps >= 1, "train.save_state_every_steps",
+      f"must be >= 1 steps, or null to save no training state; got {t.save_state_every_steps}")
     c(t.num_epochs > 0 or (t.max_steps or 0) > 0, "train.num_epochs", "must be > 0 (or set train.max_steps)")
     c(t.mixed_precision in (None, "no", "bf16", "fp16"), "train.mixed_precision",
       f"'{t.mixed_precision}'; valid: no, bf16, fp16")

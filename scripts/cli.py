@@ -225,7 +225,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         # A search's running trial is left to Optuna's heartbeat (failed and retried by the next worker), a
         # prediction keeps OUTPUT.partial to resume from, an export leaves the previous export untouched.
-        print(f"kdlab: interrupted ({args.command}); run the same command again to continue", file=sys.stderr)
+        # The newline ends an unfinished progress bar line, so the message starts a line of its own.
+        print(f"\nkdlab: interrupted ({args.command}); run the same command again to continue", file=sys.stderr)
         return 130
 
 

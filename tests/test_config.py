@@ -32,6 +32,10 @@ def test_defaults_overrides_and_resolved_dict(tmp_path):
     (BASE, ["student.init=magic"], "student.init: 'magic'; valid: teacher-layers, teacher-slice, random"),
     ({"name": "x"}, [], "give data.dataset (Hub name) or both data.train_file and data.eval_file"),
     (BASE, ["noequals"], "expected key.sub=value"),
+    (BASE, ["train.early_stopping_patience=0"],
+     "train.early_stopping_patience: must be >= 1 evaluations, or null for no early stopping; got 0"),
+    (BASE, ["train.save_state_every_steps=-5"],
+     "train.save_state_every_steps: must be >= 1 steps, or null to save no training state; got -5"),
 ])
 def test_errors_name_file_key_and_valid_values(tmp_path, tree, overrides, message):
     p = write(tmp_path, tree)

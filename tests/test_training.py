@@ -49,11 +49,24 @@ def test_only_the_newest_two_training_states_are_kept(tmp_path, tiny_teacher_dir
     run_dir, summary = distil(tmp_path, "states", tiny_teacher_dir, max_steps=10, save_state_every_steps=3)
     assert summary["steps"] == 10
     state_root = run_dir / "student_run" / "state"
-    assert sorted(p.name for p in state_root.iterdir()) == ["step_6", "step_9"]
+    assert sorted(p.name for p in state_root.iterdir()) == ["finished.json", "step_6", "step_9"]
     for step in (6, 9):
         marker = json.loads((state_root / f"step_{step}" / "kdlab_state.json").read_text())
         assert marker["step"] == step
         assert all((state_root / f"step_{step}" / name).stat().st_size == size for name, size in marker["files"].items())
+    assert json.loads((state_root / "finished.json").read_text())["step"] == 10
+
+
+def test_the_same_command_after_a_finished_run_starts_over(tmp_path, tiny_teacher_dir, capsys):
+    # The newest state (step 9) is older than the last step (10): without the finished marker the second run
+    # would resume at step 9 and retrain step 10 only.
+    first_dir, first = distil(tmp_path, "again", tiny_teacher_dir, max_steps=10, save_state_every_steps=3)
+    capsys.readouterr()
+    _, second = distil(tmp_path, "again", tiny_teacher_dir, max_steps=10, save_state_every_steps=3)
+    out = capsys.readouterr()
+    assert "resumed from" not in out.out + out.err
+    assert second["steps"] == 10 and second["best_step"] == first["best_step"]
+    assert metric_steps(tmp_path, second, "distill/loss") == metric_steps(tmp_path, first, "distill/loss")
 
 
 # ---------------------------------------------------------------- early stopping

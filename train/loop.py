@@ -77,6 +77,8 @@ def evaluate_classifier(model, loader, accelerator: Accelerator) -> dict:
 
 
 STATE_MARKER = "kdlab_state.json"
+# Written beside the states when a fit ends (last step or early stop): the same command then starts over.
+FINISHED_MARKER = "finished.json"
 KEEP_STATES = 2  # the newest complete state and one before it, in case the newest is torn later
 
 
@@ -152,6 +154,9 @@ def _auto_resume(state_root: Path, fingerprint: str, total_steps: int, say) -> P
     latest = _latest_state(state_root, say)
     if latest is None:
         return None
+    finished = state_root / FINISHED_MARKER
+    if finished.is_file() and json.loads(finished.read_text()).get("fingerprint") == fingerprint:
+        return None  # that run finished (its last state may be older than its last step): start over
     marker = json.loads((latest / STATE_MARKER).read_text())
     if marker.get("fingerprint") != fingerprint:
         say(f"train: not resuming from {latest}: it was saved by another training config or model")
@@ -265,6 +270,8 @@ def fit(accelerator: Accelerator, model, train_loader, *, cfg: TrainConfig,
     if path is not None:
         accelerator.load_state(str(path))
         accelerator.print(f"resumed from {path} at step {state.step}")
+    elif accelerator.is_main_process:
+        (state_root / FINISHED_MARKER).unlink(missing_ok=True)  # this run is not finished until it ends
 
     eval_every = cfg.eval_every_steps or steps_per_epoch
     pause = _pause_point(desc)
@@ -320,6 +327,11 @@ def fit(accelerator: Accelerator, model, train_loader, *, cfg: TrainConfig,
             t0 = time.perf_counter()
         epoch += 1
     progress.close()
+    if cfg.save_state_every_steps and accelerator.is_main_process:
+        state_root.mkdir(parents=True, exist_ok=True)
+        tmp = state_root / f".{FINISHED_MARKER}.tmp"
+        tmp.write_text(json.dumps({"step": state.step, "fingerprint": fingerprint}))
+        os.replace(tmp, state_root / FINISHED_MARKER)
     seconds = time.perf_counter() - start
     total_samples = samples * accelerator.num_processes
     return FitResult(best_metric=state.best_metric, best_step=state.best_step, steps=state.step,
