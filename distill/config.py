@@ -19,9 +19,7 @@ from typing import Any, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A user-caused configuration problem; the message is one line and names the key."""
+from kdlab.distill.errors import ConfigError  # noqa: F401  (re-exported: the config's error)
 
 
 def _f(default, help: str, **kw):
@@ -162,7 +160,7 @@ class TargetConfig:
 
 def _ladder() -> list:
     # Imported here, not at the top: the recipes pull in torch, which a config check does not need.
-    from distill.quantize import RECIPES
+    from kdlab.distill.quantize import RECIPES
     return list(RECIPES)
 
 

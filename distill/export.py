@@ -8,7 +8,7 @@ An export folder holds
 - model.onnx, the fp32 ONNX graph, and for the onnx-int8 recipe model.int8.onnx, the served file;
 - manifest.json: recipe, what is served and how it is rebuilt, labels, tokenization, every file's sha256.
 
-    from distill.export import load_served
+    from kdlab.distill.export import load_served
     served = load_served("runs/sst2_minilm/export")
     served.predict_texts(["a gripping film"])   # -> (labels, probabilities)
 
@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from distill.quantize import Quantized, apply_generation_recipe, apply_recipe, serve_onnx
+from kdlab.distill.errors import ExportError  # noqa: F401  (re-exported: raised by load_served and verify)
+from kdlab.distill.quantize import Quantized, apply_generation_recipe, apply_recipe, serve_onnx
 
 MANIFEST = "manifest.json"
 ONNX_SERVED = {"onnx-fp32": "model.onnx", "onnx-int8": "model.int8.onnx"}
@@ -55,10 +56,6 @@ SEQ2SEQ_HOW = {
     "bnb-int8": "from_pretrained(folder), Linear layers replaced by bitsandbytes Linear8bitLt, then generate",
     "bnb-nf4": "from_pretrained(folder), Linear layers replaced by bitsandbytes Linear4bit nf4, then generate",
 }
-
-
-class ExportError(Exception):
-    """An export folder that is incomplete, altered or of an unknown recipe; the message is one line."""
 
 
 def sha256_file(path: Path) -> str:

@@ -1,7 +1,8 @@
 """The MLflow pyfunc flavour of an export folder: `models:/<name>@champion` maps texts to labels or outputs.
 
-Logged by search/registry.py as a model *from code* (this file; MLflow imports it and takes the
-model given to `set_model` below), with this package and eval/ as code paths: nothing is pickled,
+Logged by kdlab.search.registry as a model *from code* (this file; MLflow imports it and takes the
+model given to `set_model` below), with a copy of the kdlab package (kdlab.distill and kdlab.eval only)
+as its code path: nothing is pickled,
 and loading needs kdlab's runtime libraries (pinned in the model's requirements) but not kdlab.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ class ExportedClassifier(mlflow.pyfunc.PythonModel):
     """Serves the export's artefact (ONNX int8, dynamic int8, ...), the one the model card measured."""
 
     def load_context(self, context) -> None:
-        from distill.export import load_served
+        from kdlab.distill.export import load_served
         self.served = load_served(context.artifacts["export"], check=False)
         self.batch_size = 64
 

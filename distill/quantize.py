@@ -6,7 +6,7 @@ latency profiler and the accuracy evaluation treat every recipe alike.
 
 Library module, nothing to launch. Typical use:
 
-    from distill.quantize import apply_recipe, list_recipes, RecipeUnavailable
+    from kdlab.distill.quantize import apply_recipe, list_recipes, RecipeUnavailable
     for name in list_recipes():
         try:
             served = apply_recipe(name, student, example_batch=batch, workdir=Path("runs/x") / name)
@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from eval.latency import BYTES_PER_MB, file_size_mb
+from kdlab.eval.latency import BYTES_PER_MB, file_size_mb
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 HEAD_PREFIXES = ("classifier",)  # BERT/RoBERTa/DistilBERT heads: kept in full precision by every recipe

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from distill.config import ConfigError
-from distill.losses import hidden_mse_loss, uniform_hidden_map
+from kdlab.distill.config import ConfigError
+from kdlab.distill.losses import hidden_mse_loss, uniform_hidden_map
 
 IGNORE_INDEX = -100  # transformers' label padding, skipped by every loss here
 SEQ2SEQ_INITS = ("teacher-layers", "random")

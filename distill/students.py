@@ -21,7 +21,7 @@ import re
 import torch
 from transformers import AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
 
-from distill.config import ConfigError, StudentConfig
+from kdlab.distill.config import ConfigError, StudentConfig
 
 _LAYER = re.compile(r"\.layer\.(\d+)\.")
 # Names of the attention projections whose output (q/k/v) or input (o) axis is the head axis,

@@ -6,7 +6,7 @@ threads, batch, sequence length) and whether it was stable enough to trust.
 
 Library module, nothing to launch. Typical use:
 
-    from eval.latency import TargetProfile, measure
+    from kdlab.eval.latency import TargetProfile, measure
     profile = TargetProfile(device="cpu", threads=2, batch_size=1, seq_len=128)
     reports = measure({"fp32": lambda: fp32.predict(batch),
                        "int8": lambda: int8.predict(batch)}, profile)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
-from distill.config import ConfigError
+from kdlab.distill.config import ConfigError
 
 FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".txt": "txt"}
 VALID_FORMATS = (".tsv or .csv with a header line naming the columns, .jsonl/.json with one JSON object per line, "
@@ -314,8 +314,8 @@ def run_predict(model_dir, input_path, output_path, batch_size: int = 64, text_c
     import torch
     from tqdm.auto import tqdm
 
-    from distill.export import load_served
-    from eval.latency import clamp_threads
+    from kdlab.distill.export import load_served
+    from kdlab.eval.latency import clamp_threads
 
     input_path, output_path = Path(input_path), Path(output_path)
     if on_error not in ("stop", "skip"):
@@ -426,8 +426,8 @@ def main(args) -> int:
 
     Bad input and a bad export folder raise ConfigError: `kdlab` prints it in one line and exits 2.
     """
-    from distill.export import ExportError
-    from distill.quantize import RecipeUnavailable
+    from kdlab.distill.export import ExportError
+    from kdlab.distill.quantize import RecipeUnavailable
     try:
         summary = run_predict(args.model, args.input, args.output, batch_size=args.batch_size,
                               text_column=args.text_column, pair_column=args.pair_column, resume=args.resume,

@@ -35,16 +35,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 
-from scripts.bench_readme import write_readme_section  # noqa: E402
-from distill.config import load_config, to_dict  # noqa: E402
-from eval.latency import machine_info, versions  # noqa: E402
-from distill.losses import kd_ce_loss  # noqa: E402
-from distill.students import build_student, count_params  # noqa: E402
-from train.data import make_loader  # noqa: E402
-from train.loop import fit  # noqa: E402
-from train.pipeline import cached_teacher_logits, make_distill_loss, prepare, run  # noqa: E402
-from train.teacher import ensure_teacher  # noqa: E402
-from train.tracking import Tracker  # noqa: E402
+from kdlab.scripts.bench_readme import write_readme_section  # noqa: E402
+from kdlab.distill.config import load_config, to_dict  # noqa: E402
+from kdlab.eval.latency import machine_info, versions  # noqa: E402
+from kdlab.distill.losses import kd_ce_loss  # noqa: E402
+from kdlab.distill.students import build_student, count_params  # noqa: E402
+from kdlab.train.data import make_loader  # noqa: E402
+from kdlab.train.loop import fit  # noqa: E402
+from kdlab.train.pipeline import cached_teacher_logits, make_distill_loss, prepare, run  # noqa: E402
+from kdlab.train.teacher import ensure_teacher  # noqa: E402
+from kdlab.train.tracking import Tracker  # noqa: E402
 
 STUDENTS = [  # name, layers, hidden, init
     ("a-3x384-teacher-layers", 3, 384, "teacher-layers"),

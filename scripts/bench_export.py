@@ -29,10 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from scripts.bench_readme import write_readme_section  # noqa: E402
-from distill.config import ConfigError, load_config  # noqa: E402
-from distill.export import ExportError  # noqa: E402
-from eval.latency import machine_info, versions  # noqa: E402
+from kdlab.scripts.bench_readme import write_readme_section  # noqa: E402
+from kdlab.distill.config import ConfigError, load_config  # noqa: E402
+from kdlab.distill.export import ExportError  # noqa: E402
+from kdlab.eval.latency import machine_info, versions  # noqa: E402
 
 # An interactive API: 300 requests/s, each answered within 50 ms at p95, batches of up to 32.
 # The int8 student agrees with its own fp32 weights on 98.4 % of dev labels (first run of this
@@ -71,7 +71,7 @@ def markdown(r: dict) -> str:
              f"label agreement {p['label_agreement']:.2%}, max |logit difference| {p['max_abs_diff']:.4f}; "
              f"predictions of the student and the teacher agree on {r['agreement_with_teacher']:.2%} of the train "
              f"rows.", ""]
-    from search.capacity import CapacityRow, markdown as capacity_md
+    from kdlab.search.capacity import CapacityRow, markdown as capacity_md
     c = r["capacity_plan"]
     lines.append(capacity_md([CapacityRow(**row) for row in r["capacity"]], target_rps=c["target_rps"],
                              p95_slo_ms=c["p95_slo_ms"], headroom=c["headroom"], conditions=c["conditions"]))
@@ -92,9 +92,9 @@ def main(argv=None) -> int:
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-    from search.capacity import log_capacity, run_capacity
-    from search.export import export_dir, run_export, teacher_choice
-    from search.study import run_report, study_targets
+    from kdlab.search.capacity import log_capacity, run_capacity
+    from kdlab.search.export import export_dir, run_export, teacher_choice
+    from kdlab.search.study import run_report, study_targets
     started = time.time()
     try:
         cfg = load_config(args.config, SERVING)

@@ -32,15 +32,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
 
-from scripts.bench_readme import publish  # noqa: E402
-from distill.config import ConfigError, load_config  # noqa: E402
-from eval.latency import clamp_threads, coefficient_of_variation, matmul_peak_gflops, measure_one  # noqa: E402
-from search.gate import (build_candidates, check_row, mean_flops, measure_candidates,  # noqa: E402
+from kdlab.scripts.bench_readme import publish  # noqa: E402
+from kdlab.distill.config import ConfigError, load_config  # noqa: E402
+from kdlab.eval.latency import clamp_threads, coefficient_of_variation, matmul_peak_gflops, measure_one  # noqa: E402
+from kdlab.search.gate import (build_candidates, check_row, mean_flops, measure_candidates,  # noqa: E402
                          resolve_targets, target_profile, timing_batches)
-from eval.latency import machine_info, versions  # noqa: E402
-from train.data import make_loader  # noqa: E402
-from train.pipeline import prepare  # noqa: E402
-from train.teacher import ensure_teacher, require_fine_tuned  # noqa: E402
+from kdlab.eval.latency import machine_info, versions  # noqa: E402
+from kdlab.train.data import make_loader  # noqa: E402
+from kdlab.train.pipeline import prepare  # noqa: E402
+from kdlab.train.teacher import ensure_teacher, require_fine_tuned  # noqa: E402
 
 AGREEMENT_TOLERANCE = 0.10
 ROW_KEYS = ("recipe", "threads", "batch_size", "quality", "p50_ms", "p95_ms", "p99_ms", "cv", "stable", "size_mb",

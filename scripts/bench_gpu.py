@@ -83,7 +83,7 @@ def distill(common: list[str], work: Path, precision: str, log: Path) -> dict:
 
 def gate(common: list[str], work: Path, out: Path, batch: int, seq_len: str, log: Path) -> dict:
     run_dir = work / f"gate_b{batch}"
-    cmd = [sys.executable, "-m", "scripts.cli", "gate", "--config", CONFIG, *common, f"output_dir={run_dir}",
+    cmd = [sys.executable, "-m", "kdlab", "gate", "--config", CONFIG, *common, f"output_dir={run_dir}",
            "target.device=cuda", f"target.batch_size={batch}", f"target.seq_len={seq_len}",
            f"quantization.recipes={GPU_RECIPES}", f"search.recipes={GPU_RECIPES}"]
     code, seconds = run(cmd, log)
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-gate", action="store_true")
     args = parser.parse_args(argv)
     if args.render:
-        from scripts.bench_readme import write_readme_section
+        from kdlab.scripts.bench_readme import write_readme_section
         result = json.loads(Path(args.render).read_text())
         write_readme_section("gpu", f"kdlab on a GPU: {result['device']} (`scripts/bench_gpu.py`)", markdown(result),
                              path=ROOT / "benchmarks" / "README.md")
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
         parser.error("--teacher, --train-file, --eval-file and --out are required (or --render JSON)")
     import torch
 
-    from eval.latency import machine_info, versions
+    from kdlab.eval.latency import machine_info, versions
     if not torch.cuda.is_available():
         print("bench_gpu: error: no CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
         return 2

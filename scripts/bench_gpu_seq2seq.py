@@ -32,10 +32,10 @@ def main(argv=None) -> int:
     import torch
     from accelerate import Accelerator
 
-    from distill.config import load_config
-    from eval.latency import machine_info, versions
-    from scripts.build_t5 import build_t5
-    from search.gate import run_gate
+    from kdlab.distill.config import load_config
+    from kdlab.eval.latency import machine_info, versions
+    from kdlab.scripts.build_t5 import build_t5
+    from kdlab.search.gate import run_gate
 
     started = time.perf_counter()
     data, out = Path(args.data), Path(args.out)

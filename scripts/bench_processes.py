@@ -22,8 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from eval.latency import machine_info, versions  # noqa: E402
-from scripts.bench_readme import write_readme_section  # noqa: E402
+from kdlab.eval.latency import machine_info, versions  # noqa: E402
+from kdlab.scripts.bench_readme import write_readme_section  # noqa: E402
 
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 CONFIG = "configs/smoke.yaml"

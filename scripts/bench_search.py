@@ -29,9 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from scripts.bench_readme import publish  # noqa: E402
-from distill.config import ConfigError, load_config  # noqa: E402
-from eval.latency import machine_info, versions  # noqa: E402
+from kdlab.scripts.bench_readme import publish  # noqa: E402
+from kdlab.distill.config import ConfigError, load_config  # noqa: E402
+from kdlab.eval.latency import machine_info, versions  # noqa: E402
 
 # The search trains logit-only KD so the teacher's logits are computed once and cached (1.46x per step,
 # benchmarks/results/distill_sst2.json); hidden-state KD moved (a) by one dev sentence there.
@@ -121,9 +121,9 @@ def main(argv=None) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     from accelerate import Accelerator
 
-    from search.study import run_search
-    from train.pipeline import prepare
-    from train.teacher import require_fine_tuned
+    from kdlab.search.study import run_search
+    from kdlab.train.pipeline import prepare
+    from kdlab.train.teacher import require_fine_tuned
 
     quick_dir = Path(tempfile.mkdtemp(prefix="kdlab-bench-search-")) if args.quick else None
     overrides = ([*QUICK, f"output_dir={quick_dir}", f"tracking.uri=sqlite:///{quick_dir}/mlflow.db"]
@@ -136,7 +136,7 @@ def main(argv=None) -> int:
             require_fine_tuned(cfg, prepare(cfg, accelerator).data, args.config)
         gate = None
         if not args.quick and not args.no_gate:  # what `kdlab run` does first: the search only runs on a MISS
-            from search.gate import run_gate
+            from kdlab.search.gate import run_gate
             gate = run_gate(cfg, accelerator)
             print(f"bench_search: gate: {gate.message}")
         gate_seconds = time.time() - started
@@ -145,10 +145,10 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"bench_search: error: {exc}", file=sys.stderr)
         return 2
-    from search.study import meta_of, open_storage
+    from kdlab.search.study import meta_of, open_storage
     study = optuna.load_study(study_name=result.study_name, storage=open_storage(cfg, create=False))
     meta = meta_of(cfg, study)
-    from search.study_report import targets_text
+    from kdlab.search.study_report import targets_text
     search_seconds = time.time() - started - gate_seconds
     arch = ("num_layers", "hidden_size", "num_heads", "intermediate_size", "init", "recipe", "learning_rate",
             "temperature", "alpha")

@@ -95,14 +95,14 @@ def main(argv=None) -> int:
     from accelerate import Accelerator
     from transformers import AutoModelForSeq2SeqLM
 
-    from distill.config import load_config
-    from distill.quantize import apply_generation_recipe
-    from distill.students import count_params
-    from eval.latency import machine_info, versions
-    from search.gate import GateRow, measure_candidates, target_profile
-    from search.seq2seq_gate import generation_batches
-    from train.seq2seq import ensure_seq2seq_teacher, generate_texts, generation_kwargs, prepare, run, score
-    from train.seq2seq_data import make_seq2seq_loader
+    from kdlab.distill.config import load_config
+    from kdlab.distill.quantize import apply_generation_recipe
+    from kdlab.distill.students import count_params
+    from kdlab.eval.latency import machine_info, versions
+    from kdlab.search.gate import GateRow, measure_candidates, target_profile
+    from kdlab.search.seq2seq_gate import generation_batches
+    from kdlab.train.seq2seq import ensure_seq2seq_teacher, generate_texts, generation_kwargs, prepare, run, score
+    from kdlab.train.seq2seq_data import make_seq2seq_loader
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.teacher and Path(args.teacher, "model.safetensors").is_file():
         # A copy carried with fp16 weights (to fit a transfer limit) trains from fp32 weights here.
-        from scripts.bench_gpu import fp32_copy
+        from kdlab.scripts.bench_gpu import fp32_copy
         fp32_copy(Path(args.teacher), work / "teacher_source")
         args.teacher = str(work / "teacher_source")
     overrides = overrides_for(args)
@@ -200,7 +200,7 @@ def main(argv=None) -> int:
     save()
     text = render(result)
     if not args.quick and args.out is None:
-        from scripts.bench_readme import write_readme_section
+        from kdlab.scripts.bench_readme import write_readme_section
         write_readme_section("seq2seq", "Seq2seq distillation on Multi30k (bench_seq2seq)", text)
     print(text)
     print(f"bench_seq2seq: wrote {out_path} in {result['seconds']:.0f} s")
@@ -218,13 +218,13 @@ def latency_only(args, cfg, out_path: Path) -> int:
     import torch
     from accelerate import Accelerator
 
-    from distill.config import load_config
-    from distill.quantize import apply_generation_recipe
-    from distill.seq2seq import build_seq2seq_student
-    from eval.latency import machine_info, versions
-    from search.gate import GateRow, measure_candidates, target_profile
-    from search.seq2seq_gate import generation_batches
-    from train.seq2seq import prepare, resolve_source, warm_start
+    from kdlab.distill.config import load_config
+    from kdlab.distill.quantize import apply_generation_recipe
+    from kdlab.distill.seq2seq import build_seq2seq_student
+    from kdlab.eval.latency import machine_info, versions
+    from kdlab.search.gate import GateRow, measure_candidates, target_profile
+    from kdlab.search.seq2seq_gate import generation_batches
+    from kdlab.train.seq2seq import prepare, resolve_source, warm_start
 
     result = json.loads(out_path.read_text())
     started = time.perf_counter()
@@ -256,7 +256,7 @@ def latency_only(args, cfg, out_path: Path) -> int:
     out_path.write_text(json.dumps(result, indent=2, default=str))
     text = render(result)
     if args.out is None:
-        from scripts.bench_readme import write_readme_section
+        from kdlab.scripts.bench_readme import write_readme_section
         write_readme_section("seq2seq", "Seq2seq distillation on Multi30k (bench_seq2seq)", text)
     print(text)
     return 0

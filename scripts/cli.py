@@ -27,9 +27,10 @@ import os
 import subprocess
 import sys
 
-from distill.config import ConfigError, load_config
-from distill.export import ExportError
-from eval.predict import add_arguments as add_predict_arguments, main as cmd_predict
+import kdlab
+from kdlab.distill.config import load_config
+from kdlab.distill.errors import ConfigError, ExportError
+from kdlab.eval.predict import add_arguments as add_predict_arguments, main as cmd_predict
 
 
 def _quiet_libraries() -> None:
@@ -41,7 +42,7 @@ def _quiet_libraries() -> None:
 
 
 def cmd_distill(args) -> int:
-    from train.distill import main as distill_main
+    from kdlab.train.distill import main as distill_main
     return distill_main(["--config", args.config, *args.overrides])
 
 
@@ -49,7 +50,7 @@ def cmd_gate(args) -> int:
     cfg = load_config(args.config, args.overrides)
     from accelerate import Accelerator
 
-    from search.gate import run_gate
+    from kdlab.search.gate import run_gate
     # Measuring on the target profile is single-process; the CPU accelerator only serves the
     # teacher's fine-tuning when the checkpoint does not exist yet.
     result = run_gate(cfg, Accelerator(cpu=True))
@@ -79,7 +80,7 @@ def cmd_search(args) -> int:
         raise ConfigError(f"--n-trials: must be >= 1, got {args.n_trials}")
     if args.timeout is not None and args.timeout <= 0:
         raise ConfigError(f"--timeout: must be > 0 seconds, got {args.timeout}")
-    from search.study import run_search
+    from kdlab.search.study import run_search
     _quiet_optuna()
     result = run_search(cfg, _search_accelerator(cfg), n_trials=args.n_trials, timeout_s=args.timeout)
     print(result.message, flush=True)
@@ -88,13 +89,13 @@ def cmd_search(args) -> int:
 
 def cmd_report(args) -> int:
     cfg = load_config(args.config, args.overrides)
-    from search.study import run_report
+    from kdlab.search.study import run_report
     _quiet_optuna()
     result = run_report(cfg)
     print(result.message, flush=True)
     if args.capacity:
-        from search.capacity import log_capacity, run_capacity
-        from search.study import study_targets
+        from kdlab.search.capacity import log_capacity, run_capacity
+        from kdlab.search.study import study_targets
         run_capacity(cfg, result.front, study_targets(cfg))
         log_capacity(cfg)
     capacity_md = cfg.run_dir / "report" / "capacity.md"
@@ -110,7 +111,7 @@ def cmd_export(args) -> int:
     if len(given) > 1:
         raise ConfigError(f"{' and '.join(given)}: give one of --trial, --pick, --recipe (or none, for the most "
                           f"accurate feasible model)")
-    from search.export import export_dir, run_export, summary_line
+    from kdlab.search.export import export_dir, run_export, summary_line
     _quiet_optuna()
     manifest = run_export(cfg, trial=args.trial, pick_text=args.pick, out=args.out, force=args.force,
                           recipe=args.recipe)
@@ -123,13 +124,13 @@ def cmd_run(args) -> int:
     cfg = load_config(args.config, args.overrides)
     from accelerate import Accelerator
 
-    from search.export import export_dir, run_export, summary_line
-    from search.gate import run_gate
+    from kdlab.search.export import export_dir, run_export, summary_line
+    from kdlab.search.gate import run_gate
     _quiet_optuna()
     gate = run_gate(cfg, Accelerator(cpu=True))  # fine-tunes the teacher first when needed
     print(gate.message, flush=True)
     if gate.passed is None:
-        from search.study import finished_trials, run_report, run_search
+        from kdlab.search.study import finished_trials, run_report, run_search
         # `run` tops the study up to search.n_trials (--n-trials adds that many more): running it
         # again exports from the finished study instead of searching all over.
         todo = args.n_trials if args.n_trials is not None else cfg.search.n_trials - finished_trials(cfg)
@@ -155,7 +156,7 @@ def cmd_ui(args) -> int:
         uri = load_config(args.config, args.overrides).tracking.uri
     if uri.startswith("sqlite:///"):
         os.makedirs(os.path.dirname(uri[len("sqlite:///"):]) or ".", exist_ok=True)
-    from distill.config import redact
+    from kdlab.distill.config import redact
     print(f"MLflow UI for {redact(uri)} at http://127.0.0.1:{args.port} (Ctrl-C stops it)", flush=True)
     # Bound to loopback: the UI has no authentication.
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
@@ -183,6 +184,7 @@ COMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdlab", description="Knowledge distillation under a measured latency budget")
+    parser.add_argument("--version", action="version", version=f"kdlab {kdlab.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)

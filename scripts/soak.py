@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from eval.latency import machine_info, versions  # noqa: E402
+from kdlab.eval.latency import machine_info, versions  # noqa: E402
 from postgres import PostgresUnavailable, mlflow_server, postgres_cluster  # noqa: E402
 
 KDLAB = str(Path(sys.executable).parent / "kdlab")

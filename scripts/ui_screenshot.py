@@ -128,7 +128,7 @@ def free_port() -> int:
 def start_ui(config: str, port: int, log) -> subprocess.Popen:
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
     # Its own session, so that stop_ui reaches `kdlab ui`, `mlflow server` and the server's job workers.
-    return subprocess.Popen([sys.executable, "-m", "scripts.cli", "ui", "--config", config, "--port", str(port)],
+    return subprocess.Popen([sys.executable, "-m", "kdlab", "ui", "--config", config, "--port", str(port)],
                             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
@@ -282,7 +282,7 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=90, help="seconds to wait for the server and for each page")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from distill.config import ConfigError, load_config
+    from kdlab.distill.config import ConfigError, load_config
 
     started = time.monotonic()
     try:

@@ -79,8 +79,8 @@ def measure_latencies(served: dict, cfg, eval_ds, tokenizer, vocab_size: int, th
     """
     from dataclasses import replace
 
-    from eval.latency import measure
-    from search.gate import _cycling, target_profile, timing_batches
+    from kdlab.eval.latency import measure
+    from kdlab.search.gate import _cycling, target_profile, timing_batches
     out: dict[str, dict[int, object]] = {label: {} for label in served}
     lengths_of: dict[int, dict] = {}
     for bs in sorted(set(batch_sizes)):
@@ -110,13 +110,13 @@ def run_capacity(cfg, front_rows: list[dict], targets: dict, console=None) -> di
     from accelerate import Accelerator
     from transformers import AutoModelForSequenceClassification
 
-    from distill.config import ConfigError
-    from distill.quantize import apply_recipe
-    from eval.latency import clamp_threads
-    from search.export import teacher_folder
-    from search.gate_report import gate_references
-    from train.data import make_loader
-    from train.pipeline import prepare
+    from kdlab.distill.config import ConfigError
+    from kdlab.distill.quantize import apply_recipe
+    from kdlab.eval.latency import clamp_threads
+    from kdlab.search.export import teacher_folder
+    from kdlab.search.gate_report import gate_references
+    from kdlab.train.data import make_loader
+    from kdlab.train.pipeline import prepare
     sv = cfg.serving
     if sv.target_rps is None:
         raise ConfigError("serving.target_rps: not set; the capacity plan needs the request rate to plan for "
@@ -172,7 +172,7 @@ def log_capacity(cfg) -> None:
         return
     import mlflow
 
-    from search.study import stored_study
+    from kdlab.search.study import stored_study
     study = stored_study(cfg)
     run_id = study.user_attrs.get("mlflow_parent_run_id") if study is not None else None
     if not run_id:

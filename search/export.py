@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distill.config import Config, ConfigError, save_config
-from distill.export import (ExportError, build_served, load_served, move_into_place, parity, served_entry,
+from kdlab.distill.config import Config, ConfigError, save_config
+from kdlab.distill.export import (ExportError, build_served, load_served, move_into_place, parity, served_entry,
                             write_manifest, write_model)
 
 NUMERIC = ("quality", "p50_ms", "p95_ms", "p99_ms", "size_mb", "params", "throughput", "train_seconds")
@@ -80,15 +80,15 @@ def pick(choices: list[Choice], text: str) -> Choice:
 
 def study_rows(cfg: Config) -> list[dict]:
     """Every trial of the config's study as search/study_report rows ([] when there is no study)."""
-    from search.study import stored_study
-    from search.study_report import trial_rows
+    from kdlab.search.study import stored_study
+    from kdlab.search.study_report import trial_rows
     study = stored_study(cfg)
     return [] if study is None else trial_rows(study.get_trials(deepcopy=False), cfg.run_dir)
 
 
 def gate_rows(cfg: Config) -> list[dict]:
     """The gate's measured candidate recipes (report/gate.csv), [] when the gate was not run."""
-    from search.gate_report import gate_table
+    from kdlab.search.gate_report import gate_table
     return [r for r in gate_table(cfg.run_dir) if r.get("candidate") == "True"]
 
 
@@ -101,7 +101,7 @@ def _num(value):
 
 
 def teacher_folder(cfg: Config) -> Path:
-    from train.teacher import MARKER, resolve_source
+    from kdlab.train.teacher import MARKER, resolve_source
     fine_tuned = cfg.run_dir / "teacher"
     if (fine_tuned / MARKER).is_file():
         return fine_tuned
@@ -265,12 +265,12 @@ def run_export(cfg: Config, trial: int | None = None, pick_text: str | None = No
     from accelerate import Accelerator
     from transformers import AutoModelForSequenceClassification
 
-    from distill.quantize import apply_recipe
-    from eval.latency import clamp_threads, machine_info, versions
-    from search.capacity import measure_latencies
-    from search.gate import dev_quality
-    from train.data import make_loader
-    from train.pipeline import prepare
+    from kdlab.distill.quantize import apply_recipe
+    from kdlab.eval.latency import clamp_threads, machine_info, versions
+    from kdlab.search.capacity import measure_latencies
+    from kdlab.search.gate import dev_quality
+    from kdlab.train.data import make_loader
+    from kdlab.train.pipeline import prepare
 
     choice = choice or choose(cfg, trial, pick_text, recipe)
     dest = export_dir(cfg, out)
@@ -278,7 +278,7 @@ def run_export(cfg: Config, trial: int | None = None, pick_text: str | None = No
         raise ConfigError(f"--out: {dest} exists; pass --force to replace it (the new export replaces it only once "
                           f"complete)")
     if cfg.task.type == "seq2seq":
-        from search.seq2seq_export import run_seq2seq_export
+        from kdlab.search.seq2seq_export import run_seq2seq_export
         return run_seq2seq_export(cfg, choice, dest, console)
     say = console.print if console is not None else print
     say(f"export: {choice.label}, recipe {choice.recipe} -> {dest}")
@@ -345,14 +345,14 @@ def run_export(cfg: Config, trial: int | None = None, pick_text: str | None = No
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    from search.seq2seq_export import register
+    from kdlab.search.seq2seq_export import register
     return register(cfg, dest, manifest, model_card)
 
 
 def _capacity(cfg: Config, reports: dict) -> dict:
     """The capacity plan of the exported model alone, for its card, from its measured {batch: report}."""
-    from search.capacity import ASSUMPTIONS, p50_p95, plan_one, slo_ms
-    from search.study import study_targets
+    from kdlab.search.capacity import ASSUMPTIONS, p50_p95, plan_one, slo_ms
+    from kdlab.search.study import study_targets
     slo = slo_ms(cfg, study_targets(cfg).get("p95_ms"))
     if slo is None:
         return {"note": "no SLO: set serving.p95_slo_ms (or target.p95_ms and run the search)"}
@@ -366,7 +366,7 @@ def _capacity(cfg: Config, reports: dict) -> dict:
 
 def _teacher_reference(cfg: Config) -> dict | None:
     """The fp32 teacher's quality and p95 on the target, as the gate measured them."""
-    from search.gate_report import gate_references
+    from kdlab.search.gate_report import gate_references
     fp32, _ = gate_references(cfg.run_dir)
     return {"quality": _num(fp32["quality"]), "p95_ms": _num(fp32["p95_ms"]), "from": "gate"} if fp32 else None
 
@@ -385,7 +385,7 @@ def _front_position(cfg: Config, choice: Choice) -> str | None:
 
 def summary_line(manifest: dict, dest: Path) -> str:
     if manifest["task"]["type"] == "seq2seq":
-        from search.seq2seq_export import seq2seq_summary_line
+        from kdlab.search.seq2seq_export import seq2seq_summary_line
         return seq2seq_summary_line(manifest, dest)
     p, lat = manifest["parity"], manifest["latency"][0]
     reg = manifest.get("mlflow")

@@ -25,12 +25,12 @@ import torch
 from accelerate.utils import set_seed
 from transformers import DataCollatorWithPadding
 
-from distill.config import Config, ConfigError, TargetConfig, parse_budget
-from distill.quantize import Quantized, RecipeUnavailable, apply_recipe
-from eval.metrics import classification_metrics
-from eval.latency import (TargetProfile, clamp_threads, count_flops, machine_info, matmul_peak_gflops, measure,
+from kdlab.distill.config import Config, ConfigError, TargetConfig, parse_budget
+from kdlab.distill.quantize import Quantized, RecipeUnavailable, apply_recipe
+from kdlab.eval.metrics import classification_metrics
+from kdlab.eval.latency import (TargetProfile, clamp_threads, count_flops, machine_info, matmul_peak_gflops, measure,
                           versions)
-from train.data import make_loader
+from kdlab.train.data import make_loader
 
 EXIT_PASS, EXIT_MISS = 0, 3
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -298,10 +298,10 @@ def check_device(target: TargetConfig) -> None:
 def run_gate(cfg: Config, accelerator, console=None) -> GateResult:
     """Measure the teacher under every recipe on cfg.target; write the report and MLflow runs."""
     if cfg.task.type == "seq2seq":
-        from search.seq2seq_gate import run_seq2seq_gate
+        from kdlab.search.seq2seq_gate import run_seq2seq_gate
         return run_seq2seq_gate(cfg, accelerator, console)
-    from train.pipeline import prepare
-    from train.teacher import ensure_teacher, load_teacher_config
+    from kdlab.train.pipeline import prepare
+    from kdlab.train.teacher import ensure_teacher, load_teacher_config
 
     check_device(cfg.target)
     set_seed(cfg.train.seed)  # a head the teacher lacks is initialised at random: make it the same each run
@@ -361,7 +361,7 @@ def judge(rows: list[GateRow], cfg: Config) -> tuple[Targets, GateRow | None, st
 
 def publish(cfg: Config, result: GateResult, accelerator, console=None) -> GateResult:
     """gate.csv / gate.md, the table on the console and the MLflow runs (main process only)."""
-    from search.gate_report import log_gate, print_table, write_reports
+    from kdlab.search.gate_report import log_gate, print_table, write_reports
     if accelerator.is_main_process:
         result.report_dir = write_reports(cfg, result)
         print_table(result, console)

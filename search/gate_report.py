@@ -11,8 +11,8 @@ import math
 from pathlib import Path
 
 
-from distill.config import Config, save_config
-from train.tracking import mlflow_run
+from kdlab.distill.config import Config, save_config
+from kdlab.train.tracking import mlflow_run
 
 CSV_FIELDS = ("recipe", "status", "reason", "candidate", "quality", "p50_ms", "p95_ms", "p99_ms", "mean_ms", "cv",
               "stable", "throughput", "tokens_per_s", "size_mb", "peak_pct", "meets_targets", "misses", "device", "threads",

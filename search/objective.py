@@ -17,16 +17,16 @@ from pathlib import Path
 import optuna
 import torch
 
-from distill.config import Config
-from distill.quantize import apply_recipe
-from distill.students import build_student, count_params
-from search.gate import GateRow, Targets, dev_quality, measure_candidates
-from search.space import Candidate, SearchSpace
-from search.study_report import FIGURES
-from search.study_tracking import StudyTracking
-from train.data import make_loader
-from train.loop import evaluate_classifier, fit
-from train.pipeline import make_distill_loss
+from kdlab.distill.config import Config
+from kdlab.distill.quantize import apply_recipe
+from kdlab.distill.students import build_student, count_params
+from kdlab.search.gate import GateRow, Targets, dev_quality, measure_candidates
+from kdlab.search.space import Candidate, SearchSpace
+from kdlab.search.study_report import FIGURES
+from kdlab.search.study_tracking import StudyTracking
+from kdlab.train.data import make_loader
+from kdlab.train.loop import evaluate_classifier, fit
+from kdlab.train.pipeline import make_distill_loss
 
 
 @dataclass

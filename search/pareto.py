@@ -2,7 +2,7 @@
 
 Library module, nothing to launch. Typical use:
 
-    from search.pareto import Point, pareto_front
+    from kdlab.search.pareto import Point, pareto_front
     front = pareto_front([Point(0.84, 3.1), Point(0.86, 5.0), Point(0.80, 4.0), Point(0.9, 1.0, feasible=False)])
     # -> [0, 1]: point 2 is dominated by point 0, point 3 breaks a constraint
 

@@ -18,15 +18,15 @@ import shutil
 import time
 from pathlib import Path
 
-from distill.config import Config, ConfigError, save_config
-from distill.export import (ExportError, load_served, move_into_place, seq2seq_served_entry, write_manifest,
+from kdlab.distill.config import Config, ConfigError, save_config
+from kdlab.distill.export import (ExportError, load_served, move_into_place, seq2seq_served_entry, write_manifest,
                             write_model)
 
 
 def register(cfg: Config, dest: Path, manifest: dict, card) -> dict:
     """Register the finished export in MLflow (when asked) and rewrite its card and manifest to say so."""
     if cfg.export.register and cfg.tracking.enabled:
-        from search.registry import register_export
+        from kdlab.search.registry import register_export
         manifest["mlflow"] = register_export(cfg, dest, manifest)
         (dest / "README.md").write_text(card(manifest))
         manifest = write_manifest(dest, manifest)
@@ -37,12 +37,12 @@ def run_seq2seq_export(cfg: Config, choice, dest: Path, console=None) -> dict:
     import torch
     from accelerate import Accelerator
 
-    from distill.quantize import SEQ2SEQ_ONNX_REASON
-    from eval.latency import clamp_threads, machine_info, versions
-    from search.gate import GateRow, measure_candidates, target_profile
-    from search.seq2seq_gate import generation_batches
-    from train.seq2seq import generate_texts, generation_kwargs, load_seq2seq, prepare, score
-    from train.seq2seq_data import make_seq2seq_loader
+    from kdlab.distill.quantize import SEQ2SEQ_ONNX_REASON
+    from kdlab.eval.latency import clamp_threads, machine_info, versions
+    from kdlab.search.gate import GateRow, measure_candidates, target_profile
+    from kdlab.search.seq2seq_gate import generation_batches
+    from kdlab.train.seq2seq import generate_texts, generation_kwargs, load_seq2seq, prepare, score
+    from kdlab.train.seq2seq_data import make_seq2seq_loader
 
     if choice.recipe.startswith("onnx"):
         raise ConfigError(f"export: {choice.label} is served as {choice.recipe}, which seq2seq cannot export: "

@@ -13,14 +13,14 @@ import sys
 
 from accelerate.utils import set_seed
 
-from distill.config import Config
-from distill.quantize import RecipeUnavailable, apply_generation_recipe
-from eval.latency import clamp_threads, machine_info, matmul_peak_gflops, versions
-from search.gate import (GateResult, GateRow, check_device, is_relative, judge,
+from kdlab.distill.config import Config
+from kdlab.distill.quantize import RecipeUnavailable, apply_generation_recipe
+from kdlab.eval.latency import clamp_threads, machine_info, matmul_peak_gflops, versions
+from kdlab.search.gate import (GateResult, GateRow, check_device, is_relative, judge,
                          measure_candidates, publish, target_gaps, target_profile,
                          timing_batches)
-from train.seq2seq import Prepared, ensure_seq2seq_teacher, generate_texts, generation_kwargs, prepare, score
-from train.seq2seq_data import make_seq2seq_loader
+from kdlab.train.seq2seq import Prepared, ensure_seq2seq_teacher, generate_texts, generation_kwargs, prepare, score
+from kdlab.train.seq2seq_data import make_seq2seq_loader
 
 
 def generation_batches(prep: Prepared, batch_size: int, seed: int = 0) -> tuple[list, dict]:

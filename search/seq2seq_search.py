@@ -16,18 +16,18 @@ from dataclasses import asdict, dataclass
 
 import optuna
 
-from distill.config import Config, ConfigError, Range, search_ranges, search_recipes
-from distill.quantize import apply_generation_recipe
-from distill.seq2seq import build_seq2seq_student, layer_depths, model_width
-from distill.students import count_params
-from search.gate import GateRow, Targets, measure_candidates, target_profile
-from search.objective import Context, record_screened, record_trained, run_trial, screened_out
-from search.space import _ask, _snap
-from search.seq2seq_gate import build_generators, generation_batches
-from train.loop import fit
-from train.seq2seq import (configure_generation, ensure_seq2seq_teacher, evaluate_seq2seq, generate_texts,
+from kdlab.distill.config import Config, ConfigError, Range, search_ranges, search_recipes
+from kdlab.distill.quantize import apply_generation_recipe
+from kdlab.distill.seq2seq import build_seq2seq_student, layer_depths, model_width
+from kdlab.distill.students import count_params
+from kdlab.search.gate import GateRow, Targets, measure_candidates, target_profile
+from kdlab.search.objective import Context, record_screened, record_trained, run_trial, screened_out
+from kdlab.search.space import _ask, _snap
+from kdlab.search.seq2seq_gate import build_generators, generation_batches
+from kdlab.train.loop import fit
+from kdlab.train.seq2seq import (configure_generation, ensure_seq2seq_teacher, evaluate_seq2seq, generate_texts,
                            generation_kwargs, load_seq2seq, make_seq2seq_loss, prepare, score)
-from train.seq2seq_data import make_seq2seq_loader
+from kdlab.train.seq2seq_data import make_seq2seq_loader
 
 
 @dataclass(frozen=True)

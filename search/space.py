@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from distill.config import Config, ConfigError, Range, StudentConfig, search_ranges, search_recipes
+from kdlab.distill.config import Config, ConfigError, Range, StudentConfig, search_ranges, search_recipes
 
 # Recipes tried by the seed trials, in order of preference: the cheapest change that usually pays on the device.
 SEED_RECIPES = ("dynamic-int8", "onnx-int8", "fp16", "bf16", "fp32", "onnx-fp32", "bnb-int8", "bnb-nf4")

@@ -54,17 +54,17 @@ from pathlib import Path
 import optuna
 from accelerate.utils import set_seed
 
-from distill.config import Config, ConfigError, redact
-from eval.latency import clamp_threads, machine_info, versions
-from search.gate import (EXIT_MISS, EXIT_PASS, Targets, build_candidates, check_device, is_relative,
+from kdlab.distill.config import Config, ConfigError, redact
+from kdlab.eval.latency import clamp_threads, machine_info, versions
+from kdlab.search.gate import (EXIT_MISS, EXIT_PASS, Targets, build_candidates, check_device, is_relative,
                          measure_candidates, resolve_targets, target_profile, timing_batches)
-from search.objective import Context, objective, one_line
-from search.space import SearchSpace
-from search.study_report import arch_text, print_front, trial_rows, write_report
-from search.study_tracking import StudyTracking
-from train.data import make_loader
-from train.pipeline import cached_teacher_logits, prepare
-from train.teacher import ensure_teacher, load_teacher_config
+from kdlab.search.objective import Context, objective, one_line
+from kdlab.search.space import SearchSpace
+from kdlab.search.study_report import arch_text, print_front, trial_rows, write_report
+from kdlab.search.study_tracking import StudyTracking
+from kdlab.train.data import make_loader
+from kdlab.train.pipeline import cached_teacher_logits, prepare
+from kdlab.train.teacher import ensure_teacher, load_teacher_config
 
 DIRECTIONS = ["maximize", "minimize"]  # quality, p95_ms
 STARTUP_TRIALS = 6  # seeds + a few random draws before TPE models the trials (Optuna's 10 is a whole small budget)
@@ -284,7 +284,7 @@ def outcome(rows: list[dict], targets: dict, study_name: str, report_dir: Path) 
 
 def _gate_references(cfg: Config) -> list[dict]:
     """The fp32 teacher and its best quantized form from the gate's table, when the gate was run."""
-    from search.gate_report import gate_references
+    from kdlab.search.gate_report import gate_references
     fp32, best = gate_references(cfg.run_dir)
     refs = []
     if fp32:
@@ -311,7 +311,7 @@ def _setup(cfg: Config, accelerator, space: SearchSpace, console) -> Context:
     if warning:
         print(f"kdlab: warning: target.threads: {warning}", file=sys.stderr)
     if cfg.task.type == "seq2seq":
-        from search import seq2seq_search
+        from kdlab.search import seq2seq_search
         tracking = StudyTracking(cfg)
         tracking.ensure_experiment()
         return seq2seq_search.setup(cfg, accelerator, space, console, tracking, threads)
@@ -349,7 +349,7 @@ def _resolve_targets(ctx: Context, study: optuna.Study) -> None:
         return
     cfg, reference = ctx.cfg, None
     if is_relative(cfg.target) and cfg.task.type == "seq2seq":
-        from search.seq2seq_search import reference as seq2seq_reference
+        from kdlab.search.seq2seq_search import reference as seq2seq_reference
         reference = seq2seq_reference(ctx)
         if reference.status == "ok":
             study.set_user_attr("reference", {"p95_ms": reference.p95_ms, "quality": reference.quality,
@@ -375,7 +375,7 @@ def run_search(cfg: Config, accelerator, n_trials: int | None = None, timeout_s:
     """Run (or resume) the study; write the report and MLflow runs; return the front and the verdict."""
     check_device(cfg.target)
     if cfg.task.type == "seq2seq":
-        from search.seq2seq_search import Seq2SeqSpace, objective as seq2seq_objective
+        from kdlab.search.seq2seq_search import Seq2SeqSpace, objective as seq2seq_objective
         space = Seq2SeqSpace.from_config(cfg, load_teacher_config(cfg))
         trial_objective = seq2seq_objective
     else:

@@ -10,7 +10,7 @@ import csv
 import math
 from pathlib import Path
 
-from search.pareto import Point, front_steps, pareto_front
+from kdlab.search.pareto import Point, front_steps, pareto_front
 
 ROW_FIELDS = ("trial", "state", "feasible", "screened_out", "is_pareto", "quality", "p50_ms", "p95_ms", "p99_ms",
               "throughput", "size_mb", "params", "train_seconds", "steps", "pre_p95_ms", "pre_size_mb", "num_layers",

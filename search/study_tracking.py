@@ -13,8 +13,8 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 
-from distill.config import Config, flatten, to_dict
-from train.tracking import Tracker, ensure_experiment
+from kdlab.distill.config import Config, flatten, to_dict
+from kdlab.train.tracking import Tracker, ensure_experiment
 
 PARENT_ATTR = "mlflow_parent_run_id"
 TAG_KEYS = ("state", "feasible", "screened_out", "is_pareto")

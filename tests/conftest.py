@@ -84,7 +84,7 @@ def build_export(folder: Path, tokenizer, recipe: str) -> Path:
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    from distill.export import build_served, served_entry, write_manifest, write_model
+    from kdlab.distill.export import build_served, served_entry, write_manifest, write_model
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=128, max_position_embeddings=128, num_labels=2,

@@ -22,7 +22,7 @@ from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataP
 from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
 from conftest import ROOT
-from distill.config import TrainConfig
+from kdlab.distill.config import TrainConfig
 
 CONFIGS = ROOT / "configs" / "accelerate"
 
@@ -70,8 +70,8 @@ def test_multi_node_ddp_names_the_rendezvous():
 def test_fsdp_yaml_becomes_an_fsdp2_plugin_that_wraps_bert_layers(tiny_teacher_dir):
     from transformers import AutoModelForSequenceClassification
 
-    from distill.config import StudentConfig
-    from distill.students import build_student
+    from kdlab.distill.config import StudentConfig
+    from kdlab.distill.students import build_student
     cfg = load_config_from_file(str(CONFIGS / "fsdp.yaml"))
     assert cfg.fsdp_config == {
         "fsdp_version": 2, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",

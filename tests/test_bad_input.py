@@ -276,7 +276,7 @@ def _state(*roots: Path) -> dict[str, tuple]:
 
 
 def run_case(case: Case, tmp: Path, teacher: str) -> Outcome:
-    from scripts.cli import main as kdlab
+    from kdlab.scripts.cli import main as kdlab
     argv = case.argv(tmp, teacher)
     before = _state(tmp, Path(teacher))
     with _captured() as streams, warnings.catch_warnings(record=True) as caught:

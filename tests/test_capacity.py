@@ -7,8 +7,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import tiny_run_tree, write_config
-from scripts.cli import main as kdlab
-from search.capacity import markdown, plan, plan_one
+from kdlab.scripts.cli import main as kdlab
+from kdlab.search.capacity import markdown, plan, plan_one
 
 # batch -> (p50 ms, p95 ms) of one instance
 LAT = {1: (2.0, 3.0), 8: (8.0, 10.0), 32: (24.0, 30.0)}

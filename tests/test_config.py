@@ -2,7 +2,7 @@
 import pytest
 import yaml
 
-from distill.config import ConfigError, load_config, to_dict
+from kdlab.distill.config import ConfigError, load_config, to_dict
 
 BASE = {"name": "x", "data": {"train_file": "a.tsv", "eval_file": "b.tsv"}}
 

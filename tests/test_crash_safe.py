@@ -27,7 +27,7 @@ from transformers import AutoModelForSequenceClassification
 from conftest import ROOT, tiny_run_tree, write_config
 from test_distill_entry import ACCELERATE, SCRIPT, launch, mlflow_runs, pause_env, wait_for_pause
 
-from train.loop import STATE_MARKER, _latest_state, _pause, _pause_point, _torn, atomic_dir
+from kdlab.train.loop import STATE_MARKER, _latest_state, _pause, _pause_point, _torn, atomic_dir
 
 KDLAB = str(Path(ACCELERATE).parent / "kdlab")
 
@@ -106,10 +106,10 @@ def test_a_resume_after_an_epoch_boundary_trains_on_the_batches_of_an_uninterrup
     from accelerate import Accelerator
     from transformers import AutoTokenizer
 
-    from distill.config import TrainConfig
-    from train.data import make_loader
-    from train.loop import fit
-    from train.tracking import Tracker
+    from kdlab.distill.config import TrainConfig
+    from kdlab.train.data import make_loader
+    from kdlab.train.loop import fit
+    from kdlab.train.tracking import Tracker
     tok = AutoTokenizer.from_pretrained(minilm_dir)
     rows = 40  # batches of 8: 5 steps per epoch, 3 epochs
     ds = datasets.Dataset.from_dict({"input_ids": [[101, 1000 + i, 102] for i in range(rows)],

@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 from transformers import AutoTokenizer
 
-from distill.config import ConfigError, DataConfig
-from train.data import load_task_data, make_loader, tokenize
+from kdlab.distill.config import ConfigError, DataConfig
+from kdlab.train.data import load_task_data, make_loader, tokenize
 
 from conftest import SST2
 

@@ -19,10 +19,10 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from conftest import tiny_run_tree, write_config
-from distill.config import ConfigError, load_config
-from distill.export import load_served, sha256_file
-from scripts.cli import main as kdlab
-from search.export import Choice, parse_pick, pick
+from kdlab.distill.config import ConfigError, load_config
+from kdlab.distill.export import load_served, sha256_file
+from kdlab.scripts.cli import main as kdlab
+from kdlab.search.export import Choice, parse_pick, pick
 from test_oracles import RawServed, labels_of, parity_oracle, sst2_dev
 
 pytestmark = pytest.mark.slow
@@ -163,7 +163,7 @@ def test_failed_parity_leaves_the_earlier_export_untouched(searched, monkeypatch
     capsys.readouterr()
     assert kdlab(["export", "--config", str(config), "--out", str(out), "export.register=false"]) == 2
     assert "exists; pass --force to replace it" in capsys.readouterr().err  # no silent overwrite
-    import search.export as ex
+    import kdlab.search.export as ex
     monkeypatch.setattr(ex, "parity", lambda *a, **k: {"rows": 200, "max_abs_diff": 9.0, "label_agreement": 0.5})
     assert kdlab(["export", "--config", str(config), "--out", str(out), "--force", "export.register=false"]) == 2
     assert {p.name: sha256_file(p) for p in out.iterdir()} == before
@@ -239,7 +239,7 @@ HAND_TRIALS = [(0.80, 2.0, -0.5, True), (0.90, 6.0, -0.1, True), (0.95, 1.0, 0.3
 
 
 def test_default_choice_is_the_most_accurate_feasible_front_member(tmp_path):
-    from search.export import choose
+    from kdlab.search.export import choose
     assert choose(hand_made_run(tmp_path / "a", HAND_TRIALS)).trial == 1
     # Without its checkpoint, trial 1 cannot be exported: the other front member is taken, never the
     # dominated trial 3 or the infeasible trial 2.
@@ -248,7 +248,7 @@ def test_default_choice_is_the_most_accurate_feasible_front_member(tmp_path):
 
 
 def test_default_choice_breaks_a_quality_tie_on_the_lower_p95(tmp_path):
-    from search.export import choose
+    from kdlab.search.export import choose
     teacher = {"recipe": "dynamic-int8", "status": "ok", "candidate": "True", "meets_targets": "True",
                "quality": 0.90}
     unmet = {"recipe": "onnx-int8", "status": "ok", "candidate": "True", "meets_targets": "False",
@@ -305,7 +305,7 @@ def test_run_searches_on_a_miss_and_exports_nothing_infeasible(tmp_path, tiny_te
 
 def test_onnx_int8_export_is_served_from_its_int8_graph_through_the_registry(searched):
     root, config = searched
-    from search.export import run_export, teacher_choice
+    from kdlab.search.export import run_export, teacher_choice
     cfg = load_config(config, ["export.model_name=exp-onnx", "export.min_label_agreement=0.0"])
     manifest = run_export(cfg, out=str(root / "onnx"), choice=teacher_choice(cfg, "onnx-int8"))
     out = root / "onnx"

@@ -22,13 +22,13 @@ import torch
 from accelerate import Accelerator
 
 from conftest import ROOT, tiny_run_tree, write_config
-from distill.config import ConfigError, TargetConfig, load_config
-from distill.quantize import RECIPES, Quantized
-from scripts.cli import main as kdlab
-from search.gate import (GateRow, Targets, check_row, dev_quality, resolve_targets, run_gate, target_gaps,
+from kdlab.distill.config import ConfigError, TargetConfig, load_config
+from kdlab.distill.quantize import RECIPES, Quantized
+from kdlab.scripts.cli import main as kdlab
+from kdlab.search.gate import (GateRow, Targets, check_row, dev_quality, resolve_targets, run_gate, target_gaps,
                          timing_batches, verdict)
 
-KDLAB = [sys.executable, "-m", "scripts.cli"]
+KDLAB = [sys.executable, "-m", "kdlab"]
 FAST_PROFILE = {"batch_size": 1, "seq_len": "data", "warmup_iters": 2, "min_iters": 10, "min_seconds": 0.2,
                 "repeats": 2, "threads": 1}
 

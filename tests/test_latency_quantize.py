@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
-from distill.quantize import RECIPES, Quantized, RecipeUnavailable, apply_recipe, list_recipes
-from eval.latency import (
+from kdlab.distill.quantize import RECIPES, Quantized, RecipeUnavailable, apply_recipe, list_recipes
+from kdlab.eval.latency import (
     BYTES_PER_MB,
     LatencyReport,
     TargetProfile,

@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from distill.adapter import Signals
-from distill.config import DistillConfig
-from distill.losses import (DistillLoss, attention_mse_loss, hidden_mse_loss, kd_ce_loss, logit_kd_loss,
+from kdlab.distill.adapter import Signals
+from kdlab.distill.config import DistillConfig
+from kdlab.distill.losses import (DistillLoss, attention_mse_loss, hidden_mse_loss, kd_ce_loss, logit_kd_loss,
                             uniform_hidden_map, value_relation_loss)
 
 

@@ -1,7 +1,7 @@
 """Task metrics against hand-computed values."""
 import pytest
 
-from eval.metrics import classification_metrics
+from kdlab.eval.metrics import classification_metrics
 
 
 def test_binary_accuracy_and_f1_by_hand():

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from conftest import SST2
-from distill.export import parity
-from distill.quantize import Quantized
+from kdlab.distill.export import parity
+from kdlab.distill.quantize import Quantized
 
 ONNX_FILES = {"onnx-int8": "model.int8.onnx", "onnx-fp32": "model.onnx"}
 

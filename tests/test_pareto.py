@@ -9,7 +9,7 @@ import math
 import optuna
 import pytest
 
-from search.pareto import Point, dominates, front_steps, pareto_front
+from kdlab.search.pareto import Point, dominates, front_steps, pareto_front
 
 
 def P(quality, p95_ms, feasible=True):

@@ -22,9 +22,9 @@ import torch
 
 from conftest import SST2, build_export
 from test_oracles import RawServed, labels_of
-from distill.config import ConfigError
-from distill.export import MANIFEST, ExportError, load_served, write_manifest
-from eval.predict import Cursor, PredictInputError, add_arguments, main, partial_path, read_rows, run_predict
+from kdlab.distill.config import ConfigError
+from kdlab.distill.export import MANIFEST, ExportError, load_served, write_manifest
+from kdlab.eval.predict import Cursor, PredictInputError, add_arguments, main, partial_path, read_rows, run_predict
 
 N_ROWS = 300
 BATCH = 32

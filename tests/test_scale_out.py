@@ -31,7 +31,7 @@ import pytest
 
 from conftest import ROOT, tiny_run_tree, write_config
 from postgres import free_port, mlflow_server, postgres, postgres_url  # noqa: F401  (fixtures)
-from scripts.cli import main as kdlab
+from kdlab.scripts.cli import main as kdlab
 
 pytestmark = pytest.mark.slow
 KDLAB = str(Path(sys.executable).parent / "kdlab")
@@ -140,11 +140,11 @@ def test_a_duplicate_is_pruned_against_its_running_then_its_completed_twin(postg
     """Three workers' handles on one PostgreSQL study draw the same enqueued student. The one holding the lowest
     trial number trains; the second, drawn while the first is still RUNNING, and the third, drawn after it
     completed, are both pruned as repeats of it, without training (search/objective.py run_trial)."""
-    from distill.config import load_config
-    from search.objective import objective, run_trial
-    from search.space import SearchSpace
-    from search.study import DIRECTIONS
-    from train.teacher import load_teacher_config
+    from kdlab.distill.config import load_config
+    from kdlab.search.objective import objective, run_trial
+    from kdlab.search.space import SearchSpace
+    from kdlab.search.study import DIRECTIONS
+    from kdlab.train.teacher import load_teacher_config
 
     cfg = load_config(write_config(tmp_path / "c.yaml", tiny_run_tree(tmp_path / "run", tiny_teacher_dir,
                                                                       search=SPACE)))

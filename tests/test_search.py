@@ -17,14 +17,14 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import tiny_run_tree, write_config
-from distill.config import ConfigError, StudentConfig, load_config
-from distill.quantize import apply_recipe
-from distill.students import build_student
-from scripts.cli import main as kdlab
-from search.gate import Targets
-from search.space import SearchSpace, TeacherShape
-from search.objective import constraint_values, screened_out
-from search.study import storage_url
+from kdlab.distill.config import ConfigError, StudentConfig, load_config
+from kdlab.distill.quantize import apply_recipe
+from kdlab.distill.students import build_student
+from kdlab.scripts.cli import main as kdlab
+from kdlab.search.gate import Targets
+from kdlab.search.space import SearchSpace, TeacherShape
+from kdlab.search.objective import constraint_values, screened_out
+from kdlab.search.study import storage_url
 
 FAST_PROFILE = {"batch_size": 1, "seq_len": "data", "warmup_iters": 2, "min_iters": 10, "min_seconds": 0.2,
                 "repeats": 2, "threads": 1, "max_cv": 1.0}
@@ -227,7 +227,7 @@ def test_resuming_adds_trials_to_the_same_study_and_parent_run(root, tiny_teache
 
 
 def test_a_failing_trial_is_recorded_and_the_study_goes_on(root, tiny_teacher_dir, monkeypatch):
-    import search.objective as objective_module
+    import kdlab.search.objective as objective_module
     real, calls = objective_module.apply_recipe, []
 
     def flaky(*args, **kwargs):
@@ -250,7 +250,7 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(root, tiny_teacher_di
 
 
 def test_every_candidate_screened_out_exits_3_without_training(root, tiny_teacher_dir, monkeypatch, capsys):
-    import search.objective as objective_module
+    import kdlab.search.objective as objective_module
 
     def no_training(*args, **kwargs):
         raise AssertionError("a screened-out candidate was trained")
@@ -386,7 +386,7 @@ def test_screening_uses_the_margin_for_latency_only():
 def test_a_repeated_candidate_is_pruned_without_work():
     from types import SimpleNamespace
 
-    from search.objective import objective
+    from kdlab.search.objective import objective
     s = space("search.num_layers=[2, 3]")
     study = optuna.create_study(directions=["maximize", "minimize"])
     for _ in range(2):

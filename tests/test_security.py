@@ -5,8 +5,8 @@ import mlflow
 import pytest
 
 from conftest import tiny_run_tree, write_config
-from distill.config import load_config, redact, save_config
-from scripts.cli import main as kdlab
+from kdlab.distill.config import load_config, redact, save_config
+from kdlab.scripts.cli import main as kdlab
 
 SECRET = "s3cret-pw"
 

@@ -24,7 +24,7 @@ KDLAB = str(Path(sys.executable).parent / "kdlab")
 @pytest.fixture(scope="session")
 def tiny_t5_dir(tmp_path_factory) -> str:
     sys.path.insert(0, str(ROOT))
-    from scripts.build_t5 import build_t5
+    from kdlab.scripts.build_t5 import build_t5
     lines = [line for lang in ("de", "en") for line in (MULTI30K / f"train.{lang}").read_text().splitlines()[:400]]
     return str(build_t5(tmp_path_factory.mktemp("tiny_t5"), lines, vocab_size=400, d_model=32, layers=2, heads=2))
 
@@ -94,8 +94,8 @@ def test_launch_distils_a_t5_student_with_sequence_kd(tmp_path, tiny_t5_dir, pai
 def test_sequence_kd_targets_are_generated_once_and_reused(tmp_path, tiny_t5_dir, pairs, monkeypatch):
     from accelerate import Accelerator
 
-    from distill.config import load_config
-    from train.seq2seq import load_seq2seq, prepare, seq_kd_targets, seq_kd_train_set
+    from kdlab.distill.config import load_config
+    from kdlab.train.seq2seq import load_seq2seq, prepare, seq_kd_targets, seq_kd_train_set
     config = write_config(tmp_path / "c.yaml", seq2seq_tree(tmp_path / "run", tiny_t5_dir, pairs,
                                                             distill={"seq_kd": "only", "seq_kd_num_beams": 2}))
     cfg = load_config(str(config))
@@ -137,7 +137,7 @@ def test_gate_times_whole_generate_calls_and_skips_onnx_with_a_reason(tmp_path, 
 
 
 def test_generate_never_sees_token_type_ids():
-    from train.seq2seq import encoder_inputs
+    from kdlab.train.seq2seq import encoder_inputs
     batch = {"input_ids": torch.ones(1, 3, dtype=torch.long), "attention_mask": torch.ones(1, 3, dtype=torch.long),
              "token_type_ids": torch.zeros(1, 3, dtype=torch.long), "labels": torch.ones(1, 2, dtype=torch.long)}
     assert set(encoder_inputs(batch, "cpu")) == {"input_ids", "attention_mask"}
@@ -234,7 +234,7 @@ def test_two_trial_seq2seq_search_leaves_a_pareto_front(tmp_path, tiny_t5_dir, p
     assert "ONNX" in manifest["onnx"] and not list(export.glob("*.onnx"))
     model = AutoModelForSeq2SeqLM.from_pretrained(export)
     assert model.config.num_decoder_layers in (1, 2)
-    from distill.export import load_served
+    from kdlab.distill.export import load_served
     served = load_served(export)
     texts = ["Ein Hund rennt.", "Zwei Männer stehen."]
     assert len(served.generate_texts(texts)) == 2

@@ -11,11 +11,11 @@ from transformers import (AutoModelForSeq2SeqLM, BartConfig, BartForConditionalG
                           EncoderDecoderConfig, EncoderDecoderModel, MarianConfig, MBartConfig, MT5Config,
                           PegasusConfig, T5Config, T5ForConditionalGeneration)
 
-from distill.config import ConfigError
-from distill.seq2seq import (Seq2SeqDistillLoss, build_seq2seq_student, hidden_states_mse, layer_depths,
+from kdlab.distill.config import ConfigError
+from kdlab.distill.seq2seq import (Seq2SeqDistillLoss, build_seq2seq_student, hidden_states_mse, layer_depths,
                              seq2seq_ce_loss, spread_layer_map, student_seq2seq_config, uniform_state_map,
                              word_kd_loss)
-from eval.metrics import GENERATION_METRICS, generation_metrics
+from kdlab.eval.metrics import GENERATION_METRICS, generation_metrics
 
 # --- Losses --------------------------------------------------------------------------------------
 
@@ -396,8 +396,8 @@ def _translation_files(tmp_path):
 
 
 def test_source_and_target_columns_choose_the_pair_among_other_columns(tmp_path):
-    from distill.config import DataConfig
-    from train.seq2seq_data import load_seq2seq_data
+    from kdlab.distill.config import DataConfig
+    from kdlab.train.seq2seq_data import load_seq2seq_data
     lines = ["id\tde\ten\tnote"] + [f"{i}\t{de}\t{en}\tx{i}" for i, (de, en) in enumerate(PAIRS)]
     (tmp_path / "train.tsv").write_text("\n".join(lines) + "\n")
     (tmp_path / "dev.tsv").write_text("\n".join(lines[:2]) + "\n")
@@ -415,8 +415,8 @@ def test_source_and_target_columns_choose_the_pair_among_other_columns(tmp_path)
 
 
 def test_a_dotted_column_reads_one_key_of_a_nested_translation_dict(tmp_path):
-    from distill.config import DataConfig
-    from train.seq2seq_data import load_seq2seq_data
+    from kdlab.distill.config import DataConfig
+    from kdlab.train.seq2seq_data import load_seq2seq_data
     train, dev = _translation_files(tmp_path)
     data = load_seq2seq_data(DataConfig(train_file=train, eval_file=dev, source_column="translation.de",
                                         target_column="translation.en"))
@@ -432,8 +432,8 @@ def test_source_prefix_goes_before_every_source_and_never_into_the_targets(minil
     import datasets
     from transformers import AutoTokenizer
 
-    from distill.config import DataConfig
-    from train.seq2seq_data import tokenize_pairs
+    from kdlab.distill.config import DataConfig
+    from kdlab.train.seq2seq_data import tokenize_pairs
     tok = AutoTokenizer.from_pretrained(minilm_dir)  # uncased BERT vocabulary: [CLS] 101, [SEP] 102
     ds = datasets.Dataset.from_dict({"source": [p[0] for p in PAIRS[:2]], "target": [p[1] for p in PAIRS[:2]]})
     prefix = "translate German to English: "
@@ -460,8 +460,8 @@ def test_config_options_reach_the_prepared_seq2seq_data(tmp_path, tiny_teacher_d
     from accelerate import Accelerator
 
     from conftest import write_config
-    from distill.config import load_config
-    from train.seq2seq import prepare
+    from kdlab.distill.config import load_config
+    from kdlab.train.seq2seq import prepare
     train, dev = _translation_files(tmp_path)
     tree = {"name": "s2s", "output_dir": str(tmp_path / "run"), "task": {"type": "seq2seq"},
             "data": {"train_file": train, "eval_file": dev, "source_column": "translation.de",
@@ -486,8 +486,8 @@ def test_config_options_reach_the_prepared_seq2seq_data(tmp_path, tiny_teacher_d
 def test_encoder_decoder_teacher_starts_both_halves_from_the_encoder_checkpoint(tiny_teacher_dir):
     from transformers import AutoTokenizer, BertModel
 
-    from distill.config import Config
-    from train.seq2seq import check_teacher_kind, warm_start
+    from kdlab.distill.config import Config
+    from kdlab.train.seq2seq import check_teacher_kind, warm_start
     tok = AutoTokenizer.from_pretrained(tiny_teacher_dir)
     source = BertModel.from_pretrained(tiny_teacher_dir).state_dict()
     model = warm_start(tiny_teacher_dir, Config(), tok)

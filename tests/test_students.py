@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from distill.config import ConfigError, StudentConfig
-from distill.students import build_student, count_params, student_config, uniform_layer_map
+from kdlab.distill.config import ConfigError, StudentConfig
+from kdlab.distill.students import build_student, count_params, student_config, uniform_layer_map
 
 
 @pytest.fixture(scope="module")

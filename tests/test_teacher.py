@@ -2,9 +2,9 @@
 import os
 import shutil
 
-from distill.config import load_config
-from train.data import load_task_data
-from train.teacher import teacher_key
+from kdlab.distill.config import load_config
+from kdlab.train.data import load_task_data
+from kdlab.train.teacher import teacher_key
 
 from conftest import SST2, tiny_run_tree, write_config
 

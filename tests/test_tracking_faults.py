@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from conftest import ROOT, tiny_run_tree, write_config
-from distill.config import load_config
-from train.tracking import Tracker, mlflow_run
+from kdlab.distill.config import load_config
+from kdlab.train.tracking import Tracker, mlflow_run
 
 
 def _closed_port() -> int:

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_run_tree, write_config
-from scripts.cli import main as kdlab
+from kdlab.scripts.cli import main as kdlab
 
 pytestmark = pytest.mark.slow
 
@@ -84,10 +84,10 @@ SCRIPTED_ACCURACY = [0.50, 0.60, 0.60, 0.55, 0.70, 0.10, 0.65, 0.70] + [0.05] * 
 ])
 def test_early_stopping_counts_evaluations_without_improvement(tmp_path, tiny_teacher_dir, monkeypatch,
                                                                patience, stop_step, best_step):
-    import train.pipeline
+    import kdlab.train.pipeline as pipeline
     scripted = iter(SCRIPTED_ACCURACY)
     # The student's dev evaluation, scripted: the loop sees exactly these accuracies, one per evaluation.
-    monkeypatch.setattr(train.pipeline, "evaluate_classifier",
+    monkeypatch.setattr(pipeline, "evaluate_classifier",
                         lambda model, loader, accelerator: {"accuracy": next(scripted), "loss": 0.0})
     train_keys = {"max_steps": 20, "eval_every_steps": 1}
     if patience is not None:

@@ -14,15 +14,15 @@ import mlflow
 import optuna
 import pytest
 
-from distill.config import Config
-from scripts.ui_screenshot import (
+from kdlab.distill.config import Config
+from kdlab.scripts.ui_screenshot import (
     artifact_url,
     chart_inputs,
     chart_view_state,
     find_search_parent,
 )
-from search.study_tracking import StudyTracking
-from train.tracking import mlflow_run
+from kdlab.search.study_tracking import StudyTracking
+from kdlab.train.tracking import mlflow_run
 
 
 def tiny_config(root, name: str) -> Config:

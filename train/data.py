@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
-from distill.config import ConfigError, DataConfig
+from kdlab.distill.config import ConfigError, DataConfig
 
 FORMATS = {".tsv": "csv", ".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 MODEL_COLUMNS = ("input_ids", "attention_mask", "token_type_ids", "labels", "idx")

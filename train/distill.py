@@ -9,18 +9,11 @@ cache/ (teacher logits; for seq2seq, the teacher's beam outputs for sequence-lev
 the experiment named after the config. Configuration errors exit with code 2 and one line.
 """
 import argparse
-import os
 import sys
 
-# Run as a script, this file's folder (train/) heads sys.path and `import distill` would find
-# this very file instead of the distill package; put the project root there instead.
-_here = os.path.dirname(os.path.abspath(__file__))
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != _here]
-sys.path.insert(0, os.path.dirname(_here))
+from accelerate import Accelerator
 
-from accelerate import Accelerator  # noqa: E402
-
-from distill.config import ConfigError, load_config  # noqa: E402
+from kdlab.distill.config import ConfigError, load_config
 
 
 def main(argv=None) -> int:
@@ -31,9 +24,9 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         # heavy imports after the cheap checks
-        from train.pipeline import run
+        from kdlab.train.pipeline import run
         if cfg.task.type == "seq2seq":
-            from train.seq2seq import run
+            from kdlab.train.seq2seq import run
         import transformers
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()  # per-from_pretrained bars; the loop draws its own

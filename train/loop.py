@@ -27,10 +27,10 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from distill.adapter import model_inputs
-from eval.metrics import classification_metrics
-from distill.config import TrainConfig
-from train.tracking import Tracker
+from kdlab.distill.adapter import model_inputs
+from kdlab.eval.metrics import classification_metrics
+from kdlab.distill.config import TrainConfig
+from kdlab.train.tracking import Tracker
 
 
 @dataclass

@@ -16,14 +16,14 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
 
-from distill.adapter import Signals, run_model
-from distill.config import Config, ConfigError, save_config
-from distill.losses import DistillLoss
-from distill.students import build_student, check_vocab, count_params, student_config
-from train.data import TaskData, load_task_data, make_loader, tokenize
-from train.loop import atomic_dir, evaluate_classifier, fit
-from train.teacher import ensure_teacher, load_teacher_config, load_tokenizer, weights_digest
-from train.tracking import check_reachable, mlflow_run
+from kdlab.distill.adapter import Signals, run_model
+from kdlab.distill.config import Config, ConfigError, save_config
+from kdlab.distill.losses import DistillLoss
+from kdlab.distill.students import build_student, check_vocab, count_params, student_config
+from kdlab.train.data import TaskData, load_task_data, make_loader, tokenize
+from kdlab.train.loop import atomic_dir, evaluate_classifier, fit
+from kdlab.train.teacher import ensure_teacher, load_teacher_config, load_tokenizer, weights_digest
+from kdlab.train.tracking import check_reachable, mlflow_run
 
 
 @dataclass

@@ -25,17 +25,17 @@ from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from transformers import AutoModelForSeq2SeqLM, EncoderDecoderModel
 
-from distill.config import Config, ConfigError
-from distill.seq2seq import Seq2SeqDistillLoss, build_seq2seq_student, layer_depths
-from distill.students import count_params
-from eval.metrics import generation_metrics
-from train.loop import atomic_dir, fit, remove_states
-from train.pipeline import check_launch, close_run, in_run_folder
-from train.seq2seq_data import (Seq2SeqData, check_tokenizer, end_token_id, load_seq2seq_data, make_seq2seq_loader,
+from kdlab.distill.config import Config, ConfigError
+from kdlab.distill.seq2seq import Seq2SeqDistillLoss, build_seq2seq_student, layer_depths
+from kdlab.distill.students import count_params
+from kdlab.eval.metrics import generation_metrics
+from kdlab.train.loop import atomic_dir, fit, remove_states
+from kdlab.train.pipeline import check_launch, close_run, in_run_folder
+from kdlab.train.seq2seq_data import (Seq2SeqData, check_tokenizer, end_token_id, load_seq2seq_data, make_seq2seq_loader,
                                 tokenize_pairs)
-from train.teacher import (MARKER, check_weights, data_digest, fine_tuned_record, load_teacher_config, load_tokenizer,
+from kdlab.train.teacher import (MARKER, check_weights, data_digest, fine_tuned_record, load_teacher_config, load_tokenizer,
                            resolve_source, teacher_key, weights_digest)
-from train.tracking import mlflow_run
+from kdlab.train.tracking import mlflow_run
 
 ENCODER_INPUTS = ("input_ids", "attention_mask")
 

