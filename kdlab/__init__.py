@@ -2,12 +2,12 @@
 
     import kdlab
     cfg = kdlab.load_config("configs/smoke.yaml", ["train.max_steps=50"])
-    summary = kdlab.distill(cfg)                       # teacher (fine-tuned if needed) -> student
-    gate = kdlab.gate(cfg, model=summary["checkpoint"])   # the student under each quantization recipe
-    manifest = kdlab.export(cfg, model=summary["checkpoint"], out="runs/smoke/my_export")
-    labels, probs = kdlab.load_export("runs/smoke/my_export").predict(["a gripping film"])
+    summary = kdlab.run_distill(cfg)                                   # -> runs/smoke/student
+    gate = kdlab.run_gate(cfg, model=summary["checkpoint"])            # the student x quantization recipes
+    manifest = kdlab.run_export(cfg, model=summary["checkpoint"], out="runs/smoke/student_export")
+    kdlab.predict("runs/smoke/student_export", ["a gripping film"])    # [{'label': '1', 'probs': {...}}]
 
-The layers live in subpackages (kdlab.eval, kdlab.distill, kdlab.train, kdlab.search, kdlab.scripts;
+The layers are subpackages (kdlab.eval, kdlab.distill, kdlab.train, kdlab.search, kdlab.scripts;
 docs/architecture.md). The names below load on first use, so `import kdlab` and `kdlab --version` stay fast.
 """
 from __future__ import annotations
@@ -19,16 +19,10 @@ __version__ = "0.1.0"
 # name -> (module, attribute): the public API (kdlab.api) and the errors a caller may catch.
 _LAZY = {
     "Config": ("kdlab.distill.config", "Config"),
-    "ConfigError": ("kdlab.distill.config", "ConfigError"),
-    "ExportError": ("kdlab.distill.export", "ExportError"),
-    "load_config": ("kdlab.api", "load_config"),
-    "distill": ("kdlab.api", "distill"),
-    "gate": ("kdlab.api", "gate"),
-    "search": ("kdlab.api", "search"),
-    "export": ("kdlab.api", "export"),
-    "run": ("kdlab.api", "run"),
-    "load_export": ("kdlab.api", "load_export"),
-    "predict": ("kdlab.api", "predict"),
+    "ConfigError": ("kdlab.distill.errors", "ConfigError"),
+    "ExportError": ("kdlab.distill.errors", "ExportError"),
+    **{name: ("kdlab.api", name) for name in ("load_config", "run_distill", "run_gate", "run_search", "run_export",
+                                               "run", "load_export", "predict")},
 }
 __all__ = ["__version__", *_LAZY]
 
