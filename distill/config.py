@@ -1,25 +1,28 @@
-"""One typed config per run: dataclasses loaded from YAML, overridden by `key.sub=value`.
+"""One typed config per run: the schema (dataclasses with help text), its checks, and `load_config`.
 
     cfg = load_config("configs/smoke.yaml", ["train.learning_rate=1e-4", "student.num_layers=2"])
 
 Every field carries help text; unknown keys and wrong types are `ConfigError`s that name the
-file and the dotted key. `to_dict(cfg)` gives the resolved form that is saved in the run folder
-and logged to MLflow.
+file and the dotted key (the loader: distill/config_load.py), and every section's range checks run
+when the config is loaded (`validate`, below). The budget and search-range grammars are
+distill/grammar.py. `to_dict(cfg)` gives the resolved form that is saved in the run folder and
+logged to MLflow.
+
+The names callers use are all importable from here: `from kdlab.distill.config import Config,
+ConfigError, load_config, save_config, to_dict, flatten, redact, Range, parse_budget, ...`.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
-from kdlab.distill.errors import ConfigError  # noqa: F401  (re-exported: the config's error)
+from kdlab.distill.config_load import build, read_tree
+# Re-exported: the loader's and the grammar's names are part of the config's interface.
+from kdlab.distill.config_load import flatten, redact, save_config, to_dict  # noqa: F401
+from kdlab.distill.errors import ConfigError
+from kdlab.distill.grammar import Range, parse_budget, parse_range  # noqa: F401
 
 
 def _f(default, help: str, **kw):
@@ -158,15 +161,14 @@ class TargetConfig:
     max_size_mb: Any = _f(None, "size budget of the served artefact in MB, absolute or 'teacher*0.5'")
 
 
-def _ladder() -> list:
-    # Imported here, not at the top: the recipes pull in torch, which a config check does not need.
-    from kdlab.distill.quantize import RECIPES
-    return list(RECIPES)
+# The recipes distill/quantize.py registers, in its ladder order (tests/test_config.py checks that they agree).
+# Named here so that checking a config does not import torch with the recipes.
+RECIPE_LADDER = ("fp32", "bf16", "fp16", "dynamic-int8", "onnx-fp32", "onnx-int8", "bnb-int8", "bnb-nf4")
 
 
 @dataclass
 class QuantizationConfig:
-    recipes: list = field(default_factory=_ladder, metadata={
+    recipes: list = field(default_factory=lambda: list(RECIPE_LADDER), metadata={
         "help": "recipes the gate tries, cheapest change first; default the full ladder "
                 "(fp32, bf16, fp16, dynamic-int8, onnx-fp32, onnx-int8, bnb-int8, bnb-nf4)"})
     allow_cpu_bf16: bool = _f(False, "try bf16 on CPU (fast only with AMX/AVX512-BF16; skipped otherwise)")
@@ -264,91 +266,20 @@ class Config:
         return Path(self.output_dir or os.path.join("runs", self.name))
 
 
-def _coerce(value, tp, where: str):
-    """Check (and gently convert) a YAML value against a dataclass field type."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None:
-            return None
-        return _coerce(value, next(a for a in typing.get_args(tp) if a is not type(None)), where)
-    if tp is Any:
-        return value
-    if tp is bool and not isinstance(value, bool):
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if tp is int and (not isinstance(value, int) or isinstance(value, bool)):
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str and not isinstance(value, str):
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
-    if (tp is list or origin is list) and not isinstance(value, list):
-        raise ConfigError(f"{where}: expected a list, got {value!r}")
-    return value
-
-
-def _build(cls, data, label: str, prefix: str = ""):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{label}: {prefix.rstrip('.') or 'top level'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-    kwargs = {}
-    for key, value in data.items():
-        if key not in fields:
-            raise ConfigError(f"{label}: unknown key '{prefix}{key}'; valid keys: {', '.join(sorted(fields))}")
-        if dataclasses.is_dataclass(hints[key]):
-            kwargs[key] = _build(hints[key], value or {}, label, f"{prefix}{key}.")
-        else:
-            kwargs[key] = _coerce(value, hints[key], f"{label}: {prefix}{key}")
-    return cls(**kwargs)
-
-
-def _parse_override(text: str):
-    if "=" not in text:
-        raise ConfigError(f"override '{text}': expected key.sub=value")
-    key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
-
-
-def _set_dotted(tree: dict, dotted: str, value):
-    parts = dotted.split(".")
-    node = tree
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
-    node[parts[-1]] = value
-
-
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
     """Read YAML, apply `key.sub=value` overrides, build and validate the typed config."""
-    tree: dict = {}
-    label = "<defaults>"
-    if path is not None:
-        label = str(path)
-        if not Path(path).is_file():
-            raise ConfigError(f"{label}: config file not found")
-        try:
-            tree = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as exc:
-            line = getattr(getattr(exc, "problem_mark", None), "line", None)
-            at = f" (line {line + 1})" if line is not None else ""
-            raise ConfigError(f"{label}: not valid YAML{at}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{label}: top level must be a mapping of sections")
-    for text in overrides:
-        key, value = _parse_override(text)
-        _set_dotted(tree, key, value)
-    cfg = _build(Config, tree, label)
+    label = "<defaults>" if path is None else str(path)
+    cfg = build(Config, read_tree(path, overrides), label)
     cfg.config_path = None if path is None else str(path)
     validate(cfg, label)
     return cfg
+
+
+# ---------------------------------------------------------------- checks, one function per section
+#
+# Each takes the config and `c(ok, key, message)`, which raises the one-line ConfigError
+# "<file>: <key>: <message>". `validate` runs them in a fixed order: with several mistakes, the
+# first one in that order is the one reported.
 
 
 def _check(ok: bool, label: str, key: str, message: str):
@@ -359,73 +290,19 @@ def _check(ok: bool, label: str, key: str, message: str):
 def validate(cfg: Config, label: str = "<config>") -> None:
     """Range checks that need no file or model; each failure names the key and what is valid."""
     c = lambda ok, key, msg: _check(ok, label, key, msg)  # noqa: E731
-    c(cfg.task.type in TASK_METRICS, "task.type", f"'{cfg.task.type}' is not supported; valid: {', '.join(TASK_METRICS)}")
-    metrics = TASK_METRICS[cfg.task.type]
-    c(cfg.task.metric in metrics, "task.metric", f"'{cfg.task.metric}' for task.type={cfg.task.type}; valid: "
-      + ", ".join(metrics))
+    _check_task(cfg, c)
     if cfg.task.type == "seq2seq":
-        _validate_seq2seq(cfg, c)
-    d = cfg.data
-    c(bool(d.dataset) or bool(d.train_file and d.eval_file), "data",
-      "give data.dataset (Hub name) or both data.train_file and data.eval_file")
-    for key in ("max_train_samples", "max_eval_samples", "max_length"):
-        v = getattr(d, key)
-        c(v is None or v > 0, f"data.{key}", f"must be a positive integer, got {v}")
-    c(cfg.teacher.fine_tune in ("auto", "always", "never"), "teacher.fine_tune",
-      f"'{cfg.teacher.fine_tune}'; valid: auto, always, never")
-    c(cfg.teacher.num_epochs > 0, "teacher.num_epochs", "must be > 0")
-    s = cfg.student
-    c(s.num_layers >= 1, "student.num_layers", f"must be >= 1, got {s.num_layers}")
-    c(s.init in ("teacher-layers", "teacher-slice", "random"), "student.init",
-      f"'{s.init}'; valid: teacher-layers, teacher-slice, random")
-    for key in ("hidden_size", "num_heads", "intermediate_size"):
-        v = getattr(s, key)
-        c(v is None or v > 0, f"student.{key}", f"must be a positive integer, got {v}")
-    if s.hidden_size and s.num_heads:
-        c(s.hidden_size % s.num_heads == 0, "student.num_heads",
-          f"{s.num_heads} heads do not divide hidden_size {s.hidden_size}; valid: "
-          + ", ".join(str(h) for h in range(1, s.hidden_size + 1) if s.hidden_size % h == 0 and h <= 64))
-    if s.layer_map is not None:
-        c(len(s.layer_map) == s.num_layers, "student.layer_map",
-          f"needs one teacher layer per student layer ({s.num_layers}), got {len(s.layer_map)}")
-    k = cfg.distill
-    c(k.temperature > 0, "distill.temperature", f"must be > 0, got {k.temperature}")
-    c(0.0 <= k.alpha <= 1.0, "distill.alpha", f"must be in [0, 1], got {k.alpha}")
-    c(k.hidden_weight >= 0 and k.attention_weight >= 0, "distill", "loss weights must be >= 0")
-    c(k.attention_loss in ("tinybert", "minilm"), "distill.attention_loss",
-      f"'{k.attention_loss}'; valid: tinybert, minilm")
-    t = cfg.train
-    c(t.batch_size >= 1 and t.eval_batch_size >= 1, "train.batch_size", "must be >= 1")
-    c(t.learning_rate > 0, "train.learning_rate", f"must be > 0, got {t.learning_rate}")
-    c(0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}")
-    c(t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
-    c(t.early_stopping_patience is None or t.early_stopping_patience >= 1, "train.early_stopping_patience",
-      f"must be >= 1 evaluations, or null for no early stopping; got {t.early_stopping_patience}")
-    c(t.save_state_every_steps is None or t.save_state_every_steps >= 1, "train.save_state_every_steps",
-      f"must be >= 1 steps, or null to save no training state; got {t.save_state_every_steps}")
-    c(t.num_epochs > 0 or (t.max_steps or 0) > 0, "train.num_epochs", "must be > 0 (or set train.max_steps)")
-    c(t.mixed_precision in (None, "no", "bf16", "fp16"), "train.mixed_precision",
-      f"'{t.mixed_precision}'; valid: no, bf16, fp16")
-    _validate_target(cfg, c, label)
-    _validate_search(cfg, c, label)
-    e = cfg.export
-    c(0.0 <= e.min_label_agreement <= 1.0, "export.min_label_agreement",
-      f"must be in [0, 1], got {e.min_label_agreement}")
-    c(e.max_quality_drop >= 0, "export.max_quality_drop", f"must be >= 0, got {e.max_quality_drop}")
-    c(isinstance(e.latency_batch_sizes, list) and len(e.latency_batch_sizes) > 0
-      and all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in e.latency_batch_sizes),
-      "export.latency_batch_sizes", f"must be a non-empty list of integers >= 1, got {e.latency_batch_sizes!r}")
-    c(bool(e.alias) and e.alias.replace("-", "").replace("_", "").isalnum(), "export.alias",
-      f"'{e.alias}'; valid: letters, digits, '-' and '_'")
-    sv = cfg.serving
-    c(sv.target_rps is None or sv.target_rps > 0, "serving.target_rps", f"must be > 0, got {sv.target_rps}")
-    c(sv.p95_slo_ms is None or sv.p95_slo_ms > 0, "serving.p95_slo_ms", f"must be > 0, got {sv.p95_slo_ms}")
-    c(0.0 <= sv.headroom < 1.0, "serving.headroom", f"must be in [0, 1), got {sv.headroom}")
-    c(isinstance(sv.max_batch_size, int) and sv.max_batch_size >= 1, "serving.max_batch_size",
-      f"must be an integer >= 1, got {sv.max_batch_size!r}")
-    c(isinstance(sv.batch_sizes, list) and len(sv.batch_sizes) > 0
-      and all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in sv.batch_sizes),
-      "serving.batch_sizes", f"must be a non-empty list of integers >= 1, got {sv.batch_sizes!r}")
+        _check_seq2seq(cfg, c)
+    _check_data(cfg, c)
+    _check_teacher(cfg, c)
+    _check_student(cfg, c)
+    _check_distill(cfg, c)
+    _check_train(cfg, c)
+    _check_target(cfg, c, label)
+    _check_quantization(cfg, c)
+    _check_search(cfg, c, label)
+    _check_export(cfg, c)
+    _check_serving(cfg, c)
 
 
 TASK_METRICS = {"classification": ("accuracy", "f1"),
@@ -437,7 +314,15 @@ def quality_scale(cfg: Config) -> float:
     return 100.0 if cfg.task.type == "seq2seq" else 1.0
 
 
-def _validate_seq2seq(cfg: Config, c) -> None:
+def _check_task(cfg: Config, c) -> None:
+    c(cfg.task.type in TASK_METRICS, "task.type", f"'{cfg.task.type}' is not supported; valid: {', '.join(TASK_METRICS)}")
+    metrics = TASK_METRICS[cfg.task.type]
+    c(cfg.task.metric in metrics, "task.metric", f"'{cfg.task.metric}' for task.type={cfg.task.type}; valid: "
+      + ", ".join(metrics))
+
+
+def _check_seq2seq(cfg: Config, c) -> None:
+    """What task.type=seq2seq adds to, or forbids in, the data, student, distill and generation sections."""
     d, s, g = cfg.data, cfg.student, cfg.generation
     c(not (d.train_target_file and not d.train_file), "data.train_target_file", "needs data.train_file (the source side)")
     c(bool(d.train_target_file) == bool(d.eval_target_file) or not d.train_file, "data.eval_target_file",
@@ -461,38 +346,65 @@ def _validate_seq2seq(cfg: Config, c) -> None:
     c(g.max_new_tokens >= 1, "generation.max_new_tokens", f"must be >= 1, got {g.max_new_tokens}")
 
 
-TEACHER_RELATIVE = re.compile(r"^\s*teacher\s*\*\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*$")
+def _check_data(cfg: Config, c) -> None:
+    d = cfg.data
+    c(bool(d.dataset) or bool(d.train_file and d.eval_file), "data",
+      "give data.dataset (Hub name) or both data.train_file and data.eval_file")
+    for key in ("max_train_samples", "max_eval_samples", "max_length"):
+        v = getattr(d, key)
+        c(v is None or v > 0, f"data.{key}", f"must be a positive integer, got {v}")
 
 
-def parse_budget(value, key: str) -> tuple[str, float] | None:
-    """A target value as ('abs', x) or ('teacher', factor); None when unset. Raises ConfigError.
-
-    The relative form `teacher*f` means f times the fp32 teacher measured in the same run.
-    """
-    if value is None:
-        return None
-    if isinstance(value, str):
-        try:
-            value = float(value)  # YAML 1.1 reads "5e1" (no dot) as a string
-        except ValueError:
-            pass
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not value > 0:
-            raise ConfigError(f"target.{key}: must be > 0, got {value}; valid: a positive number or 'teacher*<factor>'")
-        return "abs", float(value)
-    if isinstance(value, str):
-        match = TEACHER_RELATIVE.match(value)
-        if match is None:
-            raise ConfigError(f"target.{key}: cannot read {value!r}; valid: a positive number or 'teacher*<factor>' "
-                              "(e.g. teacher*0.25)")
-        factor = float(match.group(1))
-        if not factor > 0:
-            raise ConfigError(f"target.{key}: factor in {value!r} must be > 0")
-        return "teacher", factor
-    raise ConfigError(f"target.{key}: expected a number or 'teacher*<factor>', got {value!r}")
+def _check_teacher(cfg: Config, c) -> None:
+    c(cfg.teacher.fine_tune in ("auto", "always", "never"), "teacher.fine_tune",
+      f"'{cfg.teacher.fine_tune}'; valid: auto, always, never")
+    c(cfg.teacher.num_epochs > 0, "teacher.num_epochs", "must be > 0")
 
 
-def _validate_target(cfg: Config, c, label: str) -> None:
+def _divisors(n: int) -> str:
+    return ", ".join(str(h) for h in range(1, n + 1) if n % h == 0 and h <= 64)
+
+
+def _check_student(cfg: Config, c) -> None:
+    s = cfg.student
+    c(s.num_layers >= 1, "student.num_layers", f"must be >= 1, got {s.num_layers}")
+    c(s.init in INIT_CHOICES, "student.init", f"'{s.init}'; valid: {', '.join(INIT_CHOICES)}")
+    for key in ("hidden_size", "num_heads", "intermediate_size"):
+        v = getattr(s, key)
+        c(v is None or v > 0, f"student.{key}", f"must be a positive integer, got {v}")
+    if s.hidden_size and s.num_heads:
+        c(s.hidden_size % s.num_heads == 0, "student.num_heads",
+          f"{s.num_heads} heads do not divide hidden_size {s.hidden_size}; valid: {_divisors(s.hidden_size)}")
+    if s.layer_map is not None:
+        c(len(s.layer_map) == s.num_layers, "student.layer_map",
+          f"needs one teacher layer per student layer ({s.num_layers}), got {len(s.layer_map)}")
+
+
+def _check_distill(cfg: Config, c) -> None:
+    k = cfg.distill
+    c(k.temperature > 0, "distill.temperature", f"must be > 0, got {k.temperature}")
+    c(0.0 <= k.alpha <= 1.0, "distill.alpha", f"must be in [0, 1], got {k.alpha}")
+    c(k.hidden_weight >= 0 and k.attention_weight >= 0, "distill", "loss weights must be >= 0")
+    c(k.attention_loss in ("tinybert", "minilm"), "distill.attention_loss",
+      f"'{k.attention_loss}'; valid: tinybert, minilm")
+
+
+def _check_train(cfg: Config, c) -> None:
+    t = cfg.train
+    c(t.batch_size >= 1 and t.eval_batch_size >= 1, "train.batch_size", "must be >= 1")
+    c(t.learning_rate > 0, "train.learning_rate", f"must be > 0, got {t.learning_rate}")
+    c(0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}")
+    c(t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
+    c(t.early_stopping_patience is None or t.early_stopping_patience >= 1, "train.early_stopping_patience",
+      f"must be >= 1 evaluations, or null for no early stopping; got {t.early_stopping_patience}")
+    c(t.save_state_every_steps is None or t.save_state_every_steps >= 1, "train.save_state_every_steps",
+      f"must be >= 1 steps, or null to save no training state; got {t.save_state_every_steps}")
+    c(t.num_epochs > 0 or (t.max_steps or 0) > 0, "train.num_epochs", "must be > 0 (or set train.max_steps)")
+    c(t.mixed_precision in (None, "no", "bf16", "fp16"), "train.mixed_precision",
+      f"'{t.mixed_precision}'; valid: no, bf16, fp16")
+
+
+def _check_target(cfg: Config, c, label: str) -> None:
     t = cfg.target
     c(t.device in ("cpu", "cuda"), "target.device", f"'{t.device}'; valid: cpu, cuda")
     c(t.threads >= 1, "target.threads", f"must be >= 1, got {t.threads}")
@@ -513,105 +425,14 @@ def _validate_target(cfg: Config, c, label: str) -> None:
             scale = quality_scale(cfg)
             c(parsed[1] <= scale, "target.min_quality",
               f"{parsed[1]} is above {scale:g}; quality ({cfg.task.metric}) lies in (0, {scale:g}]")
-    q = cfg.quantization
-    valid = _ladder()
+
+
+def _check_quantization(cfg: Config, c) -> None:
+    q, valid = cfg.quantization, RECIPE_LADDER
     c(len(q.recipes) > 0, "quantization.recipes", f"is empty; valid: {', '.join(valid)}")
     for name in q.recipes:
         c(name in valid, "quantization.recipes", f"unknown recipe {name!r}; valid: {', '.join(valid)}")
     c(len(set(q.recipes)) == len(q.recipes), "quantization.recipes", f"lists a recipe twice: {q.recipes}")
-
-
-# ---------------------------------------------------------------- search space (static checks)
-
-
-@dataclass(frozen=True)
-class Range:
-    """One searched dimension: `choices` (categorical), or `low..high` (with `step` for ints, `log`)."""
-    choices: Optional[tuple] = None
-    low: Optional[float] = None
-    high: Optional[float] = None
-    step: Optional[int] = None
-    log: bool = False
-
-    def values(self) -> list:
-        """Every value an integer range can take (choices as given)."""
-        if self.choices is not None:
-            return list(self.choices)
-        return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
-
-
-def _number(v, integer: bool) -> bool:
-    if isinstance(v, bool):
-        return False
-    return isinstance(v, int) if integer else isinstance(v, (int, float))
-
-
-def parse_range(value, key: str, integer: bool, minimum: float, inclusive: bool = True,
-                maximum: Optional[float] = None) -> Optional[Range]:
-    """A `search.<key>` value as a Range (None when unset). Raises a one-line ConfigError naming the key.
-
-    Forms: a number (fixed), a list (choices), or {min, max[, step][, log]}.
-    """
-    kind = "an integer" if integer else "a number"
-    where = f"search.{key}"
-    if isinstance(value, str) and not integer:
-        try:
-            value = float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string
-        except ValueError:
-            pass
-    bound = f"{'>=' if inclusive else '>'} {minimum:g}" + ("" if maximum is None else f" and <= {maximum:g}")
-
-    def ok(v) -> bool:
-        if isinstance(v, str) and not integer:
-            try:
-                v = float(v)
-            except ValueError:
-                return False
-        above = v >= minimum if inclusive else v > minimum
-        return _number(v, integer) and above and (maximum is None or v <= maximum)
-
-    if value is None:
-        return None
-    if _number(value, integer) or (isinstance(value, str) and not integer):
-        if not ok(value):
-            raise ConfigError(f"{where}: {value!r} must be {kind} {bound}")
-        return Range(choices=(value if integer else float(value),))
-    if isinstance(value, list):
-        if not value:
-            raise ConfigError(f"{where}: empty list; valid: {kind}, a non-empty list, or {{min, max}}")
-        bad = [v for v in value if not ok(v)]
-        if bad:
-            raise ConfigError(f"{where}: {bad[0]!r} must be {kind} {bound}")
-        values = [v if integer else float(v) for v in value]
-        if len(set(values)) != len(values):
-            raise ConfigError(f"{where}: lists a value twice: {value}")
-        return Range(choices=tuple(values))
-    if isinstance(value, dict):
-        allowed = {"min", "max", "step"} if integer else {"min", "max", "log"}
-        unknown = sorted(set(value) - allowed)
-        if unknown:
-            raise ConfigError(f"{where}: unknown key '{unknown[0]}'; valid: {', '.join(sorted(allowed))}")
-        if "min" not in value or "max" not in value:
-            raise ConfigError(f"{where}: a range needs both min and max")
-        lo, hi = value["min"], value["max"]
-        for name, v in (("min", lo), ("max", hi)):
-            if not ok(v):
-                raise ConfigError(f"{where}.{name}: {v!r} must be {kind} {bound}")
-        lo, hi = (lo, hi) if integer else (float(lo), float(hi))
-        if lo > hi:
-            raise ConfigError(f"{where}: min {lo} is above max {hi}")
-        step = value.get("step", 1)
-        if integer and not (_number(step, True) and step >= 1):
-            raise ConfigError(f"{where}.step: {step!r} must be an integer >= 1")
-        log = value.get("log", False)
-        if not isinstance(log, bool):
-            raise ConfigError(f"{where}.log: expected true or false, got {log!r}")
-        if log and lo <= 0:
-            raise ConfigError(f"{where}: log scale needs min > 0, got {lo}")
-        if integer and (hi - lo) % step:
-            raise ConfigError(f"{where}: max {hi} is not min {lo} plus a multiple of step {step}")
-        return Range(low=lo, high=hi, step=step if integer else None, log=log)
-    raise ConfigError(f"{where}: expected {kind}, a list, or {{min, max}}, got {value!r}")
 
 
 def search_recipes(cfg: Config) -> list:
@@ -637,11 +458,7 @@ def search_ranges(cfg: Config) -> dict:
     }
 
 
-def _divisors(n: int) -> str:
-    return ", ".join(str(h) for h in range(1, n + 1) if n % h == 0 and h <= 64)
-
-
-def _validate_search(cfg: Config, c, label: str) -> None:
+def _check_search(cfg: Config, c, label: str) -> None:
     s = cfg.search
     c(s.n_trials >= 1, "search.n_trials", f"must be >= 1, got {s.n_trials}")
     c(s.timeout_s is None or s.timeout_s > 0, "search.timeout_s", f"must be > 0, got {s.timeout_s}")
@@ -669,7 +486,7 @@ def _validate_search(cfg: Config, c, label: str) -> None:
     c(len(s.init) > 0, "search.init", f"is empty; valid: {', '.join(INIT_CHOICES)}")
     for name in s.init:
         c(name in INIT_CHOICES, "search.init", f"unknown init {name!r}; valid: {', '.join(INIT_CHOICES)}")
-    recipes, valid = search_recipes(cfg), _ladder()
+    recipes, valid = search_recipes(cfg), RECIPE_LADDER
     c(len(recipes) > 0, "search.recipes", f"is empty; valid: {', '.join(valid)}")
     for name in recipes:
         c(name in valid, "search.recipes", f"unknown recipe {name!r}; valid: {', '.join(valid)}")
@@ -684,43 +501,25 @@ def _validate_search(cfg: Config, c, label: str) -> None:
           f"{name} runs on cpu only; valid on cuda: fp32, bf16, fp16, bnb-int8, bnb-nf4")
 
 
-_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)[^@\s]+@")
-_URL_SECRET_PARAM = re.compile(r"(?P<head>[?&](?:password|passwd|pwd|token|secret|access_token|api_key)=)[^&\s]+",
-                               re.IGNORECASE)
+def _check_export(cfg: Config, c) -> None:
+    e = cfg.export
+    c(0.0 <= e.min_label_agreement <= 1.0, "export.min_label_agreement",
+      f"must be in [0, 1], got {e.min_label_agreement}")
+    c(e.max_quality_drop >= 0, "export.max_quality_drop", f"must be >= 0, got {e.max_quality_drop}")
+    c(isinstance(e.latency_batch_sizes, list) and len(e.latency_batch_sizes) > 0
+      and all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in e.latency_batch_sizes),
+      "export.latency_batch_sizes", f"must be a non-empty list of integers >= 1, got {e.latency_batch_sizes!r}")
+    c(bool(e.alias) and e.alias.replace("-", "").replace("_", "").isalnum(), "export.alias",
+      f"'{e.alias}'; valid: letters, digits, '-' and '_'")
 
 
-def redact(value: str) -> str:
-    """A URL with its password (and secret query parameters) replaced by ***: what logs and files may show."""
-    return _URL_SECRET_PARAM.sub(r"\g<head>***", _URL_PASSWORD.sub(r"\g<head>***@", value))
-
-
-def _redacted_tree(value):
-    if isinstance(value, dict):
-        return {k: _redacted_tree(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_redacted_tree(v) for v in value]
-    return redact(value) if isinstance(value, str) else value
-
-
-def to_dict(cfg) -> dict:
-    """The resolved config as plain data (what is saved to config.yaml and logged), credentials masked."""
-    out = dataclasses.asdict(cfg)
-    out.pop("config_path", None)
-    out["output_dir"] = str(cfg.run_dir)
-    return _redacted_tree(out)
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """{'train': {'lr': 1}} -> {'train.lr': 1}: the form MLflow params take."""
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+def _check_serving(cfg: Config, c) -> None:
+    sv = cfg.serving
+    c(sv.target_rps is None or sv.target_rps > 0, "serving.target_rps", f"must be > 0, got {sv.target_rps}")
+    c(sv.p95_slo_ms is None or sv.p95_slo_ms > 0, "serving.p95_slo_ms", f"must be > 0, got {sv.p95_slo_ms}")
+    c(0.0 <= sv.headroom < 1.0, "serving.headroom", f"must be in [0, 1), got {sv.headroom}")
+    c(isinstance(sv.max_batch_size, int) and sv.max_batch_size >= 1, "serving.max_batch_size",
+      f"must be an integer >= 1, got {sv.max_batch_size!r}")
+    c(isinstance(sv.batch_sizes, list) and len(sv.batch_sizes) > 0
+      and all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in sv.batch_sizes),
+      "serving.batch_sizes", f"must be a non-empty list of integers >= 1, got {sv.batch_sizes!r}")

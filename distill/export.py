@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from kdlab.distill.errors import ExportError  # noqa: F401  (re-exported: raised by load_served and verify)
 from kdlab.distill.quantize import Quantized, apply_generation_recipe, apply_recipe, serve_onnx
@@ -79,7 +80,6 @@ def build_served(folder: Path, recipe: str, *, example_batch: dict, device: str 
 
     model.onnx (fp32) is always written: it is the portable form of the model whatever the recipe.
     """
-    from transformers import AutoModelForSequenceClassification
     model = AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=True).eval()
     onnx = apply_recipe("onnx-int8" if recipe == "onnx-int8" else "onnx-fp32", model,
                         example_batch=example_batch, device="cpu", workdir=folder, threads=threads)
@@ -178,7 +178,6 @@ def verify(folder: Path, manifest: dict) -> None:
 
 def load_served(folder: str | Path, *, device: str | None = None, threads: int = 1, check: bool = True) -> Served:
     """The served artefact of an export folder (not the fp32 model, unless the recipe is fp32)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     folder = Path(folder)
     if not (folder / MANIFEST).is_file():
         raise ExportError(f"{folder}: no {MANIFEST}; not an export folder (make one with kdlab export)")
@@ -192,7 +191,6 @@ def load_served(folder: str | Path, *, device: str | None = None, threads: int =
     recipe, device = served["recipe"], device or served["device"]
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if manifest.get("task", {}).get("type") == "seq2seq":
-        from transformers import AutoModelForSeq2SeqLM
         model = AutoModelForSeq2SeqLM.from_pretrained(folder, use_safetensors=True).eval()
         example = dict(tokenizer(["a"], return_tensors="pt", return_token_type_ids=False))
         artefact = apply_generation_recipe(recipe, model, example_batch=example, generate_kwargs=manifest["generation"],

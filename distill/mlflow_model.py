@@ -1,32 +1,60 @@
-"""The MLflow pyfunc flavour of an export folder: `models:/<name>@champion` maps texts to labels or outputs.
+"""The MLflow pyfunc flavour of an export folder: `models:/<name>@champion` maps texts to predictions.
 
+    import mlflow
+    model = mlflow.pyfunc.load_model("models:/sst2_minilm@champion")
+    model.predict(["a gripping film", "a dull mess"])  # classification: a pandas DataFrame, one row per text,
+                                                       # columns label, prob_0, prob_1 (one prob_<label> per label)
+    model.predict(["Ein Mann schläft."])                # seq2seq: the generated texts, a list of str
+
+The figures are those of `kdlab predict` on the same export, which writes them as
+{"row", "label", "probs": {label: p}} (rounded to 6 decimals there, full float32 precision here),
+from the same served artefact (ONNX int8, dynamic int8, ...) that the model card measured. int8
+recipes quantize activations per batch; both batch 64 rows at a time by default.
+
+The input is a list of texts, a pandas Series, or a one-column DataFrame; the logged signature
+(kdlab.search.registry.pyfunc_signature) names the output columns, and MLflow checks inputs against it.
 Logged by kdlab.search.registry as a model *from code* (this file; MLflow imports it and takes the
 model given to `set_model` below), with a copy of the kdlab package (kdlab.distill and kdlab.eval only)
-as its code path: nothing is pickled,
-and loading needs kdlab's runtime libraries (pinned in the model's requirements) but not kdlab.
+as its code path: nothing is pickled, and loading needs kdlab's runtime libraries (pinned in the
+model's requirements) but not kdlab.
 """
 from __future__ import annotations
 
 import mlflow.models
 import mlflow.pyfunc
+import pandas as pd
+
+from kdlab.distill.export import load_served
+
+PROB_PREFIX = "prob_"  # column of label L: prob_L
 
 
 class ExportedClassifier(mlflow.pyfunc.PythonModel):
     """Serves the export's artefact (ONNX int8, dynamic int8, ...), the one the model card measured."""
 
     def load_context(self, context) -> None:
-        from kdlab.distill.export import load_served
         self.served = load_served(context.artifacts["export"], check=False)
         self.batch_size = 64
 
-    def predict(self, context, model_input: list[str], params=None) -> list[str]:
-        """Labels (classification) or generated texts (seq2seq), one per input text."""
+    # pd.DataFrame, not list[str]: the signature the registry logs (with the output columns) does the checking;
+    # MLflow would otherwise take its schema from the type hint, which cannot describe a DataFrame output.
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame | list[str]:
+        """Labels and probabilities (classification) or generated texts (seq2seq), one per input text."""
+        if isinstance(model_input, pd.DataFrame):
+            model_input = model_input.iloc[:, 0]
         texts = [str(t) for t in model_input]
-        out: list[str] = []
+        if self.served.is_seq2seq:
+            return [out for i in range(0, len(texts), self.batch_size)
+                    for out in self.served.generate_texts(texts[i:i + self.batch_size])]
+        labels, probs = [], []
         for i in range(0, len(texts), self.batch_size):
-            chunk = texts[i:i + self.batch_size]
-            out += self.served.generate_texts(chunk) if self.served.is_seq2seq else self.served.predict_texts(chunk)[0]
-        return out
+            chunk_labels, chunk_probs = self.served.predict_texts(texts[i:i + self.batch_size])
+            labels += chunk_labels
+            probs += chunk_probs.tolist()
+        columns = {"label": pd.Series(labels, dtype=object)}
+        for j, name in enumerate(self.served.labels):
+            columns[f"{PROB_PREFIX}{name}"] = pd.Series([row[j] for row in probs], dtype="float64")
+        return pd.DataFrame(columns)
 
 
 mlflow.models.set_model(ExportedClassifier())

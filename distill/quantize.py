@@ -193,7 +193,7 @@ def _dynamic_int8(model, *, device, **_) -> Quantized:
 
 def _export_onnx(model: nn.Module, example_batch: dict, path: Path) -> list[str]:
     """Export to ONNX with dynamic batch and sequence axes; returns the graph's input names."""
-    try:
+    try:  # only the ONNX recipes need onnxscript: imported here, not at the top
         import onnxscript  # noqa: F401  (torch.onnx's exporter needs it; fail with a reason, not deep inside)
     except ImportError as exc:
         raise RecipeUnavailable("ONNX export needs onnxscript: pip install onnxscript") from exc
@@ -244,6 +244,8 @@ def _onnx_files(path: Path) -> list[Path]:
 
 
 def _ort_quantized(recipe: str, path: Path, threads: int) -> Quantized:
+    # Imported by the ONNX recipes only: a torch recipe (and a config check, a gate without ONNX) never loads
+    # ONNX Runtime's native library.
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -290,7 +292,7 @@ def _onnx_int8(model, *, example_batch, device, workdir, threads, **_) -> Quanti
     """Export fp32 to model.onnx (kept as an intermediate), serve model.int8.onnx (QInt8 weights)."""
     if device != "cpu":
         raise RecipeUnavailable(f"onnx recipes serve on ONNX Runtime's CPUExecutionProvider, not device='{device}'")
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import QuantType, quantize_dynamic  # lazy, as in _ort_quantized: pulls in onnx
 
     folder = _onnx_workdir(workdir)
     fp32_path, int8_path = folder / "model.onnx", folder / "model.int8.onnx"
@@ -309,6 +311,8 @@ def _onnx_int8(model, *, example_batch, device, workdir, threads, **_) -> Quanti
 
 
 def _import_bitsandbytes():
+    # Imported by the bnb recipes only: bitsandbytes loads native kernels at import (and may be absent or fail to
+    # load on a machine; then the recipe is skipped with the reason, and every other recipe still runs).
     # Without the optional `kernels` package (a Hub download), bitsandbytes logs a warning at
     # import and uses its own bundled CPU kernel instead, which is what we time.
     _silence("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward")

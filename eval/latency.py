@@ -28,10 +28,17 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+try:
+    import resource  # the kernel's peak RSS; Windows has no resource module (psutil stands in, below)
+except ImportError:
+    resource = None
 
 BYTES_PER_MB = 1024 * 1024  # "MB" in this module means MiB, as psutil and torch report memory
 DEVICES = ("cpu", "cuda")
@@ -161,16 +168,14 @@ def clamp_threads(threads: int) -> tuple[int, str | None]:
 def _peak_rss_mb() -> float:
     # The kernel's high-water mark covers the whole process lifetime and cannot be reset, so
     # on CPU this is an upper bound shared by every candidate timed in this process.
-    try:
-        import resource
-
+    if resource is not None:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return peak / BYTES_PER_MB if sys.platform == "darwin" else peak * 1024 / BYTES_PER_MB
-    except ImportError:  # Windows has no resource module
-        import psutil
-
-        info = psutil.Process().memory_info()
-        return getattr(info, "peak_wset", info.rss) / BYTES_PER_MB
+    # Windows: the peak working set. Imported here: this module is in an export's MLflow model, whose
+    # requirements (search/registry.py RUNTIME) do not include psutil.
+    import psutil
+    info = psutil.Process().memory_info()
+    return getattr(info, "peak_wset", info.rss) / BYTES_PER_MB
 
 
 def _time_calls_cpu(fn: Callable[[], object], min_iters: int, min_seconds: float) -> list[float]:
@@ -292,8 +297,6 @@ def count_flops(model: torch.nn.Module, inputs: dict) -> int:
     and convolutions. Elementwise ops are not counted, nor are quantized kernels (packed int8
     or 4-bit matmuls), so count the fp32 model.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         model(**inputs)
@@ -315,7 +318,6 @@ def machine_info() -> dict:
 
 def versions() -> dict:
     """Versions of the packages a measurement depends on (None when not installed)."""
-    from importlib import metadata
     out = {"python": platform.python_version()}
     for name in VERSIONED:
         try:

@@ -33,9 +33,11 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+import transformers  # noqa: E402
+import yaml  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 
-from kdlab.scripts.bench_readme import write_readme_section  # noqa: E402
+from kdlab.scripts.bench_readme import write_readme_section, write_result  # noqa: E402
 from kdlab.distill.config import load_config, to_dict  # noqa: E402
 from kdlab.eval.latency import machine_info, versions  # noqa: E402
 from kdlab.distill.losses import kd_ce_loss  # noqa: E402
@@ -132,7 +134,6 @@ def _iqr_ms(values: list[float]) -> list[float]:
 
 def _same_run(cfg, run_dir: Path) -> bool:
     """A finished run in `run_dir` trained exactly what `cfg` asks (so its result can be reused)."""
-    import yaml
     saved, summary = run_dir / "config.yaml", run_dir / "student" / "kdlab_summary.json"
     if not (saved.is_file() and summary.is_file()):
         return False
@@ -198,7 +199,6 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true",
                         help="reuse student runs already finished under runs/bench_distill/ with the same config")
     args = parser.parse_args()
-    import transformers
     transformers.logging.set_verbosity_error()
     os.chdir(ROOT)
     # Snapshot the config: every run below reads this copy, so editing the file meanwhile is harmless.
@@ -222,7 +222,7 @@ def main() -> None:
         result["loop"] = loop_costs(args.config, teacher_dir, rounds=6, steps=20, extra=[])
         result["loop_overhead"] = result["loop"]["loop_overhead"]
         result["cached_logits_speedup"] = result["loop"]["cached_logits_speedup"]
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        write_result(Path(args.out), result)
         write_readme_section("distill", "Distillation on SST-2 (`make bench-distill`)", markdown(result))
         print(json.dumps(result["loop"], indent=2))
         return
@@ -247,8 +247,7 @@ def main() -> None:
         "bench_seconds": round(time.perf_counter() - t0, 1),
     }
     out = Path(args.out if not args.quick else "runs/bench_quick/distill_sst2.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_result(out, result)
     table = markdown(result)
     if not args.quick:
         write_readme_section("distill", "Distillation on SST-2 (`make bench-distill`)", table)

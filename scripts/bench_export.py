@@ -29,10 +29,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from kdlab.scripts.bench_readme import write_readme_section  # noqa: E402
+import optuna  # noqa: E402
+import transformers  # noqa: E402
+
+from kdlab.scripts.bench_readme import write_readme_section, write_result  # noqa: E402
 from kdlab.distill.config import ConfigError, load_config  # noqa: E402
 from kdlab.distill.export import ExportError  # noqa: E402
 from kdlab.eval.latency import machine_info, versions  # noqa: E402
+from kdlab.search.capacity import CapacityRow, log_capacity, markdown as capacity_md, run_capacity  # noqa: E402
+from kdlab.search.export import export_dir, run_export, teacher_choice  # noqa: E402
+from kdlab.search.study import run_report, study_targets  # noqa: E402
 
 # An interactive API: 300 requests/s, each answered within 50 ms at p95, batches of up to 32.
 # The int8 student agrees with its own fp32 weights on 98.4 % of dev labels (first run of this
@@ -71,7 +77,6 @@ def markdown(r: dict) -> str:
              f"label agreement {p['label_agreement']:.2%}, max |logit difference| {p['max_abs_diff']:.4f}; "
              f"predictions of the student and the teacher agree on {r['agreement_with_teacher']:.2%} of the train "
              f"rows.", ""]
-    from kdlab.search.capacity import CapacityRow, markdown as capacity_md
     c = r["capacity_plan"]
     lines.append(capacity_md([CapacityRow(**row) for row in r["capacity"]], target_rps=c["target_rps"],
                              p95_slo_ms=c["p95_slo_ms"], headroom=c["headroom"], conditions=c["conditions"]))
@@ -87,14 +92,8 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-capacity", action="store_true")
     args = parser.parse_args(argv)
     os.chdir(ROOT)
-    import transformers
     transformers.logging.set_verbosity_error()
-    import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-    from kdlab.search.capacity import log_capacity, run_capacity
-    from kdlab.search.export import export_dir, run_export, teacher_choice
-    from kdlab.search.study import run_report, study_targets
     started = time.time()
     try:
         cfg = load_config(args.config, SERVING)
@@ -134,7 +133,7 @@ def main(argv=None) -> int:
                                                    "assumptions", "latency")} if capacity else None,
     }
     out = ROOT / "benchmarks" / "results" / "export_sst2.json"
-    out.write_text(json.dumps(result, indent=2, default=str))
+    write_result(out, result, work=work)  # the commands' scratch folder is <work>
     if capacity:
         write_readme_section("export", "Export, batch prediction and capacity (`make bench-export`)", markdown(result))
         print(markdown(result))

@@ -29,14 +29,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import transformers  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
+from torch.utils.benchmark import Timer  # noqa: E402
 
 from kdlab.scripts.bench_readme import publish  # noqa: E402
 from kdlab.distill.config import ConfigError, load_config  # noqa: E402
 from kdlab.eval.latency import clamp_threads, coefficient_of_variation, matmul_peak_gflops, measure_one  # noqa: E402
-from kdlab.search.gate import (build_candidates, check_row, mean_flops, measure_candidates,  # noqa: E402
-                         resolve_targets, target_profile, timing_batches)
+from kdlab.search.gate import build_candidates, mean_flops  # noqa: E402
+from kdlab.search.targets import check_row, resolve_targets  # noqa: E402
+from kdlab.search.timing import measure_candidates, target_profile, timing_batches  # noqa: E402
 from kdlab.eval.latency import machine_info, versions  # noqa: E402
 from kdlab.train.data import make_loader  # noqa: E402
 from kdlab.train.pipeline import prepare  # noqa: E402
@@ -53,7 +56,6 @@ QUICK = ["teacher.fine_tune=never", "data.max_train_samples=64", "data.max_eval_
 
 def timer_median_ms(fn, threads: int, min_run_time: float) -> float:
     """Median per-call time by torch.utils.benchmark (blocked_autorange: blocks of calls, median of block means)."""
-    from torch.utils.benchmark import Timer
     return Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads).blocked_autorange(
         min_run_time=min_run_time).median * 1e3
 
@@ -155,7 +157,6 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
     args = parser.parse_args(argv)
     os.chdir(ROOT)
-    import transformers
     transformers.logging.set_verbosity_error()
     quick_dir = Path(tempfile.mkdtemp(prefix="kdlab-bench-gate-")) if args.quick else None
     overrides = [*QUICK, f"output_dir={quick_dir}"] if args.quick else []

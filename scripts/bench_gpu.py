@@ -29,15 +29,21 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file, save_file
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from kdlab.eval.latency import machine_info, versions  # noqa: E402
+from kdlab.scripts.bench_readme import write_readme_section, write_result  # noqa: E402
+
 CONFIG = "configs/sst2_minilm.yaml"
 GPU_RECIPES = "[fp32,fp16,bf16,bnb-int8,bnb-nf4]"  # the config refuses CPU-only recipes on cuda
 
 
 def fp32_copy(src: Path, dst: Path) -> str:
     """The teacher with float32 weights (a copy carried as fp16 to fit a transfer limit is upcast)."""
-    from safetensors.torch import load_file, save_file
     weights = load_file(src / "model.safetensors")
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in weights.values()})
     dst.mkdir(parents=True, exist_ok=True)
@@ -155,7 +161,6 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-gate", action="store_true")
     args = parser.parse_args(argv)
     if args.render:
-        from kdlab.scripts.bench_readme import write_readme_section
         result = json.loads(Path(args.render).read_text())
         write_readme_section("gpu", f"kdlab on a GPU: {result['device']} (`scripts/bench_gpu.py`)", markdown(result),
                              path=ROOT / "benchmarks" / "README.md")
@@ -163,9 +168,6 @@ def main(argv=None) -> int:
         return 0
     if not (args.teacher and args.train_file and args.eval_file and args.out):
         parser.error("--teacher, --train-file, --eval-file and --out are required (or --render JSON)")
-    import torch
-
-    from kdlab.eval.latency import machine_info, versions
     if not torch.cuda.is_available():
         print("bench_gpu: error: no CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
         return 2
@@ -193,8 +195,8 @@ def main(argv=None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     name = re.sub(r"[^a-z0-9]+", "_", device.lower()).strip("_")
     path = out / f"gpu_{name}.json"
-    path.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=1)[:6000])
+    write_result(path, result, work=work, out=out)
+    print(path.read_text()[:6000])
     print(f"bench_gpu: wrote {path} in {result['seconds']:.0f} s")
     return 0
 

@@ -12,13 +12,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
 
+import torch
+from accelerate import Accelerator
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from kdlab.distill.config import load_config  # noqa: E402
+from kdlab.eval.latency import machine_info, versions  # noqa: E402
+from kdlab.scripts.bench_readme import write_result  # noqa: E402
+from kdlab.scripts.build_t5 import build_t5  # noqa: E402
+from kdlab.search.gate import run_gate  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -29,14 +37,6 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", type=int, default=8000)
     parser.add_argument("--epochs", type=float, default=3.0)
     args = parser.parse_args(argv)
-    import torch
-    from accelerate import Accelerator
-
-    from kdlab.distill.config import load_config
-    from kdlab.eval.latency import machine_info, versions
-    from kdlab.scripts.build_t5 import build_t5
-    from kdlab.search.gate import run_gate
-
     started = time.perf_counter()
     data, out = Path(args.data), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
               "teacher_dev": result.conditions["teacher_dev"], "conditions": {
                   k: v for k, v in result.conditions.items() if k not in ("machine", "versions", "teacher_dev")},
               "rows": rows, "verdict": result.message, "seconds": round(time.perf_counter() - started, 1)}
-    (out / "gpu_seq2seq_gate.json").write_text(json.dumps(report, indent=2, default=str))
+    write_result(out / "gpu_seq2seq_gate.json", report)
     for r in rows:
         print(f"{r['recipe']:>12} {r['status']:>8} quality {r['quality']} p95 {r['p95_ms']} ms tokens/s "
               f"{r['tokens_per_s']} size {r['size_mb']} {r['reason'][:100]}")

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kdlab.eval.latency import machine_info, versions  # noqa: E402
-from kdlab.scripts.bench_readme import write_readme_section  # noqa: E402
+from kdlab.scripts.bench_readme import write_readme_section, write_result  # noqa: E402
 
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 CONFIG = "configs/smoke.yaml"
@@ -82,8 +82,7 @@ def main() -> None:
     result = {"machine": machine_info(), "versions": versions(), "config": CONFIG,
               "teacher_dev_accuracy": summary["teacher_dev"]["accuracy"], "runs": rows, "dev_accuracy": stats,
               "difference_of_means": round(stats["2"]["mean"] - stats["1"]["mean"], 4)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_result(Path(args.out), result)
     write_readme_section("processes", "One vs two CPU processes (`make bench-processes`)", markdown(result))
     print(json.dumps(stats, indent=2))
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -29,9 +30,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import optuna  # noqa: E402
+import transformers  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+
 from kdlab.scripts.bench_readme import publish  # noqa: E402
 from kdlab.distill.config import ConfigError, load_config  # noqa: E402
 from kdlab.eval.latency import machine_info, versions  # noqa: E402
+from kdlab.search.gate import run_gate  # noqa: E402
+from kdlab.search.study import meta_of, open_storage, run_search  # noqa: E402
+from kdlab.search.study_report import targets_text  # noqa: E402
+from kdlab.train.pipeline import prepare  # noqa: E402
+from kdlab.train.teacher import require_fine_tuned  # noqa: E402
 
 # The search trains logit-only KD so the teacher's logits are computed once and cached (1.46x per step,
 # benchmarks/results/distill_sst2.json); hidden-state KD moved (a) by one dev sentence there.
@@ -115,16 +125,8 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
     args = parser.parse_args(argv)
     os.chdir(ROOT)
-    import optuna
-    import transformers
     transformers.logging.set_verbosity_error()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    from accelerate import Accelerator
-
-    from kdlab.search.study import run_search
-    from kdlab.train.pipeline import prepare
-    from kdlab.train.teacher import require_fine_tuned
-
     quick_dir = Path(tempfile.mkdtemp(prefix="kdlab-bench-search-")) if args.quick else None
     overrides = ([*QUICK, f"output_dir={quick_dir}", f"tracking.uri=sqlite:///{quick_dir}/mlflow.db"]
                  if args.quick else list(FULL))
@@ -136,7 +138,6 @@ def main(argv=None) -> int:
             require_fine_tuned(cfg, prepare(cfg, accelerator).data, args.config)
         gate = None
         if not args.quick and not args.no_gate:  # what `kdlab run` does first: the search only runs on a MISS
-            from kdlab.search.gate import run_gate
             gate = run_gate(cfg, accelerator)
             print(f"bench_search: gate: {gate.message}")
         gate_seconds = time.time() - started
@@ -145,10 +146,8 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"bench_search: error: {exc}", file=sys.stderr)
         return 2
-    from kdlab.search.study import meta_of, open_storage
     study = optuna.load_study(study_name=result.study_name, storage=open_storage(cfg, create=False))
     meta = meta_of(cfg, study)
-    from kdlab.search.study_report import targets_text
     search_seconds = time.time() - started - gate_seconds
     arch = ("num_layers", "hidden_size", "num_heads", "intermediate_size", "init", "recipe", "learning_rate",
             "temperature", "alpha")
@@ -188,7 +187,6 @@ def main(argv=None) -> int:
     }
     png = cfg.run_dir / "report" / "pareto.png"
     if not args.quick and png.is_file():
-        import shutil
         shutil.copyfile(png, ROOT / "benchmarks" / "results" / "search_sst2_pareto.png")
         out_result["picture"] = "results/search_sst2_pareto.png"
     out = Path(args.out or (quick_dir / "search_sst2.json" if args.quick else "benchmarks/results/search_sst2.json"))

@@ -29,6 +29,27 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from transformers import AutoModelForSeq2SeqLM  # noqa: E402
+
+from kdlab.distill.config import load_config  # noqa: E402
+from kdlab.distill.quantize import apply_generation_recipe  # noqa: E402
+from kdlab.distill.seq2seq import build_seq2seq_student  # noqa: E402
+from kdlab.distill.students import count_params  # noqa: E402
+from kdlab.eval.latency import machine_info, versions  # noqa: E402
+from kdlab.eval.paths import portable_record  # noqa: E402
+from kdlab.scripts.bench_gpu import fp32_copy  # noqa: E402
+from kdlab.scripts.bench_readme import write_readme_section, write_result  # noqa: E402
+from kdlab.search.seq2seq_gate import generation_batches  # noqa: E402
+from kdlab.search.targets import GateRow  # noqa: E402
+from kdlab.search.timing import measure_candidates, target_profile  # noqa: E402
+from kdlab.train.seq2seq import (ensure_seq2seq_teacher, generate_texts, generation_kwargs, prepare,  # noqa: E402
+                                 resolve_source, run, score, warm_start)
+from kdlab.train.seq2seq_data import make_seq2seq_loader  # noqa: E402
+
 CONFIG = "configs/multi30k_t5.yaml"
 TRAININGS = {
     "references": ["distill.alpha=0.0", "distill.seq_kd=none"],
@@ -89,20 +110,6 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="extra key=value config overrides")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-    import torch
-    import transformers
-    from accelerate import Accelerator
-    from transformers import AutoModelForSeq2SeqLM
-
-    from kdlab.distill.config import load_config
-    from kdlab.distill.quantize import apply_generation_recipe
-    from kdlab.distill.students import count_params
-    from kdlab.eval.latency import machine_info, versions
-    from kdlab.search.gate import GateRow, measure_candidates, target_profile
-    from kdlab.search.seq2seq_gate import generation_batches
-    from kdlab.train.seq2seq import ensure_seq2seq_teacher, generate_texts, generation_kwargs, prepare, run, score
-    from kdlab.train.seq2seq_data import make_seq2seq_loader
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
@@ -113,7 +120,6 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.teacher and Path(args.teacher, "model.safetensors").is_file():
         # A copy carried with fp16 weights (to fit a transfer limit) trains from fp32 weights here.
-        from kdlab.scripts.bench_gpu import fp32_copy
         fp32_copy(Path(args.teacher), work / "teacher_source")
         args.teacher = str(work / "teacher_source")
     overrides = overrides_for(args)
@@ -129,9 +135,7 @@ def main(argv=None) -> int:
 
     def save():
         result["seconds"] = round(time.perf_counter() - started, 1)
-        tmp = out_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=2, default=str))
-        tmp.replace(out_path)
+        write_result(out_path, result, work=work)  # checkpoints and the teacher copy as <work>/...
 
     # 1. the teacher
     prep = prepare(cfg, accelerator)
@@ -198,9 +202,8 @@ def main(argv=None) -> int:
         r = rows[row["name"]]
         row.update(p95_ms=r.p95_ms, p50_ms=r.p50_ms, cv=r.cv, speedup=t.p95_ms / r.p95_ms)
     save()
-    text = render(result)
+    text = render(portable_record(result, work=work))
     if not args.quick and args.out is None:
-        from kdlab.scripts.bench_readme import write_readme_section
         write_readme_section("seq2seq", "Seq2seq distillation on Multi30k (bench_seq2seq)", text)
     print(text)
     print(f"bench_seq2seq: wrote {out_path} in {result['seconds']:.0f} s")
@@ -215,17 +218,6 @@ def latency_only(args, cfg, out_path: Path) -> int:
     students shrunk from it) and forced to emit exactly `--output-tokens` tokens, the trained teacher's
     mean greedy output length on test2016 (the trained students' means were within 3 % of it).
     """
-    import torch
-    from accelerate import Accelerator
-
-    from kdlab.distill.config import load_config
-    from kdlab.distill.quantize import apply_generation_recipe
-    from kdlab.distill.seq2seq import build_seq2seq_student
-    from kdlab.eval.latency import machine_info, versions
-    from kdlab.search.gate import GateRow, measure_candidates, target_profile
-    from kdlab.search.seq2seq_gate import generation_batches
-    from kdlab.train.seq2seq import prepare, resolve_source, warm_start
-
     result = json.loads(out_path.read_text())
     started = time.perf_counter()
     prep = prepare(cfg, Accelerator(cpu=True))
@@ -253,10 +245,9 @@ def latency_only(args, cfg, out_path: Path) -> int:
         output_tokens=args.output_tokens, seq_len_median=lengths["seq_len_median"], min_iters=profile.min_iters,
         min_seconds=profile.min_seconds, repeats=profile.repeats, threads=threads,
         machine=machine_info(), versions=versions(), seconds=round(time.perf_counter() - started, 1))
-    out_path.write_text(json.dumps(result, indent=2, default=str))
-    text = render(result)
+    write_result(out_path, result, work=Path(args.work))
+    text = render(portable_record(result, work=Path(args.work)))
     if args.out is None:
-        from kdlab.scripts.bench_readme import write_readme_section
         write_readme_section("seq2seq", "Seq2seq distillation on Multi30k (bench_seq2seq)", text)
     print(text)
     return 0

@@ -13,13 +13,15 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+
 SPECIAL = ("<pad>", "</s>", "<unk>")  # T5's ids 0, 1, 2: pad doubles as the decoder start token
 
 
 def train_tokenizer(lines, vocab_size: int):
     """A Unigram tokenizer (T5's model family) over `lines`, appending </s> to every sequence."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.Unigram())
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
@@ -35,8 +37,6 @@ def train_tokenizer(lines, vocab_size: int):
 
 def build_t5(out: Path, lines, vocab_size: int = 8000, d_model: int = 256, layers: int = 3, heads: int = 4,
              d_ff: int | None = None, seed: int = 0) -> Path:
-    import torch
-    from transformers import T5Config, T5ForConditionalGeneration
     tokenizer = train_tokenizer(lines, vocab_size)
     torch.manual_seed(seed)
     config = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=d_model // heads, d_ff=d_ff or 4 * d_model,

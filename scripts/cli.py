@@ -4,6 +4,9 @@
     kdlab gate --config configs/sst2_minilm.yaml [target.p95_ms=teacher*0.25 ...]
                                                                     teacher × quantization recipes on the target;
                                                                     exit 0 PASS, 3 MISS (distillation needed)
+    kdlab gate --config configs/sst2_minilm.yaml --model runs/sst2_minilm/student
+                                                                    the same for a trained model folder, targets
+                                                                    relative to the teacher's gate
     kdlab search --config configs/sst2_minilm.yaml [--n-trials 20] [--timeout 3600]
                                                                     Optuna student search (quality up, p95 down)
                                                                     under the targets; exit 0 front, 3 none feasible
@@ -12,6 +15,8 @@
                  [--out DIR]
                                                                     HF folder + ONNX + model card + manifest, parity-
                                                                     checked; registered in MLflow (alias champion)
+    kdlab export --config configs/sst2_minilm.yaml --model runs/sst2_minilm/student [--recipe R]
+                                                                    that folder (R: a recipe its gate measured)
     kdlab run --config configs/sst2_minilm.yaml                     teacher -> gate -> search (on MISS) -> export
     kdlab predict --model runs/sst2_minilm/export --input texts.tsv --output preds.jsonl [--batch-size 64]
                                                                     streamed, resumable batch predictions
@@ -30,7 +35,6 @@ import sys
 import kdlab
 from kdlab.distill.config import load_config
 from kdlab.distill.errors import ConfigError, ExportError
-from kdlab.eval.predict import add_arguments as add_predict_arguments, main as cmd_predict
 
 
 def _quiet_libraries() -> None:
@@ -48,12 +52,10 @@ def cmd_distill(args) -> int:
 
 def cmd_gate(args) -> int:
     cfg = load_config(args.config, args.overrides)
-    from accelerate import Accelerator
-
-    from kdlab.search.gate import run_gate
-    # Measuring on the target profile is single-process; the CPU accelerator only serves the
-    # teacher's fine-tuning when the checkpoint does not exist yet.
-    result = run_gate(cfg, Accelerator(cpu=True))
+    from kdlab import api
+    # No Accelerator to measure (train/accel.py): the gate builds the training one only when the teacher
+    # must be fine-tuned first.
+    result = api.run_gate(cfg, model=args.model)
     print(result.message, flush=True)
     return result.exit_code
 
@@ -65,24 +67,15 @@ def _quiet_optuna() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def _search_accelerator(cfg):
-    import torch
-    from accelerate import Accelerator
-    # Trials train in this process, one after another; on a CPU machine that is Accelerator(cpu=True).
-    if not torch.cuda.is_available():
-        return Accelerator(cpu=True)
-    return Accelerator(mixed_precision=cfg.train.mixed_precision)
-
-
 def cmd_search(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.n_trials is not None and args.n_trials < 1:
         raise ConfigError(f"--n-trials: must be >= 1, got {args.n_trials}")
     if args.timeout is not None and args.timeout <= 0:
         raise ConfigError(f"--timeout: must be > 0 seconds, got {args.timeout}")
-    from kdlab.search.study import run_search
+    from kdlab import api
     _quiet_optuna()
-    result = run_search(cfg, _search_accelerator(cfg), n_trials=args.n_trials, timeout_s=args.timeout)
+    result = api.run_search(cfg, n_trials=args.n_trials, timeout_s=args.timeout)
     print(result.message, flush=True)
     return result.exit_code
 
@@ -106,15 +99,21 @@ def cmd_report(args) -> int:
 
 def cmd_export(args) -> int:
     cfg = load_config(args.config, args.overrides)
+    if args.model is not None:
+        given = [flag for flag, value in (("--trial", args.trial), ("--pick", args.pick)) if value is not None]
+        if given:
+            raise ConfigError(f"--model and {' and '.join(given)}: --model exports that folder (with --recipe R, "
+                              f"under a recipe kdlab gate --model measured); --trial and --pick choose from the search")
     given = [flag for flag, value in (("--trial", args.trial), ("--pick", args.pick), ("--recipe", args.recipe))
              if value is not None]
     if len(given) > 1:
         raise ConfigError(f"{' and '.join(given)}: give one of --trial, --pick, --recipe (or none, for the most "
                           f"accurate feasible model)")
-    from kdlab.search.export import export_dir, run_export, summary_line
+    from kdlab import api
+    from kdlab.search.export import export_dir, summary_line
     _quiet_optuna()
-    manifest = run_export(cfg, trial=args.trial, pick_text=args.pick, out=args.out, force=args.force,
-                          recipe=args.recipe)
+    manifest = api.run_export(cfg, trial=args.trial, pick=args.pick, out=args.out, force=args.force,
+                              recipe=args.recipe, model=args.model)
     print(summary_line(manifest, export_dir(cfg, args.out)), flush=True)
     return 0
 
@@ -122,32 +121,39 @@ def cmd_export(args) -> int:
 def cmd_run(args) -> int:
     """teacher -> gate -> search (only when the gate misses) -> export, stopping with the stage that fails."""
     cfg = load_config(args.config, args.overrides)
-    from accelerate import Accelerator
-
-    from kdlab.search.export import export_dir, run_export, summary_line
-    from kdlab.search.gate import run_gate
+    from kdlab import api
+    from kdlab.search.export import export_dir
     _quiet_optuna()
-    gate = run_gate(cfg, Accelerator(cpu=True))  # fine-tunes the teacher first when needed
-    print(gate.message, flush=True)
-    if gate.passed is None:
-        from kdlab.search.study import finished_trials, run_report, run_search
-        # `run` tops the study up to search.n_trials (--n-trials adds that many more): running it
-        # again exports from the finished study instead of searching all over.
-        todo = args.n_trials if args.n_trials is not None else cfg.search.n_trials - finished_trials(cfg)
-        if todo > 0:
-            result = run_search(cfg, _search_accelerator(cfg), n_trials=todo, timeout_s=args.timeout)
-        else:
-            print(f"search: the study already has {cfg.search.n_trials} or more finished trials "
-                  f"(--n-trials N adds more)", flush=True)
-            result = run_report(cfg)
-        print(result.message, flush=True)
-        if result.exit_code != 0:
-            return result.exit_code
-    manifest = run_export(cfg, force=True)  # `run` owns runs/<name>/export: a re-run replaces it when complete
-    print(summary_line(manifest, export_dir(cfg, None)), flush=True)
-    print(f"look at the runs: kdlab ui --config {args.config}  (MLflow UI on http://127.0.0.1:5000); model card: "
-          f"{export_dir(cfg, None) / 'README.md'}", flush=True)
-    return 0
+    result = api.run(cfg, n_trials=args.n_trials, timeout_s=args.timeout, say=lambda line: print(line, flush=True))
+    if result.manifest is not None:
+        print(f"look at the runs: kdlab ui --config {args.config}  (MLflow UI on http://127.0.0.1:5000); model card: "
+              f"{export_dir(cfg, None) / 'README.md'}", flush=True)
+    return result.exit_code
+
+
+def add_predict_arguments(parser) -> None:
+    """`kdlab predict`'s arguments (scripts/predict.py runs it): an export folder in, no --config."""
+    parser.add_argument("--model", required=True, help="export folder (kdlab export); its served recipe is used")
+    parser.add_argument("--input", required=True,
+                        help="rows to label: .tsv or .csv with a header line naming the columns, .jsonl/.json with "
+                             "one JSON object per line, .txt with one text per line")
+    parser.add_argument("--output", required=True, help="JSON lines, one per input row (written via OUTPUT.partial)")
+    parser.add_argument("--batch-size", type=int, default=64, help="rows per forward pass")
+    parser.add_argument("--text-column", default=None, help="column or key of the text (default: the export's)")
+    parser.add_argument("--pair-column", default=None,
+                        help="column or key of the second text of pair tasks (default: the export's)")
+    parser.add_argument("--no-resume", dest="resume", action="store_false",
+                        help="start over even if OUTPUT.partial holds an interrupted run")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all CPUs)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
+    parser.add_argument("--on-error", choices=("stop", "skip"), default="stop",
+                        help="a malformed row: stop with its line number (default), or skip it, writing "
+                             "{\"row\": i, \"error\": ...} in its place")
+
+
+def cmd_predict(args) -> int:
+    from kdlab.scripts.predict import main as predict_main
+    return predict_main(args)
 
 
 def cmd_ui(args) -> int:
@@ -195,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
         if name == "ui":
             p.add_argument("--port", type=int, default=5000)
+        if name in ("gate", "export"):
+            p.add_argument("--model", default=None, metavar="DIR",
+                           help="a trained model folder (e.g. runs/<name>/student from train/distill.py) instead of "
+                                "the teacher (gate) or the search's choice (export)")
         if name in ("search", "run"):
             p.add_argument("--n-trials", type=int, default=None,
                            help="trials to add in this call (default search.n_trials)")
@@ -210,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "p99_ms, size_mb, params, throughput, train_seconds)")
             p.add_argument("--recipe", default=None,
                            help="export the teacher under this recipe, as the gate measured it (the recipe its PASS "
-                                "line names)")
+                                "line names); with --model, that folder under a recipe its gate measured")
             p.add_argument("--out", default=None, help="export folder (default export.out_dir or runs/<name>/export)")
             p.add_argument("--force", action="store_true", help="replace an existing export folder")
     return parser

@@ -37,13 +37,18 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
+import mlflow
+import optuna
 import yaml
+from optuna.storages import RetryFailedTrialCallback
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from conftest import make_tiny_teacher  # noqa: E402
 from kdlab.eval.latency import machine_info, versions  # noqa: E402
+from kdlab.scripts.bench_readme import write_result  # noqa: E402
 from postgres import PostgresUnavailable, mlflow_server, postgres_cluster  # noqa: E402
 
 KDLAB = str(Path(sys.executable).parent / "kdlab")
@@ -75,7 +80,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def write_config(args, storage: str, tracking: str) -> tuple[Path, list[str]]:
     teacher = args.teacher
     if teacher == "tiny":
-        from conftest import make_tiny_teacher
         teacher = make_tiny_teacher(WORKDIR / "tiny_teacher")
     tree = {
         "name": STUDY, "output_dir": str(WORKDIR / "run"),
@@ -156,7 +160,6 @@ class Watcher:
         self.url, self.storage = storage, None
 
     def counts(self) -> tuple[int, list[int]]:
-        import optuna
         try:
             self.storage = self.storage or optuna.storages.RDBStorage(self.url)
             study = optuna.load_study(study_name=STUDY, storage=self.storage)
@@ -177,9 +180,6 @@ def front_of_csv(path: Path) -> list[int] | None:
 def audit(args, storage: str, tracking: str, config: Path, overrides: list[str],
           running_at_stop: list[int]) -> dict:
     """What the workers left: the study's trials, the MLflow runs, and the front against the study."""
-    import mlflow
-    import optuna
-    from optuna.storages import RetryFailedTrialCallback
     study = optuna.load_study(study_name=STUDY, storage=storage)
     trials = study.get_trials(deepcopy=False)
     states = Counter(t.state.name for t in trials)
@@ -303,8 +303,7 @@ def main(argv=None) -> int:
     except PostgresUnavailable as exc:
         print(f"soak: error: PostgreSQL cannot be started: {exc}", file=sys.stderr)
         return 2
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     print(f"soak: {result['completed']} of {result['requested']} requested trials COMPLETE ({result['trials']} in all: "
           f"{result['pruned']} pruned, {result['failed']} failed ({result['failed_in_flight_at_stop']} stopped in "
           f"flight), "

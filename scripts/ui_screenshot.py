@@ -31,6 +31,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from mlflow.tracking import MlflowClient
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kdlab.distill.config import ConfigError, load_config  # noqa: E402
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 WINDOW = (1440, 1000)
@@ -66,7 +71,6 @@ def find_search_parent(tracking_uri: str, experiment: str) -> tuple[str, str] | 
     """(experiment id, run id) of the newest active search parent run in `experiment`, or None."""
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).is_file():
         return None  # MlflowClient would create an empty store there
-    from mlflow.tracking import MlflowClient
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -112,7 +116,6 @@ def chart_view_state(parent_run_id: str, metric_keys: list[str], x_metric: str, 
 
 def chart_inputs(tracking_uri: str, experiment_id: str, parent_run_id: str) -> tuple[list[str], int]:
     """Every metric key in the experiment, and how many trained trials have both chart metrics."""
-    from mlflow.tracking import MlflowClient
     client = MlflowClient(tracking_uri)
     keys = {key for run in client.search_runs([experiment_id], max_results=5000) for key in run.data.metrics}
     trials = client.search_runs([experiment_id], filter_string=trials_filter(parent_run_id), max_results=5000)
@@ -183,13 +186,14 @@ def check_browser() -> None:
     missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.access(p, os.X_OK)]
     if missing:
         raise UsageError(f"{' and '.join(missing)} not found: apt-get install chromium chromium-driver")
-    try:
+    try:  # selenium is the optional `ui` extra: imported only here, so its absence is one line, not a traceback
         import selenium  # noqa: F401
     except ImportError:
         raise UsageError("selenium is not installed: .venv/bin/pip install -e '.[ui]' (or make screenshot)") from None
 
 
 def open_browser():
+    # After check_browser (selenium is optional: the `ui` extra).
     from selenium import webdriver
     from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.chrome.service import Service
@@ -215,7 +219,7 @@ def set_local_storage(driver, base_url: str, items: dict) -> None:
 
 def wait_until_still(driver, box_js: str, arg, timeout_s: float, what: str, debug_png: Path) -> None:
     """Wait until box_js finds the element and its box is the same on two polls 0.25 s apart."""
-    from selenium.common.exceptions import TimeoutException
+    from selenium.common.exceptions import TimeoutException  # optional `ui` extra, as in open_browser
     from selenium.webdriver.support.ui import WebDriverWait
     last = [None]
 
@@ -281,9 +285,6 @@ def main(argv=None) -> int:
                         help="also save the experiment's chart view, quality against p95_ms (e.g. docs/mlflow_chart.png)")
     parser.add_argument("--timeout", type=float, default=90, help="seconds to wait for the server and for each page")
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from kdlab.distill.config import ConfigError, load_config
-
     started = time.monotonic()
     try:
         cfg = load_config(args.config)
@@ -293,7 +294,6 @@ def main(argv=None) -> int:
             raise UsageError(f"{cfg.tracking.uri} has no search run in experiment {experiment!r}: "
                              f"run `kdlab search --config {args.config}` first")
         experiment_id, run_id = parent
-        from mlflow.tracking import MlflowClient
         if "pareto.png" not in {a.path for a in MlflowClient(cfg.tracking.uri).list_artifacts(run_id)}:
             raise UsageError(f"search run {run_id} has no pareto.png yet (it is logged after the first trial): "
                              f"run `kdlab search --config {args.config}` first")

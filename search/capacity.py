@@ -13,8 +13,21 @@ time to fill, which the SLO has to absorb as well), and it ignores network and q
 """
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+from transformers import AutoModelForSequenceClassification
+
+from kdlab.distill.config import ConfigError
+from kdlab.distill.quantize import apply_recipe
+from kdlab.eval.latency import clamp_threads, measure
+from kdlab.search.gate_report import gate_references
+from kdlab.search.study import stored_study
+from kdlab.search.timing import cycling, target_profile, timing_batches
+from kdlab.train.data import make_loader
+from kdlab.train.pipeline import prepare
+from kdlab.train.teacher import teacher_folder
 
 ASSUMPTIONS = ("independent instances behind a load balancer, each serving one batch at a time; requests are "
                "batched up to the chosen batch within the SLO; throughput = batch / p50; instances = ceil(target "
@@ -77,17 +90,13 @@ def measure_latencies(served: dict, cfg, eval_ds, tokenizer, vocab_size: int, th
 
     Returns (label -> {batch: LatencyReport}, batch -> the timing batches' lengths).
     """
-    from dataclasses import replace
-
-    from kdlab.eval.latency import measure
-    from kdlab.search.gate import _cycling, target_profile, timing_batches
     out: dict[str, dict[int, object]] = {label: {} for label in served}
     lengths_of: dict[int, dict] = {}
     for bs in sorted(set(batch_sizes)):
         batches, lengths = timing_batches(eval_ds, tokenizer, bs, cfg.target.seq_len, vocab_size=vocab_size,
                                           seed=cfg.train.seed)
         profile = target_profile(replace(cfg.target, batch_size=bs), threads, lengths["seq_len_median"])
-        reports = measure({label: _cycling(s, batches) for label, s in served.items()}, profile)
+        reports = measure({label: cycling(s, batches) for label, s in served.items()}, profile)
         for label, r in reports.items():
             out[label][bs] = r
         lengths_of[bs] = lengths
@@ -105,18 +114,6 @@ def slo_ms(cfg, resolved_p95: float | None) -> float | None:
 
 def run_capacity(cfg, front_rows: list[dict], targets: dict, console=None) -> dict | None:
     """Measure the teacher (fp32 and its best gate recipe) and every front member at serving.batch_sizes; plan."""
-    import json
-
-    from accelerate import Accelerator
-    from transformers import AutoModelForSequenceClassification
-
-    from kdlab.distill.config import ConfigError
-    from kdlab.distill.quantize import apply_recipe
-    from kdlab.eval.latency import clamp_threads
-    from kdlab.search.export import teacher_folder
-    from kdlab.search.gate_report import gate_references
-    from kdlab.train.data import make_loader
-    from kdlab.train.pipeline import prepare
     sv = cfg.serving
     if sv.target_rps is None:
         raise ConfigError("serving.target_rps: not set; the capacity plan needs the request rate to plan for "
@@ -126,7 +123,7 @@ def run_capacity(cfg, front_rows: list[dict], targets: dict, console=None) -> di
         raise ConfigError("serving.p95_slo_ms: not set and the config has no target.p95_ms to fall back on")
     say = console.print if console is not None else print
     threads, _ = clamp_threads(cfg.target.threads)
-    prep = prepare(cfg, Accelerator(cpu=True))
+    prep = prepare(cfg)  # measuring needs no Accelerator (train/accel.py)
     example = next(iter(make_loader(prep.eval_ds, prep.tokenizer, 8, shuffle=False)))
     teacher = AutoModelForSequenceClassification.from_pretrained(teacher_folder(cfg), use_safetensors=True).eval()
     served = {"teacher fp32": apply_recipe("fp32", teacher, example_batch=example, threads=threads)}
@@ -170,9 +167,7 @@ def log_capacity(cfg) -> None:
     """Put report/capacity.md and .json on the study's MLflow parent run (when tracking is on)."""
     if not cfg.tracking.enabled:
         return
-    import mlflow
-
-    from kdlab.search.study import stored_study
+    import mlflow  # only with tracking on: train/tracking.py says why mlflow loads lazily
     study = stored_study(cfg)
     run_id = study.user_attrs.get("mlflow_parent_run_id") if study is not None else None
     if not run_id:

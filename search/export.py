@@ -5,6 +5,11 @@ Library module for scripts/cli.py. The choice is made among what was measured:
 - the teacher under a recipe that met the targets in the gate (runs/<name>/report/gate.csv).
 Without `--trial`, `--pick` or `--recipe` it takes the most accurate of those (lower p95 breaks ties);
 `--recipe R` takes the teacher under the gate's measured recipe R (what the gate's PASS line prints).
+`--model DIR` exports a trained model folder instead (a Choice of kind "model", see `model_choice`): under
+`--recipe R`, which `kdlab gate --model DIR` must have measured; else under the most accurate recipe that its
+gate found meeting the targets; fp32 (the folder as trained) when no gate was run for it, since every figure
+of the export (quality, parity, latency) is measured by the export itself. The export is logged on the
+distillation's MLflow run (DIR/kdlab_summary.json's mlflow_run_id), which is tagged with it.
 
 The folder is built in a staging folder beside the destination and moved into place only when
 complete: the parity check (served artefact against the fp32 model on the full dev set), the
@@ -20,9 +25,28 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForSequenceClassification
+
 from kdlab.distill.config import Config, ConfigError, save_config
 from kdlab.distill.export import (ExportError, build_served, load_served, move_into_place, parity, served_entry,
                             write_manifest, write_model)
+from kdlab.distill.quantize import apply_recipe
+from kdlab.eval.latency import clamp_threads, machine_info, versions
+from kdlab.eval.paths import portable_path, portable_text
+from kdlab.search.capacity import ASSUMPTIONS, measure_latencies, p50_p95, plan_one, slo_ms
+from kdlab.search.card import card_metadata, dataset_name, hub_id
+from kdlab.search.gate import dev_quality
+from kdlab.search.gate_report import gate_references, gate_table
+from kdlab.search.model_gate import model_gate_rows
+from kdlab.search.seq2seq_export import register, run_seq2seq_export, seq2seq_summary_line
+from kdlab.search.study import stored_study, study_targets
+from kdlab.search.study_report import trial_rows
+from kdlab.train.data import make_loader
+from kdlab.train.model_dir import architecture, check_model_dir, prepare_model
+from kdlab.train.pipeline import prepare
+from kdlab.train.seq2seq import prepare as prepare_seq2seq
+from kdlab.train.teacher import teacher_folder
 
 NUMERIC = ("quality", "p50_ms", "p95_ms", "p99_ms", "size_mb", "params", "throughput", "train_seconds")
 _PICK = re.compile(r"^\s*(max|min)\s+([a-z0-9_]+)\s*(?:s\.t\.\s*(.+?))?\s*$", re.IGNORECASE)
@@ -34,7 +58,7 @@ _OPS = {"<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b, "<": lambda a, b: 
 @dataclass
 class Choice:
     """One exportable model: a trained trial's checkpoint, or the teacher under a gate recipe."""
-    kind: str  # trial | teacher
+    kind: str  # trial | teacher | model (a trained model folder: kdlab export --model DIR)
     label: str
     recipe: str
     source: Path
@@ -80,15 +104,12 @@ def pick(choices: list[Choice], text: str) -> Choice:
 
 def study_rows(cfg: Config) -> list[dict]:
     """Every trial of the config's study as search/study_report rows ([] when there is no study)."""
-    from kdlab.search.study import stored_study
-    from kdlab.search.study_report import trial_rows
     study = stored_study(cfg)
     return [] if study is None else trial_rows(study.get_trials(deepcopy=False), cfg.run_dir)
 
 
 def gate_rows(cfg: Config) -> list[dict]:
     """The gate's measured candidate recipes (report/gate.csv), [] when the gate was not run."""
-    from kdlab.search.gate_report import gate_table
     return [r for r in gate_table(cfg.run_dir) if r.get("candidate") == "True"]
 
 
@@ -98,14 +119,6 @@ def _num(value):
     except (TypeError, ValueError):
         return None
     return None if math.isnan(out) else out
-
-
-def teacher_folder(cfg: Config) -> Path:
-    from kdlab.train.teacher import MARKER, resolve_source
-    fine_tuned = cfg.run_dir / "teacher"
-    if (fine_tuned / MARKER).is_file():
-        return fine_tuned
-    return Path(resolve_source(cfg.teacher.source))
 
 
 def all_choices(cfg: Config) -> tuple[list[Choice], list[Choice]]:
@@ -141,7 +154,35 @@ def recipe_choice(cfg: Config, recipe: str) -> Choice:
     return teacher_choice(cfg, recipe)
 
 
-def choose(cfg: Config, trial: int | None = None, pick_text: str | None = None, recipe: str | None = None) -> Choice:
+def model_choice(cfg: Config, model_dir: str, recipe: str | None = None) -> Choice:
+    """`--model DIR [--recipe R]`: the trained model folder under R (which its own gate must have measured), else
+    under the most accurate recipe its gate found meeting the targets, else fp32 when no gate was run for it."""
+    model = check_model_dir(cfg, model_dir)
+    rows, table = model_gate_rows(cfg, model)
+    where = cfg.config_path or "<config>"
+    measured = [r["recipe"] for r in rows]
+    row = None
+    if recipe is not None:
+        if recipe not in measured:
+            valid = (f"measured: {', '.join(measured)}" if measured
+                     else f"none was run for that folder yet: kdlab gate --config {where} --model {model.path}")
+            raise ConfigError(f"--recipe: '{recipe}' was not measured by kdlab gate --model {model.path}; {valid}")
+        row = next(r for r in rows if r["recipe"] == recipe)
+    elif rows:
+        meeting = [r for r in rows if r.get("meets_targets") == "True"]
+        if not meeting:
+            raise ConfigError(f"--model: no recipe that kdlab gate --model {model.path} measured meets the targets "
+                              f"({table}: {', '.join(measured)}); choose one with --recipe R")
+        row = max(meeting, key=lambda r: (_num(r["quality"]) or 0.0, -(_num(r["p95_ms"]) or math.inf)))
+    figures = {k: _num(row.get(k)) for k in NUMERIC} if row else {}
+    return Choice("model", f"model {model.path}", row["recipe"] if row else "fp32", model.path, figures,
+                  None, model.mlflow_run_id, architecture(model))
+
+
+def choose(cfg: Config, trial: int | None = None, pick_text: str | None = None, recipe: str | None = None,
+           model: str | None = None) -> Choice:
+    if model is not None:
+        return model_choice(cfg, model, recipe)
     if recipe is not None:
         return recipe_choice(cfg, recipe)
     choices, pool = all_choices(cfg)
@@ -178,18 +219,27 @@ def _f(value, fmt: str, none: str = "—") -> str:
 
 
 def model_card(m: dict) -> str:
-    """README.md of the export folder, from its manifest: every number in it is one the manifest holds."""
+    """README.md of the export folder, from its manifest: every number in it is one the manifest holds.
+
+    It opens with the Hugging Face metadata (search/card.py): pipeline tag, base model, tags, and the
+    dev quality in `model-index`.
+    """
     c, fig, par, ref = m["choice"], m["measured"], m["parity"], m.get("teacher_reference") or {}
     arch = c.get("architecture") or {}
     arch_line = (f"{arch['num_layers']} layers x {arch['hidden_size']} hidden, {arch['num_heads']} heads, FFN "
-                 f"{arch['intermediate_size']}, initialised {arch['init']}" if arch.get("num_layers")
-                 else "the teacher itself")
+                 f"{arch['intermediate_size']}" + (f", initialised {arch['init']}" if arch.get("init") else "")
+                 if arch.get("num_layers") else "the teacher itself")
+    # A model folder (--model DIR) was distilled when train/distill.py wrote it (its summary names the init).
+    origin = ("Distilled from" if c["kind"] == "trial" or (c["kind"] == "model" and arch.get("init"))
+              else "Trained outside kdlab; compared with" if c["kind"] == "model" else "Quantized from")
+    tokenizer_of = "the model's own tokenizer" if c["kind"] == "model" else "the teacher's tokenizer"
     q, tq = fig["quality"], ref.get("quality")
     cond = m["conditions"]
     lines = [
+        card_metadata(m, "text-classification"),
         f"# {m['name']}: {m['task']['type']} on {m['data']['train_file'] or m['data']['dataset']}", "",
         f"Exported by kdlab on {m['created']} from {c['label']} (recipe `{c['recipe']}`). "
-        f"{'Distilled from' if c['kind'] == 'trial' else 'Quantized from'} the teacher `{m['teacher']['source']}`.",
+        f"{origin} the teacher `{m['teacher']['source']}`.",
         "", "## Figures", "",
         f"- Quality ({m['task']['metric']} on {par['rows']} dev rows, measured on the served artefact): **{q:.4f}**"
         + (f", {q / tq:.1%} of the teacher's {tq:.4f}" if tq else ""),
@@ -221,7 +271,7 @@ def model_card(m: dict) -> str:
         lines += ["", f"Assumes {cap['assumptions']}."]
     lines += ["", "## Model", "", f"- Architecture: {arch_line}", f"- Serving recipe: `{c['recipe']}`: "
               f"{m['served']['how']}", f"- Labels: {', '.join(m['labels'])}",
-              f"- Tokenization: max length {m['max_length']}, the teacher's tokenizer", "",
+              f"- Tokenization: max length {m['max_length']}, {tokenizer_of}", "",
               "## Data", "", f"- Training rows: {m['data']['train_file'] or m['data']['dataset']}"
               f" (max {m['data']['max_train_samples'] or 'all'} rows)",
               f"- Evaluation rows: {m['data']['eval_file'] or m['data']['eval_split']}", "",
@@ -229,13 +279,14 @@ def model_card(m: dict) -> str:
               "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
               "model = AutoModelForSequenceClassification.from_pretrained(\"<this folder>\")  # fp32",
               "tokenizer = AutoTokenizer.from_pretrained(\"<this folder>\")", "",
-              "from distill.export import load_served  # kdlab: the served artefact, as measured",
+              "from kdlab.distill.export import load_served  # the served artefact, as measured",
               "labels, probs = load_served(\"<this folder>\").predict_texts([\"a gripping film\"])", "```", "",
               "Batch predictions: `kdlab predict --model <this folder> --input FILE --output OUT.jsonl`."]
     if m.get("mlflow"):
         ml = m["mlflow"]
         lines += [f"MLflow: `mlflow.pyfunc.load_model(\"models:/{ml['model_name']}@{ml['alias']}\")` "
-                  f"(version {ml['version']})."]
+                  f"(version {ml['version']}); its `predict(texts)` returns a DataFrame with `label` and "
+                  f"{', '.join(f'`prob_{name}`' for name in m['labels'])}, the figures of `kdlab predict`."]
     lines += ["", "## Training configuration", "", "The resolved config is `training_config.yaml` in this folder; "
               "`manifest.json` lists every file with its sha256.", ""]
     return "\n".join(lines)
@@ -255,36 +306,36 @@ def teacher_choice(cfg: Config, recipe: str) -> Choice:
     return Choice("teacher", f"teacher {recipe}", recipe, teacher_folder(cfg), figures)
 
 
+def export_data(cfg: Config, choice: Choice):
+    """The dev set the export is checked and timed on, without an Accelerator (train/accel.py says why):
+    tokenized by the teacher's tokenizer, or by a model folder's own (`--model DIR`)."""
+    if choice.kind == "model":
+        return prepare_model(cfg, check_model_dir(cfg, choice.source))
+    if cfg.task.type == "seq2seq":
+        return prepare_seq2seq(cfg)
+    return prepare(cfg)
+
+
 def run_export(cfg: Config, trial: int | None = None, pick_text: str | None = None, out: str | None = None,
-               console=None, choice: Choice | None = None, force: bool = False, recipe: str | None = None) -> dict:
+               console=None, choice: Choice | None = None, force: bool = False, recipe: str | None = None,
+               model: str | None = None) -> dict:
     """Choose (or take `choice`), build, check and describe the export; returns its manifest.
 
+    `model`: a trained model folder to export (`--model DIR`, with `recipe` its gate measured, or none).
     An existing export folder is replaced only with `force` (and only once the new one is complete).
     """
-    import torch
-    from accelerate import Accelerator
-    from transformers import AutoModelForSequenceClassification
-
-    from kdlab.distill.quantize import apply_recipe
-    from kdlab.eval.latency import clamp_threads, machine_info, versions
-    from kdlab.search.capacity import measure_latencies
-    from kdlab.search.gate import dev_quality
-    from kdlab.train.data import make_loader
-    from kdlab.train.pipeline import prepare
-
-    choice = choice or choose(cfg, trial, pick_text, recipe)
+    choice = choice or choose(cfg, trial, pick_text, recipe, model)
     dest = export_dir(cfg, out)
     if dest.exists() and not force:
         raise ConfigError(f"--out: {dest} exists; pass --force to replace it (the new export replaces it only once "
                           f"complete)")
     if cfg.task.type == "seq2seq":
-        from kdlab.search.seq2seq_export import run_seq2seq_export
         return run_seq2seq_export(cfg, choice, dest, console)
     say = console.print if console is not None else print
     say(f"export: {choice.label}, recipe {choice.recipe} -> {dest}")
     threads, _ = clamp_threads(cfg.target.threads)
     torch.set_num_threads(threads)
-    prep = prepare(cfg, Accelerator(cpu=True))
+    prep = export_data(cfg, choice)
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = dest.with_name(f".{dest.name}.staging-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
@@ -300,11 +351,16 @@ def run_export(cfg: Config, trial: int | None = None, pick_text: str | None = No
             "task": {"type": cfg.task.type, "metric": cfg.task.metric}, "labels": prep.data.label_names,
             "max_length": cfg.data.max_length, "text_column": cfg.data.text_column,
             "text_pair_column": cfg.data.text_pair_column, "served": served_entry(choice.recipe, cfg.target.device),
-            "teacher": {"source": cfg.teacher.source},
-            "data": {k: getattr(cfg.data, k) for k in ("train_file", "eval_file", "dataset", "eval_split",
-                                                       "max_train_samples")},
-            "choice": {"kind": choice.kind, "label": choice.label, "recipe": choice.recipe, "trial": choice.trial,
-                       "study": cfg.search.study_name or cfg.name, "source": str(choice.source),
+            # Paths as kdlab.eval.paths writes them: relative to the repository, <data>/..., <run>/...
+            "teacher": {"source": portable_path(cfg.teacher.source), "hub_id": hub_id(cfg.teacher.source)},
+            "data": {**{k: getattr(cfg.data, k) for k in ("dataset", "dataset_config", "eval_split",
+                                                          "max_train_samples")},
+                     **{k: portable_path(getattr(cfg.data, k)) for k in ("train_file", "eval_file")},
+                     "name": dataset_name(cfg.data.dataset, cfg.data.eval_file)},
+            "choice": {"kind": choice.kind, "label": portable_text(choice.label, run=cfg.run_dir),
+                       "recipe": choice.recipe, "trial": choice.trial,
+                       "study": cfg.search.study_name or cfg.name,
+                       "source": portable_path(choice.source, run=cfg.run_dir),
                        "mlflow_run_id": choice.mlflow_run_id, "architecture": choice.architecture,
                        "search_figures": choice.figures},
             "versions": versions(), "machine": machine_info(),
@@ -345,14 +401,11 @@ def run_export(cfg: Config, trial: int | None = None, pick_text: str | None = No
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    from kdlab.search.seq2seq_export import register
     return register(cfg, dest, manifest, model_card)
 
 
 def _capacity(cfg: Config, reports: dict) -> dict:
     """The capacity plan of the exported model alone, for its card, from its measured {batch: report}."""
-    from kdlab.search.capacity import ASSUMPTIONS, p50_p95, plan_one, slo_ms
-    from kdlab.search.study import study_targets
     slo = slo_ms(cfg, study_targets(cfg).get("p95_ms"))
     if slo is None:
         return {"note": "no SLO: set serving.p95_slo_ms (or target.p95_ms and run the search)"}
@@ -366,7 +419,6 @@ def _capacity(cfg: Config, reports: dict) -> dict:
 
 def _teacher_reference(cfg: Config) -> dict | None:
     """The fp32 teacher's quality and p95 on the target, as the gate measured them."""
-    from kdlab.search.gate_report import gate_references
     fp32, _ = gate_references(cfg.run_dir)
     return {"quality": _num(fp32["quality"]), "p95_ms": _num(fp32["p95_ms"]), "from": "gate"} if fp32 else None
 
@@ -385,7 +437,6 @@ def _front_position(cfg: Config, choice: Choice) -> str | None:
 
 def summary_line(manifest: dict, dest: Path) -> str:
     if manifest["task"]["type"] == "seq2seq":
-        from kdlab.search.seq2seq_export import seq2seq_summary_line
         return seq2seq_summary_line(manifest, dest)
     p, lat = manifest["parity"], manifest["latency"][0]
     reg = manifest.get("mlflow")

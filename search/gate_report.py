@@ -1,6 +1,7 @@
 """What the gate leaves behind: the rich table, report/gate.csv and gate.md, and its MLflow runs.
 
-Library module for search/gate.py; nothing to launch. Every table carries its conditions
+Library module for the gates (search/gate.py, seq2seq_gate.py, model_gate.py: `publish` writes all of
+it) and for the stages that read gate.csv back; nothing to launch. Every table carries its conditions
 (device, threads, batch, sequence length, timing budget, machine, versions): a latency without
 them is not a result.
 """
@@ -10,8 +11,11 @@ import csv
 import math
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
 
 from kdlab.distill.config import Config, save_config
+from kdlab.search.targets import GateResult
 from kdlab.train.tracking import mlflow_run
 
 CSV_FIELDS = ("recipe", "status", "reason", "candidate", "quality", "p50_ms", "p95_ms", "p99_ms", "mean_ms", "cv",
@@ -65,14 +69,12 @@ HEADERS = ["recipe", "quality", "p50 ms", "p95 ms", "cv", "throughput /s", "toke
 
 
 def print_table(result, console=None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     if console is None:
         console = Console(highlight=False)
         if not console.is_terminal:  # piped or captured: rich would squeeze the table into 80 columns
             console.width = 200
-    table = Table(title="gate: teacher × quantization recipes", caption=conditions_line(result), caption_justify="left")
+    table = Table(title=f"gate: {result.subject} × quantization recipes", caption=conditions_line(result),
+                  caption_justify="left")
     for i, header in enumerate(HEADERS):
         table.add_column(header, justify="left" if i in (0, len(HEADERS) - 1) else "right")
     for row in result.rows:
@@ -91,16 +93,17 @@ def _csv_row(row, conditions: dict) -> dict:
 
 
 def markdown(result) -> str:
-    lines = ["# Gate: teacher × quantization recipes", "", conditions_line(result), "", targets_line(result.targets), "",
+    lines = [f"# Gate: {result.subject} × quantization recipes", "", conditions_line(result), "",
+             targets_line(result.targets), "",
              "| " + " | ".join(HEADERS) + " |", "|" + "|".join("---" for _ in HEADERS) + "|"]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in _cells(row)) + " |" for row in result.rows]
     lines += ["", f"**{result.message}**", ""]
     return "\n".join(lines)
 
 
-def write_reports(cfg: Config, result) -> Path:
-    """runs/<name>/report/gate.csv, gate.md and the resolved config the gate ran with."""
-    out = cfg.run_dir / "report"
+def write_reports(cfg: Config, result, out: Path | None = None) -> Path:
+    """gate.csv, gate.md and the resolved config the gate ran with, in `out` (default runs/<name>/report)."""
+    out = out or cfg.run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "gate.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
@@ -111,13 +114,14 @@ def write_reports(cfg: Config, result) -> Path:
     return out
 
 
-def log_gate(cfg: Config, result) -> None:
-    """A parent MLflow run `gate` (verdict, targets, reference) with one nested child run per recipe."""
+def log_gate(cfg: Config, result, run_name: str = "gate", tags: dict | None = None) -> None:
+    """A parent MLflow run `run_name` (verdict, targets, reference) with one nested child run per recipe."""
     c = result.conditions
-    with mlflow_run(cfg, "gate", True, tags={"kdlab.gate": "PASS" if result.passed else "MISS"}) as tracker:
+    tags = {"kdlab.gate": "PASS" if result.passed else "MISS", **(tags or {})}
+    with mlflow_run(cfg, run_name, True, tags=tags) as tracker:
         if not tracker.active:
             return
-        import mlflow
+        import mlflow  # only for an active run: train/tracking.py says why mlflow loads lazily
 
         targets = {f"target_{k}": getattr(result.targets, k) for k in ("p95_ms", "min_quality", "max_size_mb")}
         tracker.log_metrics({k: v for k, v in targets.items() if v is not None})
@@ -140,12 +144,24 @@ def log_gate(cfg: Config, result) -> None:
             tracker.log_artifact(result.report_dir / "gate.md")
 
 
+def publish(cfg: Config, result: GateResult, accelerator=None, console=None, out_dir: Path | None = None,
+            run_name: str = "gate", tags: dict | None = None) -> GateResult:
+    """gate.csv / gate.md (in `out_dir`, default runs/<name>/report), the table on the console and the MLflow
+    runs (main process only; `accelerator` None: this is the only process)."""
+    if accelerator is None or accelerator.is_main_process:
+        result.report_dir = write_reports(cfg, result, out_dir)
+        print_table(result, console)
+        log_gate(cfg, result, run_name, tags)
+    return result
+
+
 # ---------------------------------------------------------------- reading the table back
 
 
-def gate_table(run_dir: Path) -> list[dict]:
-    """The measured rows of `run_dir`/report/gate.csv as written above ([] when the gate was not run)."""
-    path = Path(run_dir) / "report" / "gate.csv"
+def gate_table(run_dir: Path, path: Path | None = None) -> list[dict]:
+    """The measured rows of `run_dir`/report/gate.csv (or of `path`) as written above ([] when the gate was not
+    run)."""
+    path = Path(path) if path is not None else Path(run_dir) / "report" / "gate.csv"
     if not path.is_file():
         return []
     with open(path, newline="") as fh:

@@ -16,14 +16,17 @@ from pathlib import Path
 
 import optuna
 import torch
+from transformers import AutoModelForSequenceClassification
 
 from kdlab.distill.config import Config
 from kdlab.distill.quantize import apply_recipe
 from kdlab.distill.students import build_student, count_params
-from kdlab.search.gate import GateRow, Targets, dev_quality, measure_candidates
+from kdlab.search.gate import dev_quality
 from kdlab.search.space import Candidate, SearchSpace
 from kdlab.search.study_report import FIGURES
 from kdlab.search.study_tracking import StudyTracking
+from kdlab.search.targets import GateRow, Targets
+from kdlab.search.timing import measure_candidates
 from kdlab.train.data import make_loader
 from kdlab.train.loop import evaluate_classifier, fit
 from kdlab.train.pipeline import make_distill_loss
@@ -171,7 +174,6 @@ def _evaluate(trial, candidate: Candidate, ctx: Context, tracker):
 
     trial_dir = cfg.run_dir / "trials" / str(trial.number)
     result = _distil(candidate, ctx, student, trial_dir, tracker)
-    from transformers import AutoModelForSequenceClassification
     trained = AutoModelForSequenceClassification.from_pretrained(trial_dir, use_safetensors=True).eval()
     served = apply_recipe(candidate.recipe, trained, example_batch=ctx.quality_batches[0], device=cfg.target.device,
                           workdir=trial_dir / "served", allow_cpu_half=cfg.quantization.allow_cpu_bf16,

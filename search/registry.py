@@ -14,9 +14,10 @@ import kdlab
 import kdlab.distill
 import kdlab.eval
 from kdlab.distill.config import Config
+from kdlab.train.tracking import ensure_experiment
 
 # What loading the model needs, pinned to what exported it (STACK.md: never let MLflow infer them).
-RUNTIME = ("torch", "transformers", "tokenizers", "safetensors", "onnxruntime", "numpy", "pyyaml")
+RUNTIME = ("torch", "transformers", "tokenizers", "safetensors", "onnxruntime", "numpy", "pandas", "pyyaml")
 
 
 def pip_requirements() -> list[str]:
@@ -44,11 +45,31 @@ def code_package(where: Path) -> Path:
     return package
 
 
-def register_export(cfg: Config, folder: Path, manifest: dict) -> dict:
-    """Log `folder` as a pyfunc model (on the trial's run when there is one), register it, set the alias."""
-    import mlflow
+def pyfunc_signature(manifest: dict):
+    """Input: one string column, the texts. Output: `label` and one `prob_<label>` per label (the columns
+    distill/mlflow_model.py returns), or, for an export without labels (seq2seq), the generated text."""
+    # mlflow only when registering: kdlab export imports this module with tracking off too (train/tracking.py).
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+    labels = manifest.get("labels") or []
+    outputs = ([ColSpec("string", "label"), *(ColSpec("double", f"prob_{name}") for name in labels)] if labels
+               else [ColSpec("string")])
+    return ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema(outputs))
 
-    from kdlab.train.tracking import ensure_experiment
+
+def pyfunc_arguments(folder: Path, manifest: dict, package: Path) -> dict:
+    """What mlflow.pyfunc.log_model (or save_model) takes for export `folder`, with `package` from code_package."""
+    return {"python_model": str(package / "distill" / "mlflow_model.py"), "artifacts": {"export": str(folder)},
+            "code_paths": [str(package)], "pip_requirements": pip_requirements(),
+            "input_example": [manifest.get("example_input", "a gripping, funny film")],
+            "signature": pyfunc_signature(manifest)}
+
+
+def register_export(cfg: Config, folder: Path, manifest: dict) -> dict:
+    """Log `folder` as a pyfunc model (on the run that trained it when there is one: a trial's, or a distillation's
+    for `--model DIR`), register it, set the alias; that run is tagged with the export's folder and version."""
+    import mlflow  # lazy, as in pyfunc_signature
+
     ensure_experiment(cfg)
     name = cfg.export.model_name or cfg.name
     choice, lat = manifest["choice"], manifest["latency"][0]
@@ -62,14 +83,14 @@ def register_export(cfg: Config, folder: Path, manifest: dict) -> dict:
     kwargs = {"run_id": run_id} if run_id else {"run_name": "export"}
     with mlflow.start_run(**kwargs) as run, tempfile.TemporaryDirectory(prefix="kdlab-code-") as code:
         package = code_package(Path(code))
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(package / "distill" / "mlflow_model.py"), artifacts={"export": str(folder)},
-            code_paths=[str(package)], pip_requirements=pip_requirements(),
-            input_example=[manifest.get("example_input", "a gripping, funny film")], registered_model_name=name)
+        info = mlflow.pyfunc.log_model(name="model", registered_model_name=name,
+                                       **pyfunc_arguments(folder, manifest, package))
         mlflow.set_tags({"kdlab.export": str(folder), "kdlab.export_recipe": manifest["served"]["recipe"]})
     client = mlflow.MlflowClient()
     version = str(info.registered_model_version)
     client.set_registered_model_alias(name, cfg.export.alias, version)
+    # The run that produced the model (a trial's, a distillation's) says which registered version it became.
+    client.set_tag(run.info.run_id, "kdlab.export_version", f"{name}/{version}")
     tags = {"study": choice.get("study") or "", "trial": "" if choice.get("trial") is None else str(choice["trial"]),
             "quality": f"{manifest['measured']['quality']:.6f}", "p95_ms": f"{lat['p95_ms']:.4f}",
             "recipe": manifest["served"]["recipe"], "source": choice["label"]}

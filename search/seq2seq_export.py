@@ -18,15 +18,27 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
 from kdlab.distill.config import Config, ConfigError, save_config
 from kdlab.distill.export import (ExportError, load_served, move_into_place, seq2seq_served_entry, write_manifest,
                             write_model)
+from kdlab.distill.quantize import SEQ2SEQ_ONNX_REASON
+from kdlab.eval.latency import clamp_threads, machine_info, versions
+from kdlab.eval.paths import portable_path, portable_text
+from kdlab.search.card import card_metadata, dataset_name, hub_id
+from kdlab.search.registry import register_export
+from kdlab.search.seq2seq_gate import generation_batches
+from kdlab.search.targets import GateRow
+from kdlab.search.timing import measure_candidates, target_profile
+from kdlab.train.model_dir import check_model_dir, prepare_model
+from kdlab.train.seq2seq import generate_texts, generation_kwargs, load_seq2seq, prepare, score
+from kdlab.train.seq2seq_data import make_seq2seq_loader
 
 
 def register(cfg: Config, dest: Path, manifest: dict, card) -> dict:
     """Register the finished export in MLflow (when asked) and rewrite its card and manifest to say so."""
     if cfg.export.register and cfg.tracking.enabled:
-        from kdlab.search.registry import register_export
         manifest["mlflow"] = register_export(cfg, dest, manifest)
         (dest / "README.md").write_text(card(manifest))
         manifest = write_manifest(dest, manifest)
@@ -34,16 +46,6 @@ def register(cfg: Config, dest: Path, manifest: dict, card) -> dict:
 
 
 def run_seq2seq_export(cfg: Config, choice, dest: Path, console=None) -> dict:
-    import torch
-    from accelerate import Accelerator
-
-    from kdlab.distill.quantize import SEQ2SEQ_ONNX_REASON
-    from kdlab.eval.latency import clamp_threads, machine_info, versions
-    from kdlab.search.gate import GateRow, measure_candidates, target_profile
-    from kdlab.search.seq2seq_gate import generation_batches
-    from kdlab.train.seq2seq import generate_texts, generation_kwargs, load_seq2seq, prepare, score
-    from kdlab.train.seq2seq_data import make_seq2seq_loader
-
     if choice.recipe.startswith("onnx"):
         raise ConfigError(f"export: {choice.label} is served as {choice.recipe}, which seq2seq cannot export: "
                           f"{SEQ2SEQ_ONNX_REASON}")
@@ -51,7 +53,9 @@ def run_seq2seq_export(cfg: Config, choice, dest: Path, console=None) -> dict:
     say(f"export: {choice.label}, recipe {choice.recipe} -> {dest}")
     threads, _ = clamp_threads(cfg.target.threads)
     torch.set_num_threads(threads)
-    prep = prepare(cfg, Accelerator(cpu=True))
+    # What search/export.py's export_data does for seq2seq (export.py imports this module, not the other way):
+    # the dev set without an Accelerator; a model folder (--model DIR) brings its own tokenizer.
+    prep = prepare_model(cfg, check_model_dir(cfg, choice.source)) if choice.kind == "model" else prepare(cfg)
     gen = generation_kwargs(cfg)
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = dest.with_name(f".{dest.name}.staging-{os.getpid()}")
@@ -66,12 +70,19 @@ def run_seq2seq_export(cfg: Config, choice, dest: Path, console=None) -> dict:
             "max_length": cfg.data.max_length, "source_prefix": cfg.data.source_prefix, "generation": gen,
             "text_column": cfg.data.source_column, "text_pair_column": None,
             "lowercase_scoring": prep.lowercase, "example_input": prep.data.eval[0]["source"],
-            "served": seq2seq_served_entry(choice.recipe, cfg.target.device), "teacher": {"source": cfg.teacher.source},
+            "served": seq2seq_served_entry(choice.recipe, cfg.target.device),
+            # Paths as kdlab.eval.paths writes them: relative to the repository, <data>/..., <run>/...
+            "teacher": {"source": portable_path(cfg.teacher.source), "hub_id": hub_id(cfg.teacher.source)},
             "onnx": f"not exported: {SEQ2SEQ_ONNX_REASON}",
-            "data": {k: getattr(cfg.data, k) for k in ("train_file", "train_target_file", "eval_file",
-                                                       "eval_target_file", "dataset", "max_train_samples")},
-            "choice": {"kind": choice.kind, "label": choice.label, "recipe": choice.recipe, "trial": choice.trial,
-                       "study": cfg.search.study_name or cfg.name, "source": str(choice.source),
+            "data": {**{k: getattr(cfg.data, k) for k in ("dataset", "dataset_config", "eval_split",
+                                                          "max_train_samples")},
+                     **{k: portable_path(getattr(cfg.data, k)) for k in ("train_file", "train_target_file",
+                                                                         "eval_file", "eval_target_file")},
+                     "name": dataset_name(cfg.data.dataset, cfg.data.eval_file)},
+            "choice": {"kind": choice.kind, "label": portable_text(choice.label, run=cfg.run_dir),
+                       "recipe": choice.recipe, "trial": choice.trial,
+                       "study": cfg.search.study_name or cfg.name,
+                       "source": portable_path(choice.source, run=cfg.run_dir),
                        "mlflow_run_id": choice.mlflow_run_id, "search_figures": choice.figures},
             "versions": versions(), "machine": machine_info(),
         }
@@ -123,9 +134,10 @@ def run_seq2seq_export(cfg: Config, choice, dest: Path, console=None) -> dict:
 
 
 def seq2seq_card(m: dict) -> str:
+    """README.md of a seq2seq export, from its manifest, opening with its Hugging Face metadata (search/card.py)."""
     c, p, metric = m["choice"], m["parity"], m["task"]["metric"]
     g, cond = m["generation"], m["conditions"]
-    lines = [f"# {m['name']}: {c['label']} ({c['recipe']})", "",
+    lines = [card_metadata(m, "text2text-generation"), f"# {m['name']}: {c['label']} ({c['recipe']})", "",
              f"Seq2seq model exported by kdlab from {c['kind']} `{c['source']}` (teacher `{m['teacher']['source']}`).", "",
              "## Measured", "",
              f"- Dev {metric} of the served artefact: {p['served_quality']:.2f} (fp32 weights: "
@@ -142,7 +154,7 @@ def seq2seq_card(m: dict) -> str:
     lines += ["", "## Loading", "", "```python", "from transformers import AutoModelForSeq2SeqLM, AutoTokenizer",
               "model = AutoModelForSeq2SeqLM.from_pretrained(\"<this folder>\")  # fp32",
               "tokenizer = AutoTokenizer.from_pretrained(\"<this folder>\")", "",
-              "from distill.export import load_served  # kdlab: the served artefact, as measured",
+              "from kdlab.distill.export import load_served  # the served artefact, as measured",
               f"load_served(\"<this folder>\").generate_texts([{m['example_input']!r}])", "```", "",
               f"Serving recipe `{c['recipe']}`: {m['served']['how']}. ONNX: {m['onnx']}."]
     if m.get("mlflow"):

@@ -9,16 +9,14 @@ own outputs on the dev set. ONNX recipes are reported as skipped with the reason
 """
 from __future__ import annotations
 
-import sys
-
 from accelerate.utils import set_seed
 
 from kdlab.distill.config import Config
 from kdlab.distill.quantize import RecipeUnavailable, apply_generation_recipe
-from kdlab.eval.latency import clamp_threads, machine_info, matmul_peak_gflops, versions
-from kdlab.search.gate import (GateResult, GateRow, check_device, is_relative, judge,
-                         measure_candidates, publish, target_gaps, target_profile,
-                         timing_batches)
+from kdlab.eval.latency import machine_info, matmul_peak_gflops, versions
+from kdlab.search.gate_report import publish
+from kdlab.search.targets import GateResult, GateRow, judge, ladder, target_gaps
+from kdlab.search.timing import check_device, measure_candidates, target_profile, target_threads, timing_batches
 from kdlab.train.seq2seq import Prepared, ensure_seq2seq_teacher, generate_texts, generation_kwargs, prepare, score
 from kdlab.train.seq2seq_data import make_seq2seq_loader
 
@@ -65,36 +63,43 @@ def fill_tokens_per_s(candidates: list, batch_size: int) -> None:
             row.tokens_per_s = served.tokens_per_row * batch_size / (row.p50_ms / 1e3)
 
 
-def run_seq2seq_gate(cfg: Config, accelerator, console=None) -> GateResult:
-    """Measure the seq2seq teacher under every recipe on cfg.target; write the report and MLflow runs."""
-    check_device(cfg.target)
-    set_seed(cfg.train.seed)
-    threads, warning = clamp_threads(cfg.target.threads)
-    if warning:
-        print(f"kdlab: warning: target.threads: {warning}", file=sys.stderr)
-    prep = prepare(cfg, accelerator)
-    teacher, teacher_dev = ensure_seq2seq_teacher(cfg, accelerator, prep)
-    teacher = teacher.to("cpu").eval()
+def measure_generator(cfg: Config, model, prep: Prepared, threads: int, recipes: list[str],
+                      reference_only: tuple = ()) -> tuple[list[GateRow], dict]:
+    """`model` (on the CPU, eval mode) under each recipe: dev quality of each artefact's own outputs, then whole
+    `generate` calls timed on cfg.target. Returns the rows and the measurement's conditions."""
     batches, lengths = generation_batches(prep, cfg.target.batch_size, seed=cfg.train.seed)
-    recipes = list(cfg.quantization.recipes)
-    reference_only = ()
-    if is_relative(cfg.target) and "fp32" not in recipes:
-        recipes, reference_only = ["fp32", *recipes], ("fp32",)
-    candidates = build_generators(teacher, recipes, prep=prep, cfg=cfg, example_batch=batches[0], threads=threads,
+    candidates = build_generators(model, recipes, prep=prep, cfg=cfg, example_batch=batches[0], threads=threads,
                                   reference_only=reference_only)
     profile = target_profile(cfg.target, threads, lengths["seq_len_median"])
     peak = matmul_peak_gflops(cfg.target.device, threads)
     rows = measure_candidates(candidates, batches, profile)
     fill_tokens_per_s(candidates, cfg.target.batch_size)
-    targets, passed, message = judge(rows, cfg)
     conditions = {
         "device": cfg.target.device, "threads": threads, "threads_requested": cfg.target.threads,
         "batch_size": cfg.target.batch_size, "seq_len": "data", **lengths,
         "warmup_iters": cfg.target.warmup_iters, "min_iters": cfg.target.min_iters,
         "min_seconds": cfg.target.min_seconds, "repeats": cfg.target.repeats, "max_cv": cfg.target.max_cv,
         "metric": cfg.task.metric, "dev_rows": len(prep.eval_ds), "teacher": cfg.teacher.source,
-        "teacher_dev": teacher_dev, "generation": generation_kwargs(cfg), "lowercase_scoring": prep.lowercase,
+        "generation": generation_kwargs(cfg), "lowercase_scoring": prep.lowercase,
         "matmul_peak_gflops": peak, "machine": machine_info(), "versions": versions(),
     }
+    return rows, conditions
+
+
+def run_seq2seq_gate(cfg: Config, accelerator=None, console=None) -> GateResult:
+    """Measure the seq2seq teacher under every recipe on cfg.target; write the report and MLflow runs.
+
+    With `accelerator` None a training accelerator is built only when the teacher must be fine-tuned first.
+    """
+    check_device(cfg.target)
+    set_seed(cfg.train.seed)
+    threads = target_threads(cfg.target)
+    prep = prepare(cfg, accelerator)
+    teacher, teacher_dev = ensure_seq2seq_teacher(cfg, accelerator, prep)
+    teacher = teacher.to("cpu").eval()
+    recipes, reference_only = ladder(cfg)
+    rows, conditions = measure_generator(cfg, teacher, prep, threads, recipes, reference_only)
+    conditions["teacher_dev"] = teacher_dev
+    targets, passed, message = judge(rows, cfg)
     return publish(cfg, GateResult(rows, targets, conditions, passed, target_gaps(rows, targets), message),
                    accelerator, console)

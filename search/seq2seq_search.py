@@ -20,10 +20,11 @@ from kdlab.distill.config import Config, ConfigError, Range, search_ranges, sear
 from kdlab.distill.quantize import apply_generation_recipe
 from kdlab.distill.seq2seq import build_seq2seq_student, layer_depths, model_width
 from kdlab.distill.students import count_params
-from kdlab.search.gate import GateRow, Targets, measure_candidates, target_profile
 from kdlab.search.objective import Context, record_screened, record_trained, run_trial, screened_out
-from kdlab.search.space import _ask, _snap
 from kdlab.search.seq2seq_gate import build_generators, generation_batches
+from kdlab.search.space import draw, nearest
+from kdlab.search.targets import GateRow, Targets
+from kdlab.search.timing import measure_candidates, target_profile
 from kdlab.train.loop import fit
 from kdlab.train.seq2seq import (configure_generation, ensure_seq2seq_teacher, evaluate_seq2seq, generate_texts,
                            generation_kwargs, load_seq2seq, make_seq2seq_loss, prepare, score)
@@ -80,11 +81,11 @@ class Seq2SeqSpace:
         return cls(cfg, teacher_config)
 
     def suggest(self, trial) -> Seq2SeqCandidate:
-        return Seq2SeqCandidate(int(_ask(trial, "encoder_layers", self.encoder)),
-                                int(_ask(trial, "decoder_layers", self.decoder)), _ask(trial, "recipe", self.recipes),
-                                float(_ask(trial, "learning_rate", self.learning_rate)),
-                                float(_ask(trial, "temperature", self.temperature)),
-                                float(_ask(trial, "alpha", self.alpha)), self.width)
+        return Seq2SeqCandidate(int(draw(trial, "encoder_layers", self.encoder)),
+                                int(draw(trial, "decoder_layers", self.decoder)), draw(trial, "recipe", self.recipes),
+                                float(draw(trial, "learning_rate", self.learning_rate)),
+                                float(draw(trial, "temperature", self.temperature)),
+                                float(draw(trial, "alpha", self.alpha)), self.width)
 
     def params_of(self, c: Seq2SeqCandidate) -> dict:
         return {"encoder_layers": c.encoder_layers, "decoder_layers": c.decoder_layers, "recipe": c.recipe,
@@ -94,7 +95,7 @@ class Seq2SeqSpace:
         """The deepest encoder with 1, 2, ... decoder layers: decoding steps dominate generation time."""
         recipe = next((r for r in ("dynamic-int8", "fp16", "fp32") if r in self.recipes.choices),
                       self.recipes.choices[0])
-        lr, temperature, alpha = (float(_snap(r, v)) for r, v in
+        lr, temperature, alpha = (float(nearest(r, v)) for r, v in
                                   zip((self.learning_rate, self.temperature, self.alpha), self.defaults))
         encoder = max(self.encoder.values())
         out = []

@@ -66,7 +66,7 @@ class TeacherShape:
         return cls(config.num_hidden_layers, config.hidden_size, config.num_attention_heads, config.intermediate_size)
 
 
-def _ask(trial, name: str, rng: Range):
+def draw(trial, name: str, rng: Range):
     """One value of `rng` from the trial; a single choice is a constant, not an Optuna parameter."""
     if rng.choices is not None:
         return rng.choices[0] if len(rng.choices) == 1 else trial.suggest_categorical(name, list(rng.choices))
@@ -75,7 +75,7 @@ def _ask(trial, name: str, rng: Range):
     return trial.suggest_float(name, rng.low, rng.high, log=rng.log)
 
 
-def _snap(rng: Range, value):
+def nearest(rng: Range, value):
     """The value of `rng` nearest to `value` (the lower one on a tie)."""
     if rng.choices is not None:
         return min(rng.choices, key=lambda v: (abs(v - value), v))
@@ -172,19 +172,19 @@ class SearchSpace:
 
     def suggest(self, trial) -> Candidate:
         """Draw one candidate; every parameter name keeps one distribution for the whole study."""
-        layers = _ask(trial, "num_layers", self.layers)
-        hidden = _ask(trial, "hidden_size", self.hidden)
-        heads = _ask(trial, f"num_heads_h{hidden}", Range(choices=tuple(self.heads_for[hidden])))
-        ffn = _ask(trial, "intermediate_size", self.ffn) if self.ffn else self.ffn_of(hidden)[0]
+        layers = draw(trial, "num_layers", self.layers)
+        hidden = draw(trial, "hidden_size", self.hidden)
+        heads = draw(trial, f"num_heads_h{hidden}", Range(choices=tuple(self.heads_for[hidden])))
+        ffn = draw(trial, "intermediate_size", self.ffn) if self.ffn else self.ffn_of(hidden)[0]
         from_teacher = self.teacher_init(layers, hidden, heads, ffn)
         if from_teacher and self.random_ok:
             kind = trial.suggest_categorical("init", ["teacher", "random"])
             init = from_teacher if kind == "teacher" else "random"
         else:
             init = from_teacher or "random"
-        return Candidate(layers, hidden, heads, ffn, init, _ask(trial, "recipe", self.recipes),
-                         float(_ask(trial, "learning_rate", self.learning_rate)),
-                         float(_ask(trial, "temperature", self.temperature)), float(_ask(trial, "alpha", self.alpha)))
+        return Candidate(layers, hidden, heads, ffn, init, draw(trial, "recipe", self.recipes),
+                         float(draw(trial, "learning_rate", self.learning_rate)),
+                         float(draw(trial, "temperature", self.temperature)), float(draw(trial, "alpha", self.alpha)))
 
     def params_of(self, c: Candidate) -> dict:
         """The Optuna parameters that make `suggest` return `c` (for `study.enqueue_trial`)."""
@@ -203,17 +203,17 @@ class SearchSpace:
         servable; a third and two thirds bracket it. They give the sampler known-good points first.
         """
         t = self.teacher
-        hidden = _snap(self.hidden, t.hidden_size)
+        hidden = nearest(self.hidden, t.hidden_size)
         heads = min(self.heads_for[hidden], key=lambda h: (abs(h - t.num_heads), h))
         ratio_ffn = t.intermediate_size * hidden // t.hidden_size
-        ffn = _snap(self.ffn, ratio_ffn) if self.ffn else ratio_ffn
-        lr, temperature, alpha = (float(_snap(r, v)) for r, v in
+        ffn = nearest(self.ffn, ratio_ffn) if self.ffn else ratio_ffn
+        lr, temperature, alpha = (float(nearest(r, v)) for r, v in
                                   zip((self.learning_rate, self.temperature, self.alpha), self.defaults))
         preferred = [r for r in SEED_RECIPES if r in self.recipes.choices and not (device == "cuda" and r == "fp32")]
         recipe = (preferred or list(self.recipes.choices))[0]
         out = []
         for fraction in SEED_LAYER_FRACTIONS:
-            layers = _snap(self.layers, max(1, round(t.num_layers * fraction)))
+            layers = nearest(self.layers, max(1, round(t.num_layers * fraction)))
             init = self.teacher_init(layers, hidden, heads, ffn) or "random"
             c = Candidate(layers, hidden, heads, ffn, init, recipe, lr, temperature, alpha)
             if c not in out:

@@ -56,17 +56,21 @@ from accelerate.utils import set_seed
 
 from kdlab.distill.config import Config, ConfigError, redact
 from kdlab.eval.latency import clamp_threads, machine_info, versions
-from kdlab.search.gate import (EXIT_MISS, EXIT_PASS, Targets, build_candidates, check_device, is_relative,
-                         measure_candidates, resolve_targets, target_profile, timing_batches)
+from kdlab.search import seq2seq_search
+from kdlab.search.gate import build_candidates
+from kdlab.search.gate_report import gate_references
 from kdlab.search.objective import Context, objective, one_line
 from kdlab.search.space import SearchSpace
 from kdlab.search.study_report import arch_text, print_front, trial_rows, write_report
 from kdlab.search.study_tracking import StudyTracking
+from kdlab.search.targets import EXIT_MISS, EXIT_PASS, Targets, is_relative, resolve_targets
+from kdlab.search.timing import check_device, measure_candidates, target_profile, timing_batches
 from kdlab.train.data import make_loader
 from kdlab.train.pipeline import cached_teacher_logits, prepare
 from kdlab.train.teacher import ensure_teacher, load_teacher_config
 
 DIRECTIONS = ["maximize", "minimize"]  # quality, p95_ms
+METRIC_NAMES = ["quality", "p95_ms"]  # the objectives by name, as optuna-dashboard and plots label them
 STARTUP_TRIALS = 6  # seeds + a few random draws before TPE models the trials (Optuna's 10 is a whole small budget)
 NSGA2_POPULATION = 10  # a generation a 10-50 trial budget can complete several times
 TARGET_KEYS = ("p95_ms", "min_quality", "max_size_mb")
@@ -142,7 +146,7 @@ class _DeadTrial:
         why = f"worker died: no heartbeat for {2 * self.cfg.search.heartbeat_s} s"
         if run_id and self.cfg.tracking.enabled:
             try:
-                from mlflow.tracking import MlflowClient
+                from mlflow.tracking import MlflowClient  # tracking is on here (train/tracking.py: why lazily)
                 client = MlflowClient(self.cfg.tracking.uri)
                 client.set_tag(run_id, "state", "FAIL")
                 client.set_tag(run_id, "error", why)
@@ -284,7 +288,6 @@ def outcome(rows: list[dict], targets: dict, study_name: str, report_dir: Path) 
 
 def _gate_references(cfg: Config) -> list[dict]:
     """The fp32 teacher and its best quantized form from the gate's table, when the gate was run."""
-    from kdlab.search.gate_report import gate_references
     fp32, best = gate_references(cfg.run_dir)
     refs = []
     if fp32:
@@ -311,7 +314,6 @@ def _setup(cfg: Config, accelerator, space: SearchSpace, console) -> Context:
     if warning:
         print(f"kdlab: warning: target.threads: {warning}", file=sys.stderr)
     if cfg.task.type == "seq2seq":
-        from kdlab.search import seq2seq_search
         tracking = StudyTracking(cfg)
         tracking.ensure_experiment()
         return seq2seq_search.setup(cfg, accelerator, space, console, tracking, threads)
@@ -349,8 +351,7 @@ def _resolve_targets(ctx: Context, study: optuna.Study) -> None:
         return
     cfg, reference = ctx.cfg, None
     if is_relative(cfg.target) and cfg.task.type == "seq2seq":
-        from kdlab.search.seq2seq_search import reference as seq2seq_reference
-        reference = seq2seq_reference(ctx)
+        reference = seq2seq_search.reference(ctx)
         if reference.status == "ok":
             study.set_user_attr("reference", {"p95_ms": reference.p95_ms, "quality": reference.quality,
                                               "size_mb": reference.size_mb})
@@ -375,9 +376,8 @@ def run_search(cfg: Config, accelerator, n_trials: int | None = None, timeout_s:
     """Run (or resume) the study; write the report and MLflow runs; return the front and the verdict."""
     check_device(cfg.target)
     if cfg.task.type == "seq2seq":
-        from kdlab.search.seq2seq_search import Seq2SeqSpace, objective as seq2seq_objective
-        space = Seq2SeqSpace.from_config(cfg, load_teacher_config(cfg))
-        trial_objective = seq2seq_objective
+        space = seq2seq_search.Seq2SeqSpace.from_config(cfg, load_teacher_config(cfg))
+        trial_objective = seq2seq_search.objective
     else:
         space = SearchSpace.from_config(cfg, load_teacher_config(cfg))  # space errors before any work starts
         trial_objective = objective
@@ -408,6 +408,8 @@ def run_search(cfg: Config, accelerator, n_trials: int | None = None, timeout_s:
     study.set_user_attr("fingerprint", fingerprint)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        if study.metric_names != METRIC_NAMES:  # also names a study created before kdlab named them
+            study.set_metric_names(METRIC_NAMES)
         optuna.storages.fail_stale_trials(study)  # trials of dead workers: FAIL, MLflow FAILED, retried
     _resolve_targets(ctx, study)
     if created_study:  # not `if not study.trials`: workers started together would each enqueue the seeds

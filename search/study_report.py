@@ -10,6 +10,13 @@ import csv
 import math
 from pathlib import Path
 
+import plotly.graph_objects as go
+# matplotlib's Figure itself, not pyplot: writing a PNG needs no backend chosen for the whole process (a
+# notebook's stays as it is) and no pyplot figure to close.
+from matplotlib.figure import Figure
+from rich.console import Console
+from rich.table import Table
+
 from kdlab.search.pareto import Point, front_steps, pareto_front
 
 ROW_FIELDS = ("trial", "state", "feasible", "screened_out", "is_pareto", "quality", "p50_ms", "p95_ms", "p99_ms",
@@ -97,13 +104,10 @@ def _front_line(rows: list[dict]) -> list[tuple[float, float]]:
 
 def plot_png(rows: list[dict], path: Path, meta: dict) -> None:
     """Matplotlib: all measured trials, feasible highlighted, the front as a step line, references, budgets."""
-    import matplotlib
-    matplotlib.use("Agg")  # no display here, and none needed to write a file
-    import matplotlib.pyplot as plt
-
     feasible, infeasible, screened = _groups(rows)
     targets, metric = meta["targets"], meta["metric"]
-    fig, ax = plt.subplots(figsize=(9, 6), dpi=110)
+    fig = Figure(figsize=(9, 6), dpi=110)
+    ax = fig.subplots()
     if infeasible:
         ax.scatter([r["p95_ms"] for r in infeasible], [r["quality"] for r in infeasible], marker="x", color="0.55",
                    label="trained, infeasible (misses a target)")
@@ -147,7 +151,6 @@ def plot_png(rows: list[dict], path: Path, meta: dict) -> None:
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def _hover(row: dict) -> str:
@@ -159,8 +162,6 @@ def _hover(row: dict) -> str:
 
 def plot_html(rows: list[dict], path: Path, meta: dict) -> None:
     """Plotly, self-contained (plotly.js embedded: no CDN is reachable offline); hover names the architecture."""
-    import plotly.graph_objects as go
-
     feasible, infeasible, screened = _groups(rows)
     targets = meta["targets"]
     fig = go.Figure()
@@ -209,9 +210,6 @@ def _num(value, fmt: str) -> str:
 
 def print_front(rows: list[dict], meta: dict, console=None) -> None:
     """The front as a rich table (all trials when none is feasible), with conditions and targets below."""
-    from rich.console import Console
-    from rich.table import Table
-
     if console is None:
         console = Console(highlight=False)
         if not console.is_terminal:  # piped or captured: rich would squeeze the table into 80 columns

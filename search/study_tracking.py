@@ -6,7 +6,8 @@ parent gets pareto.png / .html / .csv and summary metrics, and each child's `sta
 `screened_out`, `is_pareto` tags are brought up to date (a later trial can push one off the front).
 
 (optuna_integration's MLflowCallback logs no parent run, feasibility or front membership and is
-deprecated in Optuna 5, so this is our own.)
+deprecated in Optuna 5, so this is our own.) mlflow is imported inside the methods, after the
+`enabled` check, as in train/tracking.py: a search with tracking.enabled=false never loads it.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ class StudyTracking:
         if not self.enabled:
             yield Tracker(False)
             return
-        import mlflow
+        import mlflow  # lazy: see the module docstring
         from mlflow.exceptions import MlflowException
         self.ensure_experiment()
         run_id = study.user_attrs.get(PARENT_ATTR)
@@ -87,7 +88,7 @@ class StudyTracking:
         Only running parents count: a finished one belongs to an earlier study of the same name (its
         optuna.db deleted). Start times come from each worker's clock: machines must keep time (NTP).
         """
-        import mlflow
+        import mlflow  # lazy: see the module docstring (called only with tracking enabled)
         name = study_name.replace("'", "\\'")
         runs = mlflow.MlflowClient().search_runs(
             [info.experiment_id], filter_string=f"tags.`optuna.study` = '{name}' and tags.`kdlab.stage` = 'search' "
@@ -101,7 +102,7 @@ class StudyTracking:
         if not self.enabled:
             yield Tracker(False)
             return
-        import mlflow
+        import mlflow  # lazy: see the module docstring
         with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True) as run:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             tracker = Tracker(True)
@@ -116,7 +117,7 @@ class StudyTracking:
         """Bring every child's tags up to date, and put the report files and summary on the parent."""
         if not self.enabled or self.parent_run_id is None:
             return
-        from mlflow.entities import Metric, RunTag
+        from mlflow.entities import Metric, RunTag  # lazy: see the module docstring
         from mlflow.tracking import MlflowClient
         client = MlflowClient(self.cfg.tracking.uri)
         for row in rows:

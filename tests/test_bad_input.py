@@ -109,6 +109,27 @@ def _export(tmp: Path, teacher: str) -> Path:
     return build_export(tmp / "export", AutoTokenizer.from_pretrained(teacher), "dynamic-int8")
 
 
+def _classifier(tmp: Path, teacher: str, labels: tuple = ("0", "1")) -> str:
+    """A sequence-classifier folder (random weights) with `labels`, saved with the teacher's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, num_labels=len(labels),
+                        id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
+    BertForSequenceClassification(config).save_pretrained(tmp / "model")
+    tokenizer.save_pretrained(tmp / "model")
+    return str(tmp / "model")
+
+
+def _t5(tmp: Path) -> str:
+    """A seq2seq (T5) folder with random weights and its own small tokenizer."""
+    from kdlab.scripts.build_t5 import build_t5
+    lines = (DATA / "multi30k" / "train.en").read_text(encoding="utf-8").splitlines()[:200]
+    return str(build_t5(tmp / "model", lines, vocab_size=120, d_model=16, layers=1, heads=2))
+
+
 class Case(NamedTuple):
     id: str
     what: str                                 # what was wrong, in the user's words (the page's second column)
@@ -191,6 +212,25 @@ GROUPS: dict[str, list[Case]] = {
              lambda t, T: ["export", "--config", str(_config(t, T)), "--trial", "1", "--pick", "max quality"]),
         Case("export-bad-agreement", "a label-agreement bound above 1",
              lambda t, T: ["export", "--config", str(_config(t, T)), "export.min_label_agreement=1.5"]),
+    ],
+    "Trained model (--model)": [
+        Case("model-not-a-model", "a --model folder that holds no model",
+             lambda t, T: ["gate", "--config", str(_config(t, T)), "--model", str(SST2)]),
+        Case("model-no-head", "a --model encoder without a classification head",
+             lambda t, T: ["gate", "--config", str(_config(t, T)), "--model", T]),
+        Case("model-seq2seq-for-classification", "a seq2seq --model under a classification config",
+             lambda t, T: ["gate", "--config", str(_config(t, T)), "--model", _t5(t)]),
+        Case("model-classifier-for-seq2seq", "a classifier --model under a seq2seq config",
+             lambda t, T: ["gate", "--config", str(_seq2seq(t, T)), "--model", _classifier(t, T)]),
+        Case("model-other-labels", "a --model classifier whose labels are not the data's",
+             lambda t, T: ["gate", "--config", str(_config(t, T)), "--model",
+                           _classifier(t, T, labels=("negative", "positive"))]),
+        Case("model-no-teacher-gate", "a relative target for a --model before the teacher's gate ran",
+             lambda t, T: ["gate", "--config", str(_config(t, T)), "--model", _classifier(t, T),
+                           "target.p95_ms=teacher*0.5"]),
+        Case("model-recipe-not-measured", "export --model --recipe R of a recipe its gate did not measure",
+             lambda t, T: ["export", "--config", str(_config(t, T)), "--model", _classifier(t, T),
+                           "--recipe", "dynamic-int8"]),
     ],
     "Predict": [
         Case("predict-not-export", "a model folder that is not an export",
@@ -343,8 +383,8 @@ def _header() -> str:
 Each case below exits with code 2 and prints exactly the one line shown on stderr: nothing on stdout, no traceback,
 and nothing written (no run folder, export, MLflow store or partial prediction output). Paths are placeholders:
 `<tmp>` is the case's temporary folder (with its inputs: `c.yaml`, `train.tsv`, `dev.tsv`, `x.tsv`, `s.de`/`s.en`,
-`teacher/`, `export/`), `<teacher>` a tiny local BERT teacher folder, `<data>` the shared data folder, `<repo>` the
-checkout.
+`teacher/`, `export/`, `model/`), `<teacher>` a tiny local BERT teacher folder, `<data>` the shared data folder,
+`<repo>` the checkout.
 
 Cases that check only after work with a progress bar draw the bar first:
 {bars}.

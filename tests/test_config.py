@@ -1,4 +1,7 @@
 """Config loading, overrides and one-line validation errors."""
+import subprocess
+import sys
+
 import pytest
 import yaml
 
@@ -70,3 +73,17 @@ def test_training_and_seq2seq_keys_defaults_and_ranges(tmp_path):
         load_config(write(tmp_path, BASE), ["train.grad_accum_steps=0"])
     with pytest.raises(ConfigError, match=r"teacher\.encoder_decoder: expected true or false, got 'yes please'"):
         load_config(write(tmp_path, BASE), ["teacher.encoder_decoder=yes please"])
+
+
+def test_the_config_ladder_is_the_registered_recipes_and_loading_needs_no_torch(tmp_path):
+    """distill/config.py names the recipes itself (RECIPE_LADDER) so that checking a config does not import torch;
+    the names and their order must be those distill/quantize.py registers."""
+    from kdlab.distill.config import RECIPE_LADDER
+    from kdlab.distill.quantize import RECIPES
+    assert RECIPE_LADDER == RECIPES
+    p = write(tmp_path, BASE)
+    code = ("import sys; from kdlab.distill.config import load_config; "
+            f"cfg = load_config({str(p)!r}); print(cfg.quantization.recipes); "
+            "print(sorted(m for m in ('torch', 'kdlab.distill.quantize', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out == [str(list(RECIPES)), "[]"]

@@ -27,7 +27,7 @@ from transformers import AutoModelForSequenceClassification
 from conftest import ROOT, tiny_run_tree, write_config
 from test_distill_entry import ACCELERATE, SCRIPT, launch, mlflow_runs, pause_env, wait_for_pause
 
-from kdlab.train.loop import STATE_MARKER, _latest_state, _pause, _pause_point, _torn, atomic_dir
+from kdlab.train.loop import STATE_MARKER, atomic_dir, latest_state, pause_point, wait_at_pause, why_torn
 
 KDLAB = str(Path(ACCELERATE).parent / "kdlab")
 
@@ -52,10 +52,10 @@ def test_torn_states_are_skipped_for_the_newest_complete_one(tmp_path):
     _fake_state(root, 16, {"model.safetensors": b"a" * 100}, marker=False)  # killed before its marker
     (root / ".step_20.tmp").mkdir()  # killed mid-save: never a state
     said = []
-    assert _latest_state(root, said.append) == good
+    assert latest_state(root, said.append) == good
     assert "no kdlab_state.json" in said[0] and "step_16" in said[0]
     assert "optimizer.bin has 10 bytes, not the 50 written" in said[1]
-    assert _torn(good) is None
+    assert why_torn(good) is None
 
 
 def test_atomic_dir_keeps_the_old_folder_when_writing_fails(tmp_path):
@@ -73,23 +73,23 @@ def test_atomic_dir_keeps_the_old_folder_when_writing_fails(tmp_path):
 def test_pause_hook_stops_only_the_named_stage_and_waits_for_its_release_file(tmp_path, monkeypatch):
     release = tmp_path / "release"
     monkeypatch.delenv("KDLAB_PAUSE_AFTER_STEP", raising=False)
-    assert _pause_point("distill") is None  # unset: no pause, whatever KDLAB_PAUSE_FILE says
+    assert pause_point("distill") is None  # unset: no pause, whatever KDLAB_PAUSE_FILE says
     monkeypatch.setenv("KDLAB_PAUSE_AFTER_STEP", "distill:40")
     monkeypatch.setenv("KDLAB_PAUSE_FILE", str(release))
-    assert _pause_point("distill") == (40, release)
-    assert _pause_point("teacher") is None
+    assert pause_point("distill") == (40, release)
+    assert pause_point("teacher") is None
     for bad in ("40", "distill:", "distill:0", "distill:x"):
         monkeypatch.setenv("KDLAB_PAUSE_AFTER_STEP", bad)
         with pytest.raises(ValueError, match="needs the form STAGE:N"):
-            _pause_point("distill")
+            pause_point("distill")
     monkeypatch.setenv("KDLAB_PAUSE_AFTER_STEP", "distill:40")
     monkeypatch.delenv("KDLAB_PAUSE_FILE")
     with pytest.raises(ValueError, match="KDLAB_PAUSE_FILE set to the release file"):
-        _pause_point("distill")
+        pause_point("distill")
 
     class Main:
         is_main_process = True
-    paused = threading.Thread(target=_pause, args=(Main(), "distill", 40, release), daemon=True)
+    paused = threading.Thread(target=wait_at_pause, args=(Main(), "distill", 40, release), daemon=True)
     paused.start()
     reached = tmp_path / "release.reached"
     paused.join(timeout=0.5)  # it must still be waiting: nothing released it
@@ -165,7 +165,7 @@ def test_kill_9_then_the_same_command_resumes_to_the_same_result(tmp_path, tiny_
             # the state of that step, complete; no temporary folder of a save
             # the two newest states (every 10 steps), the newest complete
             assert sorted(p.name for p in state.iterdir()) == [f"step_{KILLED_AT - 10}", f"step_{KILLED_AT}"]
-            assert _torn(state / f"step_{KILLED_AT}") is None
+            assert why_torn(state / f"step_{KILLED_AT}") is None
             assert not (run_dir / "student" / "kdlab_summary.json").exists()  # it was killed before the end
             again = launch(config)
             assert f"resumed from {state / f'step_{KILLED_AT}'} at step {KILLED_AT}" in again.stdout
@@ -280,7 +280,7 @@ def test_ctrl_c_exits_130_with_one_line_leaves_only_complete_state_and_the_same_
     assert [p for p in run_dir.rglob("*") if ".tmp" in p.name or ".old-" in p.name] == []
     state = run_dir / "student_run" / "state"
     assert sorted(p.name for p in state.iterdir()) == ["step_10", "step_20"]
-    assert [_torn(state / n) for n in ("step_10", "step_20")] == [None, None]
+    assert [why_torn(state / n) for n in ("step_10", "step_20")] == [None, None]
     assert AutoModelForSequenceClassification.from_pretrained(run_dir / "student").config.num_hidden_layers == 1
     assert not (run_dir / "student" / "kdlab_summary.json").exists()
     interrupted = [r for r in mlflow_runs(run_dir) if r.info.run_name == "distill"]

@@ -36,7 +36,7 @@ def launch(config: Path, *overrides, processes: int = 1, check: bool = True, lau
 
 
 def pause_env(stage_step: str, release: Path) -> dict:
-    """The environment of a run that pauses after a known step (train/loop.py's test hook, `_pause_point`):
+    """The environment of a run that pauses after a known step (train/loop.py's test hook, `pause_point`):
     after step N of stage STAGE ("distill:40") it writes `release`.reached and waits until `release` exists."""
     return {**os.environ, "TOKENIZERS_PARALLELISM": "false", "KDLAB_PAUSE_AFTER_STEP": stage_step,
             "KDLAB_PAUSE_FILE": str(release)}

@@ -16,14 +16,16 @@ import mlflow
 import optuna
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from conftest import tiny_run_tree, write_config
+from conftest import DATA, ROOT, tiny_run_tree, write_config
 from kdlab.distill.config import ConfigError, load_config
 from kdlab.distill.export import load_served, sha256_file
 from kdlab.scripts.cli import main as kdlab
+from kdlab.search.card import hub_id
 from kdlab.search.export import Choice, parse_pick, pick
-from test_oracles import RawServed, labels_of, parity_oracle, sst2_dev
+from test_oracles import RawServed, labels_of, one_thread, parity_oracle, sst2_dev
 
 pytestmark = pytest.mark.slow
 PROFILE = {"batch_size": 1, "seq_len": "data", "warmup_iters": 2, "min_iters": 10, "min_seconds": 0.2,
@@ -75,6 +77,43 @@ def default_choice(root: Path) -> optuna.trial.FrozenTrial:
     return max(pool, key=lambda t: (t.values[0], -t.values[1]))
 
 
+def strings(tree) -> list[str]:
+    """Every string of a JSON tree."""
+    if isinstance(tree, str):
+        return [tree]
+    values = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, list) else []
+    return [s for v in values for s in strings(v)]
+
+
+def machine_paths(manifest: dict, card: str, tmp: Path) -> list[str]:
+    """What in an export's manifest and card names this machine's folders: manifest strings that are absolute
+    paths, and the test's temporary folder, the repository and the data root wherever they appear."""
+    text = json.dumps(manifest) + card
+    return [s for s in strings(manifest) if s.startswith("/")] + [str(f) for f in (tmp, ROOT, DATA) if str(f) in text]
+
+
+def pyfunc_and_predict(root: Path, model_uri: str, folder: Path, texts: list[str]):
+    """The registered pyfunc's DataFrame for `texts` and the records `kdlab predict` writes for them, one thread."""
+    with one_thread():
+        got = mlflow.pyfunc.load_model(model_uri).predict(texts)
+    source, out = root / "pyfunc_texts.txt", root / "pyfunc_texts.jsonl"
+    source.write_text("".join(t + "\n" for t in texts))
+    out.unlink(missing_ok=True)
+    assert kdlab(["predict", "--model", str(folder), "--input", str(source), "--output", str(out),
+                  "--threads", "1"]) == 0
+    return got, [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def check_pyfunc(got, recs: list[dict], want: torch.Tensor, labels: list[str]) -> None:
+    """Labels and probabilities of the pyfunc: the oracle's, and `kdlab predict`'s (which writes 6 decimals)."""
+    columns = [f"prob_{name}" for name in labels]
+    assert list(got.columns) == ["label", *columns]
+    assert got["label"].tolist() == labels_of(want, labels) == [r["label"] for r in recs]
+    probs = got[columns].to_numpy()
+    assert torch.allclose(torch.tensor(probs, dtype=torch.float32), want, atol=1e-6, rtol=0)
+    assert [dict(zip(labels, (round(p, 6) for p in row))) for row in probs.tolist()] == [r["probs"] for r in recs]
+
+
 def test_export_writes_a_checked_folder_and_registers_it(searched):
     root, config = searched
     expected = default_choice(root)  # the most accurate feasible front member, read off the Optuna study
@@ -121,8 +160,24 @@ def test_export_writes_a_checked_folder_and_registers_it(searched):
     card = (out / "README.md").read_text()
     assert f"{manifest['measured']['quality']:.4f}" in card and f"{manifest['latency'][0]['p95_ms']:.2f}" in card
     assert "models:/exp@champion" in card
+    # It opens with Hugging Face metadata that huggingface_hub reads back: the measured dev quality in model-index.
+    meta = ModelCard.load(out / "README.md").data
+    assert (meta.pipeline_tag, meta.library_name) == ("text-classification", "transformers")
+    assert meta.tags == ["kdlab", "distillation", recipe] and meta.datasets == ["sst2"] and meta.metrics == ["accuracy"]
+    assert meta.base_model is None  # the teacher is a local folder, not a Hub id
+    (result,) = meta.eval_results
+    assert (result.task_type, result.dataset_type, result.dataset_split, result.metric_type) == \
+        ("text-classification", "sst2", "dev", "accuracy")
+    assert result.metric_value == manifest["measured"]["quality"]
 
-    # Registry: alias champion on the new version, tagged; pyfunc predicts labels from texts.
+    # No path of this machine: the trial folder relative to the run, the data files to the data root.
+    assert machine_paths(manifest, card, root.parent) == []
+    assert manifest["choice"]["source"] == f"<run>/trials/{expected.number}"
+    assert (manifest["data"]["train_file"], manifest["data"]["eval_file"]) == ("<data>/sst2/train.tsv",
+                                                                               "<data>/sst2/dev.tsv")
+    assert manifest["teacher"]["source"].startswith("<local>/") and manifest["teacher"]["hub_id"] is None
+
+    # Registry: alias champion on the new version, tagged; the pyfunc gives labels and probabilities.
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     client = mlflow.MlflowClient()
     version = client.get_model_version_by_alias("exp", "champion")
@@ -131,8 +186,8 @@ def test_export_writes_a_checked_folder_and_registers_it(searched):
     assert float(version.tags["quality"]) == pytest.approx(manifest["measured"]["quality"], abs=1e-6)
     assert version.run_id == expected.user_attrs["mlflow_run_id"]  # logged on the trial's own run
     texts = ["a gripping , funny film", "a dull , lifeless mess", "it is a movie"]
-    labels = mlflow.pyfunc.load_model("models:/exp@champion").predict(texts)
-    assert list(labels) == labels_of(raw.probs(texts, max_length=manifest["max_length"]), manifest["labels"])
+    got, recs = pyfunc_and_predict(root, "models:/exp@champion", out, texts)
+    check_pyfunc(got, recs, raw.probs(texts, max_length=manifest["max_length"]), manifest["labels"])
 
 
 def test_export_by_trial_and_pick_and_refusals(searched, capsys):
@@ -177,6 +232,12 @@ def test_nothing_to_export_is_a_one_line_error(tmp_path, tiny_teacher_dir, capsy
     err = capsys.readouterr().err.strip()
     assert err.startswith("kdlab: error: nothing to export") and "\n" not in err
     assert not (tmp_path / "none" / "export").exists()
+
+
+def test_base_model_is_named_only_for_hub_teachers(tmp_path):
+    assert hub_id("minilm-l6") == "sentence-transformers/all-MiniLM-L6-v2"  # the named teacher's Hub id
+    assert hub_id("google/flan-t5-base") == "google/flan-t5-base" and hub_id("bert-base-uncased") == "bert-base-uncased"
+    assert hub_id(str(tmp_path)) is None and hub_id(None) is None and hub_id("<local>/teacher") is None
 
 
 @pytest.mark.parametrize("text,parsed", [
@@ -323,5 +384,11 @@ def test_onnx_int8_export_is_served_from_its_int8_graph_through_the_registry(sea
     assert served.artefact.recipe == "onnx-int8" and served.artefact.files[0].name == "model.int8.onnx"
     texts = ["a gripping , funny film", "a dull , lifeless mess"]
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-    assert list(mlflow.pyfunc.load_model("models:/exp-onnx@champion").predict(texts)) == \
-        labels_of(raw.probs(texts, max_length=manifest["max_length"]), manifest["labels"])
+    got, recs = pyfunc_and_predict(root, "models:/exp-onnx@champion", out, texts)
+    check_pyfunc(got, recs, raw.probs(texts, max_length=manifest["max_length"]), manifest["labels"])
+    # The teacher under a recipe is quantized, not distilled; its card says so and carries its own quality.
+    meta = ModelCard.load(out / "README.md").data
+    assert meta.tags == ["kdlab", "onnx-int8"] and meta.eval_results[0].metric_value == manifest["measured"]["quality"]
+    assert machine_paths(manifest, (out / "README.md").read_text(), root.parent) == []
+    # fine_tune never: the teacher folder itself, outside the repository, the data and the run: by name only
+    assert manifest["choice"]["source"] == manifest["teacher"]["source"] == f"<local>/{Path(cfg.teacher.source).name}"

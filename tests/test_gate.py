@@ -25,8 +25,9 @@ from conftest import ROOT, tiny_run_tree, write_config
 from kdlab.distill.config import ConfigError, TargetConfig, load_config
 from kdlab.distill.quantize import RECIPES, Quantized
 from kdlab.scripts.cli import main as kdlab
-from kdlab.search.gate import (GateRow, Targets, check_row, dev_quality, resolve_targets, run_gate, target_gaps,
-                         timing_batches, verdict)
+from kdlab.search.gate import dev_quality, run_gate
+from kdlab.search.targets import GateRow, Targets, check_row, resolve_targets, target_gaps, verdict
+from kdlab.search.timing import timing_batches
 
 KDLAB = [sys.executable, "-m", "kdlab"]
 FAST_PROFILE = {"batch_size": 1, "seq_len": "data", "warmup_iters": 2, "min_iters": 10, "min_seconds": 0.2,
@@ -121,7 +122,8 @@ def test_loose_target_passes_and_leaves_table_files_and_mlflow_runs(root, tiny_t
     choice = manifest["choice"]
     assert (choice["kind"], choice["label"], choice["recipe"], choice["trial"]) == ("teacher", "teacher fp32", "fp32",
                                                                                    None)
-    assert choice["source"] == tiny_teacher_dir  # teacher.fine_tune=never: the teacher folder itself
+    # teacher.fine_tune=never: the teacher folder itself, outside the repository, the data and the run: by name
+    assert choice["source"] == f"<local>/{Path(tiny_teacher_dir).name}"
     assert manifest["served"]["recipe"] == "fp32"
     # The figures the choice carries are the gate's own row for that recipe.
     assert choice["search_figures"]["p95_ms"] == pytest.approx(float(by["fp32"]["p95_ms"]))

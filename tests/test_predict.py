@@ -1,4 +1,4 @@
-"""`kdlab predict` (eval/predict.py): batch inference over an export folder, streamed, resumable.
+"""`kdlab predict` (scripts/predict.py): batch inference over an export folder, streamed, resumable.
 
 Run: .venv/bin/python -m pytest -q tests/test_predict.py
 
@@ -17,14 +17,18 @@ import json
 import shutil
 from pathlib import Path
 
+import mlflow
+import pandas as pd
 import pytest
 import torch
 
 from conftest import SST2, build_export
-from test_oracles import RawServed, labels_of
+from test_oracles import RawServed, labels_of, one_thread
 from kdlab.distill.config import ConfigError
 from kdlab.distill.export import MANIFEST, ExportError, load_served, write_manifest
-from kdlab.eval.predict import Cursor, PredictInputError, add_arguments, main, partial_path, read_rows, run_predict
+from kdlab.scripts.cli import add_predict_arguments
+from kdlab.scripts.predict import Cursor, PredictInputError, main, partial_path, read_rows, run_predict
+from kdlab.search.registry import code_package, pyfunc_arguments
 
 N_ROWS = 300
 BATCH = 32
@@ -165,6 +169,32 @@ def test_every_input_format_gives_the_same_output(export_int8, sst2_texts, tmp_p
         run_predict(export_int8, tmp_path / name, out, batch_size=BATCH, threads=1, progress=False)
         outputs.add(out.read_bytes())
     assert len(outputs) == 1 and len(outputs.pop().splitlines()) == 100
+
+
+def test_the_mlflow_pyfunc_gives_kdlab_predicts_labels_and_probabilities(export_int8, sst2_tsv, sst2_texts,
+                                                                          raw_int8, tmp_path):
+    """The pyfunc (distill/mlflow_model.py), logged with the registry's own arguments, next to `kdlab predict`."""
+    manifest = json.loads((export_int8 / MANIFEST).read_text())
+    mlflow.pyfunc.save_model(tmp_path / "pyfunc", **pyfunc_arguments(export_int8, manifest,
+                                                                     code_package(tmp_path / "code")))
+    model = mlflow.pyfunc.load_model(str(tmp_path / "pyfunc"))
+    out = tmp_path / "out.jsonl"
+    run_predict(export_int8, sst2_tsv, out, batch_size=64, threads=1, progress=False)  # the pyfunc's batches
+    recs = records(out)
+    with one_thread():
+        got = model.predict(sst2_texts)
+    assert list(got.columns) == ["label", "prob_0", "prob_1"] == model.metadata.get_output_schema().input_names()
+    assert len(got) == N_ROWS and got["label"].tolist() == [r["label"] for r in recs]
+    # kdlab predict writes 6 decimals of the same float32 probabilities the pyfunc returns in full.
+    assert [{"0": round(p0, 6), "1": round(p1, 6)} for p0, p1 in zip(got["prob_0"], got["prob_1"])] == \
+        [r["probs"] for r in recs]
+    expected = oracle_probs(raw_int8, sst2_texts, batch=64)
+    assert torch.allclose(torch.tensor(got[["prob_0", "prob_1"]].to_numpy(), dtype=torch.float32), expected,
+                          atol=1e-6, rtol=0)
+    assert got["label"].tolist() == labels_of(expected, ("0", "1"))
+    # A one-column DataFrame (what `mlflow models serve` hands over) gives the same rows (the same first batch).
+    with one_thread():
+        assert model.predict(pd.DataFrame({"sentence": sst2_texts[:64]})).equals(got.head(64))
 
 
 def test_pair_columns_come_from_the_manifest(export_int8, sst2_texts, raw_int8, tmp_path):
@@ -326,7 +356,7 @@ def test_a_tampered_export_is_refused(export_int8, sst2_tsv, tmp_path):
 
 def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="kdlab predict")
-    add_arguments(parser)
+    add_predict_arguments(parser)
     return parser.parse_args(list(argv))
 
 

@@ -2,7 +2,7 @@
 
 Run: .venv/bin/python -m pytest -q tests/test_scale_out.py
 
-What README "Scaling out" describes for several machines, exercised on one: a throw-away PostgreSQL
+What docs/operations.md "Scaling out" describes for several machines, exercised on one: a throw-away PostgreSQL
 cluster (tests/postgres.py) holds the Optuna study (`search.storage`) and the MLflow server's backend
 store (`mlflow server --workers 2`, artefacts proxied through it, `tracking.uri=http://...`). The
 teacher is fine-tuned, and its logits cached, once by `kdlab distill` before the workers start

@@ -21,10 +21,10 @@ from kdlab.distill.config import ConfigError, StudentConfig, load_config
 from kdlab.distill.quantize import apply_recipe
 from kdlab.distill.students import build_student
 from kdlab.scripts.cli import main as kdlab
-from kdlab.search.gate import Targets
 from kdlab.search.space import SearchSpace, TeacherShape
 from kdlab.search.objective import constraint_values, screened_out
 from kdlab.search.study import storage_url
+from kdlab.search.targets import Targets
 
 FAST_PROFILE = {"batch_size": 1, "seq_len": "data", "warmup_iters": 2, "min_iters": 10, "min_seconds": 0.2,
                 "repeats": 2, "threads": 1, "max_cv": 1.0}
@@ -93,6 +93,9 @@ def test_search_records_trials_constraints_checkpoints_and_mlflow_runs(root, mai
     config, code, budget_mb = main_search
     assert code == 0
     study = load_study(root, "main")
+    # The objectives are named in the storage, so optuna-dashboard and Optuna's plots label them.
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    assert study.metric_names == ["quality", "p95_ms"]
     trials = study.trials
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 4
     seeds = [(t.user_attrs["num_layers"], t.user_attrs["hidden_size"], t.user_attrs["init"], t.user_attrs["recipe"])

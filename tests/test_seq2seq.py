@@ -12,6 +12,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from conftest import DATA, ROOT, mlflow_store, write_config
@@ -232,6 +233,19 @@ def test_two_trial_seq2seq_search_leaves_a_pareto_front(tmp_path, tiny_t5_dir, p
     assert manifest["latency"][1]["throughput"] == pytest.approx(2000 / manifest["latency"][1]["mean_ms"])
     assert manifest["parity"]["identical_outputs"] == 1.0  # fp32 served = the fp32 model
     assert "ONNX" in manifest["onnx"] and not list(export.glob("*.onnx"))
+    # The card opens with Hugging Face metadata: the served artefact's dev BLEU, the manifest's measured quality.
+    card = (export / "README.md").read_text()
+    meta = ModelCard(card).data
+    assert (meta.pipeline_tag, meta.library_name, meta.tags) == ("text2text-generation", "transformers",
+                                                                 ["kdlab", "distillation", "fp32"])
+    (result,) = meta.eval_results
+    assert (result.metric_type, result.dataset_type, result.dataset_split) == \
+        ("bleu", Path(pairs["eval_file"]).parent.name, "dev")
+    assert result.metric_value == manifest["measured"]["quality"] == manifest["parity"]["served_quality"]
+    # No folder of this machine in the manifest or the card (the pairs, the teacher and the run are in tmp).
+    text = json.dumps(manifest) + card
+    assert str(tmp_path.parent) not in text and str(ROOT) not in text and str(DATA) not in text
+    assert manifest["choice"]["source"] == f"<run>/trials/{manifest['choice']['trial']}"
     model = AutoModelForSeq2SeqLM.from_pretrained(export)
     assert model.config.num_decoder_layers in (1, 2)
     from kdlab.distill.export import load_served
@@ -241,6 +255,7 @@ def test_two_trial_seq2seq_search_leaves_a_pareto_front(tmp_path, tiny_t5_dir, p
     with mlflow_store(f"sqlite:///{tmp_path / 'mlflow.db'}"):  # `models:/` resolves through the registry URI
         pyfunc = mlflow.pyfunc.load_model("models:/tiny_s2s@champion")
     assert list(pyfunc.predict(texts)) == served.generate_texts(texts)
+    assert not pyfunc.metadata.get_output_schema().has_input_names()  # one unnamed string column: the texts
 
     # batch prediction of a plain-text file: one {"row", "output"} line per source, the served artefact's text
     sources = tmp_path / "sources.txt"

@@ -11,9 +11,16 @@ the experiment named after the config. Configuration errors exit with code 2 and
 import argparse
 import sys
 
-from accelerate import Accelerator
-
 from kdlab.distill.config import ConfigError, load_config
+from kdlab.train.accel import training_accelerator
+
+
+def distil(cfg, accelerator) -> dict:
+    """One distillation under `cfg` on `accelerator` (kdlab.run_distill); returns the run's kdlab_summary.json."""
+    from kdlab.train.pipeline import run
+    if cfg.task.type == "seq2seq":
+        from kdlab.train.seq2seq import run
+    return run(cfg, accelerator)
 
 
 def main(argv=None) -> int:
@@ -23,19 +30,20 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        # heavy imports after the cheap checks
-        from kdlab.train.pipeline import run
-        if cfg.task.type == "seq2seq":
-            from kdlab.train.seq2seq import run
+        # Heavy imports after the cheap checks: a bad config is one line before torch and transformers load
+        # (this entry script is a CLI boundary, as scripts/cli.py is: tests/test_structure.py LAZY_IMPORTS).
         import transformers
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()  # per-from_pretrained bars; the loop draws its own
-        accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
-                                  gradient_accumulation_steps=cfg.train.grad_accum_steps)
-        summary = run(cfg, accelerator)
+        accelerator = training_accelerator(cfg)
+        summary = distil(cfg, accelerator)
     except ConfigError as exc:
         print(f"kdlab: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # The newest complete state (train.save_state_every_steps) is where the same command continues.
+        print("\nkdlab: interrupted (distill); run the same command again to continue", file=sys.stderr)
+        return 130
     if accelerator.is_main_process:
         best = ", ".join(f"dev {k} {v:.4f}" for k, v in summary["best_dev"].items())
         print(f"student {summary['student_params'] / 1e6:.1f}M params: {best} "

@@ -5,7 +5,7 @@ and an `evaluate(model)`; it owns the optimizer, schedule, accumulation, clippin
 early stopping, best-checkpoint keeping, `save_state`/resume, progress bar and metric logging.
 
 Test hook, off unless KDLAB_PAUSE_AFTER_STEP is set: KDLAB_PAUSE_AFTER_STEP=STAGE:N with KDLAB_PAUSE_FILE=PATH
-pauses the fit whose `desc` is STAGE (`teacher`, `distill`) after optimizer step N; see `_pause_point`.
+pauses the fit whose `desc` is STAGE (`teacher`, `distill`) after optimizer step N; see `pause_point`.
 """
 from __future__ import annotations
 
@@ -59,20 +59,29 @@ class FitResult:
 
 
 @torch.no_grad()
-def evaluate_classifier(model, loader, accelerator: Accelerator) -> dict:
-    """Accuracy, macro F1 and mean CE of `model` on `loader`, gathered across processes."""
+def evaluate_classifier(model, loader, accelerator: Accelerator | None) -> dict:
+    """Accuracy, macro F1 and mean CE of `model` on `loader`, gathered across processes.
+
+    `accelerator` None: one process, `loader` not prepared; batches go to the model's device.
+    """
     model.eval()
+    device = next(model.parameters()).device
     preds, labels, losses = [], [], []
     for batch in loader:
+        if accelerator is None:
+            batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(**model_inputs(batch)).logits
         loss = torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none")
-        logits, y, loss = accelerator.gather_for_metrics((logits, batch["labels"], loss))
+        if accelerator is not None:
+            logits, y, loss = accelerator.gather_for_metrics((logits, batch["labels"], loss))
+        else:
+            y = batch["labels"]
         preds.append(logits.argmax(-1).cpu())
         labels.append(y.cpu())
         losses.append(loss.cpu())
     model.train()
     p, y = torch.cat(preds).numpy(), torch.cat(labels).numpy()
-    num_labels = accelerator.unwrap_model(model).config.num_labels
+    num_labels = (accelerator.unwrap_model(model) if accelerator is not None else model).config.num_labels
     return {**classification_metrics(y, p, num_labels), "loss": float(torch.cat(losses).mean())}
 
 
@@ -82,7 +91,7 @@ FINISHED_MARKER = "finished.json"
 KEEP_STATES = 2  # the newest complete state and one before it, in case the newest is torn later
 
 
-def _torn(path: Path) -> str | None:
+def why_torn(path: Path) -> str | None:
     """Why a saved state cannot be trusted (None: complete): no marker, or a file missing or of another size."""
     marker = path / STATE_MARKER
     if not marker.is_file():
@@ -106,10 +115,10 @@ def _states(state_root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("_")[1]), reverse=True)
 
 
-def _latest_state(state_root: Path, say=print) -> Path | None:
+def latest_state(state_root: Path, say=print) -> Path | None:
     """The newest complete state; a torn one (killed mid-save, truncated file) is skipped, and said so."""
     for path in _states(state_root):
-        why = _torn(path)
+        why = why_torn(path)
         if why is None:
             return path
         say(f"train: skipping torn state {path}: {why}")
@@ -151,7 +160,7 @@ def _save_state(accelerator: Accelerator, state_root: Path, step: int, fingerpri
 
 def _auto_resume(state_root: Path, fingerprint: str, total_steps: int, say) -> Path | None:
     """The state to continue from when the same command runs again after a crash (None: start over)."""
-    latest = _latest_state(state_root, say)
+    latest = latest_state(state_root, say)
     if latest is None:
         return None
     finished = state_root / FINISHED_MARKER
@@ -189,7 +198,7 @@ PAUSE_AFTER_STEP_ENV = "KDLAB_PAUSE_AFTER_STEP"
 PAUSE_FILE_ENV = "KDLAB_PAUSE_FILE"
 
 
-def _pause_point(desc: str) -> tuple[int, Path] | None:
+def pause_point(desc: str) -> tuple[int, Path] | None:
     """The step and release file of the test pause for a fit named `desc` (None: no pause; the default).
 
     With KDLAB_PAUSE_AFTER_STEP=STAGE:N (e.g. `distill:40`) and KDLAB_PAUSE_FILE=PATH, the fit whose `desc`
@@ -209,7 +218,7 @@ def _pause_point(desc: str) -> tuple[int, Path] | None:
     return (int(step), Path(release)) if stage == desc else None
 
 
-def _pause(accelerator: Accelerator, desc: str, step: int, release: Path) -> None:
+def wait_at_pause(accelerator: Accelerator, desc: str, step: int, release: Path) -> None:
     """Say that step `step` of `desc` is reached (PATH.reached, written whole) and wait for PATH."""
     if accelerator.is_main_process:
         sys.stdout.flush()
@@ -258,11 +267,11 @@ def fit(accelerator: Accelerator, model, train_loader, *, cfg: TrainConfig,
     fingerprint = run_fingerprint(cfg, accelerator.unwrap_model(model), desc)
     path = None
     if cfg.resume_from:
-        path = _latest_state(state_root, accelerator.print) if cfg.resume_from == "latest" else Path(cfg.resume_from)
+        path = latest_state(state_root, accelerator.print) if cfg.resume_from == "latest" else Path(cfg.resume_from)
         if path is None or not path.is_dir():
             raise FileNotFoundError(f"train.resume_from: no saved state at {cfg.resume_from} ({state_root})")
-        if _torn(path):
-            raise FileNotFoundError(f"train.resume_from: {path} is torn ({_torn(path)}); valid: a complete state "
+        if why_torn(path):
+            raise FileNotFoundError(f"train.resume_from: {path} is torn ({why_torn(path)}); valid: a complete state "
                                     f"folder, or 'latest' (the newest complete one)")
     elif cfg.save_state_every_steps:
         # The same command after a crash (kill -9, lost machine) continues from its newest complete state.
@@ -274,7 +283,7 @@ def fit(accelerator: Accelerator, model, train_loader, *, cfg: TrainConfig,
         (state_root / FINISHED_MARKER).unlink(missing_ok=True)  # this run is not finished until it ends
 
     eval_every = cfg.eval_every_steps or steps_per_epoch
-    pause = _pause_point(desc)
+    pause = pause_point(desc)
     progress = tqdm(total=total_steps, initial=state.step, desc=desc,
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     model.train()
@@ -320,7 +329,7 @@ def fit(accelerator: Accelerator, model, train_loader, *, cfg: TrainConfig,
             if cfg.save_state_every_steps and state.step % cfg.save_state_every_steps == 0:
                 _save_state(accelerator, state_root, state.step, fingerprint)
             if pause is not None and state.step == pause[0]:
-                _pause(accelerator, desc, state.step, pause[1])
+                wait_at_pause(accelerator, desc, state.step, pause[1])
             if state.step >= total_steps or stop:
                 stop = True
                 break

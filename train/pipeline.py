@@ -5,6 +5,7 @@ checked by `prepare` before the run folder is created, so a bad config leaves no
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
+from transformers import AutoConfig
 
 from kdlab.distill.adapter import Signals, run_model
 from kdlab.distill.config import Config, ConfigError, save_config
@@ -34,16 +36,22 @@ class Prepared:
     eval_ds: object
 
 
-def check_launch(cfg: Config, accelerator: Accelerator) -> None:
-    """What the launcher and the tracking server must allow, checked before any data or model is read."""
-    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+def check_launch(cfg: Config, accelerator: Accelerator | None) -> None:
+    """What the launcher and the tracking server must allow, checked before any data or model is read.
+
+    `accelerator` None: a measurement or export in this one process (no launcher to check).
+    """
+    if accelerator is not None and accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise ConfigError("train.mixed_precision: fp16 needs a GPU; valid on CPU: no, bf16")
-    if accelerator.is_main_process:
+    if accelerator is None or accelerator.is_main_process:
         check_reachable(cfg)  # an unreachable tracking server: one line now, not after the teacher trained
 
 
-def prepare(cfg: Config, accelerator: Accelerator) -> Prepared:
-    """Validate everything against the real files and teacher, without writing anything."""
+def prepare(cfg: Config, accelerator: Accelerator | None = None) -> Prepared:
+    """Validate everything against the real files and teacher, without writing anything.
+
+    Measurement and export pass no accelerator (train/accel.py says why); training passes its own.
+    """
     check_launch(cfg, accelerator)
     data = load_task_data(cfg.data, cfg.train.seed)
     teacher_config = load_teacher_config(cfg)
@@ -54,7 +62,6 @@ def prepare(cfg: Config, accelerator: Accelerator) -> Prepared:
         raise ConfigError(f"teacher.source: tokenizer has {len(tokenizer)} tokens but the model only "
                           f"{teacher_config.vocab_size} embeddings")
     if cfg.student.pretrained:
-        from transformers import AutoConfig
         try:
             vocab = AutoConfig.from_pretrained(cfg.student.pretrained).vocab_size
         except (OSError, ValueError):
@@ -63,7 +70,7 @@ def prepare(cfg: Config, accelerator: Accelerator) -> Prepared:
             raise ConfigError(f"student.pretrained: {cfg.student.pretrained} has a vocabulary of {vocab} tokens "
                               f"but the teacher ({cfg.teacher.source}) has {teacher_config.vocab_size}; "
                               "the student must use the teacher's tokenizer")
-    with accelerator.main_process_first():
+    with accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext():
         train_ds = tokenize(data.train, tokenizer, cfg.data, data.label_names)
         eval_ds = tokenize(data.eval, tokenizer, cfg.data, data.label_names)
     return Prepared(data, tokenizer, train_ds, eval_ds)

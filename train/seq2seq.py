@@ -11,6 +11,7 @@ outputs, generated once per (teacher, data, decoding settings) and cached in run
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -29,6 +30,7 @@ from kdlab.distill.config import Config, ConfigError
 from kdlab.distill.seq2seq import Seq2SeqDistillLoss, build_seq2seq_student, layer_depths
 from kdlab.distill.students import count_params
 from kdlab.eval.metrics import generation_metrics
+from kdlab.train.accel import training_accelerator
 from kdlab.train.loop import atomic_dir, fit, remove_states
 from kdlab.train.pipeline import check_launch, close_run, in_run_folder
 from kdlab.train.seq2seq_data import (Seq2SeqData, check_tokenizer, end_token_id, load_seq2seq_data, make_seq2seq_loader,
@@ -88,8 +90,11 @@ def check_student(cfg: Config, teacher_config) -> None:
                               f"initialisation; valid: 1..{most} (or student.init=random)")
 
 
-def prepare(cfg: Config, accelerator: Accelerator) -> Prepared:
-    """Validate data, tokenizer and teacher kind against the real files, without writing anything."""
+def prepare(cfg: Config, accelerator: Accelerator | None = None) -> Prepared:
+    """Validate data, tokenizer and teacher kind against the real files, without writing anything.
+
+    Measurement and export pass no accelerator (train/accel.py says why); training passes its own.
+    """
     check_launch(cfg, accelerator)
     data = load_seq2seq_data(cfg.data, cfg.train.seed)
     teacher_config = load_teacher_config(cfg)
@@ -97,7 +102,7 @@ def prepare(cfg: Config, accelerator: Accelerator) -> Prepared:
     tokenizer = load_tokenizer(cfg)
     check_tokenizer(tokenizer, cfg.teacher.source)
     start = decoder_start_id(teacher_config, tokenizer)
-    with accelerator.main_process_first():
+    with accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext():
         train_ds = tokenize_pairs(data.train, tokenizer, cfg.data, start)
         eval_ds = tokenize_pairs(data.eval, tokenizer, cfg.data, start)
     lowercase = cfg.generation.lowercase if cfg.generation.lowercase is not None else tokenizer_lowercases(tokenizer)
@@ -198,15 +203,20 @@ def warm_start(source: str, cfg: Config, tokenizer):
     return model
 
 
-def ensure_seq2seq_teacher(cfg: Config, accelerator: Accelerator, prep: Prepared):
-    """The task-ready teacher and its dev metrics; fine-tuned once when warm-started or asked to."""
+def ensure_seq2seq_teacher(cfg: Config, accelerator: Accelerator | None, prep: Prepared):
+    """The task-ready teacher and its dev metrics; fine-tuned once when warm-started or asked to.
+
+    `accelerator` None (measurement, export): a training accelerator is built only if the teacher must be
+    fine-tuned (train/accel.py); otherwise the teacher stays on the CPU of this process.
+    """
     out = cfg.run_dir / "teacher"
     key = teacher_key(cfg, prep.data)
     eval_loader = make_seq2seq_loader(prep.eval_ds, prep.tokenizer, cfg.train.eval_batch_size, shuffle=False)
     references = list(prep.data.eval["target"])
     record = fine_tuned_record(cfg, prep.data)
+    say = accelerator.print if accelerator is not None else print
     if record is not None:
-        accelerator.print(f"teacher: reusing fine-tuned checkpoint {out} (key {key})")
+        say(f"teacher: reusing fine-tuned checkpoint {out} (key {key})")
         return load_seq2seq(str(out), cfg, prep.tokenizer), record["dev"]
     source = resolve_source(cfg.teacher.source)
     if cfg.teacher.encoder_decoder:
@@ -216,10 +226,13 @@ def ensure_seq2seq_teacher(cfg: Config, accelerator: Accelerator, prep: Prepared
     mode = cfg.teacher.fine_tune
     if mode == "never" or (mode == "auto" and not cfg.teacher.encoder_decoder):
         why = "teacher.fine_tune=never" if mode == "never" else "it is a seq2seq checkpoint (teacher.fine_tune=auto)"
-        accelerator.print(f"teacher: using {cfg.teacher.source} as it is ({why})")
-        teacher.to(accelerator.device)
+        say(f"teacher: using {cfg.teacher.source} as it is ({why})")
+        if accelerator is not None:
+            teacher.to(accelerator.device)
         return teacher, evaluate_seq2seq(teacher, eval_loader, prep.tokenizer, references, cfg, prep.lowercase)
 
+    if accelerator is None:
+        accelerator = training_accelerator(cfg)
     train_cfg = dataclasses.replace(cfg.train, num_epochs=cfg.teacher.num_epochs, max_steps=None,
                                     learning_rate=cfg.teacher.learning_rate, resume_from=None,
                                     early_stopping_patience=None)

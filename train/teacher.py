@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from kdlab.distill.config import Config, ConfigError
+from kdlab.train.accel import training_accelerator
 from kdlab.train.data import TaskData, make_loader
 from kdlab.train.loop import atomic_dir, evaluate_classifier, fit, remove_states
 from kdlab.train.tracking import mlflow_run
@@ -36,6 +37,14 @@ def resolve_source(source: str) -> str:
         except ImportError:
             return hub_id
     return source
+
+
+def teacher_folder(cfg: Config) -> Path:
+    """Where the task-ready teacher is: the run's fine-tuned checkpoint when it exists, else the source itself."""
+    fine_tuned = cfg.run_dir / "teacher"
+    if (fine_tuned / MARKER).is_file():
+        return fine_tuned
+    return Path(resolve_source(cfg.teacher.source))
 
 
 def load_teacher_config(cfg: Config):
@@ -172,27 +181,38 @@ def _load(source: str, cfg: Config, data: TaskData, attn: str | None):
                           f"safetensors (teacher.allow_pickle=true admits pickle weights you trust)") from None
 
 
-def ensure_teacher(cfg: Config, accelerator: Accelerator, data: TaskData, tokenizer,
+def ensure_teacher(cfg: Config, accelerator: Accelerator | None, data: TaskData, tokenizer,
                    train_ds, eval_ds, attn: str | None = None):
-    """The task-ready teacher and its dev metrics, fine-tuning (once) when needed."""
+    """The task-ready teacher and its dev metrics, fine-tuning (once) when needed.
+
+    `accelerator` None (measurement, export): a training accelerator is built only if the teacher must be
+    fine-tuned (train/accel.py); otherwise the teacher is loaded and scored on the CPU in this process.
+    """
     out = cfg.run_dir / "teacher"
     key = teacher_key(cfg, data)
     marker = out / MARKER
     record = fine_tuned_record(cfg, data)
+    say = accelerator.print if accelerator is not None else print
     if record is not None:
-        accelerator.print(f"teacher: reusing fine-tuned checkpoint {out} (key {key})")
+        say(f"teacher: reusing fine-tuned checkpoint {out} (key {key})")
         return _load(str(out), cfg, data, attn), record["dev"]
 
     source = resolve_source(cfg.teacher.source)
     teacher = _load(source, cfg, data, attn)
-    eval_loader = accelerator.prepare(make_loader(eval_ds, tokenizer, cfg.train.eval_batch_size, shuffle=False))
     source_config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.teacher.trust_remote_code)
     if not needs_fine_tuning(source_config, data.num_labels, cfg.teacher.fine_tune):
         why = ("teacher.fine_tune=never" if cfg.teacher.fine_tune == "never"
                else f"it already classifies {data.num_labels} labels")
-        accelerator.print(f"teacher: using {cfg.teacher.source} as it is ({why})")
+        say(f"teacher: using {cfg.teacher.source} as it is ({why})")
+        eval_loader = make_loader(eval_ds, tokenizer, cfg.train.eval_batch_size, shuffle=False)
+        if accelerator is None:
+            return teacher, evaluate_classifier(teacher, eval_loader, None)
+        eval_loader = accelerator.prepare(eval_loader)
         return teacher, evaluate_classifier(teacher.to(accelerator.device), eval_loader, accelerator)
 
+    if accelerator is None:
+        accelerator = training_accelerator(cfg)
+    eval_loader = accelerator.prepare(make_loader(eval_ds, tokenizer, cfg.train.eval_batch_size, shuffle=False))
     train_cfg = dataclasses.replace(cfg.train, num_epochs=cfg.teacher.num_epochs, max_steps=None,
                                     learning_rate=cfg.teacher.learning_rate, resume_from=None,
                                     early_stopping_patience=None)

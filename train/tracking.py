@@ -5,6 +5,10 @@ ConfigError (`check_reachable`), before anything is trained. A server lost in th
 does not stop training: the first failed call switches the tracker to local logging (JSON lines in
 runs/<name>/tracking_offline.jsonl, every metric, param and tag it could not send), and the end of the
 run says when tracking was lost and where the records are, so the gap is never silent.
+
+mlflow is imported where a run is active, never at the top: a disabled tracker (tracking.enabled=false,
+or any process but the main one) must work where mlflow is not installed (the GPU machine) and must not
+pay for importing it.
 """
 from __future__ import annotations
 
@@ -60,28 +64,28 @@ class Tracker:
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         if not self.active:
             return
-        import mlflow
+        import mlflow  # lazy: see the module docstring
         values = {k: float(v) for k, v in metrics.items()}
         self._send("metrics", values, step, lambda: mlflow.log_metrics(values, step=step))
 
     def log_params(self, params: dict) -> None:
         if not self.active:
             return
-        import mlflow
+        import mlflow  # lazy: see the module docstring
         values = {k: str(v)[:_MAX_PARAM] for k, v in params.items()}
         self._send("params", values, None, lambda: mlflow.log_params(values))
 
     def set_tags(self, tags: dict) -> None:
         if not self.active:
             return
-        import mlflow
+        import mlflow  # lazy: see the module docstring
         values = {k: str(v) for k, v in tags.items()}
         self._send("tags", values, None, lambda: mlflow.set_tags(values))
 
     def log_artifact(self, path: str | Path) -> None:
         if not self.active:
             return
-        import mlflow
+        import mlflow  # lazy: see the module docstring
         self._send("artifact", {"path": str(path)}, None, lambda: mlflow.log_artifact(str(path)))
 
     def report(self) -> str | None:
@@ -119,7 +123,7 @@ def ensure_experiment(cfg: Config) -> None:
     MLflow's default artefact root for a SQLite store is ./mlruns under the current folder;
     DESIGN.md puts them in mlartifacts/ next to the database (runs/mlartifacts/ by default).
     """
-    import mlflow
+    import mlflow  # lazy: see the module docstring
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
     # MLflow retries a failing HTTP call 7 times with exponential backoff (minutes); a lost server
     # should switch the tracker to local logging within seconds instead.
@@ -147,7 +151,7 @@ def mlflow_run(cfg: Config, run_name: str, is_main: bool, nested: bool = False, 
     if not (cfg.tracking.enabled and is_main):
         yield Tracker(False)
         return
-    import mlflow
+    import mlflow  # lazy: see the module docstring
     ensure_experiment(cfg)
     run = mlflow.start_run(run_name=run_name, nested=nested)
     tracker = Tracker(True, offline_path=cfg.run_dir / "tracking_offline.jsonl")

@@ -19,6 +19,9 @@ OUTPUT.partial, so OUTPUT holds every row exactly once.
 
 int8 recipes quantize activations per batch, so a row's probabilities can differ in the last
 decimals between batch sizes; a resumed run keeps the batch boundaries of an uninterrupted one.
+
+scripts/cli.py defines the command's arguments and imports this module only when `predict` runs: it
+loads torch and the export's runtime, which `kdlab --help` must not.
 """
 from __future__ import annotations
 
@@ -33,7 +36,14 @@ from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
-from kdlab.distill.config import ConfigError
+import torch
+from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
+
+from kdlab.distill.errors import ConfigError, ExportError
+from kdlab.distill.export import load_served
+from kdlab.distill.quantize import RecipeUnavailable
+from kdlab.eval.latency import clamp_threads
 
 FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".txt": "txt"}
 VALID_FORMATS = (".tsv or .csv with a header line naming the columns, .jsonl/.json with one JSON object per line, "
@@ -290,7 +300,6 @@ def output_lines(first_row: int, labels: list[str], probs, label_names: list[str
 @contextmanager
 def _without_transformers_progress_bars():
     # from_pretrained draws its own "Loading weights" bar; the one bar on stderr should be predict's.
-    from transformers.utils import logging as hf_logging
     enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
@@ -311,12 +320,6 @@ def run_predict(model_dir, input_path, output_path, batch_size: int = 64, text_c
     on_error='skip' writes {"row": i, "error": "<file>: line N: ..."} for a malformed row and goes on
     (counted in `skipped`); 'stop' (default) stops at the first one.
     """
-    import torch
-    from tqdm.auto import tqdm
-
-    from kdlab.distill.export import load_served
-    from kdlab.eval.latency import clamp_threads
-
     input_path, output_path = Path(input_path), Path(output_path)
     if on_error not in ("stop", "skip"):
         raise PredictInputError(f"--on-error: '{on_error}'; valid: stop, skip")
@@ -404,30 +407,11 @@ def summary_line(summary: dict) -> str:
 # ---------------------------------------------------------------- the command line (`kdlab predict`)
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="export folder (kdlab export); its served recipe is used")
-    parser.add_argument("--input", required=True, help=f"rows to label: {VALID_FORMATS}")
-    parser.add_argument("--output", required=True, help="JSON lines, one per input row (written via OUTPUT.partial)")
-    parser.add_argument("--batch-size", type=int, default=64, help="rows per forward pass")
-    parser.add_argument("--text-column", default=None, help="column or key of the text (default: the export's)")
-    parser.add_argument("--pair-column", default=None,
-                        help="column or key of the second text of pair tasks (default: the export's)")
-    parser.add_argument("--no-resume", dest="resume", action="store_false",
-                        help="start over even if OUTPUT.partial holds an interrupted run")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all CPUs)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
-    parser.add_argument("--on-error", choices=("stop", "skip"), default="stop",
-                        help="a malformed row: stop with its line number (default), or skip it, writing "
-                             "{\"row\": i, \"error\": ...} in its place")
-
-
 def main(args) -> int:
     """`kdlab predict`: 0 when OUTPUT is complete, 130 when interrupted (rerun to resume).
 
     Bad input and a bad export folder raise ConfigError: `kdlab` prints it in one line and exits 2.
     """
-    from kdlab.distill.export import ExportError
-    from kdlab.distill.quantize import RecipeUnavailable
     try:
         summary = run_predict(args.model, args.input, args.output, batch_size=args.batch_size,
                               text_column=args.text_column, pair_column=args.pair_column, resume=args.resume,
