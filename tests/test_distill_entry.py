@@ -107,8 +107,8 @@ def test_resume_continues_step_count(tmp_path, tiny_teacher_dir):
     config = write_config(tmp_path / "c.yaml", tree)
     launch(config)
     states = sorted(p.name for p in (run_dir / "student_run" / "state").iterdir())
-    assert states == ["step_3", "step_6"]
-    proc = launch(config, "train.max_steps=10", "train.resume_from=latest")
+    assert states == ["finished.json", "step_3", "step_6"]  # finished: the same command would start over
+    proc = launch(config, "train.max_steps=10", "train.resume_from=latest")  # extending it resumes explicitly
     assert "at step 6" in proc.stdout
     summary = json.loads((run_dir / "student" / "kdlab_summary.json").read_text())
     assert summary["steps"] == 10
