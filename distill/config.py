@@ -55,7 +55,9 @@ class DataConfig:
     text_pair_column: Optional[str] = _f(None, "second sentence column for sentence-pair tasks")
     label_column: str = _f("label", "column holding the label: integers 0..K-1 or names")
     label_names: Optional[list] = _f(None, "class names in label-id order; inferred when omitted")
-    max_train_samples: Optional[int] = _f(None, "use only the first N train rows (after shuffling with the seed)")
+    max_train_samples: Optional[int] = _f(None, "use only the first N train rows (after shuffling with subset_seed)")
+    subset_seed: Optional[int] = _f(None, "seed of the shuffle that picks max_train_samples rows; default train.seed "
+                                          "(set it to vary the training seed over one fixed labelled subset)")
     max_eval_samples: Optional[int] = _f(None, "use only the first N dev rows")
     max_length: int = _f(128, "truncate inputs to this many tokens; batches are padded per batch")
     source_column: str = _f("source", "seq2seq: column holding the source text (a.b reads key b of a dict column, "
@@ -66,6 +68,10 @@ class DataConfig:
     eval_target_file: Optional[str] = _f(None, "seq2seq: target side of the dev pairs, line-aligned with eval_file")
     source_prefix: str = _f("", "seq2seq: text put before every source, e.g. 'translate German to English: ' (T5)")
     max_target_length: int = _f(128, "seq2seq: truncate targets to this many tokens")
+    test_file: Optional[str] = _f(None, "held-out labelled test file, same format as train_file: scored once, for the "
+                                        "exported model only (card, manifest, MLflow); never read by the gate, the "
+                                        "search or the choice")
+    test_split: Optional[str] = _f(None, "held-out split of the Hub dataset (data.dataset), used as data.test_file is")
 
 
 @dataclass
@@ -90,12 +96,50 @@ class StudentConfig:
     intermediate_size: Optional[int] = _f(None, "FFN width; default 4 x hidden_size")
     init: str = _f("teacher-layers", "teacher-layers (copy, widths must match), teacher-slice (narrower), random")
     layer_map: Optional[list] = _f(None, "teacher layer index copied into each student layer; default uniform")
-    pretrained: Optional[str] = _f(None, "start from this model folder instead of building from the teacher")
+    pretrained: Optional[str] = _f(None, "build the student from this pretrained model (a folder, a Hub id, or a named "
+                                         "family: minilm-l6) instead of the teacher: its own tokenizer, its layers "
+                                         "chosen by num_layers/layer_map as for the teacher (init teacher-layers or "
+                                         "teacher-slice then refer to this model)")
     encoder_layers: Optional[int] = _f(None, "seq2seq: encoder layers; default the teacher's")
     decoder_layers: Optional[int] = _f(None, "seq2seq: decoder layers; default student.num_layers")
     encoder_layer_map: Optional[list] = _f(None, "seq2seq: teacher encoder layer copied into each student one; "
                                                  "default spread out, first and last kept (DistilBART)")
     decoder_layer_map: Optional[list] = _f(None, "seq2seq: teacher decoder layer copied into each student one")
+
+
+@dataclass
+class AugmentConfig:
+    """Augmented copies of the labelled rows (Tang et al. 2019): per word, mask it (the student's mask
+    token) with mask_prob, else replace it by a word drawn from the corpus's own vocabulary with
+    replace_prob; then, with ngram_prob, keep only an n-gram (n in 1..ngram_max) of the result."""
+    copies: int = _f(0, "augmented copies per labelled row (0: none)")
+    mask_prob: float = _f(0.1, "per-word probability of the mask token")
+    replace_prob: float = _f(0.1, "per-word probability of a random corpus word (by frequency)")
+    ngram_prob: float = _f(0.25, "per-copy probability of keeping only an n-gram")
+    ngram_max: int = _f(5, "longest n-gram kept")
+    seed: int = _f(0, "seed of the augmentation draws")
+
+
+@dataclass
+class TransferConfig:
+    """The transfer set: inputs without gold labels that the teacher labels (once, cached) for logit KD.
+    Labelled rows train on KD + CE, transfer rows on KD alone; texts equal to a dev or test text are dropped."""
+    unlabelled_train: bool = _f(False, "the train file's rows outside the labelled subset (data.max_train_samples), "
+                                       "their labels unread")
+    max_unlabelled: Optional[int] = _f(None, "use at most this many of those rows")
+    text_files: list = _f([], "more text: .txt (one text per line) or a table (.tsv .csv .json .jsonl .parquet) "
+                              "with text_column")
+    text_column: Optional[str] = _f(None, "column of text_files tables holding the text; default data.text_column")
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    label_with: str = _f("auto", "how the teacher labels the set: fp32; onnx-int8 (faster, used only when its dev "
+                                 "labels agree with fp32 on >= min_agreement, else refused); auto (onnx-int8 when "
+                                 "it passes that check, else fp32)")
+    min_agreement: float = _f(0.995, "dev label agreement the fast labelling form needs with fp32")
+    batch_size: int = _f(64, "texts per labelling batch (sorted by length, so padding is small)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.unlabelled_train or bool(self.text_files) or self.augment.copies > 0
 
 
 @dataclass
@@ -111,6 +155,12 @@ class DistillConfig:
                              "beam-search outputs instead of the references); mix (both)")
     seq_kd_num_beams: int = _f(4, "beam size of the teacher outputs used for sequence-level KD (generated once, cached)")
     cache_teacher_logits: bool = _f(True, "compute teacher logits once and cache them when they are the only teacher signal")
+    normalize_hidden: bool = _f(False, "divide each hidden-state MSE by the teacher states' mean square, so the term "
+                                       "is scale-free (1.0 = the whole teacher signal missed) and cannot swamp the "
+                                       "logit term; TinyBERT's raw MSE grows with the teacher's activation scale. Off "
+                                       "by default: no benchmark has measured it yet (the gradient norms at the "
+                                       "start of each run, logged to MLflow, show when a term dominates)")
+    transfer: TransferConfig = field(default_factory=lambda: TransferConfig())
 
 
 @dataclass
@@ -175,6 +225,7 @@ class QuantizationConfig:
 
 
 INIT_CHOICES = ("teacher-layers", "teacher-slice", "random")
+LABEL_FORMS = ("auto", "fp32", "onnx-int8")
 SAMPLERS = ("tpe", "nsga2", "random")
 
 
@@ -350,6 +401,9 @@ def _check_data(cfg: Config, c) -> None:
     d = cfg.data
     c(bool(d.dataset) or bool(d.train_file and d.eval_file), "data",
       "give data.dataset (Hub name) or both data.train_file and data.eval_file")
+    c(not (d.test_file and d.test_split), "data.test_file", "give data.test_file or data.test_split, not both")
+    c(not (d.test_split and not d.dataset), "data.test_split", "needs data.dataset (a Hub dataset); for a local file "
+                                                                "use data.test_file")
     for key in ("max_train_samples", "max_eval_samples", "max_length"):
         v = getattr(d, key)
         c(v is None or v > 0, f"data.{key}", f"must be a positive integer, got {v}")
@@ -387,6 +441,26 @@ def _check_distill(cfg: Config, c) -> None:
     c(k.hidden_weight >= 0 and k.attention_weight >= 0, "distill", "loss weights must be >= 0")
     c(k.attention_loss in ("tinybert", "minilm"), "distill.attention_loss",
       f"'{k.attention_loss}'; valid: tinybert, minilm")
+    tr, a = k.transfer, k.transfer.augment
+    for key in ("mask_prob", "replace_prob", "ngram_prob"):
+        v = getattr(a, key)
+        c(isinstance(v, (int, float)) and 0.0 <= v <= 1.0, f"distill.transfer.augment.{key}",
+          f"must be a probability in [0, 1], got {v}")
+    c(a.mask_prob + a.replace_prob <= 1.0, "distill.transfer.augment",
+      f"mask_prob + replace_prob must be <= 1 (one draw per word), got {a.mask_prob + a.replace_prob:g}")
+    c(a.copies >= 0, "distill.transfer.augment.copies", f"must be >= 0, got {a.copies}")
+    c(a.ngram_max >= 1, "distill.transfer.augment.ngram_max", f"must be >= 1, got {a.ngram_max}")
+    c(tr.max_unlabelled is None or tr.max_unlabelled >= 1, "distill.transfer.max_unlabelled",
+      f"must be >= 1, got {tr.max_unlabelled}")
+    c(tr.label_with in LABEL_FORMS, "distill.transfer.label_with",
+      f"'{tr.label_with}'; valid: {', '.join(LABEL_FORMS)}")
+    c(0.0 <= tr.min_agreement <= 1.0, "distill.transfer.min_agreement", f"must be in [0, 1], got {tr.min_agreement}")
+    c(tr.batch_size >= 1, "distill.transfer.batch_size", f"must be >= 1, got {tr.batch_size}")
+    c(not (tr.unlabelled_train and not cfg.data.max_train_samples), "distill.transfer.unlabelled_train",
+      "needs data.max_train_samples (the labelled subset); without it every train row is labelled")
+    if tr.enabled:
+        c(cfg.task.type == "classification", "distill.transfer", "is for classification (seq2seq: distill.seq_kd)")
+        c(k.alpha > 0, "distill.alpha", "must be > 0 with a transfer set (its rows train on KD alone)")
 
 
 def _check_train(cfg: Config, c) -> None:

@@ -26,11 +26,30 @@ def logit_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
     return kl * t * t
 
 
+IGNORE = -100  # the label of a row without a gold label (a transfer-set row)
+
+
+def masked_ce(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged over the rows that have a label (label != -100); 0 (with a graph) when none has."""
+    has = labels != IGNORE
+    if not bool(has.any()):
+        return student_logits.float().sum() * 0.0
+    return F.cross_entropy(student_logits.float()[has], labels[has])
+
+
+def kd_ce_terms(student_logits, teacher_logits, labels, temperature: float, alpha: float) -> dict:
+    """{"kd": alpha * logit KD over every row, "ce": (1 - alpha) * CE over the labelled rows} (terms at weight 0 left out)."""
+    out = {}
+    if alpha > 0:
+        out["kd"] = alpha * logit_kd_loss(student_logits, teacher_logits, temperature)
+    if alpha < 1:
+        out["ce"] = (1 - alpha) * masked_ce(student_logits, labels)
+    return out
+
+
 def kd_ce_loss(student_logits, teacher_logits, labels, temperature: float, alpha: float) -> torch.Tensor:
-    """alpha * logit KD + (1 - alpha) * CE(student, hard labels)."""
-    kd = logit_kd_loss(student_logits, teacher_logits, temperature) if alpha > 0 else 0.0
-    ce = F.cross_entropy(student_logits.float(), labels) if alpha < 1 else 0.0
-    return alpha * kd + (1 - alpha) * ce
+    """alpha * logit KD + (1 - alpha) * CE(student, hard labels); rows labelled -100 get KD alone."""
+    return sum(kd_ce_terms(student_logits, teacher_logits, labels, temperature, alpha).values())
 
 
 def _token_mean(per_token: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -42,14 +61,21 @@ def _token_mean(per_token: torch.Tensor, mask: torch.Tensor | None) -> torch.Ten
 
 
 def hidden_mse_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
-                    mask: torch.Tensor | None = None, projection: nn.Module | None = None) -> torch.Tensor:
+                    mask: torch.Tensor | None = None, projection: nn.Module | None = None,
+                    normalize: bool = False) -> torch.Tensor:
     """MSE(W h_s, h_t) over real tokens (TinyBERT, Jiao et al. 2020, eq. 8).
 
-    `projection` (W, learned) maps the student width to the teacher's when they differ.
+    `projection` (W, learned) maps the student width to the teacher's when they differ. `normalize`
+    divides by the teacher states' mean square over the same tokens, so the term reads "fraction of the
+    teacher's signal missed" (1.0 for a student that outputs zeros) whatever the activation scale.
     """
     h = projection(student_hidden) if projection is not None else student_hidden
     per_token = (h.float() - teacher_hidden.float()).pow(2).mean(-1)
-    return _token_mean(per_token, mask)
+    mse = _token_mean(per_token, mask)
+    if normalize:
+        scale = _token_mean(teacher_hidden.float().pow(2).mean(-1), mask).detach()
+        mse = mse / scale.clamp(min=1e-12)
+    return mse
 
 
 def attention_mse_loss(student_attn: torch.Tensor, teacher_attn: torch.Tensor,
@@ -131,13 +157,28 @@ class DistillLoss(nn.Module):
     def logits_only(self) -> bool:
         return not (self.needs_hidden or self.needs_attentions or self.needs_values)
 
+    def terms(self, student: Signals, teacher: Signals, labels: torch.Tensor) -> dict:
+        """Each weighted term as a tensor: kd, ce, and hidden / attention when they are on."""
+        c = self.cfg
+        parts = kd_ce_terms(student.logits, teacher.logits, labels, c.temperature, c.alpha)
+        parts.update(self._intermediate(student, teacher))
+        return parts
+
     def forward(self, student: Signals, teacher: Signals, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
         c = self.cfg
         parts = {"kd_ce": kd_ce_loss(student.logits, teacher.logits, labels, c.temperature, c.alpha)}
+        parts.update(self._intermediate(student, teacher))
+        loss = sum(parts.values())
+        return loss, {k: float(v.detach()) for k, v in parts.items()}
+
+    def _intermediate(self, student: Signals, teacher: Signals) -> dict:
+        c = self.cfg
+        parts = {}
         mask = student.attention_mask
         if self.needs_hidden:
             terms = [hidden_mse_loss(student.hidden_states[i], teacher.hidden_states[j], mask,
-                                     self.projections[k] if len(self.projections) else None)
+                                     self.projections[k] if len(self.projections) else None,
+                                     normalize=getattr(c, "normalize_hidden", False))
                      for k, (i, j) in enumerate(enumerate(self.hidden_map))]
             parts["hidden"] = c.hidden_weight * torch.stack(terms).mean()
         if self.needs_attentions:
@@ -146,5 +187,4 @@ class DistillLoss(nn.Module):
         if self.needs_values:
             parts["attention"] = c.attention_weight * value_relation_loss(
                 student.values[-1], teacher.values[self.attention_map[0]], mask, c.relation_heads)
-        loss = sum(parts.values())
-        return loss, {k: float(v.detach()) for k, v in parts.items()}
+        return parts

@@ -77,27 +77,29 @@ def student_config(teacher_config: PretrainedConfig, spec: StudentConfig) -> Pre
     return cfg
 
 
-def build_student(teacher: PreTrainedModel, spec: StudentConfig, seed: int = 42) -> PreTrainedModel:
-    """A student for the teacher's task, initialised as `spec.init` says."""
+def build_student(teacher: PreTrainedModel, spec: StudentConfig, seed: int = 42,
+                  base: PreTrainedModel | None = None) -> PreTrainedModel:
+    """A student for the teacher's task, initialised as `spec.init` says.
+
+    `base` (a pretrained model of another family, `student.pretrained`, loaded as a classifier for the
+    teacher's labels) replaces the teacher as the source of architecture and weights: its layers are
+    chosen, or its widths cut, exactly as the teacher's would be. The student keeps the teacher's labels.
+    """
     torch.manual_seed(seed)
-    if spec.pretrained:
-        student = AutoModelForSequenceClassification.from_pretrained(
-            spec.pretrained, num_labels=teacher.config.num_labels, use_safetensors=True)
-        check_vocab(teacher, student, spec.pretrained)
-        return student
-    cfg = student_config(teacher.config, spec)
+    source = base if base is not None else teacher
+    cfg = student_config(source.config, spec)
+    cfg.num_labels = teacher.config.num_labels
+    cfg.id2label, cfg.label2id = dict(teacher.config.id2label), dict(teacher.config.label2id)
     student = AutoModelForSequenceClassification.from_config(cfg)
     if spec.init != "random":
-        layer_map = spec.layer_map or uniform_layer_map(spec.num_layers, teacher.config.num_hidden_layers)
-        student.load_state_dict(sliced_state_dict(teacher, student, layer_map))
+        layer_map = spec.layer_map or uniform_layer_map(spec.num_layers, source.config.num_hidden_layers)
+        student.load_state_dict(sliced_state_dict(source, student, layer_map))
     return student
 
 
-def check_vocab(teacher: PreTrainedModel, student: PreTrainedModel, where: str) -> None:
-    tv, sv = teacher.config.vocab_size, student.config.vocab_size
-    if tv != sv:
-        raise ConfigError(f"student.pretrained: {where} has a vocabulary of {sv} tokens but the teacher's "
-                          f"tokenizer has {tv}; the student must share the teacher's tokenizer")
+def same_vocabulary(teacher_tokenizer, student_tokenizer) -> bool:
+    """True when both tokenizers map every token to the same id (the student may then read the teacher's batches)."""
+    return teacher_tokenizer is student_tokenizer or teacher_tokenizer.get_vocab() == student_tokenizer.get_vocab()
 
 
 def _layer_of(name: str) -> int | None:

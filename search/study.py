@@ -66,7 +66,7 @@ from kdlab.search.study_tracking import StudyTracking
 from kdlab.search.targets import EXIT_MISS, EXIT_PASS, Targets, is_relative, resolve_targets
 from kdlab.search.timing import check_device, measure_candidates, target_profile, timing_batches
 from kdlab.train.data import make_loader
-from kdlab.train.pipeline import cached_teacher_logits, prepare
+from kdlab.train.pipeline import distillation_logits, load_base, prepare, student_source_config
 from kdlab.train.teacher import ensure_teacher, load_teacher_config
 
 DIRECTIONS = ["maximize", "minimize"]  # quality, p95_ms
@@ -324,21 +324,25 @@ def _setup(cfg: Config, accelerator, space: SearchSpace, console) -> Context:
     teacher, teacher_dev = ensure_teacher(cfg, accelerator, prep.data, prep.tokenizer, prep.train_ds, prep.eval_ds,
                                           attn=attn)
     teacher = teacher.to(accelerator.device).eval()
-    quality_batches = list(make_loader(prep.eval_ds, prep.tokenizer, cfg.train.eval_batch_size, shuffle=False))
-    batches, lengths = timing_batches(prep.eval_ds, prep.tokenizer, cfg.target.batch_size, cfg.target.seq_len,
-                                      vocab_size=teacher.config.vocab_size, seed=cfg.train.seed)
+    # Students read their own tokenizer's tokens (student.pretrained), in training, scoring and timing alike.
+    s_eval, s_tok = prep.student_eval_ds, prep.student_tokenizer
+    quality_batches = list(make_loader(s_eval, s_tok, cfg.train.eval_batch_size, shuffle=False))
+    batches, lengths = timing_batches(s_eval, s_tok, cfg.target.batch_size, cfg.target.seq_len,
+                                      vocab_size=len(s_tok), seed=cfg.train.seed)
     profile = target_profile(cfg.target, threads, lengths["seq_len_median"])
     logits_only = cfg.distill.hidden_weight == 0 and cfg.distill.attention_weight == 0
-    logits_cache = (cached_teacher_logits(teacher, prep.train_ds, prep.tokenizer, cfg, accelerator)
-                    if cfg.distill.cache_teacher_logits and logits_only else None)
-    eval_loader = accelerator.prepare(make_loader(prep.eval_ds, prep.tokenizer, cfg.train.eval_batch_size,
-                                                  shuffle=False))
+    needs_cache = not prep.shared_vocabulary or cfg.distill.transfer.enabled
+    logits_cache, label_report = (distillation_logits(teacher, prep, cfg, accelerator, say=accelerator.print)
+                                  if needs_cache or (cfg.distill.cache_teacher_logits and logits_only)
+                                  else (None, None))
+    eval_loader = accelerator.prepare(make_loader(s_eval, s_tok, cfg.train.eval_batch_size, shuffle=False))
     ctx = Context(cfg, accelerator, prep, teacher, space, Targets(), profile, batches, quality_batches, eval_loader,
-                  logits_cache, attn, threads, tracking, {}, console)
+                  logits_cache, attn, threads, tracking, {}, console, load_base(cfg, prep.data.num_labels))
     ctx.meta = {"conditions": {"device": cfg.target.device, "threads": threads, "batch_size": cfg.target.batch_size,
                                "seq_len": cfg.target.seq_len, **lengths, "metric": cfg.task.metric,
                                "dev_rows": len(prep.eval_ds), "teacher": cfg.teacher.source,
-                               "teacher_dev": teacher_dev, "cpu": machine_info()["cpu"],
+                               "teacher_dev": teacher_dev, "training_data": prep.training_data(cfg, label_report),
+                               "cpu": machine_info()["cpu"],
                                "torch": versions()["torch"]}}
     return ctx
 
@@ -379,7 +383,7 @@ def run_search(cfg: Config, accelerator, n_trials: int | None = None, timeout_s:
         space = seq2seq_search.Seq2SeqSpace.from_config(cfg, load_teacher_config(cfg))
         trial_objective = seq2seq_search.objective
     else:
-        space = SearchSpace.from_config(cfg, load_teacher_config(cfg))  # space errors before any work starts
+        space = SearchSpace.from_config(cfg, student_source_config(cfg))  # space errors before any work starts
         trial_objective = objective
     created = not cfg.run_dir.exists()
     storage = open_storage(cfg)

@@ -93,6 +93,34 @@ def tiny_teacher_dir(tmp_path_factory) -> str:
     return make_tiny_teacher(tmp_path_factory.mktemp("tiny_teacher"))
 
 
+def make_other_family(out: Path, vocab_size: int = 400) -> str:
+    """A pretrained-student stand-in of another family: a 2-layer, 32-wide BERT with random weights and its own
+    word-level tokenizer learnt from 2,000 SST-2 rows (its ids mean nothing to the MiniLM-vocabulary teacher)."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+    torch.manual_seed(1)
+    lines = [line.split("\t")[0] for line in (SST2 / "train.tsv").read_text().splitlines()[1:2001]]
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    raw = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.train_from_iterator(lines, trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=specials))
+    raw.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+                                                       special_tokens=[(t, raw.token_to_id(t)) for t in specials[2:4]])
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                  sep_token="[SEP]", mask_token="[MASK]")
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def other_family_dir(tmp_path_factory) -> str:
+    return make_other_family(tmp_path_factory.mktemp("other_family"))
+
+
 def build_export(folder: Path, tokenizer, recipe: str) -> Path:
     """A real export folder (write_model + build_served + manifest) of a tiny random-init classifier."""
     import torch

