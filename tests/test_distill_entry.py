@@ -77,7 +77,9 @@ def test_launch_fine_tunes_teacher_distils_and_logs(tmp_path, tiny_teacher_dir):
     student = AutoModelForSequenceClassification.from_pretrained(run_dir / "student")
     assert student.config.num_hidden_layers == 1 and student.config.num_labels == 2
     assert summary["student_params"] == sum(p.numel() for p in student.parameters())
-    assert summary["teacher_logits_cached"] and list((run_dir / "cache").glob("teacher_logits-*.safetensors"))
+    labels = summary["teacher_labels"]
+    assert summary["teacher_logits_cached"] and labels["rows"] == 200 and labels["form"] == "fp32"
+    assert (Path(os.environ["KDLAB_CACHE_DIR"]) / "teacher_logits" / labels["key"] / "logits.safetensors").is_file()
     assert summary["mixed_precision"] == "no"  # what configs/accelerate/cpu_1proc.yaml says
     assert (run_dir / "teacher" / "kdlab_teacher.json").is_file() and (run_dir / "config.yaml").is_file()
     assert "dev accuracy" in proc.stdout
@@ -144,7 +146,7 @@ def test_bad_input_exits_2_with_one_line_and_no_run_folder(tmp_path, tiny_teache
     assert not run_dir.exists()
 
 
-def test_vocabulary_mismatch_is_refused(tmp_path, tiny_teacher_dir):
+def test_a_pretrained_student_without_its_tokenizer_is_refused(tmp_path, tiny_teacher_dir):
     other = tmp_path / "other_vocab"
     BertModel(BertConfig(vocab_size=500, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=64)).save_pretrained(other)
@@ -153,5 +155,8 @@ def test_vocabulary_mismatch_is_refused(tmp_path, tiny_teacher_dir):
     proc = subprocess.run([sys.executable, SCRIPT, "--config", str(config), f"student.pretrained={other}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
-    assert "has a vocabulary of 500 tokens but the teacher" in proc.stderr.strip().splitlines()[-1]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"kdlab: error: student.pretrained: {other} has no tokenizer files (one of tokenizer.json, vocab.txt, "
+        f"vocab.json, spiece.model, tokenizer.model, sentencepiece.bpe.model, merges.txt); a student of another "
+        f"family tokenizes with its own: save its tokenizer beside the weights")
     assert not run_dir.exists()

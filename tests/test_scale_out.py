@@ -64,7 +64,9 @@ def two_workers(tmp_path_factory, tiny_teacher_dir, postgres_url, tracking_uri):
     # Given on the command line as a user would (a password would come from the environment, not the YAML).
     overrides = [f"search.storage={postgres_url}", f"tracking.uri={tracking_uri}"]
 
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    # A cache of its own, so the teacher-label entries counted below are this study's.
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+           "KDLAB_CACHE_DIR": str(root / "kdlab-cache")}
     # The teacher once, before any worker, as a user would: `kdlab distill` fine-tunes it
     # (teacher/kdlab_teacher.json) and caches its logits; the workers then only read both.
     # train.max_steps keeps the student part short; it is not in the teacher's key.
@@ -72,7 +74,7 @@ def two_workers(tmp_path_factory, tiny_teacher_dir, postgres_url, tracking_uri):
                           env=env, capture_output=True, text=True, timeout=300, check=False)
     assert prep.returncode == 0, f"kdlab distill exit {prep.returncode}\n{prep.stdout[-2000:]}\n{prep.stderr[-2000:]}"
     assert (root / "run" / "teacher" / "kdlab_teacher.json").is_file()
-    caches = sorted((root / "run" / "cache").glob("teacher_logits-*.safetensors"))
+    caches = sorted((root / "kdlab-cache" / "teacher_logits").glob("*/logits.safetensors"))
     assert len(caches) == 1
 
     cmd = [KDLAB, "search", "--config", str(config), "--n-trials", str(TRIALS_PER_WORKER), *overrides]
@@ -109,8 +111,9 @@ def test_both_workers_share_one_study(two_workers):
     ran = [set(map(int, re.findall(r"^trial (\d+):", out, re.MULTILINE))) for _, out, _ in two_workers["outputs"]]
     assert all(ran) and not ran[0] & ran[1] and ran[0] | ran[1] == {t.number for t in trials}
     # The workers read the teacher and its logits; neither fine-tuned or cached again.
-    assert sorted((two_workers["root"] / "run" / "cache").glob("teacher_logits-*.safetensors")) == \
+    assert sorted((two_workers["root"] / "kdlab-cache" / "teacher_logits").glob("*/logits.safetensors")) == \
         two_workers["caches"]
+    assert all("teacher labels: reusing" in out for _, out, _ in two_workers["outputs"])
     assert all("reusing fine-tuned checkpoint" in out for _, out, _ in two_workers["outputs"])
 
 

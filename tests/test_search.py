@@ -105,17 +105,20 @@ def test_search_records_trials_constraints_checkpoints_and_mlflow_runs(root, mai
     for t in trials:
         u, c = t.user_attrs, t.constraints
         assert u["hidden_size"] % u["num_heads"] == 0
-        assert set(c) == {"p95_ms", "size_mb", "quality"}
+        assert set(c) == {"p95_ms", "size_mb", "quality", "agreement"}
         assert c["p95_ms"] == pytest.approx(u["p95_ms"] / 10_000 - 1)
         assert c["size_mb"] == pytest.approx(u["size_mb"] / budget_mb - 1)
         checkpoint = root / "main" / "trials" / str(t.number)
         if u["screened_out"]:
             assert u["size_mb"] > budget_mb and c["size_mb"] > 0 and c["quality"] == pytest.approx(1.0)
+            assert c["agreement"] == pytest.approx(0.99)  # no served artefact: nothing agrees
             assert u["train_seconds"] == 0 and u["steps"] == 0 and t.values[0] == 0.0
             assert t.values[1] == u["p95_ms"] == u["pre_p95_ms"] > 0
             assert not checkpoint.exists()
         else:
-            assert u["size_mb"] < budget_mb and all(v <= 0 for v in c.values())
+            assert u["size_mb"] < budget_mb and all(v <= 0 for k, v in c.items() if k != "agreement")
+            assert 0.0 <= u["label_agreement"] <= 1.0
+            assert c["agreement"] == pytest.approx(0.99 - u["label_agreement"])  # export.min_label_agreement
             assert u["steps"] == TRAIN_STEPS and u["train_seconds"] > 0
             assert 0.0 <= t.values[0] == u["quality"] <= 1.0
             assert c["quality"] == pytest.approx(1 - u["quality"] / 0.01)
@@ -376,6 +379,16 @@ def test_constraint_values_are_relative_gaps():
     assert constraint_values(targets, 12.0, 2.0, 0.9) == pytest.approx(
         {"p95_ms": 0.2, "size_mb": -0.5, "quality": 1 - 0.9 / 0.8})
     assert constraint_values(Targets(p95_ms=10.0), 5.0, 99.0, 0.1) == {"p95_ms": -0.5}  # unset targets: no constraint
+
+
+def test_a_served_artefact_that_disagrees_with_its_weights_is_infeasible():
+    """The 4-class case: 98.65 % agreement under export.min_label_agreement 0.99 is a violated constraint, so the
+    study never chooses a student whose export would be refused."""
+    targets = Targets(p95_ms=10.0, min_quality=0.8)
+    gaps = constraint_values(targets, 5.0, 2.0, 0.91, agreement=0.9865, min_agreement=0.99)
+    assert gaps["agreement"] == pytest.approx(0.0035) and gaps["p95_ms"] < 0 and gaps["quality"] < 0
+    assert not all(v <= 0 for v in gaps.values())
+    assert constraint_values(targets, 5.0, 2.0, 0.91, agreement=0.995, min_agreement=0.99)["agreement"] < 0
 
 
 def test_screening_uses_the_margin_for_latency_only():

@@ -133,14 +133,11 @@ def eval_and_test_texts(cfg: Config, data: TaskData) -> list[str]:
     return texts
 
 
-def build_distillation_set(cfg: Config, data: TaskData, student_tokenizer, labelled_ds, say=print):
-    """(texts, pairs, distillation dataset, TransferSet or None): the labelled rows, then the transfer rows."""
-    d = cfg.data
-    texts = [str(t) for t in data.train[d.text_column]]
-    pairs = [str(t) for t in data.train[d.text_pair_column]] if d.text_pair_column else None
-    tr = cfg.distill.transfer
+def collect_transfer(cfg: Config, data: TaskData, mask_token: str | None, say=print) -> TransferSet | None:
+    """The transfer set's texts (read and checked before any tokenizing), or None without distill.transfer."""
+    d, tr = cfg.data, cfg.distill.transfer
     if not tr.enabled:
-        return texts, pairs, labelled_ds, None
+        return None
     if d.text_pair_column:
         raise ConfigError("distill.transfer: sentence pairs (data.text_pair_column) have no transfer set yet; "
                           "valid: remove distill.transfer, or use single-text data")
@@ -148,13 +145,24 @@ def build_distillation_set(cfg: Config, data: TaskData, student_tokenizer, label
     if tr.unlabelled_train:
         full, _ = load_splits(d)
         unlabelled = unlabelled_rows(full, d.max_train_samples, subset_seed(d, cfg.train.seed), d.text_column)
-    mask = student_tokenizer.mask_token or "[MASK]"
-    transfer = build_transfer_set(tr, texts, unlabelled, eval_and_test_texts(cfg, data), mask, d.text_column)
+    labelled = [str(t) for t in data.train[d.text_column]]
+    transfer = build_transfer_set(tr, labelled, unlabelled, eval_and_test_texts(cfg, data), mask_token or "[MASK]",
+                                  d.text_column)
     if not transfer.texts:
         raise ConfigError("distill.transfer: the transfer set is empty after dropping texts equal to dev, test or "
                           f"labelled texts ({transfer.dropped}); valid: sources with other texts")
     say(f"transfer set: {len(transfer.texts):,} rows ({', '.join(f'{k} {v:,}' for k, v in transfer.sources.items())}; "
         f"dropped {', '.join(f'{k} {v:,}' for k, v in transfer.dropped.items() if v) or 'none'})")
+    return transfer
+
+
+def build_distillation_set(cfg: Config, data: TaskData, student_tokenizer, labelled_ds, transfer: TransferSet | None):
+    """(texts, pairs, distillation dataset): the labelled rows, then the transfer rows (label -100)."""
+    d = cfg.data
+    texts = [str(t) for t in data.train[d.text_column]]
+    pairs = [str(t) for t in data.train[d.text_pair_column]] if d.text_pair_column else None
+    if transfer is None:
+        return texts, pairs, labelled_ds
     offset = len(texts)
 
     def encode(batch, indices):
@@ -167,7 +175,7 @@ def build_distillation_set(cfg: Config, data: TaskData, student_tokenizer, label
         encode, batched=True, with_indices=True, remove_columns=["text"], desc="tokenizing transfer set")
     columns = [c for c in labelled_ds.column_names if c in rows.column_names]
     joined = datasets.concatenate_datasets([labelled_ds.select_columns(columns), rows.select_columns(columns)])
-    return texts + transfer.texts, None, joined, transfer
+    return texts + transfer.texts, None, joined
 
 
 def prepare(cfg: Config, accelerator: Accelerator | None = None) -> Prepared:
@@ -187,13 +195,14 @@ def prepare(cfg: Config, accelerator: Accelerator | None = None) -> Prepared:
     student_tokenizer = load_student_tokenizer(cfg, tokenizer)
     check_student_source(cfg, tokenizer, student_tokenizer)
     say = accelerator.print if accelerator is not None else print
+    transfer = collect_transfer(cfg, data, student_tokenizer.mask_token, say)
     with accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext():
         train_ds = tokenize(data.train, tokenizer, cfg.data, data.label_names)
         eval_ds = tokenize(data.eval, tokenizer, cfg.data, data.label_names)
         shared = same_vocabulary(tokenizer, student_tokenizer)
         s_train = train_ds if shared else tokenize(data.train, student_tokenizer, cfg.data, data.label_names)
         s_eval = eval_ds if shared else tokenize(data.eval, student_tokenizer, cfg.data, data.label_names)
-        texts, pairs, s_train, transfer = build_distillation_set(cfg, data, student_tokenizer, s_train, say)
+        texts, pairs, s_train = build_distillation_set(cfg, data, student_tokenizer, s_train, transfer)
     return Prepared(data, tokenizer, train_ds, eval_ds, student_tokenizer, s_train, s_eval, texts, pairs,
                     len(data.train), transfer)
 
