@@ -17,6 +17,7 @@ latency table and the model card are all done before anything replaces an earlie
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -42,7 +43,7 @@ from kdlab.search.model_gate import model_gate_rows
 from kdlab.search.seq2seq_export import register, run_seq2seq_export, seq2seq_summary_line
 from kdlab.search.study import stored_study, study_targets
 from kdlab.search.study_report import trial_rows
-from kdlab.train.data import make_loader
+from kdlab.train.data import load_test_split, make_loader, tokenize
 from kdlab.train.model_dir import architecture, check_model_dir, prepare_model
 from kdlab.train.pipeline import prepare
 from kdlab.train.seq2seq import prepare as prepare_seq2seq
@@ -232,7 +233,7 @@ def model_card(m: dict) -> str:
     # A model folder (--model DIR) was distilled when train/distill.py wrote it (its summary names the init).
     origin = ("Distilled from" if c["kind"] == "trial" or (c["kind"] == "model" and arch.get("init"))
               else "Trained outside kdlab; compared with" if c["kind"] == "model" else "Quantized from")
-    tokenizer_of = "the model's own tokenizer" if c["kind"] == "model" else "the teacher's tokenizer"
+    tokenizer_of = "the teacher's tokenizer" if c["kind"] == "teacher" else "the model's own tokenizer"
     q, tq = fig["quality"], ref.get("quality")
     cond = m["conditions"]
     lines = [
@@ -247,6 +248,10 @@ def model_card(m: dict) -> str:
         f"- Parity with the fp32 PyTorch model on the same rows: label agreement {par['label_agreement']:.2%}, "
         f"max |logit difference| {par['max_abs_diff']:.4f} (fp32 model quality {par['reference_quality']:.4f})",
     ]
+    if m.get("test"):
+        t = m["test"]
+        lines.append(f"- Held-out test ({t['source']}, {t['rows']} rows, scored once at export and never read by the "
+                     f"gate, the search or the choice): {t['metric']} **{t['quality']:.4f}**")
     if m.get("front_position"):
         lines.append(f"- On the search's Pareto front: {m['front_position']}")
     lines += ["", f"Latency on {cond['device']}, {cond['threads']} thread(s), sequence length "
@@ -274,7 +279,8 @@ def model_card(m: dict) -> str:
               f"- Tokenization: max length {m['max_length']}, {tokenizer_of}", "",
               "## Data", "", f"- Training rows: {m['data']['train_file'] or m['data']['dataset']}"
               f" (max {m['data']['max_train_samples'] or 'all'} rows)",
-              f"- Evaluation rows: {m['data']['eval_file'] or m['data']['eval_split']}", "",
+              f"- Evaluation rows: {m['data']['eval_file'] or m['data']['eval_split']}",
+              *training_data_lines(m.get("training_data")), "",
               "## Loading", "", "```python",
               "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
               "model = AutoModelForSequenceClassification.from_pretrained(\"<this folder>\")  # fp32",
@@ -313,6 +319,8 @@ def export_data(cfg: Config, choice: Choice):
         return prepare_model(cfg, check_model_dir(cfg, choice.source))
     if cfg.task.type == "seq2seq":
         return prepare_seq2seq(cfg)
+    if choice.kind == "trial":  # a student tokenizes with its own tokenizer (saved in its trial folder)
+        return prepare_model(cfg, check_model_dir(cfg, choice.source))
     return prepare(cfg)
 
 
@@ -336,6 +344,7 @@ def run_export(cfg: Config, trial: int | None = None, pick_text: str | None = No
     threads, _ = clamp_threads(cfg.target.threads)
     torch.set_num_threads(threads)
     prep = export_data(cfg, choice)
+    test_ds = load_test_split(cfg.data, prep.data.label_names)  # a bad test file: one line, nothing written
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = dest.with_name(f".{dest.name}.staging-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
@@ -377,6 +386,15 @@ def run_export(cfg: Config, trial: int | None = None, pick_text: str | None = No
             raise ExportError(f"parity: the {choice.recipe} artefact agrees with the fp32 model on "
                               f"{agreement['label_agreement']:.2%} of {agreement['rows']} dev labels, below "
                               f"export.min_label_agreement {cfg.export.min_label_agreement:.2%}; nothing exported")
+        if test_ds is not None:  # scored once, here, for the chosen model only
+            test_batches = list(make_loader(tokenize(test_ds, prep.tokenizer, cfg.data, prep.data.label_names),
+                                            prep.tokenizer, cfg.train.eval_batch_size, shuffle=False))
+            manifest["test"] = {"source": portable_path(cfg.data.test_file) if cfg.data.test_file
+                                else f"{cfg.data.dataset}[{cfg.data.test_split}]", "rows": len(test_ds),
+                                "metric": metric, "quality": dev_quality(served.artefact, test_batches, metric, n)}
+            say(f"export: held-out test {manifest['test']['source']}: {metric} {manifest['test']['quality']:.4f} "
+                f"on {len(test_ds)} rows (served artefact)")
+        manifest["training_data"] = training_data_of(choice)
         say(f"export: parity on {agreement['rows']} dev rows: label agreement {agreement['label_agreement']:.2%}, "
             f"max |diff| {agreement['max_abs_diff']:.4f}; measuring latency at batch "
             f"{', '.join(map(str, cfg.export.latency_batch_sizes))}")
@@ -402,6 +420,35 @@ def run_export(cfg: Config, trial: int | None = None, pick_text: str | None = No
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return register(cfg, dest, manifest, model_card)
+
+
+def training_data_of(choice: Choice) -> dict | None:
+    """How the chosen student's training data was made: its distillation summary's or its trial record's."""
+    folder = Path(choice.source)
+    for name, read in (("kdlab_summary.json", lambda d: d.get("training_data")),
+                       ("kdlab_trial.json", lambda d: (d.get("conditions") or {}).get("training_data"))):
+        if (folder / name).is_file():
+            found = read(json.loads((folder / name).read_text()))
+            if found:
+                return found
+    return None
+
+
+def training_data_lines(data: dict | None) -> list[str]:
+    """The card's account of the student's training data (labelled rows, transfer sources, teacher labels)."""
+    if not data:
+        return ["- Student training data: the labelled rows only"]
+    transfer = {k: v for k, v in (data.get("transfer") or {}).items() if v}
+    lines = [f"- Student training data: {data['labelled_rows']:,} labelled rows (KD + cross-entropy)"
+             + (f", and a transfer set labelled by the teacher (KD only): "
+                + ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in transfer.items()) if transfer else "")]
+    if data.get("augment"):
+        a = data["augment"]
+        lines.append(f"- Augmented copies: {a['copies']} per labelled row (mask {a['mask_prob']}, word replacement "
+                     f"{a['replace_prob']}, n-gram {a['ngram_prob']} up to {a['ngram_max']} words, seed {a['seed']})")
+    if data.get("teacher_labels"):
+        lines.append(f"- Teacher labels computed with: {data['teacher_labels']}")
+    return lines
 
 
 def _capacity(cfg: Config, reports: dict) -> dict:

@@ -86,6 +86,8 @@ def register_export(cfg: Config, folder: Path, manifest: dict) -> dict:
         info = mlflow.pyfunc.log_model(name="model", registered_model_name=name,
                                        **pyfunc_arguments(folder, manifest, package))
         mlflow.set_tags({"kdlab.export": str(folder), "kdlab.export_recipe": manifest["served"]["recipe"]})
+        if manifest.get("test"):  # the held-out split, scored once for this model
+            mlflow.log_metric(f"test_{manifest['test']['metric']}", manifest["test"]["quality"])
     client = mlflow.MlflowClient()
     version = str(info.registered_model_version)
     client.set_registered_model_alias(name, cfg.export.alias, version)

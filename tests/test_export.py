@@ -19,7 +19,7 @@ import torch
 from huggingface_hub import ModelCard
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from conftest import DATA, ROOT, tiny_run_tree, write_config
+from conftest import DATA, ROOT, SST2, tiny_run_tree, write_config
 from kdlab.distill.config import ConfigError, load_config
 from kdlab.distill.export import load_served, sha256_file
 from kdlab.scripts.cli import main as kdlab
@@ -392,3 +392,43 @@ def test_onnx_int8_export_is_served_from_its_int8_graph_through_the_registry(sea
     assert machine_paths(manifest, (out / "README.md").read_text(), root.parent) == []
     # fine_tune never: the teacher folder itself, outside the repository, the data and the run: by name only
     assert manifest["choice"]["source"] == manifest["teacher"]["source"] == f"<local>/{Path(cfg.teacher.source).name}"
+
+
+def test_the_test_split_is_scored_at_export_and_never_read_before(tmp_path, tiny_teacher_dir):
+    """The search runs with data.test_file naming a file that does not exist yet (reading it would fail); the
+    export, after the file is written, scores it once on the served artefact, as `kdlab predict` labels it."""
+    test_file = tmp_path / "test.tsv"
+    tree = tiny_run_tree(tmp_path / "t", tiny_teacher_dir, target=PROFILE, search={**SPACE, "seed_trials": 1},
+                         export={"latency_batch_sizes": [1]})
+    tree["name"] = "held"
+    tree["teacher"]["fine_tune"] = "never"
+    tree["data"]["test_file"] = str(test_file)
+    config = write_config(tmp_path / "held.yaml", tree)
+    assert kdlab(["search", "--config", str(config), "--n-trials", "1", "tracking.enabled=false"]) == 0
+    rows = (SST2 / "dev.tsv").read_text().splitlines()
+    test_file.write_text("\n".join([rows[0], *rows[-60:]]) + "\n")
+    study = optuna.load_study(study_name="held", storage=f"sqlite:///{tmp_path / 't' / 'optuna.db'}")
+    assert str(test_file) not in json.dumps([t.user_attrs for t in study.trials], default=str)
+
+    assert kdlab(["export", "--config", str(config), "tracking.enabled=false"]) == 0
+    out = tmp_path / "t" / "export"
+    manifest = json.loads((out / "manifest.json").read_text())
+    test = manifest["test"]
+    assert (test["rows"], test["metric"]) == (60, "accuracy")
+    predicted = tmp_path / "pred.jsonl"
+    assert kdlab(["predict", "--model", str(out), "--input", str(test_file), "--output", str(predicted)]) == 0
+    labels = [line.split("\t")[1] for line in rows[-60:]]
+    got = [json.loads(line)["label"] for line in predicted.read_text().splitlines()]
+    assert test["quality"] == pytest.approx(sum(a == b for a, b in zip(got, labels)) / 60)
+    card = (out / "README.md").read_text()
+    assert f"accuracy **{test['quality']:.4f}**" in card and "scored once at export" in card
+    assert "Student training data: 200 labelled rows" in card
+
+
+def test_a_test_file_with_unseen_labels_is_refused_before_anything_is_written(searched, tmp_path):
+    root, config = searched
+    bad = tmp_path / "test.tsv"
+    bad.write_text("sentence\tlabel\na fine film\t1\na strange one\t7\n")
+    out = tmp_path / "never"
+    assert kdlab(["export", "--config", str(config), f"data.test_file={bad}", "--out", str(out)]) == 2
+    assert not out.exists() and not list(tmp_path.glob(".never*"))

@@ -172,3 +172,29 @@ def make_loader(ds: datasets.Dataset, tokenizer, batch_size: int, shuffle: bool,
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator,
                       collate_fn=DataCollatorWithPadding(tokenizer, return_tensors="pt"))
+
+
+def load_test_split(cfg: DataConfig, label_names: list[str]) -> datasets.Dataset | None:
+    """The held-out test split (data.test_file or data.test_split), checked against the training labels; None
+    when the config has none. Read only by the export: the gate, the search and the choice never see it."""
+    if not (cfg.test_file or cfg.test_split):
+        return None
+    if cfg.test_file:
+        test, key, where = load_file(cfg.test_file, "data.test_file"), "data.test_file", cfg.test_file
+    else:
+        key, where = "data.test_split", f"{cfg.dataset}[{cfg.test_split}]"
+        try:
+            test = datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.test_split)
+        except Exception as exc:
+            raise ConfigError(f"data.test_split: cannot load '{where}': {str(exc).splitlines()[0]}") from None
+    for column in filter(None, (cfg.text_column, cfg.text_pair_column, cfg.label_column)):
+        if column not in test.column_names:
+            raise ConfigError(f"{key}: column '{column}' not in {where}; columns: {', '.join(test.column_names)}")
+    feature = test.features[cfg.label_column]
+    values = set(feature.names) if isinstance(feature, datasets.ClassLabel) else set(test[cfg.label_column])
+    known = set(label_names) | ({i for i in range(len(label_names))} if all(n.isdigit() for n in label_names) else set())
+    unseen = sorted((v for v in values if v not in known and str(v) not in label_names), key=str)
+    if unseen:
+        raise ConfigError(f"{key}: {where} has label(s) {unseen[:5]} that never occur in the training rows "
+                          f"(labels there: {', '.join(label_names)}); valid: a test split of the same classes")
+    return test
