@@ -158,14 +158,18 @@ def mask_token_of(student: str, teacher_dir: Path) -> str:
     return AutoTokenizer.from_pretrained(resolve_source(source)).mask_token
 
 
+NO_TRANSFER = ["distill.transfer.unlabelled_train=false", "distill.transfer.augment.copies=0"]
+
+
 def arm_overrides(arm: str, student: str, teacher_dir: Path, quick: bool) -> list[str]:
     if arm == "ce":
-        return ["distill.alpha=0.0"]
+        return ["distill.alpha=0.0", *NO_TRANSFER]
     if arm == "ce+aug":
-        return ["distill.alpha=0.0", f"data.train_file={augmented_train_file(mask_token_of(student, teacher_dir), quick)}",
+        return ["distill.alpha=0.0", *NO_TRANSFER,
+                f"data.train_file={augmented_train_file(mask_token_of(student, teacher_dir), quick)}",
                 "data.max_train_samples=null"]
     if arm == "kd":
-        return KD
+        return KD + NO_TRANSFER
     transfer = ["distill.transfer.unlabelled_train=true", "distill.transfer.label_with=auto",
                 *[f"distill.transfer.augment.{k}={v}" for k, v in AUGMENT.items()]]
     transfer.append(f"distill.transfer.max_unlabelled={3000 if quick else MAX_UNLABELLED}")
