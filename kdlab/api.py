@@ -19,7 +19,7 @@ from pathlib import Path
 
 from kdlab.distill.config import Config, load_config
 from kdlab.distill.export import Served, load_served
-from kdlab.search.export import export_dir, run_export as _export, summary_line
+from kdlab.search.export import check_test_split, export_dir, run_export as _export, summary_line
 from kdlab.search.gate import GateResult, run_gate as _gate
 from kdlab.search.model_gate import run_model_gate
 from kdlab.search.study import SearchResult, finished_trials, run_report, run_search as _search
@@ -68,6 +68,7 @@ def run(cfg: Config, n_trials: int | None = None, timeout_s: float | None = None
     The study is topped up to search.n_trials (`n_trials` adds that many more), so running again exports
     from the finished study instead of searching all over. `say` gets each stage's summary line.
     """
+    check_test_split(cfg)  # only the export scores it; a bad test file is one line now, not after the search
     gate = _gate(cfg)  # fine-tunes the teacher first when needed
     result = RunResult(gate)
     say(gate.message)

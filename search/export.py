@@ -14,6 +14,11 @@ distillation's MLflow run (DIR/kdlab_summary.json's mlflow_run_id), which is tag
 The folder is built in a staging folder beside the destination and moved into place only when
 complete: the parity check (served artefact against the fp32 model on the full dev set), the
 latency table and the model card are all done before anything replaces an earlier export.
+
+The held-out test split (data.test_file or data.test_split) is read here and nowhere before: its labels
+are checked against the training labels before anything is written, and it is scored once, on the
+served artefact of the chosen model, into the manifest (`test`), the card and the model's MLflow run
+(`test_<metric>`). `kdlab run` checks its labels before the gate (`check_test_split`), and scores it only here.
 """
 from __future__ import annotations
 
@@ -43,10 +48,11 @@ from kdlab.search.model_gate import model_gate_rows
 from kdlab.search.seq2seq_export import register, run_seq2seq_export, seq2seq_summary_line
 from kdlab.search.study import stored_study, study_targets
 from kdlab.search.study_report import trial_rows
-from kdlab.train.data import load_test_split, make_loader, tokenize
+from kdlab.train.data import load_task_data, load_test_split, make_loader, tokenize
 from kdlab.train.model_dir import architecture, check_model_dir, prepare_model
 from kdlab.train.pipeline import prepare
 from kdlab.train.seq2seq import prepare as prepare_seq2seq
+from kdlab.train.seq2seq_data import load_seq2seq_test
 from kdlab.train.teacher import teacher_folder
 
 NUMERIC = ("quality", "p50_ms", "p95_ms", "p99_ms", "size_mb", "params", "throughput", "train_seconds")
@@ -280,7 +286,10 @@ def model_card(m: dict) -> str:
               "## Data", "", f"- Training rows: {m['data']['train_file'] or m['data']['dataset']}"
               f" (max {m['data']['max_train_samples'] or 'all'} rows)",
               f"- Evaluation rows: {m['data']['eval_file'] or m['data']['eval_split']}",
-              *training_data_lines(m.get("training_data")), "",
+              *([f"- Held-out test rows: {m['test']['source']} ({m['test']['rows']} rows), read only by the export"]
+                if m.get("test") else []),
+              *training_data_lines(m.get("training_data"), c["kind"], m["data"].get("labelled_rows"),
+                                   c["kind"] == "trial" or bool(arch.get("init"))), "",
               "## Loading", "", "```python",
               "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
               "model = AutoModelForSequenceClassification.from_pretrained(\"<this folder>\")  # fp32",
@@ -344,7 +353,7 @@ def run_export(cfg: Config, trial: int | None = None, pick_text: str | None = No
     threads, _ = clamp_threads(cfg.target.threads)
     torch.set_num_threads(threads)
     prep = export_data(cfg, choice)
-    test_ds = load_test_split(cfg.data, prep.data.label_names)  # a bad test file: one line, nothing written
+    test_ds = load_test_split(cfg.data, prep.data)  # a bad test file: one line, nothing written
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = dest.with_name(f".{dest.name}.staging-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
@@ -365,7 +374,8 @@ def run_export(cfg: Config, trial: int | None = None, pick_text: str | None = No
             "data": {**{k: getattr(cfg.data, k) for k in ("dataset", "dataset_config", "eval_split",
                                                           "max_train_samples")},
                      **{k: portable_path(getattr(cfg.data, k)) for k in ("train_file", "eval_file")},
-                     "name": dataset_name(cfg.data.dataset, cfg.data.eval_file)},
+                     "name": dataset_name(cfg.data.dataset, cfg.data.eval_file),
+                     "labelled_rows": len(prep.data.train)},  # the config's labelled subset, as read now
             "choice": {"kind": choice.kind, "label": portable_text(choice.label, run=cfg.run_dir),
                        "recipe": choice.recipe, "trial": choice.trial,
                        "study": cfg.search.study_name or cfg.name,
@@ -422,6 +432,17 @@ def run_export(cfg: Config, trial: int | None = None, pick_text: str | None = No
     return register(cfg, dest, manifest, model_card)
 
 
+def check_test_split(cfg: Config) -> None:
+    """The held-out split read and its labels checked against the training labels, nothing scored: `kdlab run`
+    calls it before the gate, so a bad test file is one line before the search, not after it."""
+    if not (cfg.data.test_file or cfg.data.test_split):
+        return
+    if cfg.task.type == "seq2seq":
+        load_seq2seq_test(cfg.data)
+    else:
+        load_test_split(cfg.data, load_task_data(cfg.data, cfg.train.seed))
+
+
 def training_data_of(choice: Choice) -> dict | None:
     """How the chosen student's training data was made: its distillation summary's or its trial record's."""
     folder = Path(choice.source)
@@ -434,10 +455,18 @@ def training_data_of(choice: Choice) -> dict | None:
     return None
 
 
-def training_data_lines(data: dict | None) -> list[str]:
-    """The card's account of the student's training data (labelled rows, transfer sources, teacher labels)."""
+def training_data_lines(data: dict | None, kind: str, labelled_rows: int | None, distilled: bool) -> list[str]:
+    """The card's account of the student's training data (labelled rows, transfer sources, teacher labels).
+
+    `data`: the `training_data` its summary or trial record holds (None: not recorded there); `labelled_rows`:
+    the labelled rows the config gives, said when nothing else was recorded; `distilled`: made by kdlab."""
+    if kind == "teacher":
+        return []  # no student: the teacher itself is served
+    if not data and not distilled:
+        return ["- Training data of the model: not recorded (it was trained outside kdlab)"]
     if not data:
-        return ["- Student training data: the labelled rows only"]
+        return ["- Student training data: the labelled rows only"
+                + (f" ({labelled_rows:,} rows)" if labelled_rows is not None else "")]
     transfer = {k: v for k, v in (data.get("transfer") or {}).items() if v}
     lines = [f"- Student training data: {data['labelled_rows']:,} labelled rows (KD + cross-entropy)"
              + (f", and a transfer set labelled by the teacher (KD only): "
@@ -490,5 +519,7 @@ def summary_line(manifest: dict, dest: Path) -> str:
     return (f"exported {manifest['choice']['label']} ({manifest['served']['recipe']}) to {dest}: quality "
             f"{manifest['measured']['quality']:.4f}, p95 {lat['p95_ms']:.2f} ms at batch {lat['batch_size']}, "
             f"{manifest['measured']['size_mb']:.1f} MB, parity {p['label_agreement']:.2%}"
+            + (f"; held-out test {manifest['test']['metric']} {manifest['test']['quality']:.4f}"
+               if manifest.get("test") else "")
             + (f"; registered models:/{reg['model_name']}@{reg['alias']} (version {reg['version']})" if reg else ""))
 

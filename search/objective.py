@@ -194,9 +194,11 @@ def _evaluate(trial, candidate: Candidate, ctx: Context, tracker):
                           workdir=trial_dir / "served", allow_cpu_half=cfg.quantization.allow_cpu_bf16,
                           threads=ctx.threads)
     quality = dev_quality(served, ctx.quality_batches, cfg.task.metric, ctx.prep.data.num_labels)
-    # The export checks the same: its served artefact against the fp32 weights, on the same dev rows.
+    # What the export checks (search/export.py): the served artefact against the fp32 weights on the CPU, on the
+    # same dev rows in the same batches (the student's tokenizer, train.eval_batch_size), so a trial feasible here
+    # is never refused there. fp32 agrees with itself.
     agreement = 1.0 if candidate.recipe == "fp32" else parity(
-        served, apply_recipe("fp32", trained, example_batch=ctx.quality_batches[0], device=cfg.target.device,
+        served, apply_recipe("fp32", trained, example_batch=ctx.quality_batches[0], device="cpu",
                              threads=ctx.threads), ctx.quality_batches)["label_agreement"]
     post = _measure(served, ctx)
     return record_trained(trial, tracker, ctx, candidate, trial_dir, quality, pre, post, params, result, agreement)

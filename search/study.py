@@ -19,6 +19,10 @@ learning rate / temperature / alpha) from `search:` (search/space.py), then:
 
 Constraints (`trial.set_constraint`, > 0 violated) are relative gaps so the units do not weigh
 against each other in the samplers' total violation: p95/budget - 1, size/max - 1, 1 - quality/floor.
+Classification trials add `agreement`: export.min_label_agreement minus the share of dev labels on
+which the served artefact agrees with its own fp32 weights (user attr `label_agreement`; 1.0 for fp32),
+measured as `kdlab export` measures it, so the choice never falls on a student the export would refuse
+(a screened-out candidate has no artefact: agreement 0). Seq2seq trials have no such constraint.
 
 Sampler: multi-objective TPE (`TPESampler(multivariate=True, group=True)`) by default, chosen by
 reasoning, not by a benchmark. With 10-50 trials NSGA-II is a poor fit: its first generation is
@@ -248,9 +252,12 @@ def _trial_line(row: dict) -> str:
                                               if row.get("duplicate_of") is not None else "")
     if row["screened_out"]:
         return head + f"screened out untrained (p95 {row['p95_ms']:.2f} ms, {row['size_mb']:.1f} MB), no training"
-    return head + (f"quality {row['quality']:.4f}, p95 {row['p95_ms']:.2f} ms, {row['size_mb']:.1f} MB, "
+    agreement = (f", served/fp32 label agreement {row['label_agreement']:.2%}"
+                 if row.get("label_agreement") is not None else "")
+    return head + (f"quality {row['quality']:.4f}, p95 {row['p95_ms']:.2f} ms, {row['size_mb']:.1f} MB{agreement}, "
                    f"trained {row['train_seconds']:.0f} s" + (" [front]" if row["is_pareto"] else
-                                                              ("" if row["feasible"] else " [infeasible]")))
+                                                              ("" if row["feasible"] else
+                                                               f" [infeasible: {row['violates']}]")))
 
 
 def outcome(rows: list[dict], targets: dict, study_name: str, report_dir: Path) -> tuple[str, int]:
@@ -279,6 +286,11 @@ def outcome(rows: list[dict], targets: dict, study_name: str, report_dir: Path) 
     trained = [r for r in measured if not r["screened_out"] and r.get("quality") is not None]
     if targets.get("min_quality") is not None and trained:
         parts.append(f"best quality {max(r['quality'] for r in trained):.4f} vs floor {targets['min_quality']:.4f}")
+    disagreeing = [r for r in trained if "agreement" in (r.get("violates") or "").split()]
+    if disagreeing:  # export.min_label_agreement: the export would refuse these, so the study does not choose them
+        parts.append(f"{len(disagreeing)} trained student(s) whose served artefact agrees with its fp32 weights on "
+                     f"too few dev labels (best {max(r['label_agreement'] for r in disagreeing):.2%}; "
+                     f"export.min_label_agreement)")
     parts.append(f"{screened} of {len(rows)} candidates screened out before training")
     return "no feasible student: " + "; ".join(parts), EXIT_MISS
 
@@ -426,10 +438,10 @@ def run_search(cfg: Config, accelerator, n_trials: int | None = None, timeout_s:
         # the refresh after the last trial runs unguarded and shows any lasting problem.
         try:
             rows = refresh(cfg, study, ctx.meta, ctx.tracking)
-        except Exception as exc:
+        except Exception as exc:  # the trial's own line still comes, from the study as it stands
             print(f"kdlab: warning: report refresh after trial {frozen.number} failed: {one_line(exc)}",
                   file=sys.stderr)
-            return
+            rows = trial_rows(study.get_trials(deepcopy=False), cfg.run_dir)
         row = next((r for r in rows if r["trial"] == frozen.number), None)
         if row is not None:
             print(_trial_line(row), flush=True)

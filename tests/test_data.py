@@ -1,12 +1,13 @@
 """Every supported data format, sentence pairs, label names, and the errors users meet."""
 import json
 
+import datasets
 import pandas as pd
 import pytest
 from transformers import AutoTokenizer
 
 from kdlab.distill.config import ConfigError, DataConfig
-from kdlab.train.data import load_task_data, make_loader, tokenize
+from kdlab.train.data import load_task_data, load_test_split, make_loader, tokenize
 
 from conftest import SST2
 
@@ -76,3 +77,38 @@ def test_errors_name_the_problem(tmp_path):
     with pytest.raises(ConfigError, match=r"unsupported format '.txt'"):
         (tmp_path / "d.txt").write_text("x")
         load_task_data(DataConfig(train_file=str(tmp_path / "d.txt"), eval_file=str(f)))
+
+
+def test_the_test_split_is_read_with_the_training_labels(tmp_path):
+    """data.test_file: read as train_file is, labels encoded as training encoded them (class names, indices where
+    training held integers, a Hub-style ClassLabel by its names); unlabelled or unseen labels are one line each."""
+    train = write_rows(tmp_path / "train.tsv", "tsv")
+    test = tmp_path / "test.tsv"
+    test.write_text("text\tsentiment\nso good\tpos\nso bad\tneg\n")
+    cfg = DataConfig(train_file=str(train), eval_file=str(train), test_file=str(test), text_column="text",
+                     label_column="sentiment")
+    data = load_task_data(cfg)
+    assert load_test_split(DataConfig(train_file=str(train), eval_file=str(train)), data) is None
+    assert load_test_split(cfg, data)["sentiment"] == ["pos", "neg"]  # tokenize maps them by data.label_names
+
+    classes = datasets.Features({"text": datasets.Value("string"),
+                                 "sentiment": datasets.ClassLabel(names=["pos", "neg"])})  # another order than training's
+    hub = tmp_path / "hub.parquet"
+    datasets.Dataset.from_dict({"text": ["x", "y"], "sentiment": [0, 1]}, features=classes).to_parquet(hub)
+    assert load_test_split(DataConfig(**{**cfg.__dict__, "test_file": str(hub)}), data)["sentiment"] == ["pos", "neg"]
+    unlabelled = tmp_path / "glue_test.parquet"  # GLUE's test splits: label -1
+    datasets.Dataset.from_dict({"text": ["x"], "sentiment": [-1]}, features=classes).to_parquet(unlabelled)
+    with pytest.raises(ConfigError, match=r"^data.test_file: .*glue_test.parquet has rows without a label"):
+        load_test_split(DataConfig(**{**cfg.__dict__, "test_file": str(unlabelled)}), data)
+
+    numbered = tmp_path / "num_train.tsv"
+    numbered.write_text("text\tsentiment\na\t0\nb\t1\nc\t2\n")
+    ints = DataConfig(train_file=str(numbered), eval_file=str(numbered), test_file=str(numbered), text_column="text",
+                      label_column="sentiment")
+    assert load_test_split(ints, load_task_data(ints))["sentiment"] == [0, 1, 2]
+    test.write_text("text\tsentiment\nso good\tpos\nodd\tmixed\nodder\t7\n")
+    with pytest.raises(ConfigError) as err:
+        load_test_split(cfg, data)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"data.test_file: {test} has label(s) ['7', 'mixed'] that never "
+                                                       f"occur in the training rows (labels there: neg, pos)")

@@ -394,9 +394,11 @@ def test_onnx_int8_export_is_served_from_its_int8_graph_through_the_registry(sea
     assert manifest["choice"]["source"] == manifest["teacher"]["source"] == f"<local>/{Path(cfg.teacher.source).name}"
 
 
-def test_the_test_split_is_scored_at_export_and_never_read_before(tmp_path, tiny_teacher_dir):
-    """The search runs with data.test_file naming a file that does not exist yet (reading it would fail); the
-    export, after the file is written, scores it once on the served artefact, as `kdlab predict` labels it."""
+def test_the_test_split_is_scored_at_export_and_never_read_before(tmp_path, tiny_teacher_dir, capsys):
+    """The search runs with data.test_file naming a file that does not exist yet (reading it would fail), and leaves
+    no trace of it in the study, its trial records, its report or its MLflow metrics; the export, after the file is
+    written, scores it once on the served artefact, as `kdlab predict` labels it, into the manifest, the card, the
+    summary line and the chosen trial's MLflow run (`test_accuracy`)."""
     test_file = tmp_path / "test.tsv"
     tree = tiny_run_tree(tmp_path / "t", tiny_teacher_dir, target=PROFILE, search={**SPACE, "seed_trials": 1},
                          export={"latency_batch_sizes": [1]})
@@ -404,17 +406,26 @@ def test_the_test_split_is_scored_at_export_and_never_read_before(tmp_path, tiny
     tree["teacher"]["fine_tune"] = "never"
     tree["data"]["test_file"] = str(test_file)
     config = write_config(tmp_path / "held.yaml", tree)
-    assert kdlab(["search", "--config", str(config), "--n-trials", "1", "tracking.enabled=false"]) == 0
+    assert kdlab(["search", "--config", str(config), "--n-trials", "1"]) == 0
     rows = (SST2 / "dev.tsv").read_text().splitlines()
     test_file.write_text("\n".join([rows[0], *rows[-60:]]) + "\n")
     study = optuna.load_study(study_name="held", storage=f"sqlite:///{tmp_path / 't' / 'optuna.db'}")
-    assert str(test_file) not in json.dumps([t.user_attrs for t in study.trials], default=str)
+    run = tmp_path / "t"
+    left = [json.dumps([study.user_attrs, *(t.user_attrs for t in study.trials)], default=str),
+            *((run / "report" / name).read_text() for name in ("pareto.csv", "pareto.html")),
+            *(p.read_text() for p in (run / "trials").glob("*/kdlab_trial.json"))]
+    assert all(str(test_file) not in text and "test.tsv" not in text for text in left)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    searched_runs = mlflow.search_runs(experiment_names=["held"], output_format="list")
+    assert searched_runs and not any(k.startswith("test_") for r in searched_runs for k in r.data.metrics)
 
-    assert kdlab(["export", "--config", str(config), "tracking.enabled=false"]) == 0
-    out = tmp_path / "t" / "export"
+    capsys.readouterr()
+    assert kdlab(["export", "--config", str(config)]) == 0
+    out = run / "export"
     manifest = json.loads((out / "manifest.json").read_text())
     test = manifest["test"]
     assert (test["rows"], test["metric"]) == (60, "accuracy")
+    assert f"held-out test accuracy {test['quality']:.4f}" in capsys.readouterr().out  # the summary line
     predicted = tmp_path / "pred.jsonl"
     assert kdlab(["predict", "--model", str(out), "--input", str(test_file), "--output", str(predicted)]) == 0
     labels = [line.split("\t")[1] for line in rows[-60:]]
@@ -422,13 +433,50 @@ def test_the_test_split_is_scored_at_export_and_never_read_before(tmp_path, tiny
     assert test["quality"] == pytest.approx(sum(a == b for a, b in zip(got, labels)) / 60)
     card = (out / "README.md").read_text()
     assert f"accuracy **{test['quality']:.4f}**" in card and "scored once at export" in card
+    assert "Held-out test rows: " in card and "(60 rows), read only by the export" in card
     assert "Student training data: 200 labelled rows" in card
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    model_run = mlflow.get_run(manifest["mlflow"]["run_id"])
+    assert model_run.info.run_id == manifest["choice"]["mlflow_run_id"]  # the chosen trial's own run
+    assert model_run.data.metrics["test_accuracy"] == pytest.approx(test["quality"])
+    others = [r for r in mlflow.search_runs(experiment_names=["held"], output_format="list")
+              if r.info.run_id != model_run.info.run_id]
+    assert not any(k.startswith("test_") for r in others for k in r.data.metrics)
 
 
-def test_a_test_file_with_unseen_labels_is_refused_before_anything_is_written(searched, tmp_path):
+def test_a_test_file_with_unseen_labels_is_refused_before_anything_is_written(searched, tmp_path, capsys):
     root, config = searched
     bad = tmp_path / "test.tsv"
     bad.write_text("sentence\tlabel\na fine film\t1\na strange one\t7\n")
     out = tmp_path / "never"
+    capsys.readouterr()
     assert kdlab(["export", "--config", str(config), f"data.test_file={bad}", "--out", str(out)]) == 2
+    err = capsys.readouterr().err  # progress bars of the dev set's tokenizing come before it
+    line = (f"kdlab: error: data.test_file: {bad} has label(s) [7] that never occur in the training rows "
+            f"(labels there: 0, 1); valid: a test split of the same classes")
+    assert err.strip().splitlines()[-1] == line and err.count("kdlab: error") == 1 and "Traceback" not in err
     assert not out.exists() and not list(tmp_path.glob(".never*"))
+    # `kdlab run` reads it before the gate: the same line, before any stage runs or writes
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    assert kdlab(["run", "--config", str(config), f"data.test_file={bad}"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == line and "Traceback" not in err
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
+
+
+def test_the_card_says_how_the_students_training_data_was_made():
+    from kdlab.search.export import training_data_lines
+    made = {"labelled_rows": 2000, "transfer": {"unlabelled_train": 20000, "augmented": 4000, "texts": 0},
+            "augment": {"copies": 2, "mask_prob": 0.1, "replace_prob": 0.1, "ngram_prob": 0.25, "ngram_max": 5,
+                        "seed": 0},
+            "teacher_labels": "onnx-int8 (dev agreement 99.8 %)"}
+    assert training_data_lines(made, "trial", 2000, True) == [
+        "- Student training data: 2,000 labelled rows (KD + cross-entropy), and a transfer set labelled by the "
+        "teacher (KD only): unlabelled train 20,000, augmented 4,000",
+        "- Augmented copies: 2 per labelled row (mask 0.1, word replacement 0.1, n-gram 0.25 up to 5 words, seed 0)",
+        "- Teacher labels computed with: onnx-int8 (dev agreement 99.8 %)"]
+    # Not recorded by the student's summary or trial record: what the config's labelled subset holds
+    assert training_data_lines(None, "model", 200, True) == ["- Student training data: the labelled rows only (200 rows)"]
+    assert training_data_lines(None, "model", 200, False) == [
+        "- Training data of the model: not recorded (it was trained outside kdlab)"]
+    assert training_data_lines(None, "teacher", 200, False) == []  # the teacher itself: no student to describe

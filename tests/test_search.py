@@ -9,6 +9,7 @@ the report files and the checkpoints left behind; unit tests pin the space, cons
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import mlflow
@@ -108,6 +109,7 @@ def test_search_records_trials_constraints_checkpoints_and_mlflow_runs(root, mai
         assert set(c) == {"p95_ms", "size_mb", "quality", "agreement"}
         assert c["p95_ms"] == pytest.approx(u["p95_ms"] / 10_000 - 1)
         assert c["size_mb"] == pytest.approx(u["size_mb"] / budget_mb - 1)
+        assert u["feasible"] == all(v <= 0 for v in c.values())  # the agreement gap counts as any target's
         checkpoint = root / "main" / "trials" / str(t.number)
         if u["screened_out"]:
             assert u["size_mb"] > budget_mb and c["size_mb"] > 0 and c["quality"] == pytest.approx(1.0)
@@ -134,7 +136,6 @@ def test_search_records_trials_constraints_checkpoints_and_mlflow_runs(root, mai
     member = root / "main" / "trials" / str(front[0])
     files = {p.name for p in member.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "kdlab_trial.json"} <= files
-    import json
     figures = json.loads((member / "kdlab_trial.json").read_text())
     assert figures["p95_ms"] == trials[front[0]].user_attrs["p95_ms"] and figures["feasible"] is True
 
@@ -144,6 +145,8 @@ def test_search_records_trials_constraints_checkpoints_and_mlflow_runs(root, mai
     assert [int(r["trial"]) for r in rows] == [0, 1, 2, 3]
     assert sorted(int(r["trial"]) for r in rows if r["is_pareto"] == "True") == front
     assert all(r["screened_out"] == str(t.user_attrs["screened_out"]) for r, t in zip(rows, trials))
+    assert all(r["label_agreement"] == ("" if t.user_attrs["screened_out"] else str(t.user_attrs["label_agreement"]))
+               for r, t in zip(rows, trials))
     assert (rows[0]["threads"], rows[0]["batch_size"], rows[0]["seq_len"]) == ("1", "1", "data")
     html = (report / "pareto.html").read_text()
     assert "1 layers x 64 hidden, 4 heads, ffn 128, teacher-layers, dynamic-int8" in html  # the hover text
@@ -389,6 +392,49 @@ def test_a_served_artefact_that_disagrees_with_its_weights_is_infeasible():
     assert gaps["agreement"] == pytest.approx(0.0035) and gaps["p95_ms"] < 0 and gaps["quality"] < 0
     assert not all(v <= 0 for v in gaps.values())
     assert constraint_values(targets, 5.0, 2.0, 0.91, agreement=0.995, min_agreement=0.99)["agreement"] < 0
+
+
+def test_a_trial_below_the_export_agreement_bound_is_recorded_infeasible_and_never_chosen(tmp_path):
+    """record_trained on a real study with hand figures: a student that dominates the other but whose served
+    artefact agrees with its fp32 weights on 98.65 % of dev labels (export.min_label_agreement 0.99) gets a
+    positive `agreement` constraint, user attr feasible False, and is neither on the front nor the export's choice."""
+    from types import SimpleNamespace
+
+    from kdlab.search.export import all_choices
+    from kdlab.search.objective import record_trained
+    from kdlab.search.study_report import trial_rows
+    from kdlab.search.targets import GateRow
+
+    cfg = load_config(search_config(tmp_path, str(tmp_path / "teacher"), "agree"))
+    logged = []
+    tracker = SimpleNamespace(log_metrics=logged.append)
+    ctx = SimpleNamespace(cfg=cfg, targets=Targets(p95_ms=10.0), meta={"targets": {}, "conditions": {}})
+    result = SimpleNamespace(train_seconds=1.0, steps=3, best_metric=0.9)
+    candidate = SimpleNamespace(to_dict=lambda: {"recipe": "dynamic-int8"})
+    cfg.run_dir.mkdir(parents=True)
+    study = optuna.create_study(study_name="agree", storage=storage_url(cfg), directions=["maximize", "minimize"])
+    for quality, p95_ms, agreement in ((0.92, 2.0, 0.9865), (0.88, 3.0, 0.995), (0.85, 4.0, 1.0)):
+        trial = study.ask()
+        trial.set_user_attr("recipe", "dynamic-int8" if agreement < 1.0 else "fp32")
+        trial_dir = cfg.run_dir / "trials" / str(trial.number)
+        trial_dir.mkdir(parents=True)
+        post = GateRow("dynamic-int8", p50_ms=p95_ms, p95_ms=p95_ms, p99_ms=p95_ms, size_mb=1.0)
+        values = record_trained(trial, tracker, ctx, candidate, trial_dir, quality, post, post, 1000, result,
+                                agreement)
+        study.tell(trial, values)
+    bad, good, fp32 = study.trials
+    assert bad.constraints["agreement"] == pytest.approx(0.0035) and bad.user_attrs["feasible"] is False
+    assert bad.user_attrs["label_agreement"] == 0.9865 and logged[0]["label_agreement"] == 0.9865  # MLflow figure
+    assert good.constraints["agreement"] == pytest.approx(-0.005) and good.user_attrs["feasible"] is True
+    assert fp32.constraints["agreement"] == pytest.approx(-0.01) and fp32.user_attrs["feasible"] is True
+    record = json.loads((cfg.run_dir / "trials" / "0" / "kdlab_trial.json").read_text())
+    assert record["feasible"] is False and record["constraints"]["agreement"] == pytest.approx(0.0035)
+    rows = trial_rows(study.get_trials(), cfg.run_dir)
+    assert [(r["feasible"], r["violates"], r["is_pareto"]) for r in rows] == [
+        (False, "agreement", False), (True, "", True), (True, "", False)]
+    assert [t.number for t in study.best_trials] == [1]  # Optuna's own front leaves it out too
+    _, pool = all_choices(cfg)
+    assert [c.trial for c in pool] == [1]
 
 
 def test_screening_uses_the_margin_for_latency_only():

@@ -222,12 +222,28 @@ def test_two_trial_seq2seq_search_leaves_a_pareto_front(tmp_path, tiny_t5_dir, p
         summary = json.loads((run_dir / "trials" / r["trial"] / "kdlab_trial.json").read_text())
         assert summary["candidate"]["decoder_layers"] == int(r["decoder_layers"])
 
-    # export the front's best: a folder that loads and generates, registered as a pyfunc that returns texts
-    proc = subprocess.run([KDLAB, "export", "--config", str(config), "export.latency_batch_sizes=[1,2]"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
+    # export the front's best: a folder that loads and generates, registered as a pyfunc that returns texts;
+    # a held-out test table (source and target columns), named only now, is scored once by the export
+    held = [[line for line in (MULTI30K / f"test.{lang}").read_text().splitlines() if line.strip()][-12:]
+            for lang in ("de", "en")]
+    test_file = tmp_path / "test.tsv"
+    test_file.write_text("source\ttarget\n" + "".join(f"{a}\t{b}\n" for a, b in zip(*held)))
+    proc = subprocess.run([KDLAB, "export", "--config", str(config), "export.latency_batch_sizes=[1,2]",
+                           f"data.test_file={test_file}"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     export = run_dir / "export"
     manifest = json.loads((export / "manifest.json").read_text())
+    test = manifest["test"]
+    assert (test["rows"], test["metric"]) == (12, "bleu") and "held-out test bleu" in proc.stdout
+    from kdlab.distill.export import load_served
+    from kdlab.eval.metrics import generation_metrics
+    outputs = load_served(export).generate_texts(held[0])  # one batch, as the export's loader makes it
+    lower = (lambda t: t.lower()) if manifest["lowercase_scoring"] else (lambda t: t)
+    assert test["quality"] == pytest.approx(
+        generation_metrics([lower(t) for t in outputs], [lower(t) for t in held[1]])["bleu"])
+    assert f"bleu **{test['quality']:.2f}**" in (export / "README.md").read_text()
+    with mlflow_store(f"sqlite:///{tmp_path / 'mlflow.db'}"):
+        assert mlflow.get_run(manifest["mlflow"]["run_id"]).data.metrics["test_bleu"] == pytest.approx(test["quality"])
     assert manifest["task"]["type"] == "seq2seq" and manifest["served"]["recipe"] == "fp32"
     assert [r["batch_size"] for r in manifest["latency"]] == [1, 2]
     assert manifest["latency"][1]["throughput"] == pytest.approx(2000 / manifest["latency"][1]["mean_ms"])
@@ -248,7 +264,6 @@ def test_two_trial_seq2seq_search_leaves_a_pareto_front(tmp_path, tiny_t5_dir, p
     assert manifest["choice"]["source"] == f"<run>/trials/{manifest['choice']['trial']}"
     model = AutoModelForSeq2SeqLM.from_pretrained(export)
     assert model.config.num_decoder_layers in (1, 2)
-    from kdlab.distill.export import load_served
     served = load_served(export)
     texts = ["Ein Hund rennt.", "Zwei Männer stehen."]
     assert len(served.generate_texts(texts)) == 2

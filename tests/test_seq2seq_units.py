@@ -414,6 +414,27 @@ def test_source_and_target_columns_choose_the_pair_among_other_columns(tmp_path)
         load_seq2seq_data(DataConfig(**files))  # the defaults, source/target, are not columns of this file
 
 
+def test_a_seq2seq_test_split_is_a_table_of_the_pair_columns(tmp_path):
+    """data.test_file for seq2seq: source/target columns of a table (whatever the training files' form); a plain
+    text file cannot hold its target side (there is no test target-file key): one line naming data.test_file."""
+    from kdlab.distill.config import DataConfig
+    from kdlab.train.seq2seq_data import load_seq2seq_test
+    lines = ["id\tde\ten"] + [f"{i}\t{de}\t{en}" for i, (de, en) in enumerate(PAIRS)]
+    (tmp_path / "test.tsv").write_text("\n".join(lines) + "\n")
+    lined = {"train_file": "train.de", "train_target_file": "train.en", "eval_file": "dev.de",
+             "eval_target_file": "dev.en"}
+    assert load_seq2seq_test(DataConfig(**lined)) is None
+    test = load_seq2seq_test(DataConfig(**lined, test_file=str(tmp_path / "test.tsv"), source_column="de",
+                                        target_column="en"))
+    assert list(zip(test["source"], test["target"])) == PAIRS
+    with pytest.raises(ConfigError) as info:
+        load_seq2seq_test(DataConfig(**lined, test_file=str(tmp_path / "test.de")))
+    assert str(info.value).startswith(f"data.test_file: {tmp_path / 'test.de'} is not a table; a seq2seq test split "
+                                      f"is one file with columns 'source' and 'target'")
+    with pytest.raises(ConfigError, match=r"^data\.source_column: column 'source' not in .*test\.tsv"):
+        load_seq2seq_test(DataConfig(**lined, test_file=str(tmp_path / "test.tsv")))
+
+
 def test_a_dotted_column_reads_one_key_of_a_nested_translation_dict(tmp_path):
     from kdlab.distill.config import DataConfig
     from kdlab.train.seq2seq_data import load_seq2seq_data

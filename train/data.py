@@ -174,9 +174,10 @@ def make_loader(ds: datasets.Dataset, tokenizer, batch_size: int, shuffle: bool,
                       collate_fn=DataCollatorWithPadding(tokenizer, return_tensors="pt"))
 
 
-def load_test_split(cfg: DataConfig, label_names: list[str]) -> datasets.Dataset | None:
-    """The held-out test split (data.test_file or data.test_split), checked against the training labels; None
-    when the config has none. Read only by the export: the gate, the search and the choice never see it."""
+def load_test_split(cfg: DataConfig, data: TaskData) -> datasets.Dataset | None:
+    """The held-out test split (data.test_file or data.test_split), read as the training rows are and its labels
+    encoded as training encoded them; None when the config has none. Read only by the export: the gate, the search
+    and the choice never see it. A label the training rows never had is a one-line ConfigError."""
     if not (cfg.test_file or cfg.test_split):
         return None
     if cfg.test_file:
@@ -190,11 +191,32 @@ def load_test_split(cfg: DataConfig, label_names: list[str]) -> datasets.Dataset
     for column in filter(None, (cfg.text_column, cfg.text_pair_column, cfg.label_column)):
         if column not in test.column_names:
             raise ConfigError(f"{key}: column '{column}' not in {where}; columns: {', '.join(test.column_names)}")
-    feature = test.features[cfg.label_column]
-    values = set(feature.names) if isinstance(feature, datasets.ClassLabel) else set(test[cfg.label_column])
-    known = set(label_names) | ({i for i in range(len(label_names))} if all(n.isdigit() for n in label_names) else set())
-    unseen = sorted((v for v in values if v not in known and str(v) not in label_names), key=str)
+    return _with_training_labels(test, cfg.label_column, data, key, where)
+
+
+def _with_training_labels(test: datasets.Dataset, column: str, data: TaskData, key: str,
+                          where: str) -> datasets.Dataset:
+    """`test` with its labels as `tokenize` encodes the training rows' (class names, or indices 0..k-1 where
+    training held integers), so label i means the class the model learnt as i."""
+    names, feature, values = data.label_names, test.features[column], test[column]
+    if isinstance(feature, datasets.ClassLabel):  # a Hub split: indices into its own names, -1 where unlabelled
+        values = [feature.names[v] if v is not None and v >= 0 else None for v in values]
+    if any(v is None for v in values):
+        raise ConfigError(f"{key}: {where} has rows without a label ('{column}' empty, or -1 as in GLUE's unlabelled "
+                          f"test splits); valid: a labelled split of the training classes")
+    train_feature = data.train.features[column]
+    by_index = isinstance(train_feature, datasets.ClassLabel) or str(getattr(train_feature, "dtype", "")).startswith(
+        "int")
+
+    def known(v) -> bool:
+        if isinstance(v, str):
+            return v in names
+        return by_index and isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(names)
+
+    unseen = sorted({v for v in values if not known(v)}, key=str)
     if unseen:
         raise ConfigError(f"{key}: {where} has label(s) {unseen[:5]} that never occur in the training rows "
-                          f"(labels there: {', '.join(label_names)}); valid: a test split of the same classes")
+                          f"(labels there: {', '.join(names)}); valid: a test split of the same classes")
+    if isinstance(feature, datasets.ClassLabel):
+        test = test.remove_columns(column).add_column(column, values)
     return test

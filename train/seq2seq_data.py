@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorForSeq2Seq
 
 from kdlab.distill.config import ConfigError, DataConfig
-from kdlab.train.data import load_splits, subsample
+from kdlab.train.data import FORMATS, load_file, load_splits, subsample
 
 MODEL_COLUMNS = ("input_ids", "attention_mask", "labels", "idx")
 
@@ -107,6 +107,25 @@ def load_seq2seq_data(cfg: DataConfig, seed: int = 42) -> Seq2SeqData:
         dev = _pairs_from_columns(raw_dev, cfg, where[1], key[1])
     train, dev = subsample(train, dev, cfg, seed)
     return Seq2SeqData(train=train, eval=dev)
+
+
+def load_seq2seq_test(cfg: DataConfig) -> datasets.Dataset | None:
+    """The held-out test pairs (data.test_file: a table with source_column and target_column; or data.test_split of
+    data.dataset) as `source`/`target`; None without one. Read only by the export, never by the gate or the search."""
+    if not (cfg.test_file or cfg.test_split):
+        return None
+    if cfg.test_file:
+        if Path(cfg.test_file).suffix.lower() not in FORMATS:  # line-aligned text: the target side has no key
+            raise ConfigError(f"data.test_file: {cfg.test_file} is not a table; a seq2seq test split is one file with "
+                              f"columns '{cfg.source_column}' and '{cfg.target_column}' (valid: "
+                              f"{', '.join(FORMATS)}), since line-aligned test pairs have no target-file key")
+        return _pairs_from_columns(load_file(cfg.test_file, "data.test_file"), cfg, cfg.test_file, "test_file")
+    where = f"{cfg.dataset}[{cfg.test_split}]"
+    try:
+        raw = datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.test_split)
+    except Exception as exc:  # datasets raises many types for a split it cannot load
+        raise ConfigError(f"data.test_split: cannot load '{where}': {str(exc).splitlines()[0]}") from None
+    return _pairs_from_columns(raw, cfg, where, "test_split")
 
 
 def check_tokenizer(tokenizer, source: str) -> None:
