@@ -260,6 +260,9 @@ class SearchConfig:
     train_steps: Optional[int] = _f(None, "optimizer steps per trial (overrides train_epochs)")
     train_epochs: float = _f(1.0, "epochs per trial when train_steps is unset")
     seed_trials: int = _f(3, "teacher-layer subsets at full width enqueued before the sampler takes over")
+    families: Optional[list] = _f(None, "student families drawn per trial: teacher (cut from the teacher) and/or "
+                                  "pretrained models (a folder, a Hub id, or a named family: minilm-l6), each "
+                                  "with its own tokenizer and shape; default [student.pretrained or teacher]")
     screen_margin: float = _f(0.05, "reject an untrained candidate only above p95 budget * (1 + margin): "
                               "timing noise; the trained one is judged on the budget itself")
 
@@ -516,6 +519,13 @@ def search_recipes(cfg: Config) -> list:
     return ["fp32", "fp16"] if cfg.target.device == "cuda" else ["fp32", "dynamic-int8"]
 
 
+def search_families(cfg: Config) -> list:
+    """The student families a search draws from: search.families, or the one the student section names."""
+    if cfg.search.families is not None:
+        return list(cfg.search.families)
+    return [cfg.student.pretrained or "teacher"]
+
+
 def search_ranges(cfg: Config) -> dict:
     """The searched dimensions as Ranges (None: derived from the teacher or the train/distill sections)."""
     s = cfg.search
@@ -557,6 +567,13 @@ def _check_search(cfg: Config, c, label: str) -> None:
         if useless:
             c(False, "search.num_heads", f"no head count in {tried} divides search.hidden_size {useless[0]}; "
                                          f"valid for {useless[0]}: {_divisors(useless[0])}")
+    if s.families is not None:
+        c(isinstance(s.families, list) and len(s.families) > 0
+          and all(isinstance(f, str) and f.strip() for f in s.families), "search.families",
+          f"must be a non-empty list of names, got {s.families!r}; valid: teacher, minilm-l6, a model folder or Hub id")
+        c(len(set(s.families)) == len(s.families), "search.families", f"lists a family twice: {s.families}")
+        c(cfg.task.type != "seq2seq" or s.families == ["teacher"], "search.families",
+          "seq2seq students are cut from the teacher only; valid: [teacher] or unset")
     c(len(s.init) > 0, "search.init", f"is empty; valid: {', '.join(INIT_CHOICES)}")
     for name in s.init:
         c(name in INIT_CHOICES, "search.init", f"unknown init {name!r}; valid: {', '.join(INIT_CHOICES)}")

@@ -469,7 +469,7 @@ def training_data_lines(data: dict | None, kind: str, labelled_rows: int | None,
                 + (f" ({labelled_rows:,} rows)" if labelled_rows is not None else "")]
     transfer = {k: v for k, v in (data.get("transfer") or {}).items() if v}
     lines = [f"- Student training data: {data['labelled_rows']:,} labelled rows (KD + cross-entropy)"
-             + (f", and a transfer set labelled by the teacher (KD only): "
+             + (", and a transfer set labelled by the teacher (KD only): "
                 + ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in transfer.items()) if transfer else "")]
     if data.get("augment"):
         a = data["augment"]

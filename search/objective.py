@@ -53,6 +53,30 @@ class Context:
     meta: dict
     console: object = None
     base: object = None  # student.pretrained: the pretrained model students are cut from instead of the teacher
+    teacher_batches: tuple = ()  # (timing batches, quality batches, profile) as the teacher reads dev (its tokenizer)
+    families: dict = None  # search.families with several: name -> Family (its own prep, batches, profile, base)
+
+    def of(self, family: str | None) -> "Context":
+        """The context a trial of `family` reads: that family's tokenizer's data, batches, logits and base."""
+        if not self.families or family is None:
+            return self
+        f = self.families[family]
+        return dataclasses.replace(self, prep=f.prep, base=f.base, batches=f.batches, quality_batches=f.quality_batches,
+                                   eval_loader=f.eval_loader, logits_cache=f.logits_cache, profile=f.profile)
+
+
+@dataclass
+class Family:
+    """One student family's share of a search (search.families): what its tokenizer makes of the data."""
+    prep: object
+    base: object
+    batches: list
+    quality_batches: list
+    eval_loader: object
+    logits_cache: torch.Tensor | None
+    profile: object
+    lengths: dict
+    label_report: object = None
 
 
 def one_line(exc: BaseException) -> str:
@@ -176,6 +200,7 @@ def run_trial(trial: optuna.Trial, ctx: Context, evaluate):
 
 
 def _evaluate(trial, candidate: Candidate, ctx: Context, tracker):
+    ctx = ctx.of(candidate.family)
     cfg = ctx.cfg
     student = build_student(ctx.teacher, candidate.student(), seed=cfg.train.seed, base=ctx.base)
     params = count_params(student)

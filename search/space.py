@@ -23,6 +23,8 @@ from kdlab.distill.config import Config, ConfigError, Range, StudentConfig, sear
 # Recipes tried by the seed trials, in order of preference: the cheapest change that usually pays on the device.
 SEED_RECIPES = ("dynamic-int8", "onnx-int8", "fp16", "bf16", "fp32", "onnx-fp32", "bnb-int8", "bnb-nf4")
 SEED_LAYER_FRACTIONS = (1 / 2, 1 / 3, 2 / 3, 1 / 4, 1.0)  # half the teacher first (DistilBERT's choice)
+TEACHER_FAMILY = "teacher"
+SHAPE_PARAMS = ("num_layers", "hidden_size", "intermediate_size", "init")  # and num_heads_h<hidden>
 
 
 @dataclass(frozen=True)
@@ -37,14 +39,16 @@ class Candidate:
     learning_rate: float
     temperature: float
     alpha: float
+    family: str = "teacher"  # search.families: `teacher` (cut from the teacher) or the pretrained source it is cut from
 
     def student(self) -> StudentConfig:
         return StudentConfig(num_layers=self.num_layers, hidden_size=self.hidden_size, num_heads=self.num_heads,
                              intermediate_size=self.intermediate_size, init=self.init)
 
     def label(self) -> str:
+        family = "" if self.family == TEACHER_FAMILY else f" of {self.family}"
         return (f"{self.num_layers}L x {self.hidden_size} ({self.num_heads} heads, ffn {self.intermediate_size}), "
-                f"{self.init}, {self.recipe}")
+                f"{self.init}{family}, {self.recipe}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,8 +92,11 @@ def nearest(rng: Range, value):
 class SearchSpace:
     """The config's `search:` ranges with the teacher's defaults filled in and checked against the teacher."""
 
-    def __init__(self, cfg: Config, teacher: TeacherShape):
+    def __init__(self, cfg: Config, teacher: TeacherShape, family: str = TEACHER_FAMILY, prefix: str = ""):
+        """`teacher`: the shape students are cut from (the teacher's, or a pretrained family's); `prefix` goes in
+        front of the shape parameters' names when several families share a study (FamilySpace)."""
         self.teacher = teacher
+        self.family, self.prefix = family, prefix
         ranges = search_ranges(cfg)
         self.layers = ranges["num_layers"] or Range(low=1, high=teacher.num_layers, step=1)
         self.hidden = ranges["hidden_size"] or Range(choices=(teacher.hidden_size,))
@@ -123,6 +130,10 @@ class SearchSpace:
     @classmethod
     def from_config(cls, cfg: Config, teacher_config) -> "SearchSpace":
         return cls(cfg, TeacherShape.of(teacher_config))
+
+    def _p(self, name: str) -> str:
+        """A shape parameter's Optuna name (the family's prefix in a FamilySpace)."""
+        return self.prefix + name
 
     # ------------------------------------------------------------ shape rules
 
@@ -172,19 +183,20 @@ class SearchSpace:
 
     def suggest(self, trial) -> Candidate:
         """Draw one candidate; every parameter name keeps one distribution for the whole study."""
-        layers = draw(trial, "num_layers", self.layers)
-        hidden = draw(trial, "hidden_size", self.hidden)
-        heads = draw(trial, f"num_heads_h{hidden}", Range(choices=tuple(self.heads_for[hidden])))
-        ffn = draw(trial, "intermediate_size", self.ffn) if self.ffn else self.ffn_of(hidden)[0]
+        layers = draw(trial, self._p("num_layers"), self.layers)
+        hidden = draw(trial, self._p("hidden_size"), self.hidden)
+        heads = draw(trial, self._p(f"num_heads_h{hidden}"), Range(choices=tuple(self.heads_for[hidden])))
+        ffn = draw(trial, self._p("intermediate_size"), self.ffn) if self.ffn else self.ffn_of(hidden)[0]
         from_teacher = self.teacher_init(layers, hidden, heads, ffn)
         if from_teacher and self.random_ok:
-            kind = trial.suggest_categorical("init", ["teacher", "random"])
+            kind = trial.suggest_categorical(self._p("init"), ["teacher", "random"])
             init = from_teacher if kind == "teacher" else "random"
         else:
             init = from_teacher or "random"
         return Candidate(layers, hidden, heads, ffn, init, draw(trial, "recipe", self.recipes),
                          float(draw(trial, "learning_rate", self.learning_rate)),
-                         float(draw(trial, "temperature", self.temperature)), float(draw(trial, "alpha", self.alpha)))
+                         float(draw(trial, "temperature", self.temperature)), float(draw(trial, "alpha", self.alpha)),
+                         self.family)
 
     def params_of(self, c: Candidate) -> dict:
         """The Optuna parameters that make `suggest` return `c` (for `study.enqueue_trial`)."""
@@ -194,7 +206,7 @@ class SearchSpace:
                   "init": "random" if c.init == "random" else "teacher"}
         if self.ffn is None:
             params.pop("intermediate_size")
-        return params
+        return {(self._p(k) if k in SHAPE_PARAMS or k.startswith("num_heads_h") else k): v for k, v in params.items()}
 
     def seeds(self, n: int, device: str = "cpu") -> list[Candidate]:
         """Up to n teacher-layer subsets at (or nearest to) the teacher's width, with the preferred recipe.
@@ -215,7 +227,7 @@ class SearchSpace:
         for fraction in SEED_LAYER_FRACTIONS:
             layers = nearest(self.layers, max(1, round(t.num_layers * fraction)))
             init = self.teacher_init(layers, hidden, heads, ffn) or "random"
-            c = Candidate(layers, hidden, heads, ffn, init, recipe, lr, temperature, alpha)
+            c = Candidate(layers, hidden, heads, ffn, init, recipe, lr, temperature, alpha, self.family)
             if c not in out:
                 out.append(c)
         return out[:n]
@@ -231,3 +243,32 @@ class SearchSpace:
                 "alpha": rng(self.alpha), "init": {"teacher": self.teacher_ok, "slice": self.slice_ok,
                                                    "random": self.random_ok}}
 
+
+
+class FamilySpace:
+    """Several student families in one study (search.families): the family is drawn first (parameter `family`),
+    then that family's own SearchSpace, bound to the shape students are cut from there (the teacher's, or a
+    pretrained model's). Shape parameters carry the family's name (`minilm-l6:num_layers`), so each keeps one
+    distribution for the life of the study however the families' shapes differ; the recipe and the training knobs
+    are shared, so the sampler learns about them from every family's trials."""
+
+    def __init__(self, spaces: dict[str, SearchSpace]):
+        if len(spaces) < 2:
+            raise ValueError("FamilySpace needs two families or more; one family is a plain SearchSpace")
+        self.spaces = spaces
+        self.names = list(spaces)
+
+    def suggest(self, trial) -> Candidate:
+        return self.spaces[trial.suggest_categorical("family", self.names)].suggest(trial)
+
+    def params_of(self, c: Candidate) -> dict:
+        return {"family": c.family, **self.spaces[c.family].params_of(c)}
+
+    def seeds(self, n: int, device: str = "cpu") -> list[Candidate]:
+        """Each family's seeds in turn (its half-depth student first), up to n in all."""
+        per_family = [space.seeds(n, device) for space in self.spaces.values()]
+        out = [c for rank in range(n) for seeds in per_family if rank < len(seeds) for c in [seeds[rank]]]
+        return out[:n]
+
+    def describe(self) -> dict:
+        return {"families": {name: space.describe() for name, space in self.spaces.items()}}

@@ -24,7 +24,8 @@ ROW_FIELDS = ("trial", "state", "feasible", "screened_out", "is_pareto", "qualit
               "throughput", "size_mb", "params", "train_seconds", "steps", "pre_p95_ms", "pre_size_mb",
               "label_agreement", "violates", "num_layers",
               "hidden_size", "num_heads", "intermediate_size", "init", "recipe", "learning_rate", "temperature",
-              "alpha", "encoder_layers", "decoder_layers", "error", "duplicate_of", "checkpoint", "mlflow_run_id")
+              "alpha", "family", "encoder_layers", "decoder_layers", "error", "duplicate_of", "checkpoint",
+              "mlflow_run_id")
 ARCH = ("num_layers", "hidden_size", "num_heads", "intermediate_size", "init", "recipe", "learning_rate",
         "temperature", "alpha")
 FIGURES = ("quality", "p50_ms", "p95_ms", "p99_ms", "throughput", "size_mb", "params", "train_seconds", "steps",
@@ -64,8 +65,9 @@ def arch_text(row: dict) -> str:
     if row.get("encoder_layers") is not None:  # seq2seq
         return (f"{row['encoder_layers']}+{row['decoder_layers']} layers (encoder+decoder) x {row['hidden_size']}, "
                 f"{row['init']}, {row['recipe']}")
+    family = f" of {row['family']}" if row.get("family") not in (None, "teacher") else ""
     return (f"{row['num_layers']} layers x {row['hidden_size']} hidden, {row['num_heads']} heads, "
-            f"ffn {row['intermediate_size']}, {row['init']}, {row['recipe']}")
+            f"ffn {row['intermediate_size']}, {row['init']}{family}, {row['recipe']}")
 
 
 def conditions_text(conditions: dict) -> str:

@@ -188,6 +188,9 @@ GROUPS: dict[str, list[Case]] = {
              lambda t, T: ["distill", "--config", str(_with_data(t, T, ROWS[0]))]),
         Case("unseen-eval-label", "a dev label never seen in training",
              lambda t, T: ["distill", "--config", str(_with_data(t, T, "".join(ROWS), ROWS[0] + "a fine film\t7\n"))]),
+        Case("unseen-test-label", "a test-split label never seen in training (checked before the gate runs)",
+             lambda t, T: ["run", "--config", str(_with_data(t, T, "".join(ROWS), test_file=str(
+                 _tsv(t, ROWS[0] + "a fine film\t7\n"))))]),
         Case("non-utf8-data", "a training file that is not UTF-8",
              lambda t, T: ["distill", "--config",
                            str(_with_data(t, T, ("".join(ROWS[:50])).encode() + b"caf\xe9\t1\n"))]),
@@ -230,6 +233,8 @@ GROUPS: dict[str, list[Case]] = {
                            "search.num_heads=[2,4]"]),
         Case("space-empty-choices", "an empty list of recipes",
              lambda t, T: ["search", "--config", str(_config(t, T)), "search.recipes=[]"]),
+        Case("space-family-twice", "a student family listed twice in search.families",
+             lambda t, T: ["search", "--config", str(_config(t, T)), "search.families=[teacher, teacher]"]),
         Case("bad-n-trials", "a trial count of zero",
              lambda t, T: ["search", "--config", str(_config(t, T)), "--n-trials", "0"]),
     ],
@@ -294,7 +299,7 @@ CASES = [case for cases in GROUPS.values() for case in cases]
 # These checks come after work that draws a progress bar (datasets' "Generating split", the tokenizing bar, the
 # prediction bar), so the bar's redraws precede the message. Not wanted, only tolerated: every other case must print
 # its one line and nothing else, and these nothing else but bars.
-BARS_BEFORE_MESSAGE = {"unseen-eval-label", "non-utf8-data", "corrupt-safetensors", "predict-missing-column",
+BARS_BEFORE_MESSAGE = {"unseen-eval-label", "unseen-test-label", "non-utf8-data", "corrupt-safetensors", "predict-missing-column",
                        "transfer-no-text-column"}
 
 # Everything a kdlab command on these configs could write (tiny_run_tree: output_dir <tmp>/run, tracking

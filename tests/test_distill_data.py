@@ -3,6 +3,7 @@
 Each test runs the real `kdlab distill` (or `kdlab search`) on a tiny teacher and real SST-2 rows and asserts on
 what the run left behind: the student folder, its summary, the teacher-label cache, the trial folders.
 """
+import csv
 import json
 import os
 from pathlib import Path
@@ -91,6 +92,36 @@ def test_search_trials_use_the_students_tokenizer(tmp_path, tiny_teacher_dir, ot
     folder = run_dir / "trials" / str(trial.number)
     assert AutoTokenizer.from_pretrained(folder).get_vocab() == AutoTokenizer.from_pretrained(other_family_dir).get_vocab()
     assert AutoConfig.from_pretrained(folder).hidden_size == 32  # cut from the pretrained model, not the teacher
+
+
+def test_a_search_over_two_families_trains_each_on_its_own_tokens(tmp_path, tiny_teacher_dir, other_family_dir,
+                                                                 monkeypatch):
+    """search.families: [teacher, <other family>]: the two seed trials are one student of each family, each trained
+    and scored on its own tokenizer's tokens and saved with it, cut from its own weights; the teacher's reference
+    point reads the teacher's tokens."""
+    run_dir = tmp_path / "run"
+    tree = tiny_run_tree(run_dir, tiny_teacher_dir, target={"p95_ms": "teacher*100", "min_quality": "teacher*0.1"},
+                         search={"n_trials": 2, "recipes": ["fp32"], "train_steps": 4, "seed_trials": 2,
+                                 "families": ["teacher", other_family_dir]})
+    config = write_config(tmp_path / "c.yaml", tree)
+    monkeypatch.setattr("kdlab.search.study.prune_checkpoints", lambda *a: None)  # keep off-front trials' folders
+    assert kdlab(["search", "--config", str(config), "tracking.enabled=false"]) in (0, 3)
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{run_dir / 'optuna.db'}")
+    trials = {t.user_attrs["family"]: t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
+    assert set(trials) == {"teacher", other_family_dir}
+    for family, source, hidden in (("teacher", tiny_teacher_dir, AutoConfig.from_pretrained(tiny_teacher_dir).hidden_size),
+                                   (other_family_dir, other_family_dir, 32)):
+        folder = run_dir / "trials" / str(trials[family].number)
+        assert AutoTokenizer.from_pretrained(folder).get_vocab() == AutoTokenizer.from_pretrained(source).get_vocab()
+        assert AutoConfig.from_pretrained(folder).hidden_size == hidden
+        assert trials[family].params["family"] == family
+    with open(run_dir / "report" / "pareto.csv", newline="") as fh:
+        assert {r["family"] for r in csv.DictReader(fh)} == {"teacher", other_family_dir}
+    # The teacher's reference quality (what teacher*0.1 resolved against) is the teacher scored on its own tokens:
+    # the same figure the fine-tune recorded on dev.
+    reference = study.user_attrs["reference"]["quality"]
+    recorded = json.loads((run_dir / "teacher" / "kdlab_teacher.json").read_text())
+    assert reference == pytest.approx(recorded["dev"]["accuracy"], abs=1e-6), (reference, recorded["dev"])
 
 
 def test_the_fast_labelling_form_is_used_only_after_its_dev_check(tiny_teacher_dir, tmp_path):

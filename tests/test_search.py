@@ -22,7 +22,7 @@ from kdlab.distill.config import ConfigError, StudentConfig, load_config
 from kdlab.distill.quantize import apply_recipe
 from kdlab.distill.students import build_student
 from kdlab.scripts.cli import main as kdlab
-from kdlab.search.space import SearchSpace, TeacherShape
+from kdlab.search.space import FamilySpace, SearchSpace, TeacherShape
 from kdlab.search.objective import constraint_values, screened_out
 from kdlab.search.study import storage_url
 from kdlab.search.targets import Targets
@@ -306,6 +306,11 @@ BAD = [
     (["search.storage=postgresql://kdlab@127.0.0.1:1/optuna"], "search.storage: cannot open 'postgresql://kdlab@127.0.0.1:1/optuna'"),
     (["search.storage=sqlite:////nonexistent-kdlab/x/optuna.db"], "search.storage: cannot open 'sqlite:////nonexistent-kdlab/x/optuna.db'"),
     (["--n-trials", "0"], "--n-trials: must be >= 1"),
+    (["search.families=[teacher, teacher]"], "search.families: lists a family twice: ['teacher', 'teacher']"),
+    (["search.families=[]"], "search.families: must be a non-empty list of names, got []"),
+    (["search.families=[teacher, /nonexistent-kdlab/model]"], "search.families: /nonexistent-kdlab/model: "),
+    (["search.families=[teacher, minilm-l6]", "search.hidden_size=[64, 128]", "search.init=[teacher-layers, teacher-slice]"],
+     "search.families: teacher: search.hidden_size: 128 exceeds the teacher's hidden size 64"),
 ]
 
 
@@ -375,6 +380,39 @@ def test_seeds_are_teacher_layer_subsets_at_full_width_with_dynamic_int8():
     study = optuna.create_study(directions=["maximize", "minimize"])
     study.enqueue_trial(s.params_of(seeds[0]))
     assert s.suggest(study.ask()) == seeds[0]  # the enqueued parameters reproduce the seed
+
+
+OTHER = TeacherShape(num_layers=12, hidden_size=768, num_heads=12, intermediate_size=3072)  # MPNet-base's shape
+
+
+def test_families_are_drawn_with_their_own_shapes_and_share_the_training_knobs():
+    cfg = load_config(None, ["data.dataset=glue", "search.recipes=[fp32, dynamic-int8]",
+                             "search.learning_rate=[1.0e-4, 3.0e-4]"])
+    fs = FamilySpace({"teacher": SearchSpace(cfg, TEACHER, "teacher", "teacher:"),
+                      "mpnet-base": SearchSpace(cfg, OTHER, "mpnet-base", "mpnet-base:")})
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = {}
+    for _ in range(60):
+        trial = study.ask()
+        c = fs.suggest(trial)
+        study.tell(trial, (0.5, 1.0))
+        shape = {"teacher": TEACHER, "mpnet-base": OTHER}[c.family]
+        # Each family defaults to its own width, head size and depth (1..its layers), and is cut from itself.
+        assert (c.hidden_size, c.num_heads, c.intermediate_size, c.init) == (
+            shape.hidden_size, shape.num_heads, shape.intermediate_size, "teacher-layers")
+        assert 1 <= c.num_layers <= shape.num_layers
+        names = set(trial.params)
+        assert names == {"family", f"{c.family}:num_layers", "recipe", "learning_rate"}, names
+        seen.setdefault(c.family, set()).add(c.num_layers)
+    assert set(seen) == {"teacher", "mpnet-base"} and max(seen["mpnet-base"]) > 6  # MPNet's 12 layers reachable
+    # The seeds take each family's half-depth student in turn; enqueued, they come back as themselves.
+    seeds = fs.seeds(3)
+    assert [(c.family, c.num_layers, c.hidden_size) for c in seeds] == [("teacher", 3, 384), ("mpnet-base", 6, 768),
+                                                                        ("teacher", 2, 384)]
+    for seed in seeds:
+        study.enqueue_trial(fs.params_of(seed))
+        assert fs.suggest(study.ask()) == seed
+    assert set(fs.describe()["families"]) == {"teacher", "mpnet-base"}
 
 
 def test_constraint_values_are_relative_gaps():
