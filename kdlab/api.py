@@ -39,9 +39,13 @@ def run_gate(cfg: Config, model: str | Path | None = None) -> GateResult:
     return _gate(cfg) if model is None else run_model_gate(cfg, str(model))
 
 
-def run_search(cfg: Config, n_trials: int | None = None, timeout_s: float | None = None) -> SearchResult:
-    """Run or resume the config's Optuna study; trials train on the device accelerate gives them."""
-    return _search(cfg, training_accelerator(cfg), n_trials=n_trials, timeout_s=timeout_s)
+def run_search(cfg: Config, n_trials: int | None = None, timeout_s: float | None = None,
+               remeasure: bool = False) -> SearchResult:
+    """Run or resume the config's Optuna study; trials train on the device accelerate gives them.
+
+    A new study's relative targets resolve against the gate's fp32 teacher figure for this config and target
+    profile (or one measurement when there is none); `remeasure` measures anew instead (a new study only)."""
+    return _search(cfg, training_accelerator(cfg), n_trials=n_trials, timeout_s=timeout_s, remeasure=remeasure)
 
 
 def run_export(cfg: Config, *, trial: int | None = None, pick: str | None = None, recipe: str | None = None,

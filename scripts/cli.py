@@ -76,7 +76,7 @@ def cmd_search(args) -> int:
         raise ConfigError(f"--timeout: must be > 0 seconds, got {args.timeout}")
     from kdlab import api
     _quiet_optuna()
-    result = api.run_search(cfg, n_trials=args.n_trials, timeout_s=args.timeout)
+    result = api.run_search(cfg, n_trials=args.n_trials, timeout_s=args.timeout, remeasure=args.remeasure)
     print(result.message, flush=True)
     return result.exit_code
 
@@ -226,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--n-trials", type=int, default=None,
                            help="trials to add in this call (default search.n_trials)")
             p.add_argument("--timeout", type=float, default=None, help="start no new trial after this many seconds")
+        if name == "search":
+            p.add_argument("--remeasure", action="store_true",
+                           help="a new study measures the fp32 teacher for its relative targets instead of taking the "
+                                "gate's figure (an existing study keeps the budget it was created with)")
         if name == "report":
             p.add_argument("--capacity", action="store_true",
                            help="measure the teacher and the front at serving.batch_sizes and plan instances for "

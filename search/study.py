@@ -44,7 +44,9 @@ Exit code 0 (a feasible student exists), 3 (none), 2 (config error).
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
+import datetime
 import json
 import os
 import shutil
@@ -59,16 +61,16 @@ from pathlib import Path
 import optuna
 from accelerate.utils import set_seed
 
-from kdlab.distill.config import Config, ConfigError, redact, search_families
+from kdlab.distill.config import Config, ConfigError, load_config, redact, search_families
 from kdlab.eval.latency import clamp_threads, machine_info, versions
 from kdlab.search import seq2seq_search
 from kdlab.search.gate import build_candidates
 from kdlab.search.gate_report import gate_references
 from kdlab.search.objective import Context, Family, objective, one_line
 from kdlab.search.space import TEACHER_FAMILY, FamilySpace, SearchSpace, TeacherShape
-from kdlab.search.study_report import arch_text, print_front, trial_rows, write_report
+from kdlab.search.study_report import arch_text, print_front, targets_text, trial_rows, write_report
 from kdlab.search.study_tracking import StudyTracking
-from kdlab.search.targets import EXIT_MISS, EXIT_PASS, Targets, is_relative, resolve_targets
+from kdlab.search.targets import EXIT_MISS, EXIT_PASS, GateRow, Targets, is_relative, resolve_targets
 from kdlab.search.timing import check_device, measure_candidates, target_profile, timing_batches
 from kdlab.train.data import make_loader
 from kdlab.train.pipeline import distillation_logits, load_base, prepare, student_source_config
@@ -412,18 +414,94 @@ def _setup(cfg: Config, accelerator, space, console) -> Context:
     return ctx
 
 
-def _resolve_targets(ctx: Context, study: optuna.Study) -> None:
-    """Absolute targets, fixed when the study is created (a `teacher*f` target measures the fp32 teacher once)."""
+PROFILE_KEYS = ("device", "threads", "batch_size", "seq_len", "warmup_iters", "min_iters", "min_seconds", "repeats")
+RESOLVING_ATTR = "resolving_targets"  # set by the worker that created the study until its budget is stored
+RESOLVE_WAIT_S = 900  # how long another worker waits for that budget before measuring one itself
+
+
+def gate_reference(cfg: Config) -> dict | None:
+    """The fp32 teacher as this config's gate measured it (report/gate.csv), when the gate ran with the same teacher,
+    data and target profile; else None. Its p95, quality and size are what relative targets resolve against."""
+    report = cfg.run_dir / "report"
+    table, saved = report / "gate.csv", report / "gate_config.yaml"
+    if not (table.is_file() and saved.is_file()):
+        return None
+    try:
+        gate_cfg = load_config(saved)
+    except ConfigError:
+        return None
+    if (gate_cfg.teacher != cfg.teacher or gate_cfg.data != cfg.data
+            or any(getattr(gate_cfg.target, k) != getattr(cfg.target, k) for k in PROFILE_KEYS)):
+        return None
+    with open(table, newline="") as fh:
+        row = next((r for r in csv.DictReader(fh) if r["recipe"] == "fp32" and r["status"] == "ok"), None)
+    if row is None or not row["p95_ms"]:
+        return None
+    number = lambda v: float(v) if v not in ("", None) else None  # noqa: E731
+    measured = datetime.datetime.fromtimestamp(table.stat().st_mtime, datetime.timezone.utc)
+    return {"p95_ms": number(row["p95_ms"]), "quality": number(row["quality"]), "size_mb": number(row["size_mb"]),
+            "p50_ms": number(row["p50_ms"]), "cv": number(row["cv"]), "source": "gate",
+            "measured_at": measured.strftime("%Y-%m-%dT%H:%M:%SZ"), "where": str(table)}
+
+
+def _wait_for_targets(study: optuna.Study, lost_race: bool) -> dict | None:
+    """The budget the study's creator is resolving, once stored. `lost_race`: this worker tried to create the study
+    a moment ago and another one did, so that one is at work; otherwise wait only while the creator's marker says
+    so. None when no creator is at work (it died, or the study predates the marker): this worker resolves it."""
+    deadline = time.monotonic() + RESOLVE_WAIT_S
+    while time.monotonic() < deadline:
+        attrs = study.user_attrs  # read from the storage each time
+        if attrs.get("targets") is not None:
+            return attrs["targets"]
+        marker = attrs.get(RESOLVING_ATTR)
+        if not lost_race and (not marker or time.time() - marker.get("since", 0) > RESOLVE_WAIT_S):
+            return None
+        time.sleep(1.0)
+    return None
+
+
+def budget_line(targets: dict, reference: dict | None) -> str:
+    """The budget the study uses, where its reference came from and how repeatable that was: printed, logged."""
+    text = targets_text(targets).removeprefix("targets: ")
+    if reference:
+        origin = {"gate": "measured by the gate", "search": "measured by the search"}.get(reference.get("source"),
+                                                                                          "measured")
+        cv = f", cv {reference['cv']:.2f} across requests" if reference.get("cv") is not None else ""
+        when = f" at {reference['measured_at']}" if reference.get("measured_at") else ""
+        text += (f" — reference: fp32 teacher p95 {reference['p95_ms']:.2f} ms{cv}, {origin}{when}; fixed for "
+                 f"this study (a new search.study_name re-measures)")
+    return text
+
+
+def _resolve_targets(ctx: Context, study: optuna.Study, created: bool, remeasure: bool = False,
+                     lost_race: bool = False) -> None:
+    """Absolute targets, fixed when the study is created and never re-measured for it afterwards.
+
+    A `teacher*f` target resolves against the fp32 teacher as the gate measured it for this config and target
+    profile (report/gate.csv), so the gate and every search, worker, report and export of the study use one
+    figure; without such a gate (or with `remeasure`) the search measures the teacher once. Workers that start
+    a new study together wait for the creator's figure instead of measuring their own.
+    """
     stored = study.user_attrs.get("targets")
+    if stored is None and not created:
+        stored = _wait_for_targets(study, lost_race)
     if stored is not None:
+        if remeasure:
+            raise ConfigError(f"--remeasure: study '{study.study_name}' fixed its budget when it was created "
+                              f"({targets_text(stored)}); re-measuring applies to a new study: set a new "
+                              f"search.study_name")
         ctx.targets = Targets(**{k: stored.get(k) for k in TARGET_KEYS}, spec=stored.get("spec", {}))
         return
-    cfg, reference = ctx.cfg, None
-    if is_relative(cfg.target) and cfg.task.type == "seq2seq":
+    if created:
+        study.set_user_attr(RESOLVING_ATTR, {"since": time.time(), "host": socket.gethostname(), "pid": os.getpid()})
+    cfg, reference, record = ctx.cfg, None, None
+    gate = None if remeasure or not is_relative(cfg.target) else gate_reference(cfg)
+    if gate is not None:
+        reference = GateRow("fp32", candidate=False, quality=gate["quality"], p50_ms=gate["p50_ms"],
+                            p95_ms=gate["p95_ms"], cv=gate["cv"], size_mb=gate["size_mb"])
+        record = gate
+    elif is_relative(cfg.target) and cfg.task.type == "seq2seq":
         reference = seq2seq_search.reference(ctx)
-        if reference.status == "ok":
-            study.set_user_attr("reference", {"p95_ms": reference.p95_ms, "quality": reference.quality,
-                                              "size_mb": reference.size_mb})
     elif is_relative(cfg.target):
         cpu_teacher = ctx.teacher.to("cpu")
         t_batches, t_quality, t_profile = ctx.teacher_batches  # the teacher reads its own tokenizer's tokens
@@ -433,16 +511,21 @@ def _resolve_targets(ctx: Context, study: optuna.Study) -> None:
                                  allow_cpu_bf16=False, workdir=cfg.run_dir / "search_reference")
         reference = measure_candidates(built, t_batches, t_profile)[0]
         ctx.teacher.to(ctx.accelerator.device)
-        if reference.status == "ok":
-            study.set_user_attr("reference", {"p95_ms": reference.p95_ms, "quality": reference.quality,
-                                              "size_mb": reference.size_mb})
+    if reference is not None and reference.status == "ok" and record is None:
+        record = {"p95_ms": reference.p95_ms, "quality": reference.quality, "size_mb": reference.size_mb,
+                  "p50_ms": reference.p50_ms, "cv": reference.cv, "source": "search",
+                  "measured_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    if record is not None:
+        study.set_user_attr("reference", record)
     ctx.targets = resolve_targets(cfg.target, reference)
     study.set_user_attr("targets", {**{k: getattr(ctx.targets, k) for k in TARGET_KEYS}, "spec": ctx.targets.spec})
     study.set_user_attr("conditions", ctx.meta["conditions"])
+    if created:
+        study.set_user_attr(RESOLVING_ATTR, None)
 
 
 def run_search(cfg: Config, accelerator, n_trials: int | None = None, timeout_s: float | None = None,
-               console=None) -> SearchResult:
+               console=None, remeasure: bool = False) -> SearchResult:
     """Run (or resume) the study; write the report and MLflow runs; return the front and the verdict."""
     check_device(cfg.target)
     if cfg.task.type == "seq2seq":
@@ -457,7 +540,12 @@ def run_search(cfg: Config, accelerator, n_trials: int | None = None, timeout_s:
     fingerprint = _fingerprint(cfg, space)
     fresh = name not in optuna.study.get_all_study_names(storage)
     if not fresh:
-        _check_resumable(optuna.load_study(study_name=name, storage=storage), fingerprint, storage_url(cfg))
+        existing = optuna.load_study(study_name=name, storage=storage)
+        _check_resumable(existing, fingerprint, storage_url(cfg))
+        if remeasure and existing.user_attrs.get("targets") is not None:
+            raise ConfigError(f"--remeasure: study '{name}' fixed its budget when it was created "
+                              f"({targets_text(existing.user_attrs['targets']).removeprefix('targets: ')}); "
+                              f"re-measuring applies to a new study: set a new search.study_name")
     try:
         ctx = _setup(cfg, accelerator, space, console)
     except ConfigError:
@@ -481,7 +569,7 @@ def run_search(cfg: Config, accelerator, n_trials: int | None = None, timeout_s:
         if study.metric_names != METRIC_NAMES:  # also names a study created before kdlab named them
             study.set_metric_names(METRIC_NAMES)
         optuna.storages.fail_stale_trials(study)  # trials of dead workers: FAIL, MLflow FAILED, retried
-    _resolve_targets(ctx, study)
+    _resolve_targets(ctx, study, created_study, remeasure, lost_race=fresh and not created_study)
     if created_study:  # not `if not study.trials`: workers started together would each enqueue the seeds
         for candidate in space.seeds(cfg.search.seed_trials, cfg.target.device):
             study.enqueue_trial(space.params_of(candidate), skip_if_exists=True)
@@ -500,7 +588,15 @@ def run_search(cfg: Config, accelerator, n_trials: int | None = None, timeout_s:
         if row is not None:
             print(_trial_line(row), flush=True)
 
-    with ctx.tracking.parent(study):
+    budget = budget_line(study.user_attrs.get("targets", {}), study.user_attrs.get("reference"))
+    print(f"budget: {budget}", flush=True)
+    with ctx.tracking.parent(study) as parent:
+        reference = study.user_attrs.get("reference") or {}
+        parent.set_tags({"kdlab.budget": budget[:4000], "kdlab.budget_source": reference.get("source", "absolute")})
+        parent.log_metrics({f"budget_{k}": v for k, v in study.user_attrs.get("targets", {}).items()
+                            if k in TARGET_KEYS and v is not None}
+                           | {f"reference_{k}": reference[k] for k in ("p95_ms", "quality", "cv")
+                              if reference.get(k) is not None})
         study.optimize(lambda trial: trial_objective(trial, ctx), n_trials=n_trials or cfg.search.n_trials,
                        timeout=timeout_s if timeout_s is not None else cfg.search.timeout_s,
                        catch=(Exception,), callbacks=[after_trial], gc_after_trial=True)

@@ -8,6 +8,7 @@ independent oracles: the choice from the Optuna study itself (`study.best_trials
 """
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -362,6 +363,32 @@ def test_run_searches_on_a_miss_and_exports_nothing_infeasible(tmp_path, tiny_te
     assert "MISS" in out and "no feasible student" in out
     assert (tmp_path / "run" / "optuna.db").is_file()
     assert not (tmp_path / "run" / "export").exists()
+
+
+def test_the_gates_budget_is_the_studys_budget(tmp_path, tiny_teacher_dir, capsys):
+    """kdlab run: the search's relative targets resolve against the fp32 teacher as the gate measured it (gate.csv),
+    not a second measurement; a later search keeps the study's figure and refuses --remeasure; a new study with
+    --remeasure measures its own."""
+    config = _run_tree(tmp_path, tiny_teacher_dir, {"p95_ms": "teacher*0.001"})  # misses: the search runs
+    assert kdlab(["run", "--config", str(config)]) == 3
+    out = capsys.readouterr().out
+    with open(tmp_path / "run" / "report" / "gate.csv", newline="") as fh:
+        fp32 = next(r for r in csv.DictReader(fh) if r["recipe"] == "fp32")
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'run' / 'optuna.db'}")
+    assert study.user_attrs["targets"]["p95_ms"] == pytest.approx(0.001 * float(fp32["p95_ms"]), rel=1e-12)
+    assert study.user_attrs["reference"]["source"] == "gate"
+    budget = next(line for line in out.splitlines() if line.startswith("budget: "))
+    assert f"fp32 teacher p95 {float(fp32['p95_ms']):.2f} ms" in budget and "measured by the gate" in budget
+    assert f"p95 ≤ {0.001 * float(fp32['p95_ms']):.2f} ms" in out.split("budget: ")[0]  # the gate's line: same figure
+
+    assert kdlab(["search", "--config", str(config), "--remeasure"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kdlab: error: --remeasure: study 'tiny' fixed its budget") and "\n" not in err
+    assert kdlab(["search", "--config", str(config), "--remeasure", "--n-trials", "1",
+                  "search.study_name=again"]) == 3
+    again = optuna.load_study(study_name="again", storage=f"sqlite:///{tmp_path / 'run' / 'optuna.db'}")
+    assert again.user_attrs["reference"]["source"] == "search"
+    assert "measured by the search" in capsys.readouterr().out
 
 
 def test_onnx_int8_export_is_served_from_its_int8_graph_through_the_registry(searched):

@@ -37,7 +37,8 @@ pytestmark = pytest.mark.slow
 KDLAB = str(Path(sys.executable).parent / "kdlab")
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 FAST_PROFILE = {"batch_size": 1, "seq_len": "data", "warmup_iters": 1, "min_iters": 5, "min_seconds": 0.2,
-                "repeats": 1, "threads": 1, "max_cv": 1.0}
+                "repeats": 1, "threads": 1, "max_cv": 1.0,
+                "p95_ms": "teacher*100"}  # relative: the two workers must agree on one measured figure
 # A small, all-categorical space (no searched learning rate), so two workers can draw the same
 # student: the duplicate check has something to catch.
 SPACE = {"num_layers": [1, 2], "hidden_size": [32, 64], "num_heads": [2, 4], "recipes": ["dynamic-int8"],
@@ -110,6 +111,10 @@ def test_both_workers_share_one_study(two_workers):
     # Each worker reports only the trials it ran: the two sets split the study between them.
     ran = [set(map(int, re.findall(r"^trial (\d+):", out, re.MULTILINE))) for _, out, _ in two_workers["outputs"]]
     assert all(ran) and not ran[0] & ran[1] and ran[0] | ran[1] == {t.number for t in trials}
+    # One budget: the worker that created the study measured the teacher once; the other waited for that figure.
+    budgets = [next(line for line in out.splitlines() if line.startswith("budget: ")) for _, out, _ in
+               two_workers["outputs"]]
+    assert budgets[0] == budgets[1] and "measured by the search" in budgets[0], budgets
     # The workers read the teacher and its logits; neither fine-tuned or cached again.
     assert sorted((two_workers["root"] / "kdlab-cache" / "teacher_logits").glob("*/logits.safetensors")) == \
         two_workers["caches"]
