@@ -11,7 +11,9 @@ import dataclasses
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
@@ -55,6 +57,7 @@ class Context:
     base: object = None  # student.pretrained: the pretrained model students are cut from instead of the teacher
     teacher_batches: tuple = ()  # (timing batches, quality batches, profile) as the teacher reads dev (its tokenizer)
     families: dict = None  # search.families with several: name -> Family (its own prep, batches, profile, base)
+    clock: "PhaseClock" = None  # the running trial's seconds per phase (run_trial sets a fresh one)
 
     def of(self, family: str | None) -> "Context":
         """The context a trial of `family` reads: that family's tokenizer's data, batches, logits and base."""
@@ -77,6 +80,23 @@ class Family:
     profile: object
     lengths: dict
     label_report: object = None
+
+
+PHASES = ("screening", "training", "evaluation", "quantization", "measurement")
+
+
+@dataclass
+class PhaseClock:
+    """Seconds one trial spent per phase (where a search's time went): `with clock("training"): ...`."""
+    seconds: dict = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+
+    @contextmanager
+    def __call__(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - t0
 
 
 def one_line(exc: BaseException) -> str:
@@ -189,6 +209,7 @@ def run_trial(trial: optuna.Trial, ctx: Context, evaluate):
     if twin is not None:
         trial.set_user_attr("duplicate_of", twin)
         raise optuna.TrialPruned(f"same candidate as trial {twin}")
+    ctx.clock, started = PhaseClock(), time.perf_counter()
     with ctx.tracking.child(trial, candidate.to_dict()) as tracker:
         try:
             return evaluate(trial, candidate, ctx, tracker)
@@ -197,35 +218,47 @@ def run_trial(trial: optuna.Trial, ctx: Context, evaluate):
             tracker.set_tags({"state": "FAIL", "error": one_line(exc)})
             shutil.rmtree(ctx.cfg.run_dir / "trials" / str(trial.number), ignore_errors=True)
             raise
+        finally:  # also for a failed trial: the time it cost is part of the study's
+            spent = {k: round(v, 3) for k, v in ctx.clock.seconds.items()}
+            spent["other"] = round(max(0.0, time.perf_counter() - started - sum(ctx.clock.seconds.values())), 3)
+            trial.set_user_attr("seconds", spent)
 
 
 def _evaluate(trial, candidate: Candidate, ctx: Context, tracker):
-    ctx = ctx.of(candidate.family)
+    ctx, clock = ctx.of(candidate.family), ctx.clock
     cfg = ctx.cfg
-    student = build_student(ctx.teacher, candidate.student(), seed=cfg.train.seed, base=ctx.base)
-    params = count_params(student)
-    with tempfile.TemporaryDirectory(prefix="kdlab-screen-") as tmp:
-        served = apply_recipe(candidate.recipe, student, example_batch=ctx.quality_batches[0], device=cfg.target.device,
-                              workdir=Path(tmp), allow_cpu_half=cfg.quantization.allow_cpu_bf16, threads=ctx.threads)
-        pre = _measure(served, ctx)
+    with clock("screening"):
+        student = build_student(ctx.teacher, candidate.student(), seed=cfg.train.seed, base=ctx.base)
+        params = count_params(student)
+        with tempfile.TemporaryDirectory(prefix="kdlab-screen-") as tmp:
+            served = apply_recipe(candidate.recipe, student, example_batch=ctx.quality_batches[0],
+                                  device=cfg.target.device, workdir=Path(tmp),
+                                  allow_cpu_half=cfg.quantization.allow_cpu_bf16, threads=ctx.threads)
+            pre = _measure(served, ctx)
     misses = screened_out(ctx.targets, pre.p95_ms, pre.size_mb, cfg.search.screen_margin)
     if misses:
         return record_screened(trial, tracker, ctx, pre, params, misses, agreement=0.0)
 
     trial_dir = cfg.run_dir / "trials" / str(trial.number)
-    result = _distil(candidate, ctx, student, trial_dir, tracker)
-    trained = AutoModelForSequenceClassification.from_pretrained(trial_dir, use_safetensors=True).eval()
-    served = apply_recipe(candidate.recipe, trained, example_batch=ctx.quality_batches[0], device=cfg.target.device,
-                          workdir=trial_dir / "served", allow_cpu_half=cfg.quantization.allow_cpu_bf16,
-                          threads=ctx.threads)
-    quality = dev_quality(served, ctx.quality_batches, cfg.task.metric, ctx.prep.data.num_labels)
-    # What the export checks (search/export.py): the served artefact against the fp32 weights on the CPU, on the
-    # same dev rows in the same batches (the student's tokenizer, train.eval_batch_size), so a trial feasible here
-    # is never refused there. fp32 agrees with itself.
-    agreement = 1.0 if candidate.recipe == "fp32" else parity(
-        served, apply_recipe("fp32", trained, example_batch=ctx.quality_batches[0], device="cpu",
-                             threads=ctx.threads), ctx.quality_batches)["label_agreement"]
-    post = _measure(served, ctx)
+    with clock("training"):  # its periodic dev evaluations are counted as evaluation, not training
+        before = clock.seconds["evaluation"]
+        result = _distil(candidate, ctx, student, trial_dir, tracker)
+    clock.seconds["training"] -= clock.seconds["evaluation"] - before
+    with clock("quantization"):
+        trained = AutoModelForSequenceClassification.from_pretrained(trial_dir, use_safetensors=True).eval()
+        served = apply_recipe(candidate.recipe, trained, example_batch=ctx.quality_batches[0],
+                              device=cfg.target.device, workdir=trial_dir / "served",
+                              allow_cpu_half=cfg.quantization.allow_cpu_bf16, threads=ctx.threads)
+    with clock("evaluation"):
+        quality = dev_quality(served, ctx.quality_batches, cfg.task.metric, ctx.prep.data.num_labels)
+        # What the export checks (search/export.py): the served artefact against the fp32 weights on the CPU, on
+        # the same dev rows in the same batches (the student's tokenizer, train.eval_batch_size), so a trial
+        # feasible here is never refused there. fp32 agrees with itself.
+        agreement = 1.0 if candidate.recipe == "fp32" else parity(
+            served, apply_recipe("fp32", trained, example_batch=ctx.quality_batches[0], device="cpu",
+                                 threads=ctx.threads), ctx.quality_batches)["label_agreement"]
+    with clock("measurement"):
+        post = _measure(served, ctx)
     return record_trained(trial, tracker, ctx, candidate, trial_dir, quality, pre, post, params, result, agreement)
 
 
@@ -246,6 +279,10 @@ def _distil(candidate: Candidate, ctx: Context, student, trial_dir: Path, tracke
         model.save_pretrained(trial_dir)
         ctx.prep.student_tokenizer.save_pretrained(trial_dir)
 
+    def evaluate(model):
+        with ctx.clock("evaluation"):
+            return evaluate_classifier(model, ctx.eval_loader, ctx.accelerator)
+
     return fit(ctx.accelerator, student, train_loader, cfg=train_cfg, compute_loss=compute_loss,
-               evaluate=lambda m: evaluate_classifier(m, ctx.eval_loader, ctx.accelerator), save_best=save_best,
+               evaluate=evaluate, save_best=save_best,
                out_dir=trial_dir, tracker=tracker, metric=cfg.task.metric, extra_modules=[loss_mod], desc="distill")

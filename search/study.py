@@ -66,7 +66,7 @@ from kdlab.eval.latency import clamp_threads, machine_info, versions
 from kdlab.search import seq2seq_search
 from kdlab.search.gate import build_candidates
 from kdlab.search.gate_report import gate_references
-from kdlab.search.objective import Context, Family, objective, one_line
+from kdlab.search.objective import PHASES, Context, Family, objective, one_line
 from kdlab.search.space import TEACHER_FAMILY, FamilySpace, SearchSpace, TeacherShape
 from kdlab.search.study_report import arch_text, print_front, targets_text, trial_rows, write_report
 from kdlab.search.study_tracking import StudyTracking
@@ -315,13 +315,42 @@ def _gate_references(cfg: Config) -> list[dict]:
     return refs
 
 
+SESSION_PREFIX = "time_session/"  # one user attr per search call (a key each, so workers never overwrite another's)
+
+
+def record_session(study: optuna.Study, started: float, setup_s: float) -> None:
+    """This search call's wall and setup seconds (data, teacher, teacher labels, budget), for time_accounting."""
+    key = f"{SESSION_PREFIX}{socket.gethostname()}-{os.getpid()}-{int(started)}"
+    study.set_user_attr(key, {"wall_s": round(time.time() - started, 3), "setup_s": round(setup_s, 3)})
+
+
+def time_accounting(study: optuna.Study) -> dict | None:
+    """Where the study's time went, over every search call and worker: setup; each trial phase (screening, training,
+    evaluation, quantization, measurement, the trial's other work); and idle (between trials: reports, MLflow,
+    waiting on storage), the search calls' wall time less the rest. None before a search call has finished."""
+    sessions = [v for k, v in study.user_attrs.items() if k.startswith(SESSION_PREFIX)]
+    if not sessions:
+        return None
+    phases = dict.fromkeys((*PHASES, "other"), 0.0)
+    for t in study.get_trials(deepcopy=False):
+        for phase, seconds in (t.user_attrs.get("seconds") or {}).items():
+            phases[phase] = phases.get(phase, 0.0) + seconds
+    wall = sum(s["wall_s"] for s in sessions)
+    setup = sum(s["setup_s"] for s in sessions)
+    out = {"wall_s": round(wall, 1), "calls": len(sessions), "setup_s": round(setup, 1),
+           **{f"{k}_s": round(v, 1) for k, v in phases.items()}}
+    out["idle_s"] = round(max(0.0, wall - setup - sum(phases.values())), 1)
+    return out
+
+
 def meta_of(cfg: Config, study: optuna.Study) -> dict:
     refs = _gate_references(cfg)
     own = study.user_attrs.get("reference")
     if own and not refs:
         refs = [{"label": "teacher fp32 (measured by the search)", **own}]
     return {"study": study.study_name, "metric": cfg.task.metric, "targets": study.user_attrs.get("targets", {}),
-            "conditions": study.user_attrs.get("conditions", {}), "references": refs}
+            "conditions": study.user_attrs.get("conditions", {}), "references": refs,
+            "time": time_accounting(study)}
 
 
 def family_config(cfg: Config, family: str) -> Config:
@@ -527,6 +556,7 @@ def _resolve_targets(ctx: Context, study: optuna.Study, created: bool, remeasure
 def run_search(cfg: Config, accelerator, n_trials: int | None = None, timeout_s: float | None = None,
                console=None, remeasure: bool = False) -> SearchResult:
     """Run (or resume) the study; write the report and MLflow runs; return the front and the verdict."""
+    started = time.time()
     check_device(cfg.target)
     if cfg.task.type == "seq2seq":
         space = seq2seq_search.Seq2SeqSpace.from_config(cfg, load_teacher_config(cfg))
@@ -597,10 +627,14 @@ def run_search(cfg: Config, accelerator, n_trials: int | None = None, timeout_s:
                             if k in TARGET_KEYS and v is not None}
                            | {f"reference_{k}": reference[k] for k in ("p95_ms", "quality", "cv")
                               if reference.get(k) is not None})
+        setup_s = time.time() - started
         study.optimize(lambda trial: trial_objective(trial, ctx), n_trials=n_trials or cfg.search.n_trials,
                        timeout=timeout_s if timeout_s is not None else cfg.search.timeout_s,
                        catch=(Exception,), callbacks=[after_trial], gc_after_trial=True)
+        record_session(study, started, setup_s)
+        ctx.meta["time"] = time_accounting(study)
         rows = refresh(cfg, study, ctx.meta, ctx.tracking)
+        parent.log_metrics({f"time_{k}": v for k, v in ctx.meta["time"].items()})
     report_dir = cfg.run_dir / "report"
     print_front(rows, ctx.meta, console)
     message, code = outcome(rows, ctx.meta["targets"], name, report_dir)

@@ -76,6 +76,14 @@ def conditions_text(conditions: dict) -> str:
     return f"{conditions['device']}, {conditions['threads']} thread(s), batch {conditions['batch_size']}, {seq}"
 
 
+def time_text(spent: dict) -> str:
+    """Where the study's time went (search/study.py time_accounting), largest share first."""
+    parts = {k[:-2]: v for k, v in spent.items() if k.endswith("_s") and k != "wall_s" and v > 0}
+    wall = spent["wall_s"] or 1.0
+    shares = ", ".join(f"{k} {v:.0f} s ({v / wall:.0%})" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]))
+    return f"time: {spent['wall_s']:.0f} s over {spent['calls']} search call(s): {shares or 'nothing yet'}"
+
+
 def targets_text(targets: dict) -> str:
     parts = []
     for key, label, fmt in (("p95_ms", "p95 ≤", "{:.2f} ms"), ("min_quality", "quality ≥", "{:.4f}"),
@@ -251,3 +259,5 @@ def print_front(rows: list[dict], meta: dict, console=None) -> None:
                       _num(None if r.get("label_agreement") is None else 100 * r["label_agreement"], "{:.2f}"), state)
     console.print(table)
     console.print(targets_text(meta["targets"]))
+    if meta.get("time"):
+        console.print(time_text(meta["time"]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import mlflow
@@ -176,6 +177,24 @@ def test_search_records_trials_constraints_checkpoints_and_mlflow_runs(root, mai
         assert run.data.metrics["p95_ms"] == pytest.approx(t.user_attrs["p95_ms"])
         assert run.data.metrics["train_seconds"] == pytest.approx(t.user_attrs["train_seconds"])
 
+    # Where the time went: each trial's phases; a screened-out one never reached training; the study's total is its
+    # search call's wall time, split into setup, the trials' phases and idle, and is on the parent run.
+    phases = ("screening", "training", "evaluation", "quantization", "measurement", "other")
+    for t in trials:
+        spent = t.user_attrs["seconds"]
+        assert set(spent) == set(phases) and all(v >= 0 for v in spent.values()) and spent["screening"] > 0
+        if t.user_attrs["screened_out"]:
+            assert spent["training"] == spent["evaluation"] == spent["quantization"] == spent["measurement"] == 0
+        else:  # training excludes its periodic dev evaluations, which count as evaluation
+            assert spent["training"] > 0 and spent["evaluation"] > 0 and spent["measurement"] > 0
+    sessions = [v for k, v in study.user_attrs.items() if k.startswith("time_session/")]
+    assert len(sessions) == 1 and sessions[0]["setup_s"] > 0
+    totals = {p: sum(t.user_attrs["seconds"][p] for t in trials) for p in phases}
+    assert parent.data.metrics["time_wall_s"] == pytest.approx(sessions[0]["wall_s"], abs=0.05)
+    assert parent.data.metrics["time_training_s"] == pytest.approx(totals["training"], abs=0.05)
+    assert parent.data.metrics["time_idle_s"] == pytest.approx(
+        sessions[0]["wall_s"] - sessions[0]["setup_s"] - sum(totals.values()), abs=0.2)
+
 
 def dominated_by(a, b) -> bool:
     return b.values[0] >= a.values[0] and b.values[1] <= a.values[1] and tuple(b.values) != tuple(a.values)
@@ -213,6 +232,7 @@ def test_report_rebuilds_table_and_plots_from_the_stored_study(root, main_search
     front = sorted(t.number for t in load_study(root, "main").best_trials)
     assert "Pareto front" in out and f"{len(front)} of 4 trials" in out
     assert "targets: p95 ≤ 10000.00 ms; quality ≥ 0.0100" in out
+    assert re.search(r"^time: \d+ s over 1 search call\(s\): .*training \d+ s \(\d+%\)", out, re.MULTILINE), out
     assert out.strip().splitlines()[-1].startswith(f"search 'main': {len(front)} student(s) on the front of 4 trials")
     assert all((report / name).is_file() for name in ("pareto.png", "pareto.html", "pareto.csv"))
 
