@@ -205,7 +205,10 @@ class TargetConfig:
     min_iters: int = _f(30, "timed calls per candidate, at least")
     min_seconds: float = _f(2.0, "timed seconds per candidate, at least")
     repeats: int = _f(5, "interleaved timing rounds across candidates (drift lands on all alike)")
-    max_cv: float = _f(0.10, "coefficient of variation above which a latency is flagged unstable")
+    p95_tolerance: float = _f(0.10, "a p95 is repeatable when its 95 % bootstrap interval across the interleaved "
+                                    "rounds is within +-this fraction of it; else more rounds are timed")
+    max_rounds: int = _f(15, "interleaved rounds at most: more are added (beyond `repeats`) while a p95 is not "
+                             "repeatable or its interval straddles the budget; then the verdict is 'uncertain'")
     p95_ms: Any = _f(None, "p95 latency budget in ms, absolute or relative to the fp32 teacher: 'teacher*0.25'")
     min_quality: Any = _f(None, "quality floor (task.metric, a fraction), absolute or 'teacher*0.97'")
     max_size_mb: Any = _f(None, "size budget of the served artefact in MB, absolute or 'teacher*0.5'")
@@ -492,7 +495,8 @@ def _check_target(cfg: Config, c, label: str) -> None:
     c(t.min_iters >= 1, "target.min_iters", f"must be >= 1, got {t.min_iters}")
     c(t.min_seconds >= 0, "target.min_seconds", f"must be >= 0, got {t.min_seconds}")
     c(t.repeats >= 1, "target.repeats", f"must be >= 1, got {t.repeats}")
-    c(t.max_cv > 0, "target.max_cv", f"must be > 0, got {t.max_cv}")
+    c(t.p95_tolerance > 0, "target.p95_tolerance", f"must be > 0, got {t.p95_tolerance}")
+    c(t.max_rounds >= t.repeats, "target.max_rounds", f"must be >= target.repeats ({t.repeats}), got {t.max_rounds}")
     for key in ("p95_ms", "min_quality", "max_size_mb"):
         try:
             parsed = parse_budget(getattr(t, key), key)

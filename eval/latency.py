@@ -23,6 +23,7 @@ import json
 import math
 import os
 import platform
+import random
 import socket
 import sys
 import time
@@ -56,16 +57,18 @@ class TargetProfile:
     min_iters: int = field(default=30, metadata={"help": "timed calls per candidate, all rounds together"})
     min_seconds: float = field(default=2.0, metadata={"help": "timed seconds per candidate, all rounds together"})
     repeats: int = field(default=5, metadata={"help": "interleaved rounds across candidates"})
-    max_cv: float = field(default=0.10, metadata={"help": "coefficient of variation above which a result is unstable"})
-    max_remeasure: int = field(default=1, metadata={"help": "re-measurements of an unstable candidate"})
+    p95_tolerance: float = field(default=0.10, metadata={
+        "help": "a p95 is repeatable when its 95 % bootstrap interval across rounds is within +-this fraction"})
+    max_rounds: int = field(default=15, metadata={
+        "help": "rounds at most: more are added while a p95 is not repeatable or its interval straddles its budget"})
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise ValueError(f"TargetProfile.device={self.device!r}; valid: {', '.join(DEVICES)}")
-        for name in ("threads", "batch_size", "seq_len", "min_iters", "repeats"):
+        for name in ("threads", "batch_size", "seq_len", "min_iters", "repeats", "max_rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TargetProfile.{name}={getattr(self, name)}; must be >= 1")
-        for name in ("warmup_iters", "max_remeasure", "min_seconds", "max_cv"):
+        for name in ("warmup_iters", "min_seconds", "p95_tolerance"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TargetProfile.{name}={getattr(self, name)}; must be >= 0")
 
@@ -111,8 +114,44 @@ def coefficient_of_variation(values: Sequence[float]) -> float:
     return math.sqrt(var) / abs(mean)
 
 
+def p95_interval(rounds: Sequence[Sequence[float]], n_boot: int = 400, seed: int = 0) -> tuple[float, float]:
+    """95 % bootstrap interval of the pooled p95 over timing rounds: how repeatable the p95 is.
+
+    Rounds are resampled with replacement (each round is one interleaved pass, so drift between passes, the
+    noise a re-run meets, is what the interval holds); with one round its samples are resampled instead.
+    The interval is the 2.5th to 97.5th percentile of the n_boot resampled p95s (seeded: the same samples
+    always give the same interval).
+    """
+    rounds = [list(r) for r in rounds if len(r)]
+    if not rounds:
+        raise ValueError("p95_interval needs at least one sample")
+    rng = random.Random(seed)
+    if len(rounds) == 1:
+        units = [[v] for v in rounds[0]]
+    else:
+        units = rounds
+    boots = []
+    for _ in range(n_boot):
+        pooled = [v for _ in units for v in units[rng.randrange(len(units))]]
+        boots.append(percentile(pooled, 95))
+    return percentile(boots, 2.5), percentile(boots, 97.5)
+
+
+def judge_p95(rounds: Sequence[Sequence[float]], tolerance: float, budget_ms: float | None = None
+              ) -> tuple[float, float, bool, str | None]:
+    """(interval low, high, repeatable, verdict against budget_ms: meets | misses | uncertain | None)."""
+    low, high = p95_interval(rounds)
+    p95 = percentile([v for r in rounds for v in r], 95)
+    repeatable = (high - low) / 2 <= tolerance * p95
+    verdict = None
+    if budget_ms is not None:
+        verdict = "meets" if high <= budget_ms else ("misses" if low > budget_ms else "uncertain")
+    return low, high, repeatable, verdict
+
+
 def summarize(samples_ms: Sequence[float], batch_size: int) -> dict:
-    """Percentiles, mean, cv and throughput of per-call latencies.
+    """Percentiles, mean, cv and throughput of per-call latencies. cv is the spread of the workload (at
+    seq_len 'data' mostly the spread of input lengths), not a judgement on the measurement.
 
     throughput (samples/s) = batch_size * 1000 / mean_ms, since each call serves batch_size samples.
     """
@@ -144,12 +183,16 @@ class LatencyReport:
     cv: float
     throughput: float
     n_samples: int
-    stable: bool
+    stable: bool  # the p95 is repeatable: its bootstrap interval across rounds is within +-p95_tolerance
     peak_mem_mb: float
     device: str
     threads: int
     batch_size: int
     seq_len: int
+    p95_low_ms: float = math.nan  # 95 % bootstrap interval of p95 across rounds
+    p95_high_ms: float = math.nan
+    rounds: int = 0
+    verdict: str | None = None  # against the budget measure() was given: meets | misses | uncertain
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -204,21 +247,23 @@ def _time_calls_cuda(fn: Callable[[], object], min_iters: int, min_seconds: floa
     return [s.elapsed_time(e) for s, e in pairs]
 
 
-def _interleaved_rounds(fns: dict[str, Callable[[], object]], profile: TargetProfile) -> tuple[dict, dict]:
-    """Time every fn in `repeats` round-robin rounds; returns (samples_ms, peak_mem_mb) per name."""
+def _interleaved_rounds(fns: dict[str, Callable[[], object]], profile: TargetProfile,
+                        rounds: int | None = None) -> tuple[dict, dict]:
+    """Time every fn in `rounds` (default `repeats`) round-robin rounds; returns ({name: [samples_ms per round]},
+    peak_mem_mb per name)."""
     cuda = profile.device == "cuda"
     timer = _time_calls_cuda if cuda else _time_calls_cpu
     iters_per_round = math.ceil(profile.min_iters / profile.repeats)
     seconds_per_round = profile.min_seconds / profile.repeats
-    samples = {name: [] for name in fns}
+    samples = {name: [] for name in fns}  # one list per round
     peak_mb = {name: 0.0 for name in fns}
     # Round-robin so a noisy neighbour or thermal drift lands on every candidate alike,
     # instead of on whichever happened to be timed during it.
-    for _ in range(profile.repeats):
+    for _ in range(profile.repeats if rounds is None else rounds):
         for name, fn in fns.items():
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
-            samples[name].extend(timer(fn, iters_per_round, seconds_per_round))
+            samples[name].append(timer(fn, iters_per_round, seconds_per_round))
             if cuda:
                 peak_mb[name] = max(peak_mb[name], torch.cuda.max_memory_allocated() / BYTES_PER_MB)
             else:
@@ -226,12 +271,15 @@ def _interleaved_rounds(fns: dict[str, Callable[[], object]], profile: TargetPro
     return samples, peak_mb
 
 
-def measure(fns: dict[str, Callable[[], object]], profile: TargetProfile) -> dict[str, LatencyReport]:
+def measure(fns: dict[str, Callable[[], object]], profile: TargetProfile,
+            budgets: dict[str, float | None] | None = None) -> dict[str, LatencyReport]:
     """Time zero-argument callables under one profile, interleaved, and report each.
 
     Each fn should do one served call of `profile.batch_size` samples (and manage grad mode
-    itself). A candidate whose cv stays above `profile.max_cv` after `max_remeasure` fresh
-    re-measurements is still reported, with stable=False.
+    itself). After `repeats` interleaved rounds, a candidate whose p95 is not repeatable (its bootstrap
+    interval wider than +-p95_tolerance) or whose interval straddles its budget (`budgets[name]`, ms) gets
+    one more round at a time, up to `max_rounds` in all; then it is reported as it stands: stable=False,
+    or verdict 'uncertain' with the interval that still straddles.
     """
     if not fns:
         raise ValueError("measure() needs at least one callable")
@@ -253,15 +301,19 @@ def measure(fns: dict[str, Callable[[], object]], profile: TargetProfile) -> dic
         # A collection during one candidate's loop would charge it for garbage that others made.
         gc.collect()
         gc.disable()
-        samples, peak_mb = _interleaved_rounds(fns, profile)
-        unstable = [n for n in fns if coefficient_of_variation(samples[n]) > profile.max_cv]
-        for _ in range(profile.max_remeasure):
-            if not unstable:
+        rounds, peak_mb = _interleaved_rounds(fns, profile)
+        budgets = budgets or {}
+        judged = {n: judge_p95(rounds[n], profile.p95_tolerance, budgets.get(n)) for n in fns}
+        while True:
+            open_ = [n for n in fns if (not judged[n][2] or judged[n][3] == "uncertain")
+                     and len(rounds[n]) < profile.max_rounds]
+            if not open_:
                 break
-            again, again_peak = _interleaved_rounds({n: fns[n] for n in unstable}, profile)
-            samples.update(again)
-            peak_mb.update(again_peak)
-            unstable = [n for n in unstable if coefficient_of_variation(samples[n]) > profile.max_cv]
+            more, more_peak = _interleaved_rounds({n: fns[n] for n in open_}, profile, rounds=1)
+            for n in open_:
+                rounds[n].extend(more[n])
+                peak_mb[n] = max(peak_mb[n], more_peak[n])
+                judged[n] = judge_p95(rounds[n], profile.p95_tolerance, budgets.get(n))
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -269,15 +321,17 @@ def measure(fns: dict[str, Callable[[], object]], profile: TargetProfile) -> dic
 
     reports = {}
     for name in fns:
-        stats = summarize(samples[name], profile.batch_size)
+        stats = summarize([v for r in rounds[name] for v in r], profile.batch_size)
+        low, high, repeatable, verdict = judged[name]
         reports[name] = LatencyReport(
             **stats,
-            stable=name not in unstable,
+            stable=repeatable,
             peak_mem_mb=peak_mb[name],
             device=profile.device,
             threads=threads,
             batch_size=profile.batch_size,
             seq_len=profile.seq_len,
+            p95_low_ms=low, p95_high_ms=high, rounds=len(rounds[name]), verdict=verdict,
         )
     return reports
 

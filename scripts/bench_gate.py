@@ -209,7 +209,7 @@ def main(argv=None) -> int:
                        "teacher_dev": teacher_dev[cfg.task.metric], "dev_rows": len(prep.eval_ds),
                        "seq_len": "data", "warmup_iters": cfg.target.warmup_iters, "min_iters": cfg.target.min_iters,
                        "min_seconds": cfg.target.min_seconds, "repeats": cfg.target.repeats,
-                       "max_cv": cfg.target.max_cv, "targets": targets},
+                       "p95_tolerance": cfg.target.p95_tolerance, "targets": targets},
         "repeat_profiles": repeat_profiles, "rows": rows, "agreement": agreement, "repeatability": repeatability,
     }
     # A smoke run must not overwrite the real results: by default it writes next to its scratch run.

@@ -59,7 +59,7 @@ STUDY = "soak"
 SPACE = {"num_layers": [1, 2], "hidden_size": [32, 64], "num_heads": [2, 4], "intermediate_size": [64, 128],
          "recipes": ["fp32", "dynamic-int8"], "temperature": [1.0, 2.0, 4.0], "seed_trials": 2}
 PROFILE = {"batch_size": 1, "seq_len": "data", "warmup_iters": 2, "min_iters": 10, "min_seconds": 0.3,
-           "repeats": 2, "threads": 1, "max_cv": 1.0}
+           "repeats": 2, "threads": 1, "p95_tolerance": 1.0, "max_rounds": 3}
 HEARTBEAT_S = 5  # a killed worker's trial is failed (and retried) by the other worker 2 x this later
 
 

@@ -108,7 +108,8 @@ def measure_classifier(cfg: Config, model, prep, threads: int, recipes: list[str
         "device": cfg.target.device, "threads": threads, "threads_requested": cfg.target.threads,
         "batch_size": cfg.target.batch_size, "seq_len": seq_len, **lengths,
         "warmup_iters": cfg.target.warmup_iters, "min_iters": cfg.target.min_iters,
-        "min_seconds": cfg.target.min_seconds, "repeats": cfg.target.repeats, "max_cv": cfg.target.max_cv,
+        "min_seconds": cfg.target.min_seconds, "repeats": cfg.target.repeats, "p95_tolerance": cfg.target.p95_tolerance,
+        "max_rounds": cfg.target.max_rounds,
         "metric": cfg.task.metric, "dev_rows": len(prep.eval_ds), "teacher": cfg.teacher.source,
         "flops_per_request": flops, "matmul_peak_gflops": peak, "machine": machine_info(), "versions": versions(),
     }

@@ -19,7 +19,7 @@ from kdlab.search.targets import GateResult
 from kdlab.train.tracking import mlflow_run
 
 CSV_FIELDS = ("recipe", "status", "reason", "candidate", "quality", "p50_ms", "p95_ms", "p99_ms", "mean_ms", "cv",
-              "stable", "throughput", "tokens_per_s", "size_mb", "peak_pct", "meets_targets", "misses", "device", "threads",
+              "stable", "p95_low_ms", "p95_high_ms", "rounds", "throughput", "tokens_per_s", "size_mb", "peak_pct", "meets_targets", "misses", "device", "threads",
               "batch_size", "seq_len", "seq_len_median", "padded_len_median")
 
 
@@ -33,7 +33,9 @@ def meets_text(row) -> str:
     text = "yes" if row.meets else "no: misses " + ", ".join(row.misses)
     if not row.candidate:
         text += " (reference only)"
-    return text + ("" if row.stable else f" [unstable: cv {row.cv:.2f}]")
+    if row.stable is False and row.p95_low_ms is not None:
+        text += f" [p95 not repeatable: {row.p95_low_ms:.2f}-{row.p95_high_ms:.2f} ms]"
+    return text
 
 
 def conditions_line(result) -> str:

@@ -104,9 +104,9 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:1000]
 
 
-def _measure(served, ctx: Context) -> GateRow:
+def _measure(served, ctx: Context, budget_ms: float | None = None) -> GateRow:
     row = GateRow(served.recipe, size_mb=served.size_mb)
-    return measure_candidates([(row, served)], ctx.batches, ctx.profile)[0]
+    return measure_candidates([(row, served)], ctx.batches, ctx.profile, budget_ms=budget_ms)[0]
 
 
 def constraint_values(targets: Targets, p95_ms: float, size_mb: float, quality: float,
@@ -126,11 +126,13 @@ def constraint_values(targets: Targets, p95_ms: float, size_mb: float, quality: 
     return out
 
 
-def screened_out(targets: Targets, p95_ms: float, size_mb: float, margin: float) -> list[str]:
+def screened_out(targets: Targets, p95_ms: float, size_mb: float, margin: float,
+                 p95_low_ms: float | None = None) -> list[str]:
     """Budgets an untrained candidate already misses. Size does not change with training; latency is
-    re-measured after, so only a p95 beyond the margin (timing noise) rejects it."""
+    re-measured after, so only a p95 beyond the margin (timing noise) rejects it, and, given its bootstrap
+    interval, only when the whole interval lies beyond (one that straddles is trained, not rejected)."""
     misses = []
-    if targets.p95_ms is not None and p95_ms > targets.p95_ms * (1.0 + margin):
+    if targets.p95_ms is not None and (p95_ms if p95_low_ms is None else p95_low_ms) > targets.p95_ms * (1.0 + margin):
         misses.append("p95")
     if targets.max_size_mb is not None and size_mb > targets.max_size_mb:
         misses.append("size")
@@ -152,7 +154,8 @@ def record_screened(trial, tracker, ctx: Context, pre: GateRow, params: int, mis
     figures = {"quality": 0.0, "p50_ms": pre.p50_ms, "p95_ms": pre.p95_ms, "p99_ms": pre.p99_ms,
                "throughput": pre.throughput, "size_mb": pre.size_mb, "params": params, "train_seconds": 0.0,
                "steps": 0, "pre_p95_ms": pre.p95_ms, "pre_size_mb": pre.size_mb, "screened_out": True,
-               "screen_misses": misses}
+               "screen_misses": misses, "p95_low_ms": pre.p95_low_ms, "p95_high_ms": pre.p95_high_ms,
+               "p95_rounds": pre.rounds, "p95_verdict": pre.verdict}
     # agreement (classification): a screened candidate has no served artefact to agree; 0 keeps every trial's
     # constraints the same set of keys.
     _record(trial, tracker, figures, constraint_values(ctx.targets, pre.p95_ms, pre.size_mb, 0.0, agreement,
@@ -170,7 +173,9 @@ def record_trained(trial, tracker, ctx: Context, candidate, trial_dir: Path, qua
                "throughput": post.throughput, "size_mb": post.size_mb, "params": params,
                "train_seconds": result.train_seconds, "steps": result.steps, "pre_p95_ms": pre.p95_ms,
                "pre_size_mb": pre.size_mb, "screened_out": False, "fp32_dev": result.best_metric,
-               "stable": post.stable, "cv": post.cv, "label_agreement": agreement}
+               "stable": post.stable, "cv": post.cv, "label_agreement": agreement,
+               "p95_low_ms": post.p95_low_ms, "p95_high_ms": post.p95_high_ms, "p95_rounds": post.rounds,
+               "p95_verdict": post.verdict}
     constraints = constraint_values(ctx.targets, post.p95_ms, post.size_mb, quality, agreement,
                                     ctx.cfg.export.min_label_agreement if agreement is not None else None)
     _record(trial, tracker, figures, constraints)
@@ -234,8 +239,11 @@ def _evaluate(trial, candidate: Candidate, ctx: Context, tracker):
             served = apply_recipe(candidate.recipe, student, example_batch=ctx.quality_batches[0],
                                   device=cfg.target.device, workdir=Path(tmp),
                                   allow_cpu_half=cfg.quantization.allow_cpu_bf16, threads=ctx.threads)
-            pre = _measure(served, ctx)
-    misses = screened_out(ctx.targets, pre.p95_ms, pre.size_mb, cfg.search.screen_margin)
+            # Judged against the screening bound: a p95 whose interval straddles it gets more rounds first.
+            bound = (ctx.targets.p95_ms * (1.0 + cfg.search.screen_margin) if ctx.targets.p95_ms is not None
+                     else None)
+            pre = _measure(served, ctx, budget_ms=bound)
+    misses = screened_out(ctx.targets, pre.p95_ms, pre.size_mb, cfg.search.screen_margin, pre.p95_low_ms)
     if misses:
         return record_screened(trial, tracker, ctx, pre, params, misses, agreement=0.0)
 
@@ -258,7 +266,7 @@ def _evaluate(trial, candidate: Candidate, ctx: Context, tracker):
             served, apply_recipe("fp32", trained, example_batch=ctx.quality_batches[0], device="cpu",
                                  threads=ctx.threads), ctx.quality_batches)["label_agreement"]
     with clock("measurement"):
-        post = _measure(served, ctx)
+        post = _measure(served, ctx, budget_ms=ctx.targets.p95_ms)
     return record_trained(trial, tracker, ctx, candidate, trial_dir, quality, pre, post, params, result, agreement)
 
 

@@ -258,6 +258,8 @@ def _trial_line(row: dict) -> str:
         return head + f"screened out untrained (p95 {row['p95_ms']:.2f} ms, {row['size_mb']:.1f} MB), no training"
     agreement = (f", served/fp32 label agreement {row['label_agreement']:.2%}"
                  if row.get("label_agreement") is not None else "")
+    if row.get("p95_verdict") == "uncertain":  # still straddling the budget after target.max_rounds rounds
+        agreement += f" (p95 uncertain: {row['p95_low_ms']:.2f}-{row['p95_high_ms']:.2f} ms straddles the budget)"
     return head + (f"quality {row['quality']:.4f}, p95 {row['p95_ms']:.2f} ms, {row['size_mb']:.1f} MB{agreement}, "
                    f"trained {row['train_seconds']:.0f} s" + (" [front]" if row["is_pareto"] else
                                                               ("" if row["feasible"] else

@@ -22,7 +22,7 @@ from kdlab.search.pareto import Point, front_steps, pareto_front
 
 ROW_FIELDS = ("trial", "state", "feasible", "screened_out", "is_pareto", "quality", "p50_ms", "p95_ms", "p99_ms",
               "throughput", "size_mb", "params", "train_seconds", "steps", "pre_p95_ms", "pre_size_mb",
-              "label_agreement", "violates", "num_layers",
+              "label_agreement", "p95_low_ms", "p95_high_ms", "p95_verdict", "violates", "num_layers",
               "hidden_size", "num_heads", "intermediate_size", "init", "recipe", "learning_rate", "temperature",
               "alpha", "family", "encoder_layers", "decoder_layers", "error", "duplicate_of", "checkpoint",
               "mlflow_run_id")

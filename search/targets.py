@@ -47,6 +47,10 @@ class GateRow:
     peak_pct: float | None = None
     meets: bool = False
     misses: list = field(default_factory=list)
+    p95_low_ms: float | None = None  # 95 % bootstrap interval of p95 across the timing rounds
+    p95_high_ms: float | None = None
+    rounds: int | None = None
+    verdict: str | None = None  # the p95 against the budget it was measured for: meets | misses | uncertain
 
 
 @dataclass
@@ -148,7 +152,9 @@ def verdict(rows: list[GateRow], targets: Targets, config_path: str | None,
             if limit is not None:
                 parts.append(f"{name} {op} {fmt.format(limit)} ({fmt.format(getattr(passed, _ROW_ATTR[key]))})")
         what = " and ".join(parts) if parts else "every target (none set in target.p95_ms/min_quality/max_size_mb)"
-        unstable = "" if passed.stable else f" [latency unstable: cv {passed.cv:.2f}; re-run on a quieter machine]"
+        unstable = ("" if passed.stable or passed.p95_low_ms is None else
+                    f" [p95 not repeatable: {passed.p95_low_ms:.2f}-{passed.p95_high_ms:.2f} ms across "
+                    f"{passed.rounds} rounds; re-run on a quieter machine]")
         return passed, (f"PASS: {passed.recipe} meets {what}{unstable}; "
                         f"export it with: kdlab export --config {config}{which} --recipe {passed.recipe}")
     ok = [r for r in rows if r.status == "ok" and r.candidate]

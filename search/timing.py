@@ -57,15 +57,20 @@ def cycling(served: Quantized, batches: list):
 
 
 def measure_candidates(candidates: list, batches: list, profile: TargetProfile, flops: float | None = None,
-                       peak_gflops: float | None = None) -> list[GateRow]:
-    """Time every built candidate interleaved under `profile`; fills the latency fields of their rows."""
+                       peak_gflops: float | None = None, budget_ms: float | None = None) -> list[GateRow]:
+    """Time every built candidate interleaved under `profile`; fills the latency fields of their rows.
+
+    `budget_ms`: the p95 each is judged against; a candidate whose p95 interval straddles it is timed for more
+    rounds (eval/latency.py measure) and its row's verdict says meets, misses or uncertain."""
     live = {row.recipe: (row, served) for row, served in candidates if served is not None}
     if live:
-        reports = measure({name: cycling(served, batches) for name, (_, served) in live.items()}, profile)
+        reports = measure({name: cycling(served, batches) for name, (_, served) in live.items()}, profile,
+                          budgets=dict.fromkeys(live, budget_ms) if budget_ms is not None else None)
         for name, (row, _) in live.items():
             r = reports[name]
             row.p50_ms, row.p95_ms, row.p99_ms, row.mean_ms = r.p50_ms, r.p95_ms, r.p99_ms, r.mean_ms
             row.cv, row.stable, row.throughput = r.cv, r.stable, r.throughput
+            row.p95_low_ms, row.p95_high_ms, row.rounds, row.verdict = r.p95_low_ms, r.p95_high_ms, r.rounds, r.verdict
             if flops and peak_gflops:
                 # FLOPs are the fp32 model's; int8 kernels do the same multiply-adds, so > 100 % is possible.
                 row.peak_pct = 100.0 * flops / (r.mean_ms / 1e3) / (peak_gflops * 1e9)
@@ -76,7 +81,7 @@ def target_profile(target: TargetConfig, threads: int, seq_len_median) -> Target
     return TargetProfile(device=target.device, threads=threads, batch_size=target.batch_size,
                          seq_len=max(1, int(round(seq_len_median))), warmup_iters=target.warmup_iters,
                          min_iters=target.min_iters, min_seconds=target.min_seconds, repeats=target.repeats,
-                         max_cv=target.max_cv)
+                         p95_tolerance=target.p95_tolerance, max_rounds=target.max_rounds)
 
 
 def check_device(target: TargetConfig) -> None:

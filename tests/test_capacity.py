@@ -55,7 +55,7 @@ def test_report_capacity_prints_the_plan_of_the_measured_latencies(tmp_path, tin
     """gate + a one-trial search, then `kdlab report --capacity`: its printed table against the plan formula
     applied by hand to the latencies it measured (report/capacity.json)."""
     profile = {"batch_size": 1, "seq_len": "data", "warmup_iters": 2, "min_iters": 10, "min_seconds": 0.2,
-               "repeats": 2, "threads": 1, "max_cv": 1.0, "p95_ms": 10_000}
+               "repeats": 2, "threads": 1, "p95_tolerance": 1.0, "max_rounds": 3, "p95_ms": 10_000}
     tree = tiny_run_tree(tmp_path / "cap", tiny_teacher_dir, target=profile,
                          quantization={"recipes": ["fp32", "dynamic-int8"]},
                          search={"num_layers": [1], "hidden_size": [64], "num_heads": [4], "recipes": ["dynamic-int8"],

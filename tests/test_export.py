@@ -30,7 +30,7 @@ from test_oracles import RawServed, labels_of, one_thread, parity_oracle, sst2_d
 
 pytestmark = pytest.mark.slow
 PROFILE = {"batch_size": 1, "seq_len": "data", "warmup_iters": 2, "min_iters": 10, "min_seconds": 0.2,
-           "repeats": 2, "threads": 1, "max_cv": 1.0}
+           "repeats": 2, "threads": 1, "p95_tolerance": 1.0, "max_rounds": 3}
 SPACE = {"num_layers": [1, 2], "hidden_size": [64], "num_heads": [4], "recipes": ["dynamic-int8", "onnx-int8"],
          "learning_rate": {"min": 1e-4, "max": 1e-2, "log": True}, "train_steps": 3, "seed_trials": 2}
 

@@ -32,6 +32,8 @@ from kdlab.eval.latency import (
     measure,
     measure_one,
     param_count,
+    judge_p95,
+    p95_interval,
     percentile,
     state_dict_size_mb,
     summarize,
@@ -142,12 +144,15 @@ def test_profiler_on_tiny_model_reports_every_field():
     assert isinstance(report, LatencyReport)
     assert set(report.to_dict()) == {
         "p50_ms", "p90_ms", "p95_ms", "p99_ms", "mean_ms", "cv", "throughput", "n_samples",
-        "stable", "peak_mem_mb", "device", "threads", "batch_size", "seq_len",
+        "stable", "peak_mem_mb", "device", "threads", "batch_size", "seq_len", "p95_low_ms", "p95_high_ms",
+        "rounds", "verdict",
     }
     assert 0 < report.p50_ms <= report.p90_ms <= report.p95_ms <= report.p99_ms
     assert report.throughput == pytest.approx(4 * 1000 / report.mean_ms)
     assert report.n_samples >= 10
-    assert report.stable == (report.cv <= profile.max_cv)
+    assert report.p95_low_ms <= report.p95_high_ms and profile.repeats <= report.rounds <= profile.max_rounds
+    assert report.stable == ((report.p95_high_ms - report.p95_low_ms) / 2 <= profile.p95_tolerance * report.p95_ms)
+    assert report.verdict is None  # no budget given
     assert report.peak_mem_mb > 10  # a Python process with torch loaded holds far more than 10 MB
     assert (report.device, report.threads, report.batch_size, report.seq_len) == ("cpu", 1, 4, 16)
 
@@ -155,7 +160,7 @@ def test_profiler_on_tiny_model_reports_every_field():
 def test_measure_interleaves_rounds_across_candidates():
     calls: list[str] = []
     fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
-    profile = TargetProfile(warmup_iters=1, min_iters=6, min_seconds=0.0, repeats=3, max_cv=1e9)
+    profile = TargetProfile(warmup_iters=1, min_iters=6, min_seconds=0.0, repeats=3, p95_tolerance=1e9, max_rounds=3)
     reports = measure(fns, profile)
 
     timed = calls[2:]  # one warm-up call each first
@@ -164,19 +169,82 @@ def test_measure_interleaves_rounds_across_candidates():
     assert reports["a"].n_samples == reports["b"].n_samples == 6
 
 
-def test_unstable_candidate_is_remeasured_and_flagged():
-    calls = []
+def scripted_rounds(monkeypatch, rounds_ms):
+    """Replace the CPU timer: round k of a candidate returns rounds_ms(k) as its samples (no clock, no noise)."""
+    import kdlab.eval.latency as latency
+    seen = {"rounds": 0}
 
-    def jittery():
-        calls.append(1)
-        time.sleep(0.004 if len(calls) % 2 else 0.0)  # alternating 4 ms / 0 ms: cv near 1
+    def fake_timer(fn, min_iters, min_seconds):
+        fn()
+        seen["rounds"] += 1
+        return list(rounds_ms(seen["rounds"]))
 
-    profile = TargetProfile(warmup_iters=1, min_iters=4, min_seconds=0.0, repeats=2, max_cv=0.10, max_remeasure=1)
-    report = measure_one(jittery, profile)
-    assert report.cv > 0.10
-    assert report.stable is False
-    assert len(calls) == 1 + 4 + 4  # warm-up, first measurement, one re-measurement
-    assert report.n_samples == 4  # the report holds the latest measurement, not both
+    monkeypatch.setattr(latency, "_time_calls_cpu", fake_timer)
+    return seen
+
+
+def test_a_spread_workload_with_a_repeatable_p95_is_stable(monkeypatch):
+    """Calls of 4 ms and 0 ms alternating: cv near 1 (the workload's spread), but every round has the same p95."""
+    seen = scripted_rounds(monkeypatch, lambda k: [4.0, 0.0] * 4)
+    profile = TargetProfile(warmup_iters=0, min_iters=8, min_seconds=0.0, repeats=4, p95_tolerance=0.10, max_rounds=8)
+    report = measure_one(lambda: None, profile)
+    assert report.cv > 0.9 and report.stable and report.rounds == seen["rounds"] == 4  # no extra round needed
+    assert (report.p95_low_ms, report.p95_high_ms) == (4.0, 4.0)
+
+
+def test_a_drifting_p95_gets_more_rounds_up_to_the_limit_and_is_flagged(monkeypatch):
+    """Each round 2 ms slower than the last (drift a re-run would meet): the interval stays wide, rounds are added
+    until max_rounds, and the report says the p95 is not repeatable."""
+    seen = scripted_rounds(monkeypatch, lambda k: [2.0 * k] * 3)
+    profile = TargetProfile(warmup_iters=0, min_iters=4, min_seconds=0.0, repeats=2, p95_tolerance=0.05, max_rounds=5)
+    report = measure_one(lambda: None, profile)
+    assert report.rounds == seen["rounds"] == 5 and not report.stable
+
+
+def test_a_budget_inside_the_interval_gets_more_rounds_one_outside_none(monkeypatch):
+    # Rounds alternate p95 1 ms and 3 ms: the interval [1, 3] straddles 2 ms however many rounds are added.
+    scripted_rounds(monkeypatch, lambda k: [1.0 if k % 2 else 3.0] * 3)
+    profile = TargetProfile(warmup_iters=0, min_iters=4, min_seconds=0.0, repeats=2, p95_tolerance=10.0, max_rounds=6)
+    far = measure({"c": lambda: None}, profile, budgets={"c": 100.0})["c"]
+    assert far.verdict == "meets" and far.rounds == 2
+    inside = measure({"c": lambda: None}, profile, budgets={"c": 2.0})["c"]
+    assert inside.rounds == 6 and inside.verdict in ("uncertain", "misses")
+    assert inside.p95_low_ms <= inside.p95_high_ms == 3.0
+
+
+def test_the_p95_verdict_against_a_budget_by_hand():
+    rounds = [[1.0] * 10, [3.0] * 10]  # interval [1, 3] (below); pooled p95 3
+    assert judge_p95(rounds, 0.5, 2.0) == (1.0, 3.0, True, "uncertain")  # half-width 1 <= 0.5 x 3
+    assert judge_p95(rounds, 0.2, 3.5) == (1.0, 3.0, False, "meets")     # half-width 1 > 0.2 x 3
+    assert judge_p95(rounds, 0.5, 0.5)[3] == "misses"
+    assert judge_p95(rounds, 0.5, None)[3] is None
+
+
+def test_a_budget_far_from_the_interval_needs_no_extra_round_and_one_inside_it_gets_them():
+    state = {"calls": 0}
+
+    def drifting():  # each round 2 ms slower than the last: a wide interval
+        state["calls"] += 1
+        time.sleep(0.002 * ((state["calls"] + 1) // 2))
+
+    profile = TargetProfile(warmup_iters=0, min_iters=4, min_seconds=0.0, repeats=2, p95_tolerance=10.0, max_rounds=6)
+    far = measure({"c": drifting}, profile, budgets={"c": 1000.0})["c"]
+    assert far.verdict == "meets" and far.rounds == 2
+    state["calls"] = 0
+    # Rounds 1 and 2 sleep 2 and 4 ms: a 3 ms budget lies inside the interval, so rounds are added until the
+    # interval clears it (it moves up with the drift) or the limit is reached.
+    inside = measure({"c": drifting}, profile, budgets={"c": 3.0})["c"]
+    assert inside.rounds > 2 and (inside.verdict == "misses" or inside.rounds == 6)
+
+
+def test_the_p95_interval_by_hand():
+    # One round: the samples are resampled; identical samples give a zero-width interval at their value.
+    assert p95_interval([[2.0] * 10]) == (2.0, 2.0)
+    # Two rounds of constant values 1 and 3: each resample pools (1,1), (1,3) or (3,3) rounds, so the p95 is 1 or
+    # 3 (or the pooled 95th percentile of an even mix, 3): the interval spans [1, 3].
+    low, high = p95_interval([[1.0] * 10, [3.0] * 10])
+    assert (low, high) == (1.0, 3.0)
+    assert p95_interval([[1.0] * 10, [3.0] * 10], seed=0) == p95_interval([[1.0] * 10, [3.0] * 10], seed=0)
 
 
 def test_count_flops_of_a_linear_layer():

@@ -37,7 +37,7 @@ pytestmark = pytest.mark.slow
 KDLAB = str(Path(sys.executable).parent / "kdlab")
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 FAST_PROFILE = {"batch_size": 1, "seq_len": "data", "warmup_iters": 1, "min_iters": 5, "min_seconds": 0.2,
-                "repeats": 1, "threads": 1, "max_cv": 1.0,
+                "repeats": 1, "threads": 1, "p95_tolerance": 1.0, "max_rounds": 3,
                 "p95_ms": "teacher*100"}  # relative: the two workers must agree on one measured figure
 # A small, all-categorical space (no searched learning rate), so two workers can draw the same
 # student: the duplicate check has something to catch.

@@ -29,7 +29,7 @@ from kdlab.search.study import storage_url
 from kdlab.search.targets import Targets
 
 FAST_PROFILE = {"batch_size": 1, "seq_len": "data", "warmup_iters": 2, "min_iters": 10, "min_seconds": 0.2,
-                "repeats": 2, "threads": 1, "max_cv": 1.0}
+                "repeats": 2, "threads": 1, "p95_tolerance": 1.0, "max_rounds": 3}
 # A searched learning rate makes every drawn candidate distinct (a repeat would be pruned, not run).
 SPACE = {"num_layers": [1, 2], "hidden_size": [32, 64], "num_heads": [2, 4], "recipes": ["dynamic-int8"],
          "learning_rate": {"min": 1e-4, "max": 1e-2, "log": True}, "train_steps": 3, "seed_trials": 2}
@@ -121,6 +121,7 @@ def test_search_records_trials_constraints_checkpoints_and_mlflow_runs(root, mai
         else:
             assert u["size_mb"] < budget_mb and all(v <= 0 for k, v in c.items() if k != "agreement")
             assert 0.0 <= u["label_agreement"] <= 1.0
+            assert u["p95_low_ms"] <= u["p95_high_ms"] and u["p95_verdict"] == "meets"  # 10 s budget: far above
             assert c["agreement"] == pytest.approx(0.99 - u["label_agreement"])  # export.min_label_agreement
             assert u["steps"] == TRAIN_STEPS and u["train_seconds"] > 0
             assert 0.0 <= t.values[0] == u["quality"] <= 1.0
@@ -501,6 +502,9 @@ def test_screening_uses_the_margin_for_latency_only():
     assert screened_out(targets, 10.6, 3.0, margin=0.05) == ["p95"]
     assert screened_out(targets, 1.0, 4.1, margin=0.05) == ["size"]   # size does not change with training
     assert screened_out(Targets(), 1e9, 1e9, margin=0.0) == []
+    # With its p95's bootstrap interval: rejected only when the whole interval lies beyond budget x (1 + margin).
+    assert screened_out(targets, 11.0, 3.0, margin=0.05, p95_low_ms=10.4) == []  # straddles 10.5: train it
+    assert screened_out(targets, 11.0, 3.0, margin=0.05, p95_low_ms=10.6) == ["p95"]
 
 
 def test_a_repeated_candidate_is_pruned_without_work():
