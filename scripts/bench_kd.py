@@ -73,7 +73,7 @@ STUDENTS = {  # name -> (init kind, overrides)
                                 "student.intermediate_size=1024", "student.init=teacher-slice"]),  # heads: teacher's size
 }
 ARMS = ("ce", "ce+aug", "kd", "kd+transfer")
-STEPS, BATCH = 300, 32  # sized for 2 CPU cores: a 3 x 384 student step at batch 32 is about 0.5 s here
+STEPS, BATCH = 1000, 32  # sized for 2 CPU cores: a 3 x 384 student step at batch 32 is about 0.5 s here
 MAX_UNLABELLED = 20000   # more transfer rows than the 9,600 a run reads would only cost labelling time
 AUGMENT = {"copies": 1, "mask_prob": 0.1, "replace_prob": 0.1, "ngram_prob": 0.25, "ngram_max": 5, "seed": 0}
 KD = ["distill.alpha=0.5", "distill.temperature=2.0"]
@@ -104,11 +104,11 @@ def dev_halves() -> tuple[Path, Path]:
     return select, report
 
 
-def base_overrides(quick: bool) -> list[str]:
-    steps = 40 if quick else STEPS
+def base_overrides(quick: bool, steps: int = STEPS) -> list[str]:
+    steps = 40 if quick else steps
     return [f"data.train_file={DATA / 'train.tsv'}", f"data.eval_file={DATA / 'dev.tsv'}",
             f"data.max_train_samples={1000 if quick else 10000}", "data.subset_seed=42", "tracking.enabled=false",
-            f"train.max_steps={steps}", f"train.batch_size={BATCH}", f"train.eval_every_steps={20 if quick else 100}",
+            f"train.max_steps={steps}", f"train.batch_size={BATCH}", f"train.eval_every_steps={20 if quick else max(steps // 10, 50)}",
             "train.learning_rate=1.0e-4", "distill.hidden_weight=0.0"]
 
 
@@ -194,19 +194,23 @@ def score(model_dir: Path, report_tsv: Path, cfg) -> float:
     return evaluate_classifier(model, make_loader(ds, tok, 128, shuffle=False), None)["accuracy"]
 
 
+def run_key(teacher: str, student: str, arm: str, seed: int, steps: int) -> str:
+    return f"{teacher}__{student}__{arm.replace('+', '_')}__s{seed}__{steps}st"
+
+
 def run_one(teacher: str, tinfo: dict, student: str, arm: str, seed: int, select: Path, report: Path,
-            quick: bool) -> dict:
-    key = f"{teacher}__{student}__{arm.replace('+', '_')}__s{seed}"
+            quick: bool, steps: int) -> dict:
+    key = run_key(teacher, student, arm, seed, steps)
     path = WORK / ("results_quick" if quick else "results") / f"{key}.json"
     if path.is_file():
         return json.loads(path.read_text())
     # The ce arms of a pretrained student never read the teacher: run once, shared by both teachers.
     if arm.startswith("ce") and STUDENTS[student][0] == "pretrained":
-        other = [p for p in path.parent.glob(f"*__{student}__{arm.replace('+', '_')}__s{seed}.json")]
+        other = [p for p in path.parent.glob(f"*__{student}__{arm.replace('+', '_')}__s{seed}__{steps}st.json")]
         if other:
             shared = json.loads(other[0].read_text())
             return {**shared, "teacher": teacher, "shared_with": shared["teacher"]}
-    overrides = (base_overrides(quick) + [f"teacher.source={tinfo['dir']}", "teacher.fine_tune=never",
+    overrides = (base_overrides(quick, steps) + [f"teacher.source={tinfo['dir']}", "teacher.fine_tune=never",
                  f"data.eval_file={select}", f"name=kd_{key}", f"output_dir={WORK / 'runs' / key}",
                  f"train.seed={seed}"] + STUDENTS[student][1] + heads_override(student, tinfo["dir"])
                  + arm_overrides(arm, student, tinfo["dir"], quick))
@@ -232,15 +236,34 @@ def run_one(teacher: str, tinfo: dict, student: str, arm: str, seed: int, select
     return result
 
 
+def restore_published(results_dir: Path) -> None:
+    """Runs already in the published JSON whose files are gone (a fresh checkout) come back as run files, so a
+    later run adds to them instead of dropping them; their checkpoints are gone, so `best` is not chosen from them."""
+    if not OUT.is_file():
+        return
+    results_dir.mkdir(parents=True, exist_ok=True)
+    for r in json.loads(OUT.read_text()).get("runs", []):
+        path = results_dir / f"{run_key(r['teacher'], r['student'], r['arm'], r['seed'], r['steps'])}.json"
+        if not path.is_file():
+            path.write_text(json.dumps(r, indent=2))
+
+
+def published_teachers(present: set[str]) -> list[dict]:
+    """The published teachers this invocation did not load (their runs stay in the summary)."""
+    if not OUT.is_file():
+        return []
+    return [t for t in json.loads(OUT.read_text()).get("teachers", []) if t["name"] not in present]
+
+
 def aggregate(runs: list[dict]) -> list[dict]:
     cells = {}
     for r in runs:
-        cells.setdefault((r["teacher"], r["student"], r["arm"]), []).append(r)
+        cells.setdefault((r["teacher"], r["student"], r["arm"], r["steps"]), []).append(r)
     out = []
-    for (teacher, student, arm), rs in sorted(cells.items()):
+    for (teacher, student, arm, steps), rs in sorted(cells.items(), key=lambda kv: (kv[0][3], kv[0][:3])):
         rs = sorted(rs, key=lambda r: r["seed"])
         acc = [r["report_accuracy"] for r in rs]
-        out.append({"teacher": teacher, "student": student, "init": rs[0]["init"], "arm": arm,
+        out.append({"teacher": teacher, "student": student, "init": rs[0]["init"], "arm": arm, "steps": steps,
                     "seeds": [round(a, 4) for a in acc], "mean": round(statistics.mean(acc), 4),
                     "std": round(statistics.stdev(acc), 4) if len(acc) > 1 else None,
                     "train_seconds": round(statistics.mean(r["train_seconds"] for r in rs), 1),
@@ -293,8 +316,8 @@ def best_entry(runs: list[dict], cells: list[dict], teachers: dict, report: Path
     ok = {k: v for k, v in measured["rows"].items() if v["label_agreement"] >= 0.99}
     recipe = min(ok, key=lambda k: ok[k]["p95_ms"])
     row = ok[recipe]
-    ce = next((c["mean"] for c in cells if (c["teacher"], c["student"], c["arm"]) == (top["teacher"], top["student"],
-                                                                                     "ce")), None)
+    ce = next((c["mean"] for c in cells if (c["teacher"], c["student"], c["arm"], c["steps"]) ==
+               (top["teacher"], top["student"], "ce", top["steps"])), None)
     teacher_report = teachers[top["teacher"]].get("report_accuracy") or teachers[top["teacher"]]["dev_accuracy"]
     return {"teacher": top["teacher"], "student": top["student"], "arm": top["arm"], "seed": top["seed"],
             "recipe": recipe, "dev_accuracy": round(row["report_accuracy"], 4),
@@ -307,10 +330,10 @@ def best_entry(runs: list[dict], cells: list[dict], teachers: dict, report: Path
 
 
 def markdown(result: dict) -> str:
-    lines = ["| teacher | student | init | arm | report-half accuracy (3 seeds) | mean | std |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| steps | teacher | student | init | arm | report-half accuracy (per seed) | mean | std |",
+             "|---|---|---|---|---|---|---|---|"]
     for c in result["students"]:
-        lines.append(f"| {c['teacher']} | {c['student']} | {c['init']} | {c['arm']} | "
+        lines.append(f"| {c['steps']} | {c['teacher']} | {c['student']} | {c['init']} | {c['arm']} | "
                      f"{', '.join(f'{a:.4f}' for a in c['seeds'])} | {c['mean']:.4f} | "
                      f"{'' if c['std'] is None else format(c['std'], '.4f')} |")
     t = "; ".join(f"{x['name']} {x['params'] / 1e6:.1f}M dev {x['dev_accuracy']:.4f}" +
@@ -333,21 +356,26 @@ def main() -> None:
     parser.add_argument("--students", nargs="+", default=list(STUDENTS), choices=list(STUDENTS))
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--steps", type=int, default=STEPS, help=f"optimizer steps per student (default {STEPS})")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--summarize-only", action="store_true", help="aggregate the run files that exist")
     args = parser.parse_args()
+    started, train_threads = time.perf_counter(), torch.get_num_threads()  # measure_best times at 1 thread later
     os.chdir(ROOT)  # the configs' data paths are relative to the repository
     transformers.logging.set_verbosity_error()
     args.teachers = args.teachers or (["minilm"] if args.quick else list(TEACHERS))
     select, report = dev_halves()
     teachers = ensure_teachers(args.teachers, args.quick)
     results_dir = WORK / ("results_quick" if args.quick else "results")
+    if not args.quick:
+        restore_published(results_dir)
     if not args.summarize_only:
         for teacher in args.teachers:
             for student in args.students:
                 for seed in args.seeds:
                     for arm in args.arms:
-                        run_one(teacher, teachers[teacher], student, arm, seed, select, report, args.quick)
+                        run_one(teacher, teachers[teacher], student, arm, seed, select, report, args.quick,
+                                args.steps)
     runs = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
     cells = aggregate(runs)
     for name, t in teachers.items():  # the teachers on the report half too (their checkpoint saw all of dev)
@@ -356,19 +384,19 @@ def main() -> None:
     result = {"machine": machine_info(), "versions": versions(),
               "conditions": {"data": "SST-2", "labelled_rows": 1000 if args.quick else 10000, "subset_seed": 42,
                              "dev_halves": "872 dev rows, seeded permutation (seed 0): 436 select (early stopping), "
-                                           "436 report", "steps": 40 if args.quick else STEPS, "batch_size": BATCH,
+                                           "436 report", "steps": sorted({r["steps"] for r in runs}), "batch_size": BATCH,
                              "learning_rate": 1.0e-4, "kd": "alpha 0.5, T 2, logit KD only", "augment": AUGMENT,
                              "transfer": "unlabelled train rows outside the labelled subset + augmented copies",
-                             "threads": torch.get_num_threads(), "quick": args.quick,
+                             "threads": train_threads, "quick": args.quick,
                              "max_unlabelled": MAX_UNLABELLED,
-                             "summary": f"SST-2, 10,000 labelled rows, {STEPS} steps at batch {BATCH}, lr 1e-4, "
-                                        f"KD alpha 0.5 T 2, {torch.get_num_threads()} CPU threads for training; "
+                             "summary": f"SST-2, 10,000 labelled rows, the steps shown at batch {BATCH}, lr 1e-4, "
+                                        f"KD alpha 0.5 T 2, {train_threads} CPU threads for training; "
                                         f"accuracy on the 436-row report half of dev"},
               "teachers": [{"name": n, "params": t["params"], "dev_accuracy": round(t["dev_accuracy"], 4),
                             "report_accuracy": t["report_accuracy"],
                             "p95_ms": best["teacher_p95_ms"] if best and best["teacher"] == n else None}
-                           for n, t in teachers.items()],
-              "students": cells, "best": best, "runs": runs}
+                           for n, t in teachers.items()] + published_teachers(set(teachers)),
+              "students": cells, "best": best, "runs": runs, "seconds": round(time.perf_counter() - started, 1)}
     publish(result, markdown(result), marker="kd", heading="Distillation against its controls (SST-2)",
             out=args.out, readme=ROOT / "benchmarks" / "README.md", script="scripts/bench_kd.py",
             work=WORK, repo=ROOT)
