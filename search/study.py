@@ -44,7 +44,6 @@ Exit code 0 (a feasible student exists), 3 (none), 2 (config error).
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import datetime
 import json
@@ -366,7 +365,8 @@ def build_space(cfg: Config):
     family whose shape the ranges do not fit)."""
     families = search_families(cfg)
     if len(families) == 1:
-        return SearchSpace(cfg, TeacherShape.of(student_source_config(cfg)), family=families[0])
+        fcfg = family_config(cfg, families[0])
+        return SearchSpace(fcfg, TeacherShape.of(student_source_config(fcfg)), family=families[0])
     spaces = {}
     for family in families:
         fcfg = family_config(cfg, family)
@@ -408,7 +408,7 @@ def _setup(cfg: Config, accelerator, space, console) -> Context:
     preps = {}
     for name in names:  # every family's files and tokenizer are checked before the teacher is touched
         try:
-            preps[name] = prepare(family_config(cfg, name) if len(names) > 1 else cfg, accelerator)
+            preps[name] = prepare(family_config(cfg, name), accelerator)
         except ConfigError as exc:
             if len(names) == 1:
                 raise
@@ -422,8 +422,7 @@ def _setup(cfg: Config, accelerator, space, console) -> Context:
     teacher = teacher.to(accelerator.device).eval()
     # Students read their own tokenizer's tokens (student.pretrained, search.families), in training, scoring and
     # timing alike; the teacher's reference point reads the teacher's.
-    families = {name: _family(family_config(cfg, name) if len(names) > 1 else cfg, accelerator, teacher, p, threads)
-                for name, p in preps.items()}
+    families = {name: _family(family_config(cfg, name), accelerator, teacher, p, threads) for name, p in preps.items()}
     first = families[names[0]]
     t_quality = list(make_loader(prep.eval_ds, prep.tokenizer, cfg.train.eval_batch_size, shuffle=False))
     t_batches, t_lengths = timing_batches(prep.eval_ds, prep.tokenizer, cfg.target.batch_size, cfg.target.seq_len,
@@ -464,15 +463,23 @@ def gate_reference(cfg: Config) -> dict | None:
     if (gate_cfg.teacher != cfg.teacher or gate_cfg.data != cfg.data
             or any(getattr(gate_cfg.target, k) != getattr(cfg.target, k) for k in PROFILE_KEYS)):
         return None
-    with open(table, newline="") as fh:
-        row = next((r for r in csv.DictReader(fh) if r["recipe"] == "fp32" and r["status"] == "ok"), None)
-    if row is None or not row["p95_ms"]:
+    row = gate_references(cfg.run_dir)[0]  # the measured fp32 row of gate.csv, or None
+    if row is None:
         return None
     number = lambda v: float(v) if v not in ("", None) else None  # noqa: E731
-    measured = datetime.datetime.fromtimestamp(table.stat().st_mtime, datetime.timezone.utc)
     return {"p95_ms": number(row["p95_ms"]), "quality": number(row["quality"]), "size_mb": number(row["size_mb"]),
             "p50_ms": number(row["p50_ms"]), "cv": number(row["cv"]), "source": "gate",
-            "measured_at": measured.strftime("%Y-%m-%dT%H:%M:%SZ"), "where": str(table)}
+            "measured_at": _utc(table.stat().st_mtime), "where": str(table)}
+
+
+def _utc(timestamp: float) -> str:
+    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _remeasure_refused(name: str, targets: dict) -> ConfigError:
+    return ConfigError(f"--remeasure: study '{name}' fixed its budget when it was created "
+                       f"({targets_text(targets).removeprefix('targets: ')}); re-measuring applies to a new study: "
+                       f"set a new search.study_name")
 
 
 def _wait_for_targets(study: optuna.Study, lost_race: bool) -> dict | None:
@@ -518,9 +525,7 @@ def _resolve_targets(ctx: Context, study: optuna.Study, created: bool, remeasure
         stored = _wait_for_targets(study, lost_race)
     if stored is not None:
         if remeasure:
-            raise ConfigError(f"--remeasure: study '{study.study_name}' fixed its budget when it was created "
-                              f"({targets_text(stored)}); re-measuring applies to a new study: set a new "
-                              f"search.study_name")
+            raise _remeasure_refused(study.study_name, stored)
         ctx.targets = Targets(**{k: stored.get(k) for k in TARGET_KEYS}, spec=stored.get("spec", {}))
         return
     if created:
@@ -545,7 +550,7 @@ def _resolve_targets(ctx: Context, study: optuna.Study, created: bool, remeasure
     if reference is not None and reference.status == "ok" and record is None:
         record = {"p95_ms": reference.p95_ms, "quality": reference.quality, "size_mb": reference.size_mb,
                   "p50_ms": reference.p50_ms, "cv": reference.cv, "source": "search",
-                  "measured_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+                  "measured_at": _utc(time.time())}
     if record is not None:
         study.set_user_attr("reference", record)
     ctx.targets = resolve_targets(cfg.target, reference)
@@ -575,9 +580,7 @@ def run_search(cfg: Config, accelerator, n_trials: int | None = None, timeout_s:
         existing = optuna.load_study(study_name=name, storage=storage)
         _check_resumable(existing, fingerprint, storage_url(cfg))
         if remeasure and existing.user_attrs.get("targets") is not None:
-            raise ConfigError(f"--remeasure: study '{name}' fixed its budget when it was created "
-                              f"({targets_text(existing.user_attrs['targets']).removeprefix('targets: ')}); "
-                              f"re-measuring applies to a new study: set a new search.study_name")
+            raise _remeasure_refused(name, existing.user_attrs["targets"])
     try:
         ctx = _setup(cfg, accelerator, space, console)
     except ConfigError:
