@@ -236,7 +236,10 @@ SAMPLERS = ("tpe", "nsga2", "random")
 class SearchConfig:
     """The student search (`kdlab search`, search/study.py). A range is an int or number (fixed), a list
     (choices), or {min, max} with `step` (ints) or `log` (floats); unset ranges follow the teacher."""
-    n_trials: int = _f(20, "trials per `kdlab search` call; a resumed study gets this many more")
+    n_trials: int = _f(20, "students trained per `kdlab search` call (screened-out and repeated candidates do not "
+                           "count); a resumed study gets this many more")
+    max_draws: Optional[int] = _f(None, "trials one call may start, trained or not (screened out, repeats); the "
+                                        "call ends at n_trials trained or at this many; default 5 x n_trials")
     timeout_s: Optional[float] = _f(None, "start no new trial after this many seconds (the running one finishes)")
     sampler: str = _f("tpe", "tpe (multi-objective TPE with constraints; see search/study.py), nsga2, random")
     storage: Optional[str] = _f(None, "Optuna RDB URL (sqlite:///..., postgresql://...); "
@@ -268,6 +271,18 @@ class SearchConfig:
                                   "with its own tokenizer and shape; default [student.pretrained or teacher]")
     screen_margin: float = _f(0.05, "reject an untrained candidate only above p95 budget * (1 + margin): "
                               "timing noise; the trained one is judged on the budget itself")
+    latency_samples: int = _f(40, "untrained (architecture, recipe) points timed before the first trial to fit a "
+                                  "latency model that rules out draws too slow for the budget (cached per machine "
+                                  "and target profile); 0: no model, every draw is built and timed")
+    stop_at: list = _f([0.25, 0.5], "fractions of a trial's steps at which a student that cannot make the quality "
+                                    "floor, or that the front already beats, stops training (search/early_stop.py); "
+                                    "[] trains every trial to the end")
+    stop_headroom: float = _f(0.02, "least quality rise still assumed possible after a stop point (the study's "
+                                    "completed curves raise it to the largest rise they show)")
+    stop_allowance: float = _f(0.01, "how much the served artefact may score above the fp32 weights evaluated "
+                                     "during training: the floor rule stops only below floor - allowance - headroom")
+    stop_margin: float = _f(0.02, "a front member at least this much better at the same fraction, no slower and no "
+                                  "larger, stops the trial")
 
 
 @dataclass
@@ -549,6 +564,7 @@ def search_ranges(cfg: Config) -> dict:
 def _check_search(cfg: Config, c, label: str) -> None:
     s = cfg.search
     c(s.n_trials >= 1, "search.n_trials", f"must be >= 1, got {s.n_trials}")
+    c(s.max_draws is None or s.max_draws >= 1, "search.max_draws", f"must be >= 1, got {s.max_draws}")
     c(s.timeout_s is None or s.timeout_s > 0, "search.timeout_s", f"must be > 0, got {s.timeout_s}")
     c(s.heartbeat_s >= 1, "search.heartbeat_s", f"must be >= 1, got {s.heartbeat_s}")
     c(s.max_retries >= 0, "search.max_retries", f"must be >= 0, got {s.max_retries}")
@@ -557,6 +573,12 @@ def _check_search(cfg: Config, c, label: str) -> None:
     c(s.train_epochs > 0, "search.train_epochs", f"must be > 0, got {s.train_epochs}")
     c(s.seed_trials >= 0, "search.seed_trials", f"must be >= 0, got {s.seed_trials}")
     c(s.screen_margin >= 0, "search.screen_margin", f"must be >= 0, got {s.screen_margin}")
+    c(isinstance(s.stop_at, list) and all(isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f < 1
+                                          for f in s.stop_at),
+      "search.stop_at", f"must be a list of fractions in (0, 1), got {s.stop_at!r}")
+    c(s.latency_samples >= 0, "search.latency_samples", f"must be >= 0, got {s.latency_samples}")
+    for key in ("stop_headroom", "stop_allowance", "stop_margin"):
+        c(getattr(s, key) >= 0, f"search.{key}", f"must be >= 0, got {getattr(s, key)}")
     c(s.storage is None or bool(str(s.storage).strip()), "search.storage", "is empty; valid: an RDB URL such as sqlite:///runs/x/optuna.db")
     try:
         ranges = search_ranges(cfg)

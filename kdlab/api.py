@@ -22,7 +22,7 @@ from kdlab.distill.export import Served, load_served
 from kdlab.search.export import check_test_split, export_dir, run_export as _export, summary_line
 from kdlab.search.gate import GateResult, run_gate as _gate
 from kdlab.search.model_gate import run_model_gate
-from kdlab.search.study import SearchResult, finished_trials, run_report, run_search as _search
+from kdlab.search.study import SearchResult, run_report, trained_trials, run_search as _search
 from kdlab.train.accel import training_accelerator
 from kdlab.train.distill import distil
 
@@ -77,11 +77,11 @@ def run(cfg: Config, n_trials: int | None = None, timeout_s: float | None = None
     result = RunResult(gate)
     say(gate.message)
     if gate.passed is None:
-        todo = n_trials if n_trials is not None else cfg.search.n_trials - finished_trials(cfg)
+        todo = n_trials if n_trials is not None else cfg.search.n_trials - trained_trials(cfg)
         if todo > 0:
             result.search = run_search(cfg, n_trials=todo, timeout_s=timeout_s)
         else:
-            say(f"search: the study already has {cfg.search.n_trials} or more finished trials (--n-trials N adds more)")
+            say(f"search: the study already has {cfg.search.n_trials} or more trained trials (--n-trials N adds more)")
             result.search = run_report(cfg)
         say(result.search.message)
         if result.search.exit_code != 0:

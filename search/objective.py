@@ -24,6 +24,7 @@ from kdlab.distill.config import Config
 from kdlab.distill.export import parity
 from kdlab.distill.quantize import apply_recipe
 from kdlab.distill.students import build_student, count_params
+from kdlab.search.early_stop import StopCheck, Stopped
 from kdlab.search.gate import dev_quality
 from kdlab.search.space import Candidate, SearchSpace
 from kdlab.search.study_report import FIGURES
@@ -58,6 +59,8 @@ class Context:
     teacher_batches: tuple = ()  # (timing batches, quality batches, profile) as the teacher reads dev (its tokenizer)
     families: dict = None  # search.families with several: name -> Family (its own prep, batches, profile, base)
     clock: "PhaseClock" = None  # the running trial's seconds per phase (run_trial sets a fresh one)
+    latency_model: object = None  # search/latency_model.py: draws it predicts too slow are ruled out unbuilt
+    agreement_constraint: bool = True  # trials carry the served-artefact agreement constraint (classification)
 
     def of(self, family: str | None) -> "Context":
         """The context a trial of `family` reads: that family's tokenizer's data, batches, logits and base."""
@@ -186,6 +189,25 @@ def record_trained(trial, tracker, ctx: Context, candidate, trial_dir: Path, qua
     return quality, post.p95_ms
 
 
+def record_stopped(trial, tracker, ctx: Context, pre: GateRow, params: int, result, check: StopCheck,
+                   agreement: float | None = None) -> Stopped:
+    """Record a trial stopped early (search/early_stop.py): its partial curve stays, its checkpoint goes,
+    and it ends PRUNED (run_trial raises); the figures are the fp32 quality reached and the untrained p95."""
+    quality = max(q for _, q in check.curve)
+    figures = {"quality": quality, "p50_ms": pre.p50_ms, "p95_ms": pre.p95_ms, "p99_ms": pre.p99_ms,
+               "throughput": pre.throughput, "size_mb": pre.size_mb, "params": params,
+               "train_seconds": result.train_seconds, "steps": result.steps, "pre_p95_ms": pre.p95_ms,
+               "pre_size_mb": pre.size_mb, "screened_out": False, "fp32_dev": quality,
+               "stopped_early": check.stopped.rule, "stop_reason": check.stopped.why}
+    _record(trial, tracker, figures, constraint_values(
+        ctx.targets, pre.p95_ms, pre.size_mb, quality, agreement,
+        ctx.cfg.export.min_label_agreement if agreement is not None else None))
+    trial.set_user_attr("feasible", False)
+    tracker.set_tags({"stopped_early": check.stopped.rule})
+    shutil.rmtree(ctx.cfg.run_dir / "trials" / str(trial.number), ignore_errors=True)
+    return check.stopped
+
+
 # ---------------------------------------------------------------- one trial
 
 
@@ -206,18 +228,21 @@ def run_trial(trial: optuna.Trial, ctx: Context, evaluate):
     # would spend minutes to learn nothing new, so a repeat is pruned and points to its twin.
     # Workers sharing a study can draw (or enqueue) the same point at once: of trials running the same
     # candidate, the lowest-numbered one trains and every later one is pruned, so each student trains once.
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
+    # A candidate stopped early is as known as a completed one: drawing it again would train it to the same stop.
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.PRUNED)
     twin = next((t.number for t in trial.study.get_trials(deepcopy=False, states=states)
-                 if (t.state == optuna.trial.TrialState.COMPLETE or t.number < trial.number)
+                 if (t.state != optuna.trial.TrialState.PRUNED or t.user_attrs.get("stopped_early"))
+                 and (t.state != optuna.trial.TrialState.RUNNING or t.number < trial.number)
                  and t.number != trial.number
                  and all(t.user_attrs.get(k) == v for k, v in candidate.to_dict().items())), None)
     if twin is not None:
         trial.set_user_attr("duplicate_of", twin)
         raise optuna.TrialPruned(f"same candidate as trial {twin}")
+    _rule_out(trial, candidate, ctx)
     ctx.clock, started = PhaseClock(), time.perf_counter()
     with ctx.tracking.child(trial, candidate.to_dict()) as tracker:
         try:
-            return evaluate(trial, candidate, ctx, tracker)
+            outcome = evaluate(trial, candidate, ctx, tracker)
         except Exception as exc:
             trial.set_user_attr("error", one_line(exc))
             tracker.set_tags({"state": "FAIL", "error": one_line(exc)})
@@ -227,6 +252,31 @@ def run_trial(trial: optuna.Trial, ctx: Context, evaluate):
             spent = {k: round(v, 3) for k, v in ctx.clock.seconds.items()}
             spent["other"] = round(max(0.0, time.perf_counter() - started - sum(ctx.clock.seconds.values())), 3)
             trial.set_user_attr("seconds", spent)
+    if isinstance(outcome, Stopped):  # raised outside the MLflow run, which ends FINISHED with its partial curve
+        raise optuna.TrialPruned(f"stopped early ({outcome.rule}): {outcome.why}")
+    return outcome
+
+
+def _rule_out(trial, candidate, ctx: Context) -> None:
+    """Prune a draw the latency model predicts too slow for the screening bound, before anything is built."""
+    model = ctx.latency_model
+    if model is None or ctx.targets.p95_ms is None:
+        return
+    predicted = model.predict(candidate.family, candidate.recipe, candidate.num_layers, candidate.hidden_size,
+                              candidate.intermediate_size)
+    if predicted is None:
+        return
+    trial.set_user_attr("predicted_p95_ms", predicted)
+    bound = ctx.targets.p95_ms * (1.0 + ctx.cfg.search.screen_margin)
+    if model.rules_out(predicted, bound):
+        trial.set_user_attr("ruled_out", True)
+        agreement = 0.0 if ctx.agreement_constraint else None
+        for key, value in constraint_values(ctx.targets, predicted, 0.0, 0.0, agreement,
+                                            ctx.cfg.export.min_label_agreement if agreement is not None
+                                            else None).items():
+            trial.set_constraint(key, value)
+        raise optuna.TrialPruned(f"the latency model predicts p95 {predicted:.2f} ms (error {model.error:.0%}) "
+                                 f"above the screening bound {bound:.2f} ms")
 
 
 def _evaluate(trial, candidate: Candidate, ctx: Context, tracker):
@@ -248,10 +298,13 @@ def _evaluate(trial, candidate: Candidate, ctx: Context, tracker):
         return record_screened(trial, tracker, ctx, pre, params, misses, agreement=0.0)
 
     trial_dir = cfg.run_dir / "trials" / str(trial.number)
+    check = StopCheck(trial, cfg, ctx.targets, pre.p95_ms, pre.size_mb, cfg.task.metric)
     with clock("training"):  # its periodic dev evaluations are counted as evaluation, not training
         before = clock.seconds["evaluation"]
-        result = _distil(candidate, ctx, student, trial_dir, tracker)
+        result = _distil(candidate, ctx, student, trial_dir, tracker, check)
     clock.seconds["training"] -= clock.seconds["evaluation"] - before
+    if check.stopped is not None:
+        return record_stopped(trial, tracker, ctx, pre, params, result, check, agreement=0.0)
     with clock("quantization"):
         trained = AutoModelForSequenceClassification.from_pretrained(trial_dir, use_safetensors=True).eval()
         served = apply_recipe(candidate.recipe, trained, example_batch=ctx.quality_batches[0],
@@ -270,7 +323,7 @@ def _evaluate(trial, candidate: Candidate, ctx: Context, tracker):
     return record_trained(trial, tracker, ctx, candidate, trial_dir, quality, pre, post, params, result, agreement)
 
 
-def _distil(candidate: Candidate, ctx: Context, student, trial_dir: Path, tracker):
+def _distil(candidate: Candidate, ctx: Context, student, trial_dir: Path, tracker, check: StopCheck | None = None):
     """One in-process distillation with the study's teacher and cached logits; best checkpoint -> trial_dir."""
     cfg = ctx.cfg
     train_cfg = dataclasses.replace(cfg.train, learning_rate=candidate.learning_rate, max_steps=cfg.search.train_steps,
@@ -293,4 +346,5 @@ def _distil(candidate: Candidate, ctx: Context, student, trial_dir: Path, tracke
 
     return fit(ctx.accelerator, student, train_loader, cfg=train_cfg, compute_loss=compute_loss,
                evaluate=evaluate, save_best=save_best,
-               out_dir=trial_dir, tracker=tracker, metric=cfg.task.metric, extra_modules=[loss_mod], desc="distill")
+               out_dir=trial_dir, tracker=tracker, metric=cfg.task.metric, extra_modules=[loss_mod], desc="distill",
+               stop_check=check)

@@ -20,7 +20,8 @@ from kdlab.distill.config import Config, ConfigError, Range, search_ranges, sear
 from kdlab.distill.quantize import apply_generation_recipe
 from kdlab.distill.seq2seq import build_seq2seq_student, layer_depths, model_width
 from kdlab.distill.students import count_params
-from kdlab.search.objective import Context, record_screened, record_trained, run_trial, screened_out
+from kdlab.search.early_stop import StopCheck
+from kdlab.search.objective import Context, record_screened, record_stopped, record_trained, run_trial, screened_out
 from kdlab.search.seq2seq_gate import build_generators, generation_batches
 from kdlab.search.space import draw, nearest
 from kdlab.search.targets import GateRow, Targets
@@ -126,6 +127,7 @@ def setup(cfg: Config, accelerator, space: Seq2SeqSpace, console, tracking, thre
                                                           shuffle=False))
     ctx = Context(cfg, accelerator, prep, teacher, space, Targets(), profile, batches, [batches[0]], eval_loader,
                   None, None, threads, tracking, {}, console)
+    ctx.agreement_constraint = False  # a generator's served artefact is judged by its score, not label agreement
     # Untrained students stop at random lengths; screen them at the trained teacher's mean output length.
     ctx.screen_tokens = max(1, round(teacher_dev.get("gen_tokens_mean") or cfg.generation.max_new_tokens))
     ctx.meta = {"conditions": {"device": cfg.target.device, "threads": threads, "batch_size": cfg.target.batch_size,
@@ -175,6 +177,7 @@ def _evaluate(trial, c: Seq2SeqCandidate, ctx: Context, tracker):
         return record_screened(trial, tracker, ctx, pre, params, misses)
 
     trial_dir = cfg.run_dir / "trials" / str(trial.number)
+    check = StopCheck(trial, cfg, ctx.targets, pre.p95_ms, pre.size_mb, cfg.task.metric)
     student.to(ctx.accelerator.device)
     train_cfg = dataclasses.replace(cfg.train, learning_rate=c.learning_rate, max_steps=cfg.search.train_steps,
                                     num_epochs=cfg.search.train_epochs, resume_from=None, save_state_every_steps=None)
@@ -193,7 +196,9 @@ def _evaluate(trial, c: Seq2SeqCandidate, ctx: Context, tracker):
                  evaluate=lambda m: evaluate_seq2seq(m, ctx.eval_loader, ctx.prep.tokenizer, references, cfg,
                                                      ctx.prep.lowercase, ctx.accelerator),
                  save_best=save_best, out_dir=trial_dir, tracker=tracker, metric=cfg.task.metric,
-                 extra_modules=[loss_mod], desc="distill")
+                 extra_modules=[loss_mod], desc="distill", stop_check=check)
+    if check.stopped is not None:
+        return record_stopped(trial, tracker, ctx, pre, params, result, check)
     trained = load_seq2seq(str(trial_dir), cfg, ctx.prep.tokenizer).eval()
     gen = generation_kwargs(cfg)
     served = _served(c.recipe, trained, ctx, gen)

@@ -232,6 +232,12 @@ class SearchSpace:
                 out.append(c)
         return out[:n]
 
+    def architectures(self) -> list[tuple]:
+        """Every (family, layers, hidden, heads, ffn, recipe) the space can draw: what latency depends on (the
+        initialisation and the training knobs do not change it)."""
+        return [(self.family, n, h, k, f, r) for n in self.layers.values() for h in self.hidden.values()
+                for k in self.heads_for[h] for f in self.ffn_of(h) for r in self.recipes.values()]
+
     def describe(self) -> dict:
         """The space as plain data: stored with the study, so a resumed study can refuse a changed space."""
         def rng(r: Range | None):
@@ -269,6 +275,9 @@ class FamilySpace:
         per_family = [space.seeds(n, device) for space in self.spaces.values()]
         out = [c for rank in range(n) for seeds in per_family if rank < len(seeds) for c in [seeds[rank]]]
         return out[:n]
+
+    def architectures(self) -> list[tuple]:
+        return [a for space in self.spaces.values() for a in space.architectures()]
 
     def describe(self) -> dict:
         return {"families": {name: space.describe() for name, space in self.spaces.items()}}

@@ -65,6 +65,7 @@ from kdlab.eval.latency import clamp_threads, machine_info, versions
 from kdlab.search import seq2seq_search
 from kdlab.search.gate import build_candidates
 from kdlab.search.gate_report import gate_references
+from kdlab.search.latency_model import calibrate, predicted_errors
 from kdlab.search.objective import PHASES, Context, Family, objective, one_line
 from kdlab.search.space import TEACHER_FAMILY, FamilySpace, SearchSpace, TeacherShape
 from kdlab.search.study_report import arch_text, print_front, targets_text, trial_rows, write_report
@@ -82,6 +83,8 @@ NSGA2_POPULATION = 10  # a generation a 10-50 trial budget can complete several 
 TARGET_KEYS = ("p95_ms", "min_quality", "max_size_mb")
 STORAGE_ATTEMPTS = 5  # opening a fresh database while another worker creates its tables
 PROFILE_KEYS = ("device", "threads", "batch_size", "seq_len")
+DRAWS_PER_TRIAL = 5  # default search.max_draws: untrained draws (screened out, repeats) per trained trial wanted
+RULED_OUT_PER_TRIAL = 50  # draws the latency model may rule out per trained trial wanted before a call gives up
 
 
 @dataclass
@@ -215,6 +218,8 @@ def summary_of(rows: list[dict]) -> dict:
     return {"trials": len(rows), "trials_complete": sum(r["state"] == "COMPLETE" for r in rows),
             "trials_failed": sum(r["state"] == "FAIL" for r in rows),
             "trials_screened_out": sum(r["screened_out"] for r in rows), "trials_feasible": len(feasible),
+            "trials_stopped_early": sum(bool(r.get("stopped_early")) for r in rows),
+            "trials_ruled_out": sum(bool(r.get("ruled_out")) for r in rows),
             "front_size": sum(r["is_pareto"] for r in rows),
             "best_quality": max((r["quality"] for r in feasible), default=None)}
 
@@ -250,6 +255,11 @@ def _trial_line(row: dict) -> str:
                 f"heads, ffn {row.get('intermediate_size')}), {row.get('init')}{family}, {row.get('recipe')}: ")
     if row["state"] == "FAIL":
         return head + f"FAILED ({row.get('error')})"
+    if row.get("ruled_out"):
+        return head + f"ruled out unbuilt (the latency model predicts p95 {row['predicted_p95_ms']:.2f} ms)"
+    if row.get("stopped_early"):
+        return head + (f"stopped early after {row['steps']} steps, trained {row['train_seconds']:.0f} s "
+                       f"({row['stopped_early']}: {row['stop_reason']})")
     if row["state"] != "COMPLETE":
         return head + row["state"].lower() + (f" (repeats trial {row['duplicate_of']})"
                                               if row.get("duplicate_of") is not None else "")
@@ -288,7 +298,9 @@ def outcome(rows: list[dict], targets: dict, study_name: str, report_dir: Path) 
     if targets.get("max_size_mb") is not None:
         smallest = min(measured, key=lambda r: r["size_mb"])
         parts.append(f"smallest {smallest['size_mb']:.1f} MB vs max {targets['max_size_mb']:.1f} MB")
-    trained = [r for r in measured if not r["screened_out"] and r.get("quality") is not None]
+    trained = [r for r in measured if not r["screened_out"] and r.get("quality") is not None
+               and not r.get("stopped_early")]
+    stopped = [r for r in measured if r.get("stopped_early")]
     if targets.get("min_quality") is not None and trained:
         parts.append(f"best quality {max(r['quality'] for r in trained):.4f} vs floor {targets['min_quality']:.4f}")
     disagreeing = [r for r in trained if "agreement" in (r.get("violates") or "").split()]
@@ -296,6 +308,9 @@ def outcome(rows: list[dict], targets: dict, study_name: str, report_dir: Path) 
         parts.append(f"{len(disagreeing)} trained student(s) whose served artefact agrees with its fp32 weights on "
                      f"too few dev labels (best {max(r['label_agreement'] for r in disagreeing):.2%}; "
                      f"export.min_label_agreement)")
+    if stopped:
+        parts.append(f"{len(stopped)} stopped early (best {max(r['quality'] for r in stopped):.4f} in fp32 when "
+                     f"stopped)")
     parts.append(f"{screened} of {len(rows)} candidates screened out before training")
     return "no feasible student: " + "; ".join(parts), EXIT_MISS
 
@@ -605,12 +620,47 @@ def run_search(cfg: Config, accelerator, n_trials: int | None = None, timeout_s:
             study.set_metric_names(METRIC_NAMES)
         optuna.storages.fail_stale_trials(study)  # trials of dead workers: FAIL, MLflow FAILED, retried
     _resolve_targets(ctx, study, created_study, remeasure, lost_race=fresh and not created_study)
+    budget = budget_line(study.user_attrs.get("targets", {}), study.user_attrs.get("reference"))
+    print(f"budget: {budget}", flush=True)
+    if getattr(space, "architectures", None) and cfg.search.latency_samples and ctx.targets.p95_ms is not None:
+        ctx.latency_model = calibrate(ctx, space.architectures(), cfg.search.latency_samples)
+        study.set_user_attr("latency_model", ctx.latency_model.summary())
+        bound = ctx.targets.p95_ms * (1.0 + cfg.search.screen_margin)
+        possible = [a for a in space.architectures()
+                    if not ctx.latency_model.rules_out(ctx.latency_model.predict(a[0], a[5], a[1], a[2], a[4]), bound)]
+        print(f"latency model: {ctx.latency_model.points} points ({ctx.latency_model.cached} cached), error "
+              f"{ctx.latency_model.error:.0%}; {len(possible)} of {len(space.architectures())} architecture x recipe "
+              f"points predicted within the screening bound {bound:.2f} ms", flush=True)
+        if not possible:
+            fastest = ctx.latency_model.fastest
+            message = (f"no feasible student: no candidate of the space is predicted to meet p95 <= "
+                       f"{ctx.targets.p95_ms:.2f} ms; the fastest measured is {fastest['num_layers']}L x "
+                       f"{fastest['hidden_size']} ({fastest['num_heads']} heads, ffn {fastest['intermediate_size']}), "
+                       f"{fastest['recipe']} at p95 {fastest['p95_ms']:.2f} ms; nothing trained (widen the space or "
+                       f"the budget)")
+            return SearchResult(name, redact(storage_url(cfg)), [], [], message, EXIT_MISS, cfg.run_dir / "report")
     if created_study:  # not `if not study.trials`: workers started together would each enqueue the seeds
         for candidate in space.seeds(cfg.search.seed_trials, cfg.target.device):
             study.enqueue_trial(space.params_of(candidate), skip_if_exists=True)
     ctx.meta.update(meta_of(cfg, study))
 
+    wanted = n_trials or cfg.search.n_trials
+    spent = {"trained": 0, "drawn": 0, "ruled_out": 0}
+    draws = max_draws(cfg, wanted)
+
     def after_trial(study, frozen) -> None:
+        # search.n_trials counts students trained (to the end or stopped early) and failures; a candidate
+        # screened out untrained or pruned as a repeat costs seconds, not a trial: search.max_draws bounds them.
+        # A draw the latency model rules out costs milliseconds: RULED_OUT_PER_TRIAL per trial wanted bounds those.
+        if frozen.user_attrs.get("ruled_out"):
+            spent["ruled_out"] += 1
+        else:
+            spent["drawn"] += 1
+        spent["trained"] += counts_as_trained(frozen)
+        if spent["trained"] >= wanted or spent["drawn"] >= draws or spent["ruled_out"] >= RULED_OUT_PER_TRIAL * wanted:
+            study.stop()
+        if frozen.user_attrs.get("ruled_out"):
+            return  # no line, no report refresh: nothing was built
         # An exception here would stop the study (Optuna does not catch callbacks): warn and go on;
         # the refresh after the last trial runs unguarded and shows any lasting problem.
         try:
@@ -623,8 +673,6 @@ def run_search(cfg: Config, accelerator, n_trials: int | None = None, timeout_s:
         if row is not None:
             print(_trial_line(row), flush=True)
 
-    budget = budget_line(study.user_attrs.get("targets", {}), study.user_attrs.get("reference"))
-    print(f"budget: {budget}", flush=True)
     with ctx.tracking.parent(study) as parent:
         reference = study.user_attrs.get("reference") or {}
         parent.set_tags({"kdlab.budget": budget[:4000], "kdlab.budget_source": reference.get("source", "absolute")})
@@ -633,18 +681,33 @@ def run_search(cfg: Config, accelerator, n_trials: int | None = None, timeout_s:
                            | {f"reference_{k}": reference[k] for k in ("p95_ms", "quality", "cv")
                               if reference.get(k) is not None})
         setup_s = time.time() - started
-        study.optimize(lambda trial: trial_objective(trial, ctx), n_trials=n_trials or cfg.search.n_trials,
+        study.optimize(lambda trial: trial_objective(trial, ctx), n_trials=draws + RULED_OUT_PER_TRIAL * wanted,
                        timeout=timeout_s if timeout_s is not None else cfg.search.timeout_s,
                        catch=(Exception,), callbacks=[after_trial], gc_after_trial=True)
         record_session(study, started, setup_s)
         ctx.meta["time"] = time_accounting(study)
         rows = refresh(cfg, study, ctx.meta, ctx.tracking)
         parent.log_metrics({f"time_{k}": v for k, v in ctx.meta["time"].items()})
+        errors = predicted_errors(rows) if ctx.latency_model is not None else None
+        if errors is not None:
+            study.set_user_attr("latency_model_errors", errors)
+            parent.log_metrics({f"latency_model_{k}": v for k, v in errors.items()})
+            trained = (f"; on {errors['trained']} trained: median {errors['median_error_trained']:.0%}, max "
+                       f"{errors['max_error_trained']:.0%} against the served artefact's p95" if "trained" in errors
+                       else "")
+            print(f"latency model error on {errors['trials']} trials it let through: median "
+                  f"{errors['median_error_untrained']:.0%}, max {errors['max_error_untrained']:.0%} against their "
+                  f"untrained p95{trained}", flush=True)
     report_dir = cfg.run_dir / "report"
     print_front(rows, ctx.meta, console)
     message, code = outcome(rows, ctx.meta["targets"], name, report_dir)
     return SearchResult(name, redact(storage_url(cfg)), rows, [r for r in rows if r["is_pareto"]], message, code,
                         report_dir)
+
+
+def max_draws(cfg: Config, wanted: int) -> int:
+    """Trials of any kind one call may start: search.max_draws, default DRAWS_PER_TRIAL x the trained ones wanted."""
+    return cfg.search.max_draws or DRAWS_PER_TRIAL * wanted
 
 
 def stored_study(cfg: Config) -> optuna.Study | None:
@@ -658,10 +721,16 @@ def stored_study(cfg: Config) -> optuna.Study | None:
     return optuna.load_study(study_name=name, storage=storage)
 
 
-def finished_trials(cfg: Config) -> int:
-    """Trials of the config's study that ended (complete, pruned or failed); 0 when there is no study yet."""
+def counts_as_trained(trial) -> bool:
+    """What search.n_trials counts: a student trained (to the end or stopped early), or a trial that failed."""
+    return trial.state == optuna.trial.TrialState.FAIL or bool(
+        trial.state.is_finished() and trial.user_attrs.get("steps") and not trial.user_attrs.get("screened_out"))
+
+
+def trained_trials(cfg: Config) -> int:
+    """Trials of the config's study that count against search.n_trials; 0 when there is no study yet."""
     study = stored_study(cfg)
-    return 0 if study is None else sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+    return 0 if study is None else sum(counts_as_trained(t) for t in study.get_trials(deepcopy=False))
 
 
 def study_targets(cfg: Config) -> dict:

@@ -24,8 +24,8 @@ ROW_FIELDS = ("trial", "state", "feasible", "screened_out", "is_pareto", "qualit
               "throughput", "size_mb", "params", "train_seconds", "steps", "pre_p95_ms", "pre_size_mb",
               "label_agreement", "p95_low_ms", "p95_high_ms", "p95_verdict", "violates", "num_layers",
               "hidden_size", "num_heads", "intermediate_size", "init", "recipe", "learning_rate", "temperature",
-              "alpha", "family", "encoder_layers", "decoder_layers", "error", "duplicate_of", "checkpoint",
-              "mlflow_run_id")
+              "alpha", "family", "encoder_layers", "decoder_layers", "error", "duplicate_of", "stopped_early",
+              "stop_reason", "ruled_out", "predicted_p95_ms", "checkpoint", "mlflow_run_id")
 ARCH = ("num_layers", "hidden_size", "num_heads", "intermediate_size", "init", "recipe", "learning_rate",
         "temperature", "alpha")
 FIGURES = ("quality", "p50_ms", "p95_ms", "p99_ms", "throughput", "size_mb", "params", "train_seconds", "steps",
@@ -247,7 +247,8 @@ def print_front(rows: list[dict], meta: dict, console=None) -> None:
     for i, h in enumerate(headers):
         table.add_column(h, justify="left" if h in ("init", "recipe", "state") else "right")
     for r in sorted(shown, key=lambda r: (r["p95_ms"] is None, r["p95_ms"] or 0.0)):
-        state = "screened out" if r["screened_out"] else (r["state"].lower() if r["state"] != "COMPLETE" else
+        state = "screened out" if r["screened_out"] else f"stopped early ({r['stopped_early']})" if r.get(
+            "stopped_early") else "ruled out" if r.get("ruled_out") else (r["state"].lower() if r["state"] != "COMPLETE" else
                                                           ("feasible" if r["feasible"] else
                                                            f"infeasible ({r['violates']})"))
         table.add_row(str(r["trial"]), *(str(r.get(k) if r.get(k) is not None else "") for k in

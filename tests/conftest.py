@@ -159,6 +159,9 @@ def tiny_run_tree(run_dir: Path, teacher: str, **sections) -> dict:
         "train": {"num_epochs": 2, "batch_size": 16, "eval_batch_size": 64, "learning_rate": 1e-3,
                   "log_every_steps": 1, "warmup_ratio": 0.0},
         "tracking": {"uri": f"sqlite:///{run_dir.parent / 'mlflow.db'}"},
+        # Searches of seconds: no latency model to time first, no early stops on 3-step curves (tests that
+        # check those set them).
+        "search": {"latency_samples": 0, "stop_at": []},
     }
     for key, value in sections.items():
         tree.setdefault(key, {}).update(value) if isinstance(value, dict) else tree.__setitem__(key, value)

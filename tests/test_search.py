@@ -86,7 +86,8 @@ def main_search(root, tiny_teacher_dir):
     assert sizes[1] < sizes[2]
     budget_mb = (sizes[1] + sizes[2]) / 2
     config = search_config(root, tiny_teacher_dir, "main",
-                           target={"p95_ms": 10_000, "min_quality": 0.01, "max_size_mb": budget_mb})
+                           target={"p95_ms": 10_000, "min_quality": 0.01, "max_size_mb": budget_mb},
+                           max_draws=4)  # 4 trials of any kind: n_trials alone counts only the trained ones
     code = kdlab(["search", "--config", str(config), "--n-trials", "4"])
     return config, code, budget_mb
 
@@ -267,7 +268,8 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(root, tiny_teacher_di
         return real(*args, **kwargs)
 
     monkeypatch.setattr(objective_module, "apply_recipe", flaky)
-    config = search_config(root, tiny_teacher_dir, "flaky", target={"p95_ms": 1e-6})  # everything screened: fast
+    # Everything screened (fast); max_draws ends the call after two trials, trained or not.
+    config = search_config(root, tiny_teacher_dir, "flaky", target={"p95_ms": 1e-6}, max_draws=2)
     assert kdlab(["search", "--config", str(config), "--n-trials", "2"]) == 3
     trials = load_study(root, "flaky").trials
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
@@ -287,7 +289,8 @@ def test_every_candidate_screened_out_exits_3_without_training(root, tiny_teache
 
     monkeypatch.setattr(objective_module, "fit", no_training)  # any training call would make its trial FAIL
     # Relative to the fp32 teacher, which the search then measures itself (no gate was run here).
-    config = search_config(root, tiny_teacher_dir, "hopeless", target={"p95_ms": "teacher*0.000001"}, seed_trials=1)
+    config = search_config(root, tiny_teacher_dir, "hopeless", target={"p95_ms": "teacher*0.000001"}, seed_trials=1,
+                           max_draws=3)  # screened draws do not use up n_trials; max_draws bounds them
     assert kdlab(["search", "--config", str(config), "--n-trials", "3", "tracking.enabled=false"]) == 3
     study = load_study(root, "hopeless")
     reference = study.user_attrs["reference"]

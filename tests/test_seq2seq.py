@@ -205,7 +205,8 @@ def test_two_trial_seq2seq_search_leaves_a_pareto_front(tmp_path, tiny_t5_dir, p
                         target={"min_iters": 5, "min_seconds": 0.2, "repeats": 1, "warmup_iters": 1,
                                 "p95_ms": "teacher*2"},
                         search={"n_trials": 2, "train_steps": 3, "seed_trials": 2, "recipes": ["fp32"],
-                                "decoder_layers": [1, 2], "encoder_layers": [1, 2]})
+                                "decoder_layers": [1, 2], "encoder_layers": [1, 2],
+                                "stop_at": []})  # both students train to the end: the front has both depths
     config = write_config(tmp_path / "c.yaml", tree)
     proc = subprocess.run([KDLAB, "search", "--config", str(config)], cwd=ROOT, capture_output=True, text=True,
                           timeout=900)

@@ -56,6 +56,7 @@ class FitResult:
     train_seconds: float
     samples_per_second: float
     step_times: list
+    stopped_early: bool = False  # fit(stop_check=...) stopped it (search/early_stop.py)
 
 
 @torch.no_grad()
@@ -234,12 +235,14 @@ def wait_at_pause(accelerator: Accelerator, desc: str, step: int, release: Path)
 def fit(accelerator: Accelerator, model, train_loader, *, cfg: TrainConfig,
         compute_loss: Callable, evaluate: Callable, save_best: Callable, out_dir: Path,
         tracker: Tracker, metric: str = "accuracy", extra_modules: list | None = None,
-        desc: str = "train") -> FitResult:
+        desc: str = "train", stop_check=None) -> FitResult:
     """Train `model` with AdamW + linear warm-up/decay; keep the checkpoint with the best dev `metric`.
 
     `compute_loss(model, batch) -> (loss, parts)`; `evaluate(model) -> metrics dict`;
     `save_best(unwrapped_model)` writes the best checkpoint (called on the main process only).
     `extra_modules` train alongside the model (e.g. hidden-state projections).
+    `stop_check` (search/early_stop.py StopCheck): also evaluate at its `steps_at(total_steps)`, pass every
+    evaluation to `stop_check(step, total_steps, metrics)`, and stop when it returns True (`stopped_early`).
     """
     # One accelerator serves several fits (teacher, then student): forget what an earlier fit
     # prepared, or save_state/load_state would pair this run's weights with another model's.
@@ -283,6 +286,8 @@ def fit(accelerator: Accelerator, model, train_loader, *, cfg: TrainConfig,
         (state_root / FINISHED_MARKER).unlink(missing_ok=True)  # this run is not finished until it ends
 
     eval_every = cfg.eval_every_steps or steps_per_epoch
+    eval_also = set(stop_check.steps_at(total_steps)) if stop_check is not None else set()
+    stopped_early = False
     pause = pause_point(desc)
     progress = tqdm(total=total_steps, initial=state.step, desc=desc,
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
@@ -323,9 +328,12 @@ def fit(accelerator: Accelerator, model, train_loader, *, cfg: TrainConfig,
                 progress.set_postfix(loss=f"{loss.detach().item():.4f}")
                 tracker.log_metrics({f"{desc}/loss": loss.detach().item(), f"{desc}/lr": scheduler.get_last_lr()[0],
                                      **{f"{desc}/{k}": v for k, v in parts.items()}}, step=state.step)
-            if state.step % eval_every == 0 or state.step == total_steps:
-                stop = _evaluate_and_keep(accelerator, model, state, evaluate, save_best, tracker,
-                                          metric, cfg, desc) or stop
+            if state.step % eval_every == 0 or state.step == total_steps or state.step in eval_also:
+                patience_out, metrics = _evaluate_and_keep(accelerator, model, state, evaluate, save_best, tracker,
+                                                           metric, cfg, desc)
+                stop = patience_out or stop
+                if stop_check is not None and stop_check(state.step, total_steps, metrics):
+                    stop = stopped_early = True
             if cfg.save_state_every_steps and state.step % cfg.save_state_every_steps == 0:
                 _save_state(accelerator, state_root, state.step, fingerprint)
             if pause is not None and state.step == pause[0]:
@@ -345,11 +353,12 @@ def fit(accelerator: Accelerator, model, train_loader, *, cfg: TrainConfig,
     total_samples = samples * accelerator.num_processes
     return FitResult(best_metric=state.best_metric, best_step=state.best_step, steps=state.step,
                      train_seconds=seconds, samples_per_second=total_samples / max(seconds, 1e-9),
-                     step_times=step_times)
+                     step_times=step_times, stopped_early=stopped_early)
 
 
-def _evaluate_and_keep(accelerator, model, state: LoopState, evaluate, save_best, tracker, metric, cfg, desc) -> bool:
-    """Evaluate, save the checkpoint if it is the best so far; True when early stopping fires."""
+def _evaluate_and_keep(accelerator, model, state: LoopState, evaluate, save_best, tracker, metric, cfg,
+                       desc) -> tuple[bool, dict]:
+    """Evaluate, save the checkpoint if it is the best so far; (True when patience runs out, the metrics)."""
     metrics = evaluate(model)
     tracker.log_metrics({f"{desc}/dev_{k}": v for k, v in metrics.items()}, step=state.step)
     accelerator.print(f"[{desc}] step {state.step}: " + " ".join(f"dev_{k}={v:.4f}" for k, v in metrics.items()))
@@ -360,9 +369,9 @@ def _evaluate_and_keep(accelerator, model, state: LoopState, evaluate, save_best
         if accelerator.is_main_process:
             save_best(accelerator.unwrap_model(model))
         accelerator.wait_for_everyone()
-        return False
+        return False, metrics
     state.bad_evals += 1
-    return bool(cfg.early_stopping_patience and state.bad_evals >= cfg.early_stopping_patience)
+    return bool(cfg.early_stopping_patience and state.bad_evals >= cfg.early_stopping_patience), metrics
 
 
 def remove_states(out_dir: Path) -> None:
