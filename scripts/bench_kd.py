@@ -209,7 +209,9 @@ def run_one(teacher: str, tinfo: dict, student: str, arm: str, seed: int, select
         other = [p for p in path.parent.glob(f"*__{student}__{arm.replace('+', '_')}__s{seed}__{steps}st.json")]
         if other:
             shared = json.loads(other[0].read_text())
-            return {**shared, "teacher": teacher, "shared_with": shared["teacher"]}
+            shared = {**shared, "teacher": teacher, "shared_with": shared.get("shared_with", shared["teacher"])}
+            path.write_text(json.dumps(shared, indent=2))  # the teacher's own cell then has its ce control
+            return shared
     overrides = (base_overrides(quick, steps) + [f"teacher.source={tinfo['dir']}", "teacher.fine_tune=never",
                  f"data.eval_file={select}", f"name=kd_{key}", f"output_dir={WORK / 'runs' / key}",
                  f"train.seed={seed}"] + STUDENTS[student][1] + heads_override(student, tinfo["dir"])
@@ -344,7 +346,8 @@ def markdown(result: dict) -> str:
         text += (f"\n\nBest: {b['teacher']} -> {b['student']} ({b['recipe']}): report-half accuracy "
                  f"{b['dev_accuracy']:.4f}, {b['retention']:.1%} of the teacher, p95 {b['p95_ms']:.2f} ms "
                  f"({b['speedup']:.1f}x faster than the fp32 teacher), label agreement {b['label_agreement']:.2%} "
-                 f"with its fp32 weights; its ce control {b['ce_control_mean']:.4f}.")
+                 f"with its fp32 weights; its ce control "
+                 f"{'not run' if b['ce_control_mean'] is None else format(b['ce_control_mean'], '.4f')}.")
     return text + f"\n\nConditions: {result['conditions']['summary']}"
 
 
