@@ -11,8 +11,8 @@ A trial is stopped at fraction f when either rule holds:
 1. **floor**: best_so_far + headroom(f) + allowance < floor. headroom(f) is the largest rise from f to
    the end among the study's trials that trained to the end (never less than `search.stop_headroom`);
    allowance (`search.stop_allowance`) is how much the served artefact may score above the fp32
-   weights evaluated during training (quantization noise goes both ways). No completed curve yet
-   (the study's first trials): the rule waits, it does not guess.
+   weights evaluated during training (quantization noise goes both ways). With fewer than MIN_CURVES
+   finished curves (the study's first trials) the rule waits: one curve is one architecture's rise.
 2. **dominated**: a feasible front member scored at least `search.stop_margin` more at the same
    fraction, and is no slower (its measured p95 <= this candidate's p95, measured untrained: latency
    depends on the architecture) and no larger.
@@ -30,6 +30,7 @@ import optuna
 from kdlab.search.pareto import Point, pareto_front
 
 EPS = 1e-9
+MIN_CURVES = 2  # finished curves the floor rule needs before it judges by their rise
 
 
 @dataclass
@@ -73,8 +74,9 @@ def decide(curve: list, fraction: float, *, floor: float | None, pre_p95_ms: flo
     best = best_until(curve, fraction)
     if best is None:
         return None
-    if floor is not None:
-        rise = rise_after(_finished_curves(trials), fraction)
+    curves = _finished_curves(trials)
+    if floor is not None and len(curves) >= MIN_CURVES:
+        rise = rise_after(curves, fraction)
         if rise is not None:
             reach = best + max(headroom, rise) + allowance
             if reach < floor:

@@ -51,18 +51,20 @@ def test_best_until_and_rise_after_read_curves_by_fraction():
 
 
 def test_floor_rule_uses_the_largest_rise_seen_plus_the_allowance():
-    study = _study_with(_done(0.80, 5.0, [[0.5, 0.70], [1.0, 0.80]]))  # rose 0.10 after half its steps
+    # finished curves that rose 0.10 and 0.04 after half their steps
+    study = _study_with(_done(0.80, 5.0, [[0.5, 0.70], [1.0, 0.80]]), _done(0.75, 4.0, [[0.5, 0.71], [1.0, 0.75]]))
     args = dict(pre_p95_ms=1.0, size_mb=1.0, trials=study.get_trials(), headroom=0.02, allowance=0.01, margin=0.5)
     # 0.60 + 0.10 + 0.01 = 0.71 < 0.72: out of reach
     stopped = decide([[0.5, 0.60]], 0.5, floor=0.72, **args)
     assert stopped.rule == "floor" and "0.7100 < floor 0.7200" in stopped.why
     assert decide([[0.5, 0.60]], 0.5, floor=0.70, **args) is None  # 0.71 >= 0.70: may still make it
     # headroom is a lower bound on the rise: with a flat study curve, 0.60 + 0.05 + 0.01 = 0.66
-    flat = _study_with(_done(0.80, 5.0, [[0.5, 0.80], [1.0, 0.80]])).get_trials()
+    flat = _study_with(*[_done(0.80, 5.0, [[0.5, 0.80], [1.0, 0.80]])] * 2).get_trials()
     assert decide([[0.5, 0.60]], 0.5, floor=0.67, **{**args, "trials": flat, "headroom": 0.05}).rule == "floor"
     assert decide([[0.5, 0.60]], 0.5, floor=0.66, **{**args, "trials": flat, "headroom": 0.05}) is None
-    # no finished curve yet, or no floor: the rule waits
+    # fewer than MIN_CURVES finished curves (one curve is one architecture's rise), or no floor: the rule waits
     assert decide([[0.5, 0.10]], 0.5, floor=0.9, **{**args, "trials": []}) is None
+    assert decide([[0.5, 0.10]], 0.5, floor=0.9, **{**args, "trials": study.get_trials()[:1]}) is None
     assert decide([[0.5, 0.10]], 0.5, floor=None, **args) is None
 
 
@@ -215,16 +217,17 @@ def test_no_candidate_predicted_feasible_exits_3_with_nothing_trained(root, tiny
 
 def test_a_student_that_cannot_reach_the_floor_stops_and_keeps_its_curve(root, tiny_teacher_dir, scripted_timing,
                                                                          capsys):
-    # A floor no tiny student reaches; the first trial trains to the end (no finished curve to judge by yet), the
-    # next ones stop at half their steps: best + the first trial's rise < 0.99.
+    # A floor no tiny student reaches; the first two trials train to the end (the floor rule needs two finished
+    # curves), the next ones stop at half their steps: best + the largest rise so far < 0.99.
     config = config_of(root, tiny_teacher_dir, "floor", {"p95_ms": 1000, "min_quality": 0.99}, stop_at=[0.5],
                        stop_headroom=0.0, stop_allowance=0.0)
-    assert kdlab(["search", "--config", str(config), "--n-trials", "3"]) == 3
+    assert kdlab(["search", "--config", str(config), "--n-trials", "4"]) == 3
     out = capsys.readouterr().out
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     trials = study_of(root, "floor").get_trials()
-    assert trials[0].state.name == "COMPLETE" and trials[0].user_attrs["steps"] == 4
-    assert [c[0] for c in trials[0].user_attrs["curve"]] == [0.5, 1.0]
+    for t in trials[:2]:
+        assert t.state.name == "COMPLETE" and t.user_attrs["steps"] == 4
+        assert [c[0] for c in t.user_attrs["curve"]] == [0.5, 1.0]
     stopped = [t for t in trials if t.user_attrs.get("stopped_early")]
     assert stopped and all(t.state.name == "PRUNED" for t in stopped)
     for t in stopped:
@@ -237,8 +240,8 @@ def test_a_student_that_cannot_reach_the_floor_stops_and_keeps_its_curve(root, t
         run = mlflow.get_run(u["mlflow_run_id"])
         assert run.info.status == "FINISHED" and run.data.tags["stopped_early"] == "floor"
         assert run.data.tags["state"] == "PRUNED"
-    assert len([t for t in trials if t.user_attrs.get("steps")]) == 3  # a stopped student counts as trained
-    assert len(trials) == 3
+    assert len([t for t in trials if t.user_attrs.get("steps")]) == 4  # a stopped student counts as trained
+    assert len(trials) == 4 and len(stopped) == 2
     parent = mlflow.search_runs(experiment_names=["floor"], output_format="list",
                                 filter_string="attributes.run_name = 'search'")[0]
     assert parent.data.metrics["trials_stopped_early"] == len(stopped)
