@@ -279,10 +279,13 @@ def outcome(rows: list[dict], targets: dict, study_name: str, report_dir: Path) 
     """The one-line verdict and exit code: 0 with a front, 3 with no feasible student."""
     front = sorted((r for r in rows if r["is_pareto"]), key=lambda r: -r["quality"])
     screened = sum(r["screened_out"] for r in rows)
+    ruled, stopped_n = sum(bool(r.get("ruled_out")) for r in rows), sum(bool(r.get("stopped_early")) for r in rows)
+    extra = (f", {ruled} ruled out unbuilt by the latency model" if ruled else "") + (
+        f", {stopped_n} stopped early" if stopped_n else "")
     if front:
         best = front[0]
         return (f"search '{study_name}': {len(front)} student(s) on the front of {len(rows)} trials ({screened} "
-                f"screened out untrained); best {best['quality']:.4f} at p95 {best['p95_ms']:.2f} ms (trial "
+                f"screened out untrained{extra}); best {best['quality']:.4f} at p95 {best['p95_ms']:.2f} ms (trial "
                 f"{best['trial']}); report: {report_dir}"), EXIT_PASS
     measured = [r for r in rows if r.get("p95_ms") is not None]
     if not measured:

@@ -255,8 +255,11 @@ def test_ctrl_c_exits_130_with_one_line_leaves_only_complete_state_and_the_same_
     config = write_config(tmp_path / "c.yaml", tiny_run_tree(run_dir, tiny_teacher_dir, train=train))
     release, out_log, err_log = tmp_path / "release", tmp_path / "out.log", tmp_path / "err.log"
     with open(out_log, "w") as out, open(err_log, "w") as err:
+        # SIGINT back to its default in the child: a suite started in the background of a non-interactive shell
+        # inherits it ignored, and Python then installs no KeyboardInterrupt handler (the Ctrl-C would be lost).
         proc = subprocess.Popen([KDLAB, "distill", "--config", str(config)], cwd=ROOT, stdout=out, stderr=err,
-                                start_new_session=True, env=pause_env("distill:20", release))
+                                start_new_session=True, env=pause_env("distill:20", release),
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:  # paused after step 20 (its evaluation, best checkpoint and state save done): Ctrl-C there
         reached = wait_for_pause(release, proc, err_log)
         assert (reached["pid"], reached["stage"], reached["step"]) == (proc.pid, "distill", 20)

@@ -104,10 +104,12 @@ def test_both_workers_share_one_study(two_workers):
     for code, out, err in two_workers["outputs"]:
         assert code == 0, f"worker exit {code}\n{out[-3000:]}\n{err[-3000:]}"
     trials = two_workers["study"].trials
-    assert len(trials) == 2 * TRIALS_PER_WORKER
-    assert sorted(t.number for t in trials) == list(range(2 * TRIALS_PER_WORKER))
+    # --n-trials counts the students each worker trains; a draw pruned as a repeat of a twin comes on top.
+    trained = [t for t in trials if t.state.name == "COMPLETE" and t.user_attrs.get("steps")]
+    assert len(trained) == 2 * TRIALS_PER_WORKER
+    assert sorted(t.number for t in trials) == list(range(len(trials)))
     assert {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"}
-    assert sum(t.state.name == "COMPLETE" for t in trials) >= 2  # the two seeds at least are distinct students
+    assert all(t.user_attrs.get("duplicate_of") is not None for t in trials if t.state.name == "PRUNED")
     # Each worker reports only the trials it ran: the two sets split the study between them.
     ran = [set(map(int, re.findall(r"^trial (\d+):", out, re.MULTILINE))) for _, out, _ in two_workers["outputs"]]
     assert all(ran) and not ran[0] & ran[1] and ran[0] | ran[1] == {t.number for t in trials}
@@ -177,7 +179,7 @@ def test_a_duplicate_is_pruned_against_its_running_then_its_completed_twin(postg
 
     first = worker_a.ask()
     assert first.number == 0
-    worker_a.tell(first, run_trial(first, SimpleNamespace(space=space, tracking=_NoTracking(), cfg=cfg),
+    worker_a.tell(first, run_trial(first, SimpleNamespace(space=space, tracking=_NoTracking(), cfg=cfg, latency_model=None),
                                    train_while_a_twin_is_drawn))
     late = worker_c.ask()
     with pytest.raises(optuna.TrialPruned, match="same candidate as trial 0"):
