@@ -308,10 +308,17 @@ class ExportConfig:
 @dataclass
 class ServingConfig:
     target_rps: Optional[float] = _f(None, "requests per second to plan for (the capacity plan is skipped when unset)")
-    p95_slo_ms: Optional[float] = _f(None, "p95 latency SLO per request batch; default target.p95_ms as resolved")
-    max_batch_size: int = _f(32, "largest batch an instance may serve")
-    headroom: float = _f(0.3, "fraction of an instance's measured throughput kept in reserve")
+    p95_slo_ms: Optional[float] = _f(None, "p95 latency SLO of one request through the server, in ms; required when "
+                                           "planning (serving.target_rps set): target.p95_ms is a model budget, not "
+                                           "a serving SLO")
+    max_batch_size: int = _f(32, "largest batch a replica may serve")
+    headroom: float = _f(0.3, "fraction of a replica's measured throughput kept in reserve (applied once)")
     batch_sizes: list = _f([1, 2, 4, 8, 16, 32], "batch sizes measured for the plan")
+    overhead_ms: float = _f(3.0, "time a request spends in the server beyond the model itself (HTTP, proxy, "
+                                 "routing, tokenizing, JSON), added to every predicted p95; fit it with kdlab "
+                                 "loadtest (its overhead_ms)")
+    batching_gain: float = _f(0.1, "a larger batch is chosen only when it serves this fraction more requests/s than "
+                                   "the best smaller one: it costs latency, and a few per cent is timing noise")
 
 
 @dataclass
@@ -634,6 +641,12 @@ def _check_serving(cfg: Config, c) -> None:
     sv = cfg.serving
     c(sv.target_rps is None or sv.target_rps > 0, "serving.target_rps", f"must be > 0, got {sv.target_rps}")
     c(sv.p95_slo_ms is None or sv.p95_slo_ms > 0, "serving.p95_slo_ms", f"must be > 0, got {sv.p95_slo_ms}")
+    c(sv.target_rps is None or sv.p95_slo_ms is not None, "serving.p95_slo_ms",
+      f"not set; planning for serving.target_rps {sv.target_rps:g} needs the SLO of a request through the server in "
+      f"ms (e.g. serving.p95_slo_ms=50); target.p95_ms is the model's own budget, not a serving SLO"
+      if sv.target_rps is not None else "")
+    c(sv.overhead_ms >= 0, "serving.overhead_ms", f"must be >= 0, got {sv.overhead_ms}")
+    c(sv.batching_gain >= 0, "serving.batching_gain", f"must be >= 0, got {sv.batching_gain}")
     c(0.0 <= sv.headroom < 1.0, "serving.headroom", f"must be in [0, 1), got {sv.headroom}")
     c(isinstance(sv.max_batch_size, int) and sv.max_batch_size >= 1, "serving.max_batch_size",
       f"must be an integer >= 1, got {sv.max_batch_size!r}")

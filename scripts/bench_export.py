@@ -38,7 +38,7 @@ from kdlab.distill.export import ExportError  # noqa: E402
 from kdlab.eval.latency import machine_info, versions  # noqa: E402
 from kdlab.search.capacity import CapacityRow, log_capacity, markdown as capacity_md, run_capacity  # noqa: E402
 from kdlab.search.export import export_dir, run_export, teacher_choice  # noqa: E402
-from kdlab.search.study import run_report, study_targets  # noqa: E402
+from kdlab.search.study import run_report  # noqa: E402
 
 # An interactive API: 300 requests/s, each answered within 50 ms at p95, batches of up to 32.
 # The int8 student agrees with its own fp32 weights on 98.4 % of dev labels (first run of this
@@ -79,7 +79,8 @@ def markdown(r: dict) -> str:
              f"rows.", ""]
     c = r["capacity_plan"]
     lines.append(capacity_md([CapacityRow(**row) for row in r["capacity"]], target_rps=c["target_rps"],
-                             p95_slo_ms=c["p95_slo_ms"], headroom=c["headroom"], conditions=c["conditions"]))
+                             p95_slo_ms=c["p95_slo_ms"], headroom=c["headroom"], conditions=c["conditions"],
+                             overhead_ms=c.get("overhead_ms", 0.0)))
     return "\n".join(lines)
 
 
@@ -113,7 +114,7 @@ def main(argv=None) -> int:
         capacity = None
         if not args.skip_capacity:
             report = run_report(cfg)
-            capacity = run_capacity(cfg, report.front, study_targets(cfg))
+            capacity = run_capacity(cfg, report.front)
             log_capacity(cfg)
     except (ConfigError, ExportError) as exc:
         print(f"bench_export: error: {exc}", file=sys.stderr)
@@ -129,8 +130,8 @@ def main(argv=None) -> int:
                                                      "reference_quality")},
         "agreement_with_teacher": same / total if total else None,
         "capacity": capacity["rows"] if capacity else [],
-        "capacity_plan": {k: capacity[k] for k in ("target_rps", "p95_slo_ms", "headroom", "conditions",
-                                                   "assumptions", "latency")} if capacity else None,
+        "capacity_plan": {k: capacity[k] for k in ("target_rps", "p95_slo_ms", "headroom", "overhead_ms",
+                                                   "conditions", "assumptions", "latency")} if capacity else None,
     }
     out = ROOT / "benchmarks" / "results" / "export_sst2.json"
     write_result(out, result, work=work)  # the commands' scratch folder is <work>

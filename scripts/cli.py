@@ -89,8 +89,7 @@ def cmd_report(args) -> int:
     print(result.message, flush=True)
     if args.capacity:
         from kdlab.search.capacity import log_capacity, run_capacity
-        from kdlab.search.study import study_targets
-        run_capacity(cfg, result.front, study_targets(cfg))
+        run_capacity(cfg, result.front)
         log_capacity(cfg)
     capacity_md = cfg.run_dir / "report" / "capacity.md"
     if capacity_md.is_file():

@@ -1,21 +1,29 @@
-"""Capacity plan: how many serving instances each candidate needs for a request rate under a p95 SLO.
+"""Capacity plan: the serving configuration and replica count a model needs for a request rate under a p95 SLO.
 
-Library module for `kdlab report --capacity` and `kdlab export`. The plan is arithmetic on measured
-latencies (one instance, the target profile, batch sizes 1..max):
+Library module for `kdlab report --capacity`, `kdlab export` (the plan in the manifest, the card and
+serve_config.yaml) and `kdlab serve`. The plan is arithmetic on latencies measured for one replica on the
+target profile (its threads, batch sizes 1..max), checked against the server by `kdlab loadtest`.
 
-- the batch an instance serves at is the largest measured batch whose p95 meets the SLO;
-- an instance's throughput there is batch / p50 (requests per second, one batch in flight);
-- instances = ceil(target_rps / (throughput x (1 - headroom))), at least 1.
+For each measured batch size b, with the model's own p50_b and p95_b (ms) at that batch:
 
-It assumes independent instances behind a load balancer, each serving one batch at a time, with
-requests batched up to the chosen batch within the SLO (a batch waits for at most one batch
-time to fill, which the SLO has to absorb as well), and it ignores network and queueing delay.
+- a replica's throughput is thr_b = b / p50_b (requests per second, one batch in flight);
+- replicas_b = ceil(target_rps / (thr_b x (1 - headroom))), at least 1: the headroom is applied here, once;
+- each replica then receives target_rps / replicas_b requests per second, so the first request of a batch
+  waits fill_b = (b - 1) / (target_rps / replicas_b) seconds for the batch to fill (Ray Serve's
+  batch_wait_timeout_s is set to it: a batch leaves when full or after that wait, whichever is first);
+- predicted p95 through the server = fill_b + p95_b + serving.overhead_ms (HTTP, proxy, routing, tokenizing).
+
+Among the batch sizes whose predicted p95 meets serving.p95_slo_ms (and b <= serving.max_batch_size), the
+plan takes the one with the best throughput per replica; a larger batch must beat the best smaller one by
+serving.batching_gain, since it costs latency and a few per cent is timing noise. Batching helps the model
+when that choice is a batch above 1. Queueing behind a busy replica is what the headroom pays for; it is not
+modelled otherwise.
 """
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 from transformers import AutoModelForSequenceClassification
 
@@ -29,54 +37,139 @@ from kdlab.train.data import make_loader
 from kdlab.train.pipeline import prepare
 from kdlab.train.teacher import teacher_folder
 
-ASSUMPTIONS = ("independent instances behind a load balancer, each serving one batch at a time; requests are "
-               "batched up to the chosen batch within the SLO; throughput = batch / p50; instances = ceil(target "
-               "rate / (throughput x (1 - headroom))); network and queueing delay are not included")
+ASSUMPTIONS = ("independent replicas behind Ray Serve's proxy, each serving one batch at a time on its own threads; "
+               "throughput = batch / p50; replicas = ceil(target rate / (throughput x (1 - headroom))); predicted "
+               "p95 = wait to fill the batch at the target rate per replica + the model's p95 at that batch + the "
+               "serving overhead; queueing behind a busy replica is left to the headroom")
+
+
+@dataclass
+class BatchOption:
+    """One batch size, evaluated for the target rate."""
+    batch_size: int
+    model_p50_ms: float
+    model_p95_ms: float
+    throughput: float  # requests per second per replica
+    replicas: int
+    fill_wait_ms: float
+    p95_ms: float  # predicted through the server
+    meets_slo: bool
 
 
 @dataclass
 class CapacityRow:
     label: str
     batch_size: int | None  # None: no measured batch meets the SLO
-    p95_ms: float | None
-    throughput: float | None  # requests per second per instance at batch_size
-    instances: int | None
+    p95_ms: float | None  # predicted p95 through the server at batch_size
+    throughput: float | None  # requests per second per replica at batch_size
+    instances: int | None  # replicas for target_rps, headroom applied once
     note: str = ""
+    model_p95_ms: float | None = None
+    fill_wait_ms: float | None = None
+    batch_wait_timeout_s: float | None = None
+    threads: int | None = None
+    batching_helps: bool | None = None
+    options: list = field(default_factory=list)  # a BatchOption (as a dict) per measured batch size
+    serve: dict | None = None  # the Ray Serve settings this plan gives (serve_settings)
+
+
+def batch_option(batch_size: int, p50_ms: float, p95_ms: float, *, target_rps: float, headroom: float,
+                 overhead_ms: float, p95_slo_ms: float) -> BatchOption:
+    throughput = batch_size / (p50_ms / 1e3)
+    replicas = max(1, math.ceil(target_rps / (throughput * (1 - headroom))))
+    fill_wait_ms = (batch_size - 1) / (target_rps / replicas) * 1e3
+    predicted = fill_wait_ms + p95_ms + overhead_ms
+    return BatchOption(batch_size, p50_ms, p95_ms, throughput, replicas, fill_wait_ms, predicted,
+                       predicted <= p95_slo_ms)
+
+
+def serve_settings(option: BatchOption, *, threads: int, headroom: float, overhead_ms: float,
+                   p95_slo_ms: float) -> dict:
+    """Ray Serve settings for a planned batch option (kdlab serve and serve_config.yaml take them).
+
+    - max_ongoing_requests: one batch running and one filling (Ray Serve warns when it is below the batch,
+      which then never fills);
+    - max_queued_requests: what all replicas can still serve within the SLO; a request queued behind more
+      would miss it anyway, so it is turned away at once (HTTP 503) instead;
+    - autoscaling: 1 to the planned replicas, each aiming at the requests in flight (Little's law) of a replica
+      loaded to its planned share, throughput x (1 - headroom) x time in the server.
+    """
+    b = option.batch_size
+    in_server_s = (option.fill_wait_ms + option.model_p50_ms + overhead_ms) / 1e3
+    target_ongoing = max(1.0, round(option.throughput * (1 - headroom) * in_server_s, 1))
+    return {"num_replicas": option.replicas, "threads": threads, "max_batch_size": b,
+            "batch_wait_timeout_s": round(option.fill_wait_ms / 1e3, 6),
+            "max_ongoing_requests": max(2 * b, math.ceil(2 * target_ongoing)),
+            "max_queued_requests": max(1, math.ceil(option.replicas * option.throughput * p95_slo_ms / 1e3)),
+            "autoscaling": {"min_replicas": 1, "max_replicas": option.replicas,
+                            "target_ongoing_requests": target_ongoing}}
 
 
 def plan_one(label: str, latency: dict[int, tuple[float, float]], *, target_rps: float, p95_slo_ms: float,
-             max_batch_size: int, headroom: float) -> CapacityRow:
-    """`latency`: batch size -> (p50_ms, p95_ms) measured for one instance."""
+             max_batch_size: int, headroom: float, overhead_ms: float = 0.0, batching_gain: float = 0.1,
+             threads: int = 1) -> CapacityRow:
+    """`latency`: batch size -> (p50_ms, p95_ms) of the model itself on one replica."""
     if not 0 <= headroom < 1:
         raise ValueError(f"headroom must be in [0, 1), got {headroom}")
-    fits = [b for b, (_, p95) in latency.items() if b <= max_batch_size and p95 <= p95_slo_ms]
-    if not fits:
-        fastest = min(latency.items(), key=lambda kv: kv[1][1]) if latency else None
-        note = (f"no batch meets p95 <= {p95_slo_ms:g} ms (batch {fastest[0]}: {fastest[1][1]:.2f} ms)"
-                if fastest else "not measured")
-        return CapacityRow(label, None, None, None, None, note)
-    batch = max(fits)
-    p50, p95 = latency[batch]
-    throughput = batch / (p50 / 1e3)
-    instances = max(1, math.ceil(target_rps / (throughput * (1 - headroom))))
-    return CapacityRow(label, batch, p95, throughput, instances)
+    options = [batch_option(b, p50, p95, target_rps=target_rps, headroom=headroom, overhead_ms=overhead_ms,
+                            p95_slo_ms=p95_slo_ms)
+               for b, (p50, p95) in sorted(latency.items()) if b <= max_batch_size]
+    best = None
+    for o in options:  # ascending batch: a larger one must beat the best so far by batching_gain
+        if o.meets_slo and (best is None or o.throughput > best.throughput * (1 + batching_gain)):
+            best = o
+    table = [asdict(o) for o in options]
+    if best is None:
+        fastest = min(options, key=lambda o: o.p95_ms) if options else None
+        note = (f"no batch meets p95 <= {p95_slo_ms:g} ms through the server (best: batch {fastest.batch_size}, "
+                f"predicted {fastest.p95_ms:.2f} ms)" if fastest else "not measured")
+        return CapacityRow(label, None, None, None, None, note, options=table)
+    return CapacityRow(label, best.batch_size, best.p95_ms, best.throughput, best.replicas,
+                       model_p95_ms=best.model_p95_ms, fill_wait_ms=best.fill_wait_ms,
+                       batch_wait_timeout_s=best.fill_wait_ms / 1e3, threads=threads,
+                       batching_helps=best.batch_size > 1, options=table,
+                       serve=serve_settings(best, threads=threads, headroom=headroom, overhead_ms=overhead_ms,
+                                            p95_slo_ms=p95_slo_ms))
 
 
 def plan(latencies: dict[str, dict[int, tuple[float, float]]], *, target_rps: float, p95_slo_ms: float,
-         max_batch_size: int, headroom: float) -> list[CapacityRow]:
+         max_batch_size: int, headroom: float, overhead_ms: float = 0.0, batching_gain: float = 0.1,
+         threads: int = 1) -> list[CapacityRow]:
     return [plan_one(label, lat, target_rps=target_rps, p95_slo_ms=p95_slo_ms, max_batch_size=max_batch_size,
-                     headroom=headroom) for label, lat in latencies.items()]
+                     headroom=headroom, overhead_ms=overhead_ms, batching_gain=batching_gain, threads=threads)
+            for label, lat in latencies.items()]
+
+
+def batching_line(row: CapacityRow) -> str:
+    """Whether batching helps the model, in one sentence, from its batch options."""
+    if row.batch_size is None:
+        return f"{row.label}: {row.note}"
+    one = next((o for o in row.options if o["batch_size"] == 1), None)
+    if row.batching_helps:
+        gain = f", {row.throughput / one['throughput']:.1f}x batch 1's" if one else ""
+        return (f"{row.label}: batching helps: batch {row.batch_size} serves {row.throughput:.0f} requests/s per "
+                f"replica{gain}")
+    better = [o for o in row.options if o["batch_size"] > 1 and o["meets_slo"]]
+    why = ("no larger batch meets the SLO at this rate" if not better else
+           f"the best larger batch ({max(better, key=lambda o: o['throughput'])['batch_size']}) serves "
+           f"{max(o['throughput'] for o in better):.0f}")
+    return (f"{row.label}: batching does not help: batch 1 serves {row.throughput:.0f} requests/s per replica; "
+            f"{why}")
 
 
 def markdown(rows: list[CapacityRow], *, target_rps: float, p95_slo_ms: float, headroom: float,
-             conditions: str) -> str:
-    lines = [f"Capacity for {target_rps:g} requests/s at p95 <= {p95_slo_ms:g} ms, {headroom:.0%} headroom "
-             f"({conditions}):", "", "| model | batch | p95 ms | req/s per instance | instances |", "|---|---|---|---|---|"]
+             conditions: str, overhead_ms: float = 0.0) -> str:
+    lines = [f"Capacity for {target_rps:g} requests/s at p95 <= {p95_slo_ms:g} ms through the server, "
+             f"{headroom:.0%} headroom, serving overhead {overhead_ms:g} ms ({conditions}):", "",
+             "| model | batch | fill wait ms | model p95 ms | predicted p95 ms | req/s per replica | replicas |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.batch_size is None:
-            lines.append(f"| {r.label} | — | — | — | {r.note} |")
+            lines.append(f"| {r.label} | — | — | — | — | — | {r.note} |")
         else:
-            lines.append(f"| {r.label} | {r.batch_size} | {r.p95_ms:.2f} | {r.throughput:.0f} | {r.instances} |")
+            lines.append(f"| {r.label} | {r.batch_size} | {r.fill_wait_ms:.1f} | {r.model_p95_ms:.2f} | "
+                         f"{r.p95_ms:.2f} | {r.throughput:.0f} | {r.instances} |")
+    lines += [""] + [f"- {batching_line(r)}" for r in rows]
     lines += ["", f"Assumes {ASSUMPTIONS}."]
     return "\n".join(lines)
 
@@ -108,19 +201,21 @@ def p50_p95(reports: dict[int, object]) -> dict[int, tuple[float, float]]:
     return {b: (r.p50_ms, r.p95_ms) for b, r in reports.items()}
 
 
-def slo_ms(cfg, resolved_p95: float | None) -> float | None:
-    return cfg.serving.p95_slo_ms or resolved_p95
+def plan_for(cfg, label: str, latency: dict[int, tuple[float, float]], threads: int) -> CapacityRow:
+    """plan_one with the config's serving section (serving.target_rps and serving.p95_slo_ms must be set)."""
+    sv = cfg.serving
+    return plan_one(label, latency, target_rps=sv.target_rps, p95_slo_ms=sv.p95_slo_ms,
+                    max_batch_size=sv.max_batch_size, headroom=sv.headroom, overhead_ms=sv.overhead_ms,
+                    batching_gain=sv.batching_gain, threads=threads)
 
 
-def run_capacity(cfg, front_rows: list[dict], targets: dict, console=None) -> dict | None:
+def run_capacity(cfg, front_rows: list[dict], console=None) -> dict | None:
     """Measure the teacher (fp32 and its best gate recipe) and every front member at serving.batch_sizes; plan."""
     sv = cfg.serving
     if sv.target_rps is None:
         raise ConfigError("serving.target_rps: not set; the capacity plan needs the request rate to plan for "
                           "(e.g. serving.target_rps=200)")
-    slo = slo_ms(cfg, targets.get("p95_ms"))
-    if slo is None:
-        raise ConfigError("serving.p95_slo_ms: not set and the config has no target.p95_ms to fall back on")
+    slo = sv.p95_slo_ms  # config validation makes it explicit whenever target_rps is set
     say = console.print if console is not None else print
     threads, _ = clamp_threads(cfg.target.threads)
     prep = prepare(cfg)  # measuring needs no Accelerator (train/accel.py)
@@ -143,19 +238,19 @@ def run_capacity(cfg, front_rows: list[dict], targets: dict, console=None) -> di
     reports, _ = measure_latencies(served, cfg, prep.eval_ds, prep.tokenizer, teacher.config.vocab_size, threads,
                                    sv.batch_sizes)
     latencies = {label: p50_p95(r) for label, r in reports.items()}
-    rows = plan(latencies, target_rps=sv.target_rps, p95_slo_ms=slo, max_batch_size=sv.max_batch_size,
-                headroom=sv.headroom)
+    rows = [plan_for(cfg, label, lat, threads) for label, lat in latencies.items()]
     conditions = f"{cfg.target.device}, {threads} thread(s), sequence length {cfg.target.seq_len}"
     result = {"target_rps": sv.target_rps, "p95_slo_ms": slo, "headroom": sv.headroom,
+              "overhead_ms": sv.overhead_ms, "batching_gain": sv.batching_gain,
               "max_batch_size": sv.max_batch_size, "conditions": conditions, "assumptions": ASSUMPTIONS,
               "latency": {k: {str(b): {"p50_ms": v[0], "p95_ms": v[1]} for b, v in lat.items()}
                           for k, lat in latencies.items()},
-              "rows": [r.__dict__ for r in rows]}
+              "rows": [asdict(r) for r in rows]}
     out = cfg.run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     (out / "capacity.json").write_text(json.dumps(result, indent=2))
     (out / "capacity.md").write_text(markdown(rows, target_rps=sv.target_rps, p95_slo_ms=slo, headroom=sv.headroom,
-                                              conditions=conditions) + "\n")
+                                              conditions=conditions, overhead_ms=sv.overhead_ms) + "\n")
     return result
 
 

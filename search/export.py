@@ -28,7 +28,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,13 +40,13 @@ from kdlab.distill.export import (ExportError, build_served, load_served, move_i
 from kdlab.distill.quantize import apply_recipe
 from kdlab.eval.latency import clamp_threads, machine_info, versions
 from kdlab.eval.paths import portable_path, portable_text
-from kdlab.search.capacity import ASSUMPTIONS, measure_latencies, p50_p95, plan_one, slo_ms
+from kdlab.search.capacity import ASSUMPTIONS, batching_line, measure_latencies, p50_p95, plan_for
 from kdlab.search.card import card_metadata, dataset_name, hub_id
 from kdlab.search.gate import dev_quality
 from kdlab.search.gate_report import gate_references, gate_table
 from kdlab.search.model_gate import model_gate_rows
 from kdlab.search.seq2seq_export import register, run_seq2seq_export, seq2seq_summary_line
-from kdlab.search.study import stored_study, study_targets
+from kdlab.search.study import stored_study
 from kdlab.search.study_report import trial_rows
 from kdlab.train.data import load_task_data, load_test_split, make_loader, tokenize
 from kdlab.train.model_dir import architecture, check_model_dir, prepare_model
@@ -273,12 +273,18 @@ def model_card(m: dict) -> str:
     if cap and cap.get("plan"):
         pl = cap["plan"]
         lines += ["", "## Capacity", ""]
+        slo = f"For {cap['target_rps']:g} requests/s at p95 <= {cap['p95_slo_ms']:g} ms through the server"
         if pl["batch_size"] is None:
-            lines.append(f"For {cap['target_rps']:g} requests/s at p95 <= {cap['p95_slo_ms']:.2f} ms: {pl['note']}.")
+            lines.append(f"{slo}: {pl['note']}.")
         else:
-            lines.append(f"For {cap['target_rps']:g} requests/s at p95 <= {cap['p95_slo_ms']:.2f} ms: batch "
-                         f"{pl['batch_size']} (p95 {pl['p95_ms']:.2f} ms), {pl['throughput']:.0f} requests/s per "
-                         f"instance, **{pl['instances']} instance(s)** with {cap['headroom']:.0%} headroom.")
+            sv = pl.get("serve") or {}
+            lines.append(f"{slo}: batch {pl['batch_size']} (wait to fill {pl['fill_wait_ms']:.1f} ms, model p95 "
+                         f"{pl['model_p95_ms']:.2f} ms, serving overhead {cap['overhead_ms']:g} ms: predicted p95 "
+                         f"{pl['p95_ms']:.2f} ms), {pl['throughput']:.0f} requests/s per replica on {pl['threads']} "
+                         f"thread(s), **{pl['instances']} replica(s)** with {cap['headroom']:.0%} headroom; "
+                         f"batch_wait_timeout_s {pl['batch_wait_timeout_s']:.4f}, max_ongoing_requests "
+                         f"{sv.get('max_ongoing_requests')}, max_queued_requests {sv.get('max_queued_requests')}.")
+            lines += ["", f"{cap['batching']}."]
         lines += ["", f"Assumes {cap['assumptions']}."]
     lines += ["", "## Model", "", f"- Architecture: {arch_line}", f"- Serving recipe: `{c['recipe']}`: "
               f"{m['served']['how']}", f"- Labels: {', '.join(m['labels'])}",
@@ -415,7 +421,7 @@ def run_export(cfg: Config, trial: int | None = None, pick_text: str | None = No
                                              model.config.vocab_size, threads, sizes)
         latency = latency_rows(reports["export"], lengths, cfg.export.latency_batch_sizes)
         reference_fig = _teacher_reference(cfg)
-        manifest["capacity"] = _capacity(cfg, reports["export"]) if planning else None
+        manifest["capacity"] = _capacity(cfg, reports["export"], threads) if planning else None
         manifest.update(
             parity=agreement, latency=latency, teacher_reference=reference_fig,
             measured={"quality": agreement["served_quality"], "size_mb": served.artefact.size_mb,
@@ -480,17 +486,16 @@ def training_data_lines(data: dict | None, kind: str, labelled_rows: int | None,
     return lines
 
 
-def _capacity(cfg: Config, reports: dict) -> dict:
-    """The capacity plan of the exported model alone, for its card, from its measured {batch: report}."""
-    slo = slo_ms(cfg, study_targets(cfg).get("p95_ms"))
-    if slo is None:
-        return {"note": "no SLO: set serving.p95_slo_ms (or target.p95_ms and run the search)"}
-    lat = p50_p95({b: reports[b] for b in cfg.serving.batch_sizes})
-    row = plan_one("export", lat, target_rps=cfg.serving.target_rps, p95_slo_ms=slo,
-                   max_batch_size=cfg.serving.max_batch_size, headroom=cfg.serving.headroom)
-    return {"target_rps": cfg.serving.target_rps, "p95_slo_ms": slo, "headroom": cfg.serving.headroom,
-            "latency": {str(b): {"p50_ms": v[0], "p95_ms": v[1]} for b, v in lat.items()}, "plan": row.__dict__,
-            "assumptions": ASSUMPTIONS}
+def _capacity(cfg: Config, reports: dict, threads: int) -> dict:
+    """The capacity plan of the exported model alone (card, manifest, serve_config.yaml), from its measured
+    {batch: report}."""
+    sv = cfg.serving
+    lat = p50_p95({b: reports[b] for b in sv.batch_sizes})
+    row = plan_for(cfg, "export", lat, threads)
+    return {"target_rps": sv.target_rps, "p95_slo_ms": sv.p95_slo_ms, "headroom": sv.headroom,
+            "overhead_ms": sv.overhead_ms, "batching_gain": sv.batching_gain,
+            "latency": {str(b): {"p50_ms": v[0], "p95_ms": v[1]} for b, v in lat.items()}, "plan": asdict(row),
+            "batching": batching_line(row), "assumptions": ASSUMPTIONS}
 
 
 def _teacher_reference(cfg: Config) -> dict | None:

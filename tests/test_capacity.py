@@ -1,42 +1,87 @@
-"""The capacity plan (search/capacity.py): its arithmetic against hand-computed figures, and `kdlab report
---capacity` end to end against the same formula applied by hand to the latencies it measured."""
+"""The capacity plan (search/capacity.py): its arithmetic against hand-worked figures, and `kdlab report
+--capacity` end to end against the same formula applied by hand to the latencies it measured.
+
+    .venv/bin/python -m pytest -q tests/test_capacity.py
+"""
 import json
 import math
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import tiny_run_tree, write_config
+from conftest import ROOT, tiny_run_tree, write_config
+from kdlab.distill.config import ConfigError, load_config
 from kdlab.scripts.cli import main as kdlab
-from kdlab.search.capacity import markdown, plan, plan_one
+from kdlab.search.capacity import batching_line, markdown, plan, plan_one
 
-# batch -> (p50 ms, p95 ms) of one instance
+# batch -> (p50 ms, p95 ms) of the model itself on one replica
 LAT = {1: (2.0, 3.0), 8: (8.0, 10.0), 32: (24.0, 30.0)}
 
 
-def test_largest_batch_within_the_slo_sets_throughput_and_instances():
-    row = plan_one("m", LAT, target_rps=1000, p95_slo_ms=12, max_batch_size=32, headroom=0.3)
-    # batch 8 is the largest with p95 <= 12 ms: 8 / 0.008 s = 1000 req/s; 1000 / (1000 x 0.7) -> 2 instances
-    assert (row.batch_size, row.p95_ms) == (8, 10.0)
+def test_best_throughput_within_the_slo_with_the_fill_wait_and_overhead():
+    """By hand, 1000 req/s, 30 % headroom, 5 ms overhead, SLO 50 ms:
+    batch 1:  500 req/s/replica -> ceil(1000 / 350) = 3 replicas; no fill wait; 3 + 5 = 8 ms: meets.
+    batch 8:  1000 req/s -> ceil(1000 / 700) = 2 replicas, 500 req/s each: 7 / 500 s = 14 ms to fill;
+              14 + 10 + 5 = 29 ms: meets, and 2x batch 1's throughput.
+    batch 32: 1333 req/s -> ceil(1000 / 933.3) = 2 replicas: 31 / 500 s = 62 ms to fill: 97 ms, misses;
+              the old plan (largest batch within the model's own p95) would have chosen it."""
+    row = plan_one("m", LAT, target_rps=1000, p95_slo_ms=50, max_batch_size=32, headroom=0.3, overhead_ms=5,
+                   threads=2)
+    assert row.batch_size == 8 and row.instances == 2 and row.batching_helps is True
     assert row.throughput == pytest.approx(1000.0)
-    assert row.instances == 2
+    assert row.fill_wait_ms == pytest.approx(14.0) and row.batch_wait_timeout_s == pytest.approx(0.014)
+    assert (row.model_p95_ms, row.p95_ms) == (10.0, pytest.approx(29.0))
+    by_batch = {o["batch_size"]: o for o in row.options}
+    assert [by_batch[b]["replicas"] for b in (1, 8, 32)] == [3, 2, 2]
+    assert by_batch[1]["p95_ms"] == pytest.approx(8.0) and by_batch[32]["p95_ms"] == pytest.approx(97.0)
+    assert [by_batch[b]["meets_slo"] for b in (1, 8, 32)] == [True, True, False]
+    sv = row.serve
+    assert (sv["num_replicas"], sv["threads"], sv["max_batch_size"]) == (2, 2, 8)
+    assert sv["batch_wait_timeout_s"] == pytest.approx(0.014)
+    # Little's law at the planned share: 1000 x 0.7 req/s x (14 + 8 + 5) ms = 18.9 requests in flight per replica
+    assert sv["autoscaling"] == {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 18.9}
+    assert sv["max_ongoing_requests"] == 38  # ceil(2 x 18.9), above one batch running and one filling (16)
+    assert sv["max_queued_requests"] == 100  # 2 replicas x 1000 req/s x 0.050 s: what can still meet the SLO
+    assert batching_line(row) == "m: batching helps: batch 8 serves 1000 requests/s per replica, 2.0x batch 1's"
 
 
-def test_max_batch_size_and_zero_headroom():
-    row = plan_one("m", LAT, target_rps=1000, p95_slo_ms=100, max_batch_size=16, headroom=0.0)
-    assert row.batch_size == 8 and row.instances == 1  # batch 32 fits the SLO but exceeds the cap
-    big = plan_one("m", LAT, target_rps=1000, p95_slo_ms=100, max_batch_size=32, headroom=0.0)
-    assert big.batch_size == 32 and big.throughput == pytest.approx(32 / 0.024)  # 1333 req/s -> 1 instance
-    assert big.instances == 1
-    assert plan_one("m", LAT, target_rps=1334, p95_slo_ms=100, max_batch_size=32, headroom=0.0).instances == 2
+def test_batch_one_wins_when_batching_does_not_pay():
+    """The SST-2 case of issue 17: batch 1 at p50 0.83 ms serves 1205 req/s; batch 16 at 24.7 ms only 648."""
+    lat = {1: (0.83, 1.1), 16: (24.7, 27.0)}
+    row = plan_one("student", lat, target_rps=300, p95_slo_ms=50, max_batch_size=32, headroom=0.3, overhead_ms=3)
+    assert row.batch_size == 1 and row.batching_helps is False and row.instances == 1
+    assert row.fill_wait_ms == 0.0 and row.p95_ms == pytest.approx(4.1)
+    # batch 16 would wait 15 / 300 s = 50 ms to fill: 50 + 27 + 3 = 80 ms misses the SLO (and is slower anyway)
+    assert batching_line(row) == ("student: batching does not help: batch 1 serves 1205 requests/s per replica; "
+                                  "no larger batch meets the SLO at this rate")
+
+
+def test_a_larger_batch_must_beat_the_smaller_by_the_gain():
+    lat = {1: (1.0, 1.0), 2: (1.9, 2.0)}  # batch 2: 1053 req/s, only 5 % above batch 1's 1000
+    kw = dict(target_rps=100, p95_slo_ms=100, max_batch_size=32, headroom=0.0)
+    assert plan_one("m", lat, **kw, batching_gain=0.1).batch_size == 1
+    assert plan_one("m", lat, **kw, batching_gain=0.0).batch_size == 2
+
+
+def test_headroom_is_applied_once():
+    # 1000 req/s per replica at batch 1; 1400 req/s at 30 % headroom needs ceil(1400 / 700) = 2, not 3
+    row = plan_one("m", {1: (1.0, 1.0)}, target_rps=1400, p95_slo_ms=100, max_batch_size=1, headroom=0.3)
+    assert row.instances == 2 and row.serve["num_replicas"] == 2
+    assert plan_one("m", {1: (1.0, 1.0)}, target_rps=1401, p95_slo_ms=100, max_batch_size=1,
+                    headroom=0.3).instances == 3
+
+
+def test_max_batch_size_caps_the_choice():
+    row = plan_one("m", LAT, target_rps=10_000, p95_slo_ms=1000, max_batch_size=16, headroom=0.0)
+    assert row.batch_size == 8 and [o["batch_size"] for o in row.options] == [1, 8]
 
 
 def test_nothing_meets_the_slo():
-    row = plan_one("slow", LAT, target_rps=10, p95_slo_ms=2.5, max_batch_size=32, headroom=0.3)
+    row = plan_one("slow", LAT, target_rps=10, p95_slo_ms=4, max_batch_size=32, headroom=0.3, overhead_ms=2)
     assert row.batch_size is None and row.instances is None
-    assert "no batch meets p95 <= 2.5 ms (batch 1: 3.00 ms)" == row.note
-    text = markdown([row], target_rps=10, p95_slo_ms=2.5, headroom=0.3, conditions="cpu")
-    assert "| slow | — | — | — | no batch meets" in text and "Assumes independent instances" in text
+    assert row.note == "no batch meets p95 <= 4 ms through the server (best: batch 1, predicted 5.00 ms)"
+    text = markdown([row], target_rps=10, p95_slo_ms=4, headroom=0.3, conditions="cpu", overhead_ms=2)
+    assert "| slow | — | — | — | — | — | no batch meets" in text and "Assumes independent replicas" in text
 
 
 def test_plan_keeps_model_order_and_rejects_bad_headroom():
@@ -45,6 +90,20 @@ def test_plan_keeps_model_order_and_rejects_bad_headroom():
     assert rows[1].throughput == pytest.approx(1000.0) and rows[1].instances == 1
     with pytest.raises(ValueError, match="headroom"):
         plan_one("m", LAT, target_rps=1, p95_slo_ms=5, max_batch_size=1, headroom=1.0)
+
+
+def test_planning_needs_an_explicit_serving_slo(tmp_path, tiny_teacher_dir):
+    config = write_config(tmp_path / "c.yaml", tiny_run_tree(tmp_path / "run", tiny_teacher_dir,
+                                                             serving={"target_rps": 100}))
+    with pytest.raises(ConfigError, match=r"serving.p95_slo_ms: not set; planning for serving.target_rps 100"):
+        load_config(config)
+    assert load_config(config, ["serving.p95_slo_ms=50"]).serving.p95_slo_ms == 50
+
+
+def test_the_shipped_configs_plan_for_a_serving_slo_of_tens_of_ms():
+    for name in ("sst2_minilm", "sst2_mpnet"):
+        sv = load_config(ROOT / "configs" / f"{name}.yaml").serving
+        assert sv.target_rps and 10 <= sv.p95_slo_ms < 100, name
 
 
 # ---------------------------------------------------------------- `kdlab report --capacity`, end to end
@@ -60,9 +119,8 @@ def test_report_capacity_prints_the_plan_of_the_measured_latencies(tmp_path, tin
                          quantization={"recipes": ["fp32", "dynamic-int8"]},
                          search={"num_layers": [1], "hidden_size": [64], "num_heads": [4], "recipes": ["dynamic-int8"],
                                  "train_steps": 3, "seed_trials": 1, "n_trials": 1},
-                         # no serving.p95_slo_ms: the SLO is the study's resolved target.p95_ms (10 s)
-                         serving={"target_rps": 100_000, "headroom": 0.5, "batch_sizes": [1, 2, 4],
-                                  "max_batch_size": 2})
+                         serving={"target_rps": 100_000, "p95_slo_ms": 10_000, "headroom": 0.5,
+                                  "batch_sizes": [1, 2, 4], "max_batch_size": 2, "overhead_ms": 4.0})
     tree["name"] = "cap"
     tree["teacher"]["fine_tune"] = "never"
     tree["data"]["max_eval_samples"] = 64
@@ -77,20 +135,26 @@ def test_report_capacity_prints_the_plan_of_the_measured_latencies(tmp_path, tin
     labels = ["teacher fp32", "teacher dynamic-int8", "trial 0 (dynamic-int8)"]  # teacher, best gate recipe, front
     assert list(result["latency"]) == labels
     assert (result["p95_slo_ms"], result["target_rps"], result["headroom"]) == (10_000, 100_000, 0.5)
-    assert ("Capacity for 100000 requests/s at p95 <= 10000 ms, 50% headroom (cpu, 1 thread(s), sequence length "
-            "data):") in printed
+    assert ("Capacity for 100000 requests/s at p95 <= 10000 ms through the server, 50% headroom, serving overhead "
+            "4 ms (cpu, 1 thread(s), sequence length data):") in printed
     for label in labels:
         measured = {int(b): v for b, v in result["latency"][label].items()}
         assert sorted(measured) == [1, 2, 4]
-        # Every batch meets a 10 s SLO; batch 4 exceeds serving.max_batch_size 2: an instance serves batch 2.
-        assert all(v["p95_ms"] <= 10_000 for v in measured.values())
-        p50, p95 = measured[2]["p50_ms"], measured[2]["p95_ms"]
-        throughput = 2 / (p50 / 1e3)
-        instances = max(1, math.ceil(100_000 / (throughput * (1 - 0.5))))
-        assert f"| {label} | 2 | {p95:.2f} | {throughput:.0f} | {instances} |" in printed
+        # By hand: batch 4 exceeds serving.max_batch_size 2; both others meet a 10 s SLO; batch 2 is taken only
+        # when it serves 10 % more requests/s than batch 1.
+        options = {}
+        for b in (1, 2):
+            throughput = b / (measured[b]["p50_ms"] / 1e3)
+            replicas = max(1, math.ceil(100_000 / (throughput * (1 - 0.5))))
+            fill_ms = (b - 1) / (100_000 / replicas) * 1e3
+            options[b] = (throughput, replicas, fill_ms + measured[b]["p95_ms"] + 4.0)
+        b = 2 if options[2][0] > options[1][0] * 1.1 else 1
+        throughput, replicas, predicted = options[b]
         row = next(r for r in result["rows"] if r["label"] == label)
-        assert (row["batch_size"], row["instances"]) == (2, instances)
-        assert row["throughput"] == pytest.approx(throughput)
+        assert (row["batch_size"], row["instances"], row["batching_helps"]) == (b, replicas, b > 1)
+        assert row["throughput"] == pytest.approx(throughput) and row["p95_ms"] == pytest.approx(predicted)
+        assert any(line.startswith(f"| {label} | {b} | ") and line.endswith(f" | {throughput:.0f} | {replicas} |")
+                   for line in printed), label
     client = MlflowClient(tracking_uri=tree["tracking"]["uri"])
     parent = client.search_runs([client.get_experiment_by_name("cap").experiment_id],
                                 filter_string="attributes.run_name = 'search'")[0]
