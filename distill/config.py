@@ -126,7 +126,10 @@ class TransferConfig:
     Labelled rows train on KD + CE, transfer rows on KD alone; texts equal to a dev or test text are dropped."""
     unlabelled_train: bool = _f(False, "the train file's rows outside the labelled subset (data.max_train_samples), "
                                        "their labels unread")
-    max_unlabelled: Optional[int] = _f(None, "use at most this many of those rows")
+    max_unlabelled: Optional[int] = _f(None, "use at most this many of those rows (after min_words)")
+    min_words: int = _f(0, "leave out unlabelled and text_files rows of fewer words (whitespace-separated): short "
+                           "fragments (most SST-2 train rows are phrases of a few words) teach less per step than "
+                           "texts as long as the ones served; 0 keeps all")
     text_files: list = _f([], "more text: .txt (one text per line) or a table (.tsv .csv .json .jsonl .parquet) "
                               "with text_column")
     text_column: Optional[str] = _f(None, "column of text_files tables holding the text; default data.text_column")
@@ -480,6 +483,8 @@ def _check_distill(cfg: Config, c) -> None:
     c(a.ngram_max >= 1, "distill.transfer.augment.ngram_max", f"must be >= 1, got {a.ngram_max}")
     c(tr.max_unlabelled is None or tr.max_unlabelled >= 1, "distill.transfer.max_unlabelled",
       f"must be >= 1, got {tr.max_unlabelled}")
+    c(isinstance(tr.min_words, int) and not isinstance(tr.min_words, bool) and tr.min_words >= 0,
+      "distill.transfer.min_words", f"must be an integer >= 0, got {tr.min_words!r}")
     c(tr.label_with in LABEL_FORMS, "distill.transfer.label_with",
       f"'{tr.label_with}'; valid: {', '.join(LABEL_FORMS)}")
     c(0.0 <= tr.min_agreement <= 1.0, "distill.transfer.min_agreement", f"must be in [0, 1], got {tr.min_agreement}")

@@ -191,7 +191,24 @@ def test_build_drops_and_counts_dev_labelled_duplicate_and_empty_texts(tmp_path)
                               mask_token=MASK, text_column_default="sentence")
     assert tset.texts == ["unseen one", "unseen two", "a new text", "the   cast is SUPERB", "more unseen text"]
     assert tset.sources == {"unlabelled_train": 2, "text_files": 3, "augmented": 0}
-    assert tset.dropped == {"equals_eval_or_test": 1, "equals_labelled": 1, "duplicate": 2, "empty": 1}
+    assert tset.dropped == {"equals_eval_or_test": 1, "equals_labelled": 1, "duplicate": 2, "empty": 1,
+                            "too_short": 0}
+
+
+def test_min_words_leaves_out_short_unlabelled_and_file_rows_before_the_cap(tmp_path):
+    extra = tmp_path / "extra.txt"
+    extra.write_text("two words\nthree whole words\n", encoding="utf-8")
+    unlabelled = ["one", "a b c", "x y", "d e f g", "h i j", "k l m"]
+    tcfg = TransferConfig(unlabelled_train=True, max_unlabelled=2, min_words=3, text_files=[str(extra)],
+                          augment=aug(copies=1, mask_prob=1.0))
+    tset = build_transfer_set(tcfg, labelled_texts=["ok"], unlabelled=unlabelled, exclude=[], mask_token=MASK,
+                              text_column_default="sentence")
+    # The cap counts kept rows: "one" and "x y" are read and left out, the cap stops before "h i j".
+    assert tset.texts[:3] == ["a b c", "d e f g", "three whole words"]
+    assert tset.sources["unlabelled_train"] == 2 and tset.sources["text_files"] == 1
+    assert tset.dropped["too_short"] == 3  # "one", "x y", "two words"
+    # Augmented copies of labelled rows are never filtered by length: "ok" masked is one word, and kept.
+    assert tset.texts[3:] == [MASK] and tset.sources["augmented"] == 1
 
 
 def test_build_caps_unlabelled_and_uses_them_only_when_enabled(tmp_path):

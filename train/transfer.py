@@ -29,7 +29,7 @@ from kdlab.train.data import FORMATS, load_file
 
 TEXT_FILES_KEY = "distill.transfer.text_files"
 SOURCES = ("unlabelled_train", "text_files", "augmented")
-DROP_REASONS = ("equals_eval_or_test", "equals_labelled", "duplicate", "empty")
+DROP_REASONS = ("equals_eval_or_test", "equals_labelled", "duplicate", "empty", "too_short")
 
 
 def normalise(text: str) -> str:
@@ -159,7 +159,7 @@ class TransferSet:
     """The transfer texts in order, how many each source gave (after drops), and how many were dropped and why."""
     texts: list[str]
     sources: dict[str, int]  # kept texts per source: unlabelled_train, text_files, augmented
-    dropped: dict[str, int]  # equals_eval_or_test, equals_labelled, duplicate, empty
+    dropped: dict[str, int]  # equals_eval_or_test, equals_labelled, duplicate, empty, too_short
 
     def digest(self) -> str:
         """sha256 (hex) of the texts joined by newlines: the texts' part of the teacher-label cache key."""
@@ -170,27 +170,41 @@ def build_transfer_set(tcfg: TransferConfig, labelled_texts: list[str], unlabell
                        mask_token: str, text_column_default: str) -> TransferSet:
     """The transfer set of `tcfg`, deterministic for its inputs and tcfg.augment.seed.
 
-    Candidates in order: the first tcfg.max_unlabelled of `unlabelled` (all when unset; none unless
-    tcfg.unlabelled_train), then each of tcfg.text_files in turn (`read_texts`, column tcfg.text_column or
-    `text_column_default`), then `augment_rows(labelled_texts)`. A candidate is dropped, and counted under the
-    first reason that holds, when its normalised form is empty, equals a normalised `exclude` text (dev and
+    Candidates in order: the first tcfg.max_unlabelled of `unlabelled` that have at least tcfg.min_words words (all
+    when unset; none unless tcfg.unlabelled_train), then each of tcfg.text_files in turn (`read_texts`, column
+    tcfg.text_column or `text_column_default`; rows under tcfg.min_words words left out too), then
+    `augment_rows(labelled_texts)` (copies of labelled rows: never filtered by length). Rows left out by min_words
+    count as dropped `too_short`. A candidate is dropped, and counted under the first reason that holds, when its normalised form is empty, equals a normalised `exclude` text (dev and
     test texts: scoring on a text the student was taught from would flatter it), equals a labelled text (it
     already trains with its gold label), or equals an earlier kept transfer text. Kept texts are as read.
     """
     excluded = {normalise(t) for t in exclude}
     labelled = {normalise(t) for t in labelled_texts}
     candidates: list[tuple[str, str]] = []
+    dropped = dict.fromkeys(DROP_REASONS, 0)
+
+    def long_enough(texts: list[str], cap: int | None = None) -> list[str]:
+        """The texts of >= tcfg.min_words words in order, stopping at `cap` kept; the short ones read are counted."""
+        kept = []
+        for text in texts:
+            if cap is not None and len(kept) == cap:
+                break
+            if len(text.split()) >= tcfg.min_words:
+                kept.append(text)
+            else:
+                dropped["too_short"] += 1
+        return kept
+
     if tcfg.unlabelled_train:
-        capped = unlabelled if tcfg.max_unlabelled is None else unlabelled[:tcfg.max_unlabelled]
-        candidates += [("unlabelled_train", t) for t in capped]
+        # The cap counts rows that pass min_words: rows beyond it are never read.
+        candidates += [("unlabelled_train", t) for t in long_enough(unlabelled, tcfg.max_unlabelled)]
     column = tcfg.text_column or text_column_default
     for path in tcfg.text_files:
-        candidates += [("text_files", t) for t in read_texts(path, column, TEXT_FILES_KEY)]
+        candidates += [("text_files", t) for t in long_enough(read_texts(path, column, TEXT_FILES_KEY))]
     candidates += [("augmented", t) for t in augment_rows(labelled_texts, tcfg.augment, mask_token)]
 
     texts, seen = [], set()
     sources = dict.fromkeys(SOURCES, 0)
-    dropped = dict.fromkeys(DROP_REASONS, 0)
     for source, text in candidates:
         key = normalise(text)
         reason = ("empty" if not key else "equals_eval_or_test" if key in excluded
