@@ -20,6 +20,11 @@
     kdlab run --config configs/sst2_minilm.yaml                     teacher -> gate -> search (on MISS) -> export
     kdlab predict --model runs/sst2_minilm/export --input texts.tsv --output preds.jsonl [--batch-size 64]
                                                                     streamed, resumable batch predictions
+    kdlab serve --model runs/sst2_minilm/export [--port 8000] [--autoscale] [--address HOST:PORT]
+                                                                    the export on Ray Serve (HTTP on 127.0.0.1),
+                                                                    configured from its capacity plan
+    kdlab loadtest --url http://127.0.0.1:8000 --data texts.tsv --rate 100 --duration-s 30 [--model EXPORT]
+                                                                    Locust at a constant offered rate; JSON report
     kdlab ui [--config configs/smoke.yaml] [--port 5000]            MLflow UI on 127.0.0.1
 
 For several processes use `accelerate launch train/distill.py --config ...` (see README).
@@ -28,6 +33,7 @@ User errors print one line `kdlab: error: ...` and exit 2.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import subprocess
 import sys
@@ -94,6 +100,10 @@ def cmd_report(args) -> int:
     capacity_md = cfg.run_dir / "report" / "capacity.md"
     if capacity_md.is_file():
         print(capacity_md.read_text(), flush=True)
+        from kdlab.search.capacity import comparison_markdown
+        measured = comparison_markdown(cfg.run_dir / "report")
+        if measured:
+            print(measured + "\n", flush=True)
     return result.exit_code
 
 
@@ -156,6 +166,77 @@ def cmd_predict(args) -> int:
     return predict_main(args)
 
 
+def add_serve_arguments(parser) -> None:
+    """`kdlab serve`'s arguments (scripts/serve.py runs it): an export folder in, no --config."""
+    parser.add_argument("--model", required=True, help="export folder (kdlab export); its served recipe is served")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--replicas", type=int, default=None, help="replicas (default: the plan's; with "
+                                                                    "--autoscale the most it may scale to)")
+    parser.add_argument("--autoscale", action="store_true",
+                        help="scale between the plan's min and max replicas on its target ongoing requests")
+    parser.add_argument("--threads", type=int, default=None, help="torch / ONNX Runtime threads per replica "
+                                                                   "(default: the plan's)")
+    parser.add_argument("--max-batch-size", type=int, default=None, help="texts per batch (default: the plan's; 1 "
+                                                                          "serves unbatched)")
+    parser.add_argument("--batch-wait-timeout-s", type=float, default=None,
+                        help="longest wait for a batch to fill (default: the plan's)")
+    parser.add_argument("--max-ongoing-requests", type=int, default=None, help="per replica (default: the plan's)")
+    parser.add_argument("--max-queued-requests", type=int, default=None,
+                        help="requests waiting for a replica before new ones get 503 (default: the plan's)")
+    parser.add_argument("--max-texts", type=int, default=64, help="texts per request; more get 413")
+    parser.add_argument("--request-timeout-s", type=float, default=30.0, help="a request unanswered by then gets 408")
+    parser.add_argument("--address", default=None, metavar="HOST:PORT",
+                        help="join this Ray cluster instead of starting a private local instance")
+
+
+def cmd_serve(args) -> int:
+    for flag, value in (("--replicas", args.replicas), ("--threads", args.threads),
+                        ("--max-batch-size", args.max_batch_size), ("--max-texts", args.max_texts),
+                        ("--max-ongoing-requests", args.max_ongoing_requests),
+                        ("--max-queued-requests", args.max_queued_requests)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag}: must be >= 1, got {value}")
+    if not 1 <= args.port <= 65535:
+        raise ConfigError(f"--port: {args.port}; valid: 1 to 65535")
+    try:
+        from kdlab.scripts.serve import main as serve_main
+    except ModuleNotFoundError as exc:  # ray is an optional extra
+        raise ConfigError(f"kdlab serve needs Ray Serve ({exc.name} is not installed); install the extra: "
+                          f"pip install 'kdlab[serve]'") from None
+    return serve_main(args)
+
+
+def add_loadtest_arguments(parser) -> None:
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the server (kdlab serve), on this machine")
+    parser.add_argument("--data", required=True, help="texts to send: .tsv/.csv/.jsonl/.txt as kdlab predict reads")
+    parser.add_argument("--text-column", default=None, help="column of the text (default: the export's, with --model)")
+    parser.add_argument("--rate", type=float, required=True, help="offered requests per second (constant)")
+    parser.add_argument("--duration-s", type=float, default=30.0, help="how long to offer it")
+    parser.add_argument("--max-requests", type=int, default=None, help="stop after this many (default rate x "
+                                                                       "duration x 1.2)")
+    parser.add_argument("--users", type=int, default=None, help="Locust users (default: rate / 4)")
+    parser.add_argument("--texts-per-request", type=int, default=1)
+    parser.add_argument("--model", default=None, metavar="EXPORT",
+                        help="the served export folder: the serving overhead against its own latency, the report "
+                             "beside it, and its MLflow run")
+    parser.add_argument("--out", default=None, help="JSON report (default: <export>/../report/loadtest.json)")
+
+
+def cmd_loadtest(args) -> int:
+    for flag, value in (("--max-requests", args.max_requests), ("--users", args.users),
+                        ("--texts-per-request", args.texts_per_request)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag}: must be >= 1, got {value}")
+    # Only whether Locust is installed: importing it here would let gevent patch this interpreter (it runs in a
+    # subprocess).
+    if importlib.util.find_spec("locust") is None:
+        raise ConfigError("kdlab loadtest needs Locust (locust is not installed); install the extra: "
+                          "pip install 'kdlab[serve]'")
+    from kdlab.scripts.loadtest import main as loadtest_main
+    return loadtest_main(args)
+
+
 def cmd_ui(args) -> int:
     uri = "sqlite:///runs/mlflow.db"
     if args.config:
@@ -195,6 +276,9 @@ COMMANDS = {
     "export": (cmd_export, "write the chosen model (HF folder, ONNX, model card, manifest) and register it in MLflow"),
     "predict": (cmd_predict, "label a TSV/CSV/JSONL/.txt file with an export's served model, as JSON lines"),
     "run": (cmd_run, "the whole flow: teacher -> gate -> search (only on a MISS) -> export"),
+    "serve": (cmd_serve, "serve an export on Ray Serve over HTTP (127.0.0.1), replicas and batching from its plan"),
+    "loadtest": (cmd_loadtest, "offer a served model a constant request rate (Locust) and report p50/p95/p99, "
+                               "achieved rate, failures and the serving overhead as JSON"),
     "ui": (cmd_ui, "start the MLflow UI on 127.0.0.1 for the run's tracking store"),
 }
 
@@ -207,6 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         if name == "predict":  # works on an export folder: no --config, no overrides
             add_predict_arguments(p)
+            continue
+        if name == "serve":
+            add_serve_arguments(p)
+            continue
+        if name == "loadtest":
+            add_loadtest_arguments(p)
             continue
         if name == "fetch-teacher":
             p.add_argument("name", help="the named teacher: mpnet-base")

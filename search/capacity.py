@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from dataclasses import asdict, dataclass, field, replace
 
 from transformers import AutoModelForSequenceClassification
@@ -271,3 +272,54 @@ def log_capacity(cfg) -> None:
     client = mlflow.MlflowClient()
     for f in ("capacity.md", "capacity.json"):
         client.log_artifact(run_id, str(cfg.run_dir / "report" / f))
+
+
+# ---------------------------------------------------------------- the plan against load tests (kdlab loadtest)
+
+
+def predicted_for(loadtest: dict) -> dict | None:
+    """The plan's figures for the configuration one load test ran (its server's batching, threads and replicas,
+    at its offered rate), beside what the test measured. None when the test names no model latency table."""
+    server, table = loadtest.get("server") or {}, loadtest.get("model_latency") or {}
+    if not table or not server.get("max_batch_size"):
+        return None
+    lat = {int(b): (v["p50_ms"], v["p95_ms"]) for b, v in table.items()}
+    b = server["max_batch_size"]
+    measured_at = min(lat, key=lambda x: (abs(x - b), x))  # the batch the export measured nearest the server's
+    p50, p95 = lat[measured_at]
+    replicas = max(1, server.get("replicas") or 1)
+    rate = loadtest["offered_rps"]
+    overhead = (loadtest.get("plan") or {}).get("overhead_ms") or 0.0
+    # At rates below one batch per wait, a batch leaves at batch_wait_timeout_s, not full.
+    fill_ms = min(server.get("batch_wait_timeout_s", 0.0) * 1e3, (b - 1) / (rate / replicas) * 1e3)
+    return {"model": loadtest.get("model", {}).get("name") if loadtest.get("model") else None,
+            "batch": b, "replicas": replicas, "threads": server.get("threads"), "offered_rps": rate,
+            "predicted_capacity_rps": replicas * b / (p50 / 1e3), "achieved_rps": loadtest["achieved_rps"],
+            "predicted_p95_ms": fill_ms + p95 + overhead, "measured_p95_ms": loadtest["p95_ms"],
+            "overhead_ms": overhead, "measured_overhead_ms": loadtest.get("overhead_ms"),
+            "failures": loadtest["failures"], "slo_ms": (loadtest.get("plan") or {}).get("p95_slo_ms")}
+
+
+def comparison_markdown(report_dir) -> str | None:
+    """Predicted and measured side by side for every report/loadtest*.json (None when there is none)."""
+    rows = []
+    for path in sorted(Path(report_dir).glob("loadtest*.json")):
+        row = predicted_for(json.loads(path.read_text()))
+        if row:
+            rows.append((path.name, row))
+    if not rows:
+        return None
+
+    def f(v, fmt="{:.1f}"):
+        return "—" if v is None else fmt.format(v)
+    lines = ["The plan against the server (kdlab loadtest; predicted with the plan's serving overhead):", "",
+             "| load test | model | batch | replicas | offered req/s | achieved req/s | predicted capacity req/s | "
+             "predicted p95 ms | measured p95 ms | failures |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in rows:
+        lines.append(f"| {name} | {r['model'] or '—'} | {r['batch']} | {r['replicas']} | {r['offered_rps']:g} | "
+                     f"{f(r['achieved_rps'])} | {f(r['predicted_capacity_rps'], '{:.0f}')} | "
+                     f"{f(r['predicted_p95_ms'], '{:.2f}')} | {f(r['measured_p95_ms'], '{:.2f}')} | {r['failures']} |")
+    lines += ["", "Predicted p95 = wait to fill the batch at the offered rate (at most batch_wait_timeout_s) + the "
+                  "model's p95 at that batch + the serving overhead; it holds only below the predicted capacity "
+                  "(queueing is not modelled)."]
+    return "\n".join(lines)

@@ -35,6 +35,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from kdlab.distill.config import Config, ConfigError, save_config
+from kdlab.distill.deploy import write_deploy_files
 from kdlab.distill.export import (ExportError, build_served, load_served, move_into_place, parity, served_entry,
                             write_manifest, write_model)
 from kdlab.distill.quantize import apply_recipe
@@ -302,7 +303,10 @@ def model_card(m: dict) -> str:
               "tokenizer = AutoTokenizer.from_pretrained(\"<this folder>\")", "",
               "from kdlab.distill.export import load_served  # the served artefact, as measured",
               "labels, probs = load_served(\"<this folder>\").predict_texts([\"a gripping film\"])", "```", "",
-              "Batch predictions: `kdlab predict --model <this folder> --input FILE --output OUT.jsonl`."]
+              "Batch predictions: `kdlab predict --model <this folder> --input FILE --output OUT.jsonl`.", "",
+              "An HTTP service (Ray Serve, settings from the capacity plan): `kdlab serve --model <this folder>`, or "
+              "`serve run serve_config.yaml` from this folder; `Dockerfile` builds a CPU image of it (its first "
+              "lines say how)."]
     if m.get("mlflow"):
         ml = m["mlflow"]
         lines += [f"MLflow: `mlflow.pyfunc.load_model(\"models:/{ml['model_name']}@{ml['alias']}\")` "
@@ -430,6 +434,7 @@ def run_export(cfg: Config, trial: int | None = None, pick_text: str | None = No
                         "seq_len": cfg.target.seq_len, "cpu": machine_info()["cpu"], "torch": versions()["torch"]},
             front_position=_front_position(cfg, choice))
         (staging / "README.md").write_text(model_card(manifest))
+        write_deploy_files(staging, manifest)  # serve_config.yaml and Dockerfile, hashed with the rest
         manifest = write_manifest(staging, manifest)
         move_into_place(staging, dest)
     except BaseException:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from kdlab.distill.config import Config, ConfigError, save_config
+from kdlab.distill.deploy import write_deploy_files
 from kdlab.distill.export import (ExportError, load_served, move_into_place, seq2seq_served_entry, write_manifest,
                             write_model)
 from kdlab.distill.quantize import SEQ2SEQ_ONNX_REASON
@@ -139,6 +140,7 @@ def run_seq2seq_export(cfg: Config, choice, dest: Path, console=None) -> dict:
                         conditions={"device": cfg.target.device, "threads": threads, "cpu": machine_info()["cpu"],
                                     "torch": versions()["torch"]})
         (staging / "README.md").write_text(seq2seq_card(manifest))
+        write_deploy_files(staging, manifest)  # serve_config.yaml and Dockerfile, hashed with the rest
         manifest = write_manifest(staging, manifest)
         move_into_place(staging, dest)
     except BaseException:

@@ -110,6 +110,34 @@ def _export(tmp: Path, teacher: str) -> Path:
     return build_export(tmp / "export", AutoTokenizer.from_pretrained(teacher), "dynamic-int8")
 
 
+def _tampered(folder: Path, name: str, remove: bool = False) -> Path:
+    """An export folder with one file altered (a byte appended) or removed after its manifest was written."""
+    if remove:
+        (folder / name).unlink()
+    else:
+        with open(folder / name, "ab") as fh:
+            fh.write(b" ")
+    return folder
+
+
+BUSY_PORT = 58231
+_listening: list = []  # held open for the rest of the session, so the port stays taken
+
+
+def _busy_port() -> int:
+    """A fixed port (the message names it) that something listens on: this socket, or whoever had it first."""
+    import socket
+    if not _listening:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            s.bind(("127.0.0.1", BUSY_PORT))
+            s.listen()
+            _listening.append(s)
+        except OSError:
+            s.close()
+    return BUSY_PORT
+
+
 def _classifier(tmp: Path, teacher: str, labels: tuple = ("0", "1")) -> str:
     """A sequence-classifier folder (random weights) with `labels`, saved with the teacher's tokenizer."""
     import torch
@@ -283,6 +311,23 @@ GROUPS: dict[str, list[Case]] = {
         Case("predict-missing-input", "an input file that does not exist",
              lambda t, T: ["predict", "--model", str(_export(t, T)), "--input", str(t / "none.tsv"),
                            "--output", str(t / "o.jsonl")]),
+    ],
+    "Serving": [
+        Case("serving-no-slo", "a capacity plan (serving.target_rps) without a serving SLO",
+             lambda t, T: ["export", "--config", str(_config(t, T, serving={"target_rps": 100}))]),
+        Case("serve-tampered-export", "an export folder whose file no longer matches its manifest's sha256",
+             lambda t, T: ["serve", "--model", str(_tampered(_export(t, T), "config.json"))]),
+        Case("serve-incomplete-export", "an export folder missing a file its manifest lists",
+             lambda t, T: ["serve", "--model", str(_tampered(_export(t, T), "model.safetensors", remove=True))]),
+        Case("serve-autoscale-no-plan", "--autoscale for an export exported without a capacity plan",
+             lambda t, T: ["serve", "--model", str(_export(t, T)), "--autoscale"]),
+        Case("serve-port-in-use", "a port something already listens on",
+             lambda t, T: ["serve", "--model", str(_export(t, T)), "--port", str(_busy_port())]),
+        Case("serve-address-silent", "an --address where no Ray cluster answers",
+             lambda t, T: ["serve", "--model", str(_export(t, T)), "--address", "127.0.0.1:1"]),
+        Case("loadtest-remote-url", "a load test aimed at another machine",
+             lambda t, T: ["loadtest", "--url", "http://10.1.2.3:8000", "--data", str(SST2 / "dev.tsv"),
+                           "--rate", "10", "--out", str(t / "o.jsonl")]),
     ],
     "Seq2seq": [
         Case("seq2seq-line-counts", "source and target files of different line counts",

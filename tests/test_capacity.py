@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from conftest import ROOT, tiny_run_tree, write_config
 from kdlab.distill.config import ConfigError, load_config
 from kdlab.scripts.cli import main as kdlab
-from kdlab.search.capacity import batching_line, markdown, plan, plan_one
+from kdlab.search.capacity import batching_line, comparison_markdown, markdown, plan, plan_one, predicted_for
 
 # batch -> (p50 ms, p95 ms) of the model itself on one replica
 LAT = {1: (2.0, 3.0), 8: (8.0, 10.0), 32: (24.0, 30.0)}
@@ -104,6 +104,23 @@ def test_the_shipped_configs_plan_for_a_serving_slo_of_tens_of_ms():
     for name in ("sst2_minilm", "sst2_mpnet"):
         sv = load_config(ROOT / "configs" / f"{name}.yaml").serving
         assert sv.target_rps and 10 <= sv.p95_slo_ms < 100, name
+
+
+def test_the_plan_predicts_a_load_tested_configuration(tmp_path):
+    """A load test of batch 8 on 2 replicas at 500 req/s: by hand, 250 req/s per replica fills 7 more texts in
+    28 ms, capped at the server's 20 ms wait; 20 + 10 (model p95 at 8) + 5 (overhead) = 35 ms; capacity
+    2 x 8 / 8 ms = 2000 req/s."""
+    loadtest = {"offered_rps": 500, "achieved_rps": 498.0, "p95_ms": 38.0, "failures": 0, "overhead_ms": 6.0,
+                "model": {"name": "m"}, "plan": {"overhead_ms": 5.0, "p95_slo_ms": 50},
+                "server": {"max_batch_size": 8, "replicas": 2, "threads": 1, "batch_wait_timeout_s": 0.02},
+                "model_latency": {str(b): {"p50_ms": p50, "p95_ms": p95} for b, (p50, p95) in LAT.items()}}
+    row = predicted_for(loadtest)
+    assert row["predicted_p95_ms"] == pytest.approx(35.0) and row["predicted_capacity_rps"] == pytest.approx(2000)
+    assert (row["measured_p95_ms"], row["achieved_rps"], row["batch"], row["replicas"]) == (38.0, 498.0, 8, 2)
+    (tmp_path / "loadtest.json").write_text(json.dumps(loadtest))
+    text = comparison_markdown(tmp_path)
+    assert "| loadtest.json | m | 8 | 2 | 500 | 498.0 | 2000 | 35.00 | 38.00 | 0 |" in text
+    assert comparison_markdown(tmp_path / "none") is None
 
 
 # ---------------------------------------------------------------- `kdlab report --capacity`, end to end
