@@ -17,6 +17,7 @@ import mlflow
 import optuna
 import pytest
 import torch
+import yaml
 from huggingface_hub import ModelCard
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -354,6 +355,11 @@ def test_run_exports_the_quantized_teacher_when_the_gate_passes(tmp_path, tiny_t
     assert (cap["plan"]["batch_size"], cap["plan"]["instances"]) == (b, replicas)
     assert cap["plan"]["throughput"] == pytest.approx(thr[b], rel=1e-9)
     assert cap["plan"]["p95_ms"] == pytest.approx(fill_ms + lat[str(b)]["p95_ms"] + 3.0)
+    # Ray Serve's config and the Dockerfile are in the folder, hashed, with the plan's batching and replicas.
+    assert {"serve_config.yaml", "Dockerfile"} <= set(manifest["files"])
+    app = yaml.safe_load((tmp_path / "run" / "export" / "serve_config.yaml").read_text())["applications"][0]
+    assert (app["args"]["model"], app["args"]["max_batch_size"]) == (".", b)
+    assert app["deployments"][0]["num_replicas"] == replicas
     # The plan's batch-1 figures are the latency table's own measurement (one timing serves both).
     assert lat["1"]["p50_ms"] == manifest["latency"][0]["p50_ms"] and manifest["latency"][0]["batch_size"] == 1
     assert (tmp_path / "run" / "teacher" / "kdlab_teacher.json").is_file()  # the teacher was fine-tuned first
