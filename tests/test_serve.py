@@ -213,6 +213,10 @@ def test_serve_config_yaml_deploys_with_rays_own_serve_run(export, ray_port, mon
     assert app.deployments[0].num_replicas == 1
     assert serve_config(read_manifest(export)) == yaml.safe_load(text)
     assert "ARG TORCH_INDEX_URL" in (export / "Dockerfile").read_text()
+    # --autoscale's options are the plan's, in a form Ray Serve accepts.
+    from ray.serve.config import AutoscalingConfig
+    scaling = deployment_options(plan_settings(read_manifest(export)), autoscale=True)["autoscaling_config"]
+    assert AutoscalingConfig(**scaling).max_replicas == 1 and scaling["min_replicas"] == 1
     serve.delete("kdlab")
     # `serve run serve_config.yaml` from the export folder, in this process (Ray is up: it deploys onto it;
     # Serve's HTTP options of the file give way to the running proxy's, as Ray says).
