@@ -220,21 +220,17 @@ def test_the_p95_verdict_against_a_budget_by_hand():
     assert judge_p95(rounds, 0.5, None)[3] is None
 
 
-def test_a_budget_far_from_the_interval_needs_no_extra_round_and_one_inside_it_gets_them():
-    state = {"calls": 0}
-
-    def drifting():  # each round 2 ms slower than the last: a wide interval
-        state["calls"] += 1
-        time.sleep(0.002 * ((state["calls"] + 1) // 2))
-
+def test_a_budget_far_from_the_interval_needs_no_extra_round_and_one_inside_it_gets_them(monkeypatch):
+    # Each round 2 ms slower than the last (scripted: a loaded machine cannot change the verdicts): a wide interval.
     profile = TargetProfile(warmup_iters=0, min_iters=4, min_seconds=0.0, repeats=2, p95_tolerance=10.0, max_rounds=6)
-    far = measure({"c": drifting}, profile, budgets={"c": 1000.0})["c"]
+    scripted_rounds(monkeypatch, lambda k: [2.0 * k] * 3)
+    far = measure({"c": lambda: None}, profile, budgets={"c": 1000.0})["c"]
     assert far.verdict == "meets" and far.rounds == 2
-    state["calls"] = 0
-    # Rounds 1 and 2 sleep 2 and 4 ms: a 3 ms budget lies inside the interval, so rounds are added until the
+    # Rounds 1 and 2 give 2 and 4 ms: a 3 ms budget lies inside the interval, so rounds are added until the
     # interval clears it (it moves up with the drift) or the limit is reached.
-    inside = measure({"c": drifting}, profile, budgets={"c": 3.0})["c"]
-    assert inside.rounds > 2 and (inside.verdict == "misses" or inside.rounds == 6)
+    seen = scripted_rounds(monkeypatch, lambda k: [2.0 * k] * 3)
+    inside = measure({"c": lambda: None}, profile, budgets={"c": 3.0})["c"]
+    assert inside.rounds == seen["rounds"] > 2 and (inside.verdict == "misses" or inside.rounds == 6)
 
 
 def test_the_p95_interval_by_hand():
