@@ -186,10 +186,12 @@ def test_kill_9_then_the_same_command_resumes_to_the_same_result(tmp_path, tiny_
 def test_a_search_worker_killed_mid_trial_is_failed_retried_and_its_mlflow_run_closed(tmp_path, tiny_teacher_dir):
     import optuna
     run_dir = tmp_path / "run"
-    # heartbeat_s=30: a grace period of 60 s that the test never waits out (the heartbeat is set back below)
+    # heartbeat_s=30: a grace period of 60 s that the test never waits out (the heartbeat is set back below).
+    # A budget far above any student: the retry must train whatever a loaded machine measures (5 timed calls; a
+    # p95 of 41 ms against a p50 of 0.7 ms was seen beside a training job), this test is about the crash.
     tree = tiny_run_tree(run_dir, tiny_teacher_dir,
                          target={"min_iters": 5, "min_seconds": 0.2, "repeats": 1, "warmup_iters": 1,
-                                 "p95_ms": "teacher*5"},
+                                 "p95_ms": "teacher*200"},
                          search={"n_trials": 1, "train_steps": 40, "seed_trials": 1, "recipes": ["fp32"],
                                  "num_layers": [1], "heartbeat_s": 30, "max_retries": 1})
     config = write_config(tmp_path / "c.yaml", tree)
@@ -227,7 +229,7 @@ def test_a_search_worker_killed_mid_trial_is_failed_retried_and_its_mlflow_run_c
 
     proc = subprocess.run([KDLAB, "search", "--config", str(config)], cwd=ROOT, capture_output=True, text=True,
                           env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (f"kdlab: trial {running} had no heartbeat for 60 s (its worker died): marked FAIL and enqueued again"
             in proc.stderr.splitlines())
     trials = optuna.load_study(study_name="tiny", storage=url).get_trials()
