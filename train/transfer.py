@@ -174,9 +174,10 @@ def build_transfer_set(tcfg: TransferConfig, labelled_texts: list[str], unlabell
     when unset; none unless tcfg.unlabelled_train), then each of tcfg.text_files in turn (`read_texts`, column
     tcfg.text_column or `text_column_default`; rows under tcfg.min_words words left out too), then
     `augment_rows(labelled_texts)` (copies of labelled rows: never filtered by length). Rows left out by min_words
-    count as dropped `too_short`. A candidate is dropped, and counted under the first reason that holds, when its normalised form is empty, equals a normalised `exclude` text (dev and
-    test texts: scoring on a text the student was taught from would flatter it), equals a labelled text (it
-    already trains with its gold label), or equals an earlier kept transfer text. Kept texts are as read.
+    count as dropped `too_short`. A candidate is dropped, and counted under the first reason that holds, when its
+    normalised form is empty, equals a normalised `exclude` text (dev and test texts: scoring on a text the student
+    was taught from would flatter it), equals a labelled text (it already trains with its gold label), or equals
+    an earlier kept transfer text. Kept texts are as read.
     """
     excluded = {normalise(t) for t in exclude}
     labelled = {normalise(t) for t in labelled_texts}
