@@ -36,8 +36,9 @@ from ray import serve
 
 from kdlab.distill.deploy import APP_NAME, deployment_options, plan_settings, read_manifest
 from kdlab.eval.latency import machine_info, versions
+from kdlab.scripts.bench_readme import publish
 from kdlab.scripts.loadtest import model_latency, run_loadtest
-from kdlab.scripts.serve import deploy
+from kdlab.scripts.serve import deploy, full_priority_workers
 from kdlab.scripts.serve_app import settings_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,6 +206,7 @@ def main(argv=None) -> int:
     slo = args.slo_ms or (manifests[0].get("capacity") or {}).get("p95_slo_ms") or 50.0
     work = Path(tempfile.mkdtemp(prefix="kdlab-bench-serve-"))
     started = time.time()
+    full_priority_workers()
     ray.init(address="local", include_dashboard=False, logging_level="WARNING")
     port = free_port()
     models, batching, overhead_ms, autoscale, kill = [], [], None, None, None
@@ -243,7 +245,7 @@ def main(argv=None) -> int:
                            "overhead_ms": last["overhead_ms"], "fitted": False,
                            "predicted_rps": predicted_rps(latency, config, MAX_REPLICAS, overhead_ms, slo)})
             plan_batch = plan_settings(manifest).get("max_batch_size")
-            batching.append({"name": manifest["name"], "best_measured": best,
+            batching.append({"name": manifest["name"], "folder": folder.name, "best_measured": best,
                              "plan_choice": None if plan_batch is None else
                              ("batched" if plan_batch > 1 else "unbatched")})
             if i == 0:
@@ -258,10 +260,52 @@ def main(argv=None) -> int:
               "slo_ms": slo, "fitted_overhead_ms": overhead_ms, "models": models, "batching": batching,
               "autoscale": autoscale, "replica_kill": kill}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str))
-    print(f"bench_serve: wrote {out} in {result['seconds']:.0f} s", flush=True)
+    if args.quick:  # figures that mean nothing stay out of benchmarks/README.md
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2, default=str))
+        print(f"bench_serve: wrote {out} in {result['seconds']:.0f} s", flush=True)
+    else:
+        publish(result, markdown(result), marker="serve", heading="Serving on Ray Serve, load-tested (SST-2)",
+                out=out, readme=ROOT / "benchmarks" / "README.md", script="scripts/bench_serve.py", work=work)
     return 0
+
+
+def fmt(value, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(result: dict) -> str:
+    """The README section: measured against predicted for each configuration, then the step load and the kill."""
+    m = result["machine"]
+    lines = [f"{m.get('cpu', 'CPU')}, {m.get('cpus', '?')} CPUs; server, replicas and Locust on the same machine; "
+             f"SLO p95 <= {result['slo_ms']:.0f} ms through the server; serving overhead fitted at 5 req/s "
+             f"(unbatched, 1 replica): {fmt(result['fitted_overhead_ms'])} ms. Sustained = the highest offered "
+             f"rate of a ladder (x1.4 up, /2 down, 30 s a rung) with p95 within the SLO and no failure; "
+             f"predicted = the capacity plan's rate from the export's own latency and the fitted overhead.", "",
+             "| model | recipe | replicas | batching | predicted req/s | sustained req/s | p50 ms | p95 ms | "
+             "overhead ms |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["models"]:
+        mode = "unbatched" if r["max_batch_size"] == 1 else f"up to {r['max_batch_size']}"
+        lines.append(f"| {r['name']} (`{Path(r['folder']).name}`) | {r['recipe']} | {r['replicas']} | {mode} | {fmt(r['predicted_rps'], 0)} | "
+                     f"{fmt(r['sustained_rps'], 0)} | {fmt(r['p50_ms'])} | {fmt(r['p95_ms'])} | "
+                     f"{fmt(r['overhead_ms'])} |")
+    for b in result["batching"]:
+        choice = (f"the plan chose {b['plan_choice']}" if b["plan_choice"] else "the plan found no configuration "
+                  f"within the SLO")
+        lines.append(f"\n{b['name']}{' (' + b['folder'] + ')' if b.get('folder') else ''}: "
+                     f"{b['best_measured']} sustained more; {choice}.")
+    a = result.get("autoscale")
+    if a:
+        peak = max((w["replicas"] or 0 for w in a["timeline"]), default=0)
+        lines.append(f"\nStep load under autoscaling (1..{MAX_REPLICAS} replicas): replicas peaked at {peak}; "
+                     f"p95 back within the SLO {fmt(a['recovery_s'], 0)} s after the step; "
+                     f"{a['failures']} failures, {a['rejected_503']} answered 503.")
+    k = result.get("replica_kill")
+    if k:
+        lines.append(f"\nOne of {MAX_REPLICAS} replicas SIGKILLed under load: {k['failures']} of {k['requests']} "
+                     f"requests failed ({k['failures_by_kind'] or 'none'}); replaced after {fmt(k['recovery_s'], 0)} s.")
+    lines.append(f"\nFull record: `benchmarks/results/serve_sst2.json` ({result['seconds']:.0f} s).")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

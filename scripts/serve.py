@@ -94,6 +94,13 @@ def wait_ready(url: str, timeout_s: float) -> dict:
     raise TimeoutError(f"{url}/health: not ready after {timeout_s:.0f} s (last answer: {last})")
 
 
+def full_priority_workers() -> None:
+    """Run a private Ray instance's workers (the replicas and the HTTP proxy) at the caller's priority. Ray starts
+    them at nice 15 by default, so on a shared machine any neighbour at normal priority (a training job, a test
+    run) preempts the service. A user's own RAY_worker_niceness stands."""
+    os.environ.setdefault("RAY_worker_niceness", "0")
+
+
 def deploy(settings: AppSettings, options: dict, *, host: str, port: int, request_timeout_s: float,
            ready_timeout_s: float = 300.0) -> str:
     """Start Serve's proxy on host:port (when Serve is not running yet), deploy the app and wait for its warm-up.
@@ -156,6 +163,8 @@ def main(args) -> int:
                 options["num_replicas"] = fitted
 
     started_ray = not ray.is_initialized()
+    if started_ray and not args.address:
+        full_priority_workers()
     if started_ray:
         # address="local": a private instance, even when another Ray runs on this machine.
         ray.init(address=args.address or "local", include_dashboard=False, logging_level="WARNING",
