@@ -1,0 +1,48 @@
+"""Sequence classification (SST-2-like: a text or a text pair -> one of K labels), as a kdlab task.
+
+Library module, loaded by the task registry (kdlab.distill.task) for task.type=classification; nothing
+to launch. The class attributes are what a config check reads, so they load no torch; each method
+imports the layer that does the work when it is called (the registry loads this module while a config
+is checked, before torch may load).
+"""
+from __future__ import annotations
+
+from kdlab.distill.task import Task
+
+# Settings only seq2seq reads: a classification config that sets one would have it silently ignored.
+SEQ2SEQ_ONLY = ("generation", "data.source_column", "data.target_column", "data.train_target_file",
+                "data.eval_target_file", "data.source_prefix", "data.max_target_length", "student.encoder_layers",
+                "student.decoder_layers", "student.encoder_layer_map", "student.decoder_layer_map", "distill.seq_kd",
+                "distill.seq_kd_num_beams", "search.encoder_layers", "search.decoder_layers",
+                "export.max_quality_drop")
+
+
+class ClassificationTask(Task):
+    """One forward pass per request; quality is accuracy or macro F1 of the argmax label (a fraction)."""
+
+    name = "classification"
+    metrics = ("accuracy", "f1")
+    quality_scale = 1.0
+    unused_keys = SEQ2SEQ_ONLY
+    model_inputs = ("input_ids", "attention_mask", "token_type_ids")
+
+    def check_teacher_fits(self, cfg) -> None:
+        from kdlab.search.timing import check_seq_len  # noqa: PLC0415 - heavy: see the module docstring
+        from kdlab.train.teacher import load_teacher_config  # noqa: PLC0415
+        check_seq_len(cfg.target, load_teacher_config(cfg), "the teacher's")
+
+    def prepare(self, cfg, accelerator=None):
+        from kdlab.train.pipeline import prepare  # noqa: PLC0415
+        return prepare(cfg, accelerator)
+
+    def ensure_teacher(self, cfg, accelerator, prep):
+        from kdlab.train.teacher import ensure_teacher  # noqa: PLC0415
+        return ensure_teacher(cfg, accelerator, prep.data, prep.tokenizer, prep.train_ds, prep.eval_ds)
+
+    def measure(self, cfg, model, prep, threads, recipes, workdir, reference_only=()):
+        from kdlab.search.gate import measure_classifier  # noqa: PLC0415
+        return measure_classifier(cfg, model, prep, threads, recipes, workdir, reference_only=reference_only)
+
+    def distil(self, cfg, accelerator) -> dict:
+        from kdlab.train.pipeline import run  # noqa: PLC0415
+        return run(cfg, accelerator)

@@ -1,0 +1,66 @@
+"""Sequence to sequence (translation, summarisation: source text -> generated text), as a kdlab task.
+
+Library module, loaded by the task registry (kdlab.distill.task) for task.type=seq2seq; nothing to
+launch. The class attributes and `check_config` are what a config check reads, so they load no torch;
+each other method imports the layer that does the work when it is called.
+"""
+from __future__ import annotations
+
+from kdlab.distill.task import Task
+
+# Settings only classification reads (the transfer set and student families have their own messages in
+# `check_config`).
+CLASSIFICATION_ONLY = ("data.text_pair_column", "data.label_names")
+
+
+class Seq2SeqTask(Task):
+    """One whole `generate` call per request; quality is a score of the generated text in points (0..100)."""
+
+    name = "seq2seq"
+    metrics = ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "exact_match")
+    quality_scale = 100.0
+    unused_keys = CLASSIFICATION_ONLY
+    model_inputs = ("input_ids", "attention_mask")
+
+    def check_config(self, cfg, c) -> None:
+        """What seq2seq adds to, or forbids in, the data, student, distill, generation and search sections."""
+        d, s, g, k = cfg.data, cfg.student, cfg.generation, cfg.distill
+        c(not (d.train_target_file and not d.train_file), "data.train_target_file",
+          "needs data.train_file (the source side)")
+        c(bool(d.train_target_file) == bool(d.eval_target_file) or not d.train_file, "data.eval_target_file",
+          "give both data.train_target_file and data.eval_target_file (line-aligned pairs), or neither (columns)")
+        c(d.max_target_length > 0, "data.max_target_length", f"must be a positive integer, got {d.max_target_length}")
+        for key in ("encoder_layers", "decoder_layers"):
+            v = getattr(s, key)
+            c(v is None or v >= 1, f"student.{key}", f"must be >= 1, got {v}")
+        for key, n in (("encoder_layer_map", s.encoder_layers), ("decoder_layer_map", s.decoder_layers or s.num_layers)):
+            m = getattr(s, key)
+            c(m is None or n is None or len(m) == n, f"student.{key}",
+              f"needs one teacher layer per student layer ({n}), got {m}")
+        c(s.init in ("teacher-layers", "random"), "student.init",
+          f"'{s.init}' for task.type=seq2seq; valid: teacher-layers (copy spread-out teacher layers), random")
+        c(k.seq_kd in ("none", "only", "mix"), "distill.seq_kd", f"'{k.seq_kd}'; valid: none, only, mix")
+        c(k.seq_kd_num_beams >= 1, "distill.seq_kd_num_beams", f"must be >= 1, got {k.seq_kd_num_beams}")
+        c(k.attention_weight == 0, "distill.attention_weight", "attention KD is for classification; for seq2seq use "
+                                                                "distill.hidden_weight (encoder and decoder states)")
+        c(g.num_beams >= 1, "generation.num_beams", f"must be >= 1, got {g.num_beams}")
+        c(g.max_new_tokens >= 1, "generation.max_new_tokens", f"must be >= 1, got {g.max_new_tokens}")
+        c(not k.transfer.enabled, "distill.transfer", "is for classification (seq2seq: distill.seq_kd)")
+        c(cfg.search.families is None or cfg.search.families == ["teacher"], "search.families",
+          "seq2seq students are cut from the teacher only; valid: [teacher] or unset")
+
+    def prepare(self, cfg, accelerator=None):
+        from kdlab.train.seq2seq import prepare  # noqa: PLC0415 - heavy: see the module docstring
+        return prepare(cfg, accelerator)
+
+    def ensure_teacher(self, cfg, accelerator, prep):
+        from kdlab.train.seq2seq import ensure_seq2seq_teacher  # noqa: PLC0415
+        return ensure_seq2seq_teacher(cfg, accelerator, prep)
+
+    def measure(self, cfg, model, prep, threads, recipes, workdir, reference_only=()):
+        from kdlab.search.seq2seq_gate import measure_generator  # noqa: PLC0415
+        return measure_generator(cfg, model, prep, threads, recipes, reference_only)
+
+    def distil(self, cfg, accelerator) -> dict:
+        from kdlab.train.seq2seq import run  # noqa: PLC0415
+        return run(cfg, accelerator)
