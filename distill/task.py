@@ -36,6 +36,8 @@ REQUIRED_PARTS = (
     "check_teacher_fits", "prepare", "ensure_teacher",                                  # teacher
     "measure",                                                                           # gate
     "distil",                                                                            # one distillation
+    "search_space", "search_setup", "trial_objective", "search_reference",              # search
+    "check_test_split", "export", "export_summary", "capacity_unit",                    # export
 )
 
 
@@ -58,6 +60,16 @@ class Task:
     - `measure(cfg, model, prep, threads, recipes, workdir, reference_only)`: the gate's rows (one per recipe:
       the artefact's own dev quality, then interleaved timing of one request on cfg.target) and conditions.
     - `distil(cfg, accelerator)`: one distillation run; returns its kdlab_summary.json.
+    - `search_space(cfg)`: the study's space (draws a student per trial; `describe()` for the fingerprint).
+    - `search_setup(cfg, accelerator, space, console, threads)`: what the study prepares once (data, teacher,
+      batches, tracking): a kdlab.search.objective.Context.
+    - `trial_objective(trial, ctx)`: one Optuna trial: build, screen, distil, serve, score, time.
+    - `search_reference(ctx)`: the fp32 teacher as served, scored and timed, for targets relative to it.
+    - `check_test_split(cfg)`: read the held-out split and check it against the training data, scoring nothing.
+    - `export(cfg, choice, dest, console)`: build, check (parity), time and describe the chosen model's export
+      folder at `dest`; returns its manifest (whose task.type names the task again when it is read back).
+    - `export_summary(manifest, dest)`: one line on a finished export.
+    - `capacity_unit(cfg)`: what one request of the capacity plan is (one forward pass, one whole `generate`).
     """
 
     name = "task"

@@ -14,6 +14,7 @@ import kdlab
 import kdlab.distill
 import kdlab.eval
 from kdlab.distill.config import Config
+from kdlab.distill.export import write_manifest
 from kdlab.train.tracking import ensure_experiment
 
 # What loading the model needs, pinned to what exported it (STACK.md: never let MLflow infer them).
@@ -100,3 +101,12 @@ def register_export(cfg: Config, folder: Path, manifest: dict) -> dict:
         client.set_model_version_tag(name, version, key, value)
     return {"model_name": name, "version": version, "alias": cfg.export.alias, "run_id": run.info.run_id,
             "model_uri": info.model_uri}
+
+
+def register(cfg: Config, dest: Path, manifest: dict, card) -> dict:
+    """Register the finished export in MLflow (when asked) and rewrite its card and manifest to say so."""
+    if cfg.export.register and cfg.tracking.enabled:
+        manifest["mlflow"] = register_export(cfg, dest, manifest)
+        (dest / "README.md").write_text(card(manifest))
+        manifest = write_manifest(dest, manifest)
+    return manifest

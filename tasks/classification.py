@@ -46,3 +46,34 @@ class ClassificationTask(Task):
     def distil(self, cfg, accelerator) -> dict:
         from kdlab.train.pipeline import run  # noqa: PLC0415
         return run(cfg, accelerator)
+
+    def search_space(self, cfg):
+        from kdlab.search.classification_search import build_space  # noqa: PLC0415
+        return build_space(cfg)
+
+    def search_setup(self, cfg, accelerator, space, console, threads: int):
+        from kdlab.search.classification_search import setup  # noqa: PLC0415
+        return setup(cfg, accelerator, space, console, threads)
+
+    def trial_objective(self, trial, ctx):
+        from kdlab.search.objective import objective  # noqa: PLC0415
+        return objective(trial, ctx)
+
+    def search_reference(self, ctx):
+        from kdlab.search.classification_search import reference  # noqa: PLC0415
+        return reference(ctx)
+
+    def check_test_split(self, cfg) -> None:
+        from kdlab.train.data import load_task_data, load_test_split  # noqa: PLC0415
+        load_test_split(cfg.data, load_task_data(cfg.data, cfg.train.seed))
+
+    def export(self, cfg, choice, dest, console=None) -> dict:
+        from kdlab.search.export import export_classifier  # noqa: PLC0415
+        return export_classifier(cfg, choice, dest, console)
+
+    def export_summary(self, manifest: dict, dest) -> str:
+        from kdlab.search.export import classifier_summary_line  # noqa: PLC0415
+        return classifier_summary_line(manifest, dest)
+
+    def capacity_unit(self, cfg) -> str:
+        return "one forward pass of the classifier over the request's texts"

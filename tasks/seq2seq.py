@@ -64,3 +64,39 @@ class Seq2SeqTask(Task):
     def distil(self, cfg, accelerator) -> dict:
         from kdlab.train.seq2seq import run  # noqa: PLC0415
         return run(cfg, accelerator)
+
+    def search_space(self, cfg):
+        from kdlab.search.seq2seq_search import Seq2SeqSpace  # noqa: PLC0415
+        from kdlab.train.teacher import load_teacher_config  # noqa: PLC0415
+        return Seq2SeqSpace.from_config(cfg, load_teacher_config(cfg))
+
+    def search_setup(self, cfg, accelerator, space, console, threads: int):
+        from kdlab.search.seq2seq_search import setup  # noqa: PLC0415
+        from kdlab.search.study_tracking import StudyTracking  # noqa: PLC0415
+        tracking = StudyTracking(cfg)
+        tracking.ensure_experiment()
+        return setup(cfg, accelerator, space, console, tracking, threads)
+
+    def trial_objective(self, trial, ctx):
+        from kdlab.search.seq2seq_search import objective  # noqa: PLC0415
+        return objective(trial, ctx)
+
+    def search_reference(self, ctx):
+        from kdlab.search.seq2seq_search import reference  # noqa: PLC0415
+        return reference(ctx)
+
+    def check_test_split(self, cfg) -> None:
+        from kdlab.train.seq2seq_data import load_seq2seq_test  # noqa: PLC0415
+        load_seq2seq_test(cfg.data)
+
+    def export(self, cfg, choice, dest, console=None) -> dict:
+        from kdlab.search.seq2seq_export import run_seq2seq_export  # noqa: PLC0415
+        return run_seq2seq_export(cfg, choice, dest, console)
+
+    def export_summary(self, manifest: dict, dest) -> str:
+        from kdlab.search.seq2seq_export import seq2seq_summary_line  # noqa: PLC0415
+        return seq2seq_summary_line(manifest, dest)
+
+    def capacity_unit(self, cfg) -> str:
+        g = cfg.generation
+        return f"one whole generate call ({g.num_beams} beam(s), at most {g.max_new_tokens} new tokens)"
