@@ -28,7 +28,8 @@ from kdlab.eval.latency import count_flops, machine_info, matmul_peak_gflops, ve
 from kdlab.eval.metrics import classification_metrics
 from kdlab.search.gate_report import publish
 from kdlab.search.targets import GateResult, GateRow, judge, ladder, target_gaps
-from kdlab.search.timing import MODEL_INPUTS, check_device, measure_candidates, target_profile, target_threads, timing_batches
+from kdlab.search.timing import (MODEL_INPUTS, check_device, complete_conditions, measure_candidates, target_profile,
+                                 target_threads, timing_batches)
 from kdlab.train.data import make_loader
 
 FLOP_SAMPLE_BATCHES = 8  # batches whose FLOPs are counted to estimate the mean per call
@@ -132,6 +133,7 @@ def run_gate(cfg: Config, accelerator=None, console=None) -> GateResult:
     recipes, reference_only = ladder(cfg)
     rows, conditions = task.measure(cfg, teacher, prep, threads, recipes, cfg.run_dir / "gate",
                                     reference_only=reference_only)
+    conditions = complete_conditions(conditions, cfg, threads)
     conditions["teacher_dev"] = teacher_dev
     targets, passed, message = judge(rows, cfg)
     return publish(cfg, GateResult(rows, targets, conditions, passed, target_gaps(rows, targets), message),
