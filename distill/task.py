@@ -38,6 +38,7 @@ REQUIRED_PARTS = (
     "distil",                                                                            # one distillation
     "search_space", "search_setup", "trial_objective", "search_reference",              # search
     "check_test_split", "export", "export_summary", "capacity_unit",                    # export
+    "load_artefact", "predict_records",                                                 # serve
 )
 
 
@@ -70,6 +71,10 @@ class Task:
       folder at `dest`; returns its manifest (whose task.type names the task again when it is read back).
     - `export_summary(manifest, dest)`: one line on a finished export.
     - `capacity_unit(cfg)`: what one request of the capacity plan is (one forward pass, one whole `generate`).
+    - `load_artefact(folder, manifest, tokenizer, recipe=, device=, threads=)`: an export folder's served artefact
+      (kdlab.distill.export.load_served; also inside the MLflow pyfunc, so it may import only kdlab.distill
+      and kdlab.eval).
+    - `predict_records(served, texts, pairs)`: one JSON-able record per text (kdlab predict, kdlab serve, the API).
     """
 
     name = "task"
@@ -143,7 +148,10 @@ def check_unused(cfg, task, c) -> None:
         value, default = cfg, defaults
         for part in dotted.split("."):
             value, default = getattr(value, part), getattr(default, part)
-        fields = ([(f"{dotted}.{f.name}", getattr(value, f.name), getattr(default, f.name))
-                   for f in dataclasses.fields(value)] if dataclasses.is_dataclass(value) else [(dotted, value, default)])
+        if dataclasses.is_dataclass(value):
+            fields = [(f"{dotted}.{f.name}", getattr(value, f.name), getattr(default, f.name))
+                      for f in dataclasses.fields(value)]
+        else:
+            fields = [(dotted, value, default)]
         for key, v, d in fields:
             c(v == d, key, f"{v!r} is not used by task.type={cfg.task.type}; remove it (default {d!r})")

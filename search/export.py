@@ -409,9 +409,9 @@ def export_classifier(cfg: Config, choice: Choice, dest: Path, console=None) -> 
                                              model.config.vocab_size, threads, sizes)
         latency = latency_rows(reports["export"], lengths, cfg.export.latency_batch_sizes)
         reference_fig = _teacher_reference(cfg)
-        manifest["capacity"] = (capacity_section(cfg, p50_p95({b: reports["export"][b] for b in cfg.serving.batch_sizes}),
-                                                 threads, label="export", unit=task_of(cfg).capacity_unit(cfg))
-                                if planning else None)
+        planned = p50_p95({b: reports["export"][b] for b in cfg.serving.batch_sizes}) if planning else None
+        manifest["capacity"] = (capacity_section(cfg, planned, threads, label="export",
+                                                 unit=task_of(cfg).capacity_unit(cfg)) if planning else None)
         manifest.update(
             parity=agreement, latency=latency, teacher_reference=reference_fig,
             measured={"quality": agreement["served_quality"], "size_mb": served.artefact.size_mb,

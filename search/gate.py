@@ -10,9 +10,10 @@ Writes runs/<name>/report/gate.csv and gate.md and one MLflow run per recipe und
 run. Exit code 0 (PASS: a recipe meets every target), 3 (MISS: distillation needed), 2 (config error).
 
 This module is the stage, which calls the task (kdlab.distill.task) for data, teacher and measurement,
-and the classification teacher's measurement (search/seq2seq_gate.py is the seq2seq one). What every gate shares sits below both: search/targets.py (rows, targets, the verdict),
-search/timing.py (request batches and interleaved timing; how latency is measured) and
-search/gate_report.py (the table, gate.csv / gate.md, MLflow runs).
+and the classification teacher's measurement (search/seq2seq_gate.py is the seq2seq one). What every
+gate shares sits below both: search/targets.py (rows, targets, the verdict), search/timing.py (request
+batches, interleaved timing, the measurement conditions) and search/gate_report.py (the table, gate.csv /
+gate.md, MLflow runs).
 """
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ the pyfunc flavour serves the export's artefact, so what the registry hands out 
 """
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import tempfile
 from importlib import metadata
@@ -32,7 +33,7 @@ def pip_requirements() -> list[str]:
 
 
 def code_package(where: Path) -> Path:
-    """What the pyfunc runs, laid out as the `kdlab` package (kdlab.distill and kdlab.eval, nothing else).
+    """What the pyfunc runs, laid out as the `kdlab` package (kdlab.distill, kdlab.eval and kdlab.tasks, nothing else).
 
     In the repository those layers are the folders distill/ and eval/, mapped into kdlab by pyproject.toml;
     MLflow puts the code path's parent on sys.path, so the copy must be a folder named kdlab.
@@ -43,6 +44,9 @@ def code_package(where: Path) -> Path:
     for layer in (kdlab.distill, kdlab.eval):
         shutil.copytree(Path(layer.__file__).parent, package / layer.__name__.rsplit(".", 1)[1],
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    # The tasks load and run an export's artefact (kdlab.distill.task); found, not imported: no stage imports them.
+    tasks = importlib.util.find_spec("kdlab.tasks").submodule_search_locations[0]
+    shutil.copytree(tasks, package / "tasks", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     return package
 
 

@@ -75,5 +75,25 @@ class ClassificationTask(Task):
         from kdlab.search.export import classifier_summary_line  # noqa: PLC0415
         return classifier_summary_line(manifest, dest)
 
+    def load_artefact(self, folder, manifest: dict, tokenizer, *, recipe: str, device: str, threads: int):
+        """The export's served artefact: its ONNX graph, or the safetensors classifier under `recipe`."""
+        from transformers import AutoModelForSequenceClassification  # noqa: PLC0415
+
+        from kdlab.distill.export import ONNX_SERVED  # noqa: PLC0415
+        from kdlab.distill.quantize import apply_recipe, serve_onnx  # noqa: PLC0415
+        if recipe in ONNX_SERVED:
+            return serve_onnx(recipe, folder / manifest["served"]["file"], threads)
+        model = AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=True).eval()
+        example = dict(tokenizer(["a"], return_tensors="pt"))
+        return apply_recipe(recipe, model, example_batch=example, device=device, threads=threads, allow_cpu_half=True)
+
+    def predict_records(self, served, texts: list[str], pairs=None) -> list[dict]:
+        """{"label", "probs": {label: probability}} per text, from the served artefact's logits."""
+        if not texts:
+            return []
+        labels, probs = served.predict_texts(texts, pairs)
+        return [{"label": label, "probs": dict(zip(served.labels, map(float, row)))}
+                for label, row in zip(labels, probs.tolist())]
+
     def capacity_unit(self, cfg) -> str:
         return "one forward pass of the classifier over the request's texts"

@@ -33,7 +33,8 @@ class Seq2SeqTask(Task):
         for key in ("encoder_layers", "decoder_layers"):
             v = getattr(s, key)
             c(v is None or v >= 1, f"student.{key}", f"must be >= 1, got {v}")
-        for key, n in (("encoder_layer_map", s.encoder_layers), ("decoder_layer_map", s.decoder_layers or s.num_layers)):
+        for key, n in (("encoder_layer_map", s.encoder_layers),
+                       ("decoder_layer_map", s.decoder_layers or s.num_layers)):
             m = getattr(s, key)
             c(m is None or n is None or len(m) == n, f"student.{key}",
               f"needs one teacher layer per student layer ({n}), got {m}")
@@ -96,6 +97,20 @@ class Seq2SeqTask(Task):
     def export_summary(self, manifest: dict, dest) -> str:
         from kdlab.search.seq2seq_export import seq2seq_summary_line  # noqa: PLC0415
         return seq2seq_summary_line(manifest, dest)
+
+    def load_artefact(self, folder, manifest: dict, tokenizer, *, recipe: str, device: str, threads: int):
+        """The export's served generator: the safetensors model under `recipe`, decoding as its manifest says."""
+        from transformers import AutoModelForSeq2SeqLM  # noqa: PLC0415
+
+        from kdlab.distill.quantize import apply_generation_recipe  # noqa: PLC0415
+        model = AutoModelForSeq2SeqLM.from_pretrained(folder, use_safetensors=True).eval()
+        example = dict(tokenizer(["a"], return_tensors="pt", return_token_type_ids=False))
+        return apply_generation_recipe(recipe, model, example_batch=example, generate_kwargs=manifest["generation"],
+                                       device=device, threads=threads, allow_cpu_half=True)
+
+    def predict_records(self, served, texts: list[str], pairs=None) -> list[dict]:
+        """{"output": generated text} per source text."""
+        return [{"output": text} for text in served.generate_texts(texts)] if texts else []
 
     def capacity_unit(self, cfg) -> str:
         g = cfg.generation

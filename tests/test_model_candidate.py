@@ -237,7 +237,8 @@ def test_a_seq2seq_model_folder_is_gated_and_exported_the_same_way(tmp_path, cap
     # The capacity plan counts whole generate calls. By hand from its measured latencies (search/capacity.py):
     # throughput = batch / p50, replicas = ceil(5 / (throughput x 0.7)), batch 2 only at 10 % more requests/s.
     cap = manifest["capacity"]
-    assert cap["unit"] == "one whole generate call (1 beam(s), at most 8 new tokens)" and set(cap["latency"]) == {"1", "2"}
+    assert cap["unit"] == "one whole generate call (1 beam(s), at most 8 new tokens)"
+    assert set(cap["latency"]) == {"1", "2"}
     thr = {b: b / (cap["latency"][str(b)]["p50_ms"] / 1000) for b in (1, 2)}
     b = 2 if thr[2] > thr[1] * 1.1 else 1
     assert (cap["plan"]["batch_size"], cap["plan"]["instances"]) == (b, max(1, math.ceil(5 / (thr[b] * 0.7))))

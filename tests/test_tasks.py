@@ -117,6 +117,8 @@ class PairTask(Task):
     def export(self, cfg, choice, dest, console=None): return {}
     def export_summary(self, manifest, dest): return "exported"
     def capacity_unit(self, cfg): return "one pair"
+    def load_artefact(self, folder, manifest, tokenizer, *, recipe, device, threads): return None
+    def predict_records(self, served, texts, pairs=None): return [{"label": "same"} for _ in texts]
     def check_config(self, cfg, c):
         c(cfg.data.text_pair_column is not None, "data.text_pair_column", "a pair task needs the second column")
 """
@@ -154,8 +156,9 @@ def test_a_task_installed_under_the_entry_point_group_is_registered_by_name(tmp_
 @pytest.mark.parametrize("body,type_,message", [
     ("class Half:\n    name = 'half'\n    metrics = ('accuracy',)\n", "my_tasks:Half",
      "task 'my_tasks:Half' lacks quality_scale, unused_keys, model_inputs, check_config, check_teacher_fits, prepare, "
-     "ensure_teacher, measure, distil, search_space, search_setup, trial_objective, search_reference, check_test_split, "
-     "export, export_summary, capacity_unit; valid: a class with every part of kdlab.distill.task.REQUIRED_PARTS"),
+     "ensure_teacher, measure, distil, search_space, search_setup, trial_objective, search_reference, "
+     "check_test_split, export, export_summary, capacity_unit, load_artefact, predict_records; valid: a class with "
+     "every part of kdlab.distill.task.REQUIRED_PARTS"),
     ("x = 1\n", "my_tasks:Nope", "module 'my_tasks' has no 'Nope' (from 'my_tasks:Nope')"),
     ("x = 1\n", "no_such_pkg.tasks:Ner",
      "cannot import module 'no_such_pkg.tasks' of 'no_such_pkg.tasks:Ner' (ModuleNotFoundError: No module named "
@@ -186,7 +189,9 @@ def test_checking_a_config_of_either_task_loads_no_torch(tmp_path):
 
 # Stage modules moved onto the interface so far; the rest still branch on the task (issue 16 lists them).
 ON_THE_INTERFACE = ("kdlab.search.gate", "kdlab.search.model_gate", "kdlab.train.distill", "kdlab.distill.config",
-                    "kdlab.search.export", "kdlab.search.capacity", "kdlab.search.registry", "kdlab.search.study")
+                    "kdlab.search.export", "kdlab.search.capacity", "kdlab.search.registry", "kdlab.search.study",
+                    "kdlab.distill.export", "kdlab.distill.mlflow_model", "kdlab.scripts.predict",
+                    "kdlab.scripts.serve_app", "kdlab.api")
 STAGE_PACKAGES = ("kdlab.eval", "kdlab.distill", "kdlab.train", "kdlab.search")
 
 
@@ -223,7 +228,8 @@ def test_no_stage_module_imports_a_task_module():
 
 def test_the_stages_on_the_interface_name_no_task():
     graph = import_graph()
-    assert {name: names_a_task(graph[name].path) for name in ON_THE_INTERFACE} == {name: [] for name in ON_THE_INTERFACE}
+    found = {name: names_a_task(graph[name].path) for name in ON_THE_INTERFACE}
+    assert found == {name: [] for name in ON_THE_INTERFACE}
 
 
 def test_the_seam_check_fires_on_a_stage_that_names_a_task(tmp_path):
@@ -239,3 +245,13 @@ def test_the_seam_check_fires_on_a_stage_that_names_a_task(tmp_path):
 def test_the_registry_holds_every_builtin_task_module_of_the_repository():
     on_disk = {p.stem for p in (ROOT / "tasks").glob("*.py") if p.stem != "__init__"}
     assert {path.split(":")[0].rsplit(".", 1)[1] for path in registry.BUILTIN.values()} == on_disk
+
+
+def test_an_export_names_its_task_and_one_not_installed_here_is_an_export_error(tmp_path):
+    from kdlab.distill.export import ExportError, task_of_export
+    assert task_of_export(tmp_path, {"task": {"type": "seq2seq", "metric": "bleu"}}).name == "seq2seq"
+    assert task_of_export(tmp_path, {"labels": ["0", "1"]}).name == "classification"  # exports before task.type
+    with pytest.raises(ExportError) as exc:
+        task_of_export(tmp_path, {"task": {"type": "ner_pkg.tasks:Ner"}})
+    assert str(exc.value) == (f"{tmp_path}/manifest.json: task.type: cannot import module 'ner_pkg.tasks' of "
+                              f"'ner_pkg.tasks:Ner' (ModuleNotFoundError: No module named 'ner_pkg')")

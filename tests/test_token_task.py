@@ -1,5 +1,6 @@
-"""Issue 16's seam: a task kdlab does not ship (tests/token_task.py, token tagging) through the real `kdlab gate`,
-`kdlab search` and `kdlab export`, given as `task.type: token_task:TokenTagTask`, with no stage module changed.
+"""Issue 16's seam: a task kdlab does not ship (tests/token_task.py, token tagging) through the real
+`kdlab gate`, `kdlab search`, `kdlab export` and `kdlab predict`, given as `task.type: token_task:TokenTagTask`,
+with no stage module changed.
 
     .venv/bin/python -m pytest tests/test_token_task.py -q
 """
@@ -19,6 +20,19 @@ from kdlab.scripts.cli import main as kdlab
 
 PROFILE = {"batch_size": 1, "seq_len": "data", "warmup_iters": 2, "min_iters": 10, "min_seconds": 0.2,
            "repeats": 2, "threads": 1, "p95_tolerance": 1.0, "max_rounds": 3}
+
+
+def word_tags(folder, sentence: str) -> list[int]:
+    """By hand, one sentence alone: the argmax tag of each word's first word piece."""
+    tokenizer, model = AutoTokenizer.from_pretrained(folder), AutoModelForTokenClassification.from_pretrained(folder)
+    enc = tokenizer(sentence.split(), is_split_into_words=True, truncation=True, max_length=32, return_tensors="pt")
+    with torch.no_grad():
+        tags = model(**enc).logits[0].argmax(-1).tolist()
+    first = {}
+    for position, word in enumerate(enc.word_ids()):
+        if word is not None:
+            first.setdefault(word, position)
+    return [tags[first[w]] for w in sorted(first)]
 
 
 def tag_accuracy(folder, sentences: list[str]) -> float:
@@ -41,7 +55,7 @@ def tag_accuracy(folder, sentences: list[str]) -> float:
 
 
 @pytest.mark.slow
-def test_a_task_from_outside_kdlab_goes_through_gate_search_and_export(tmp_path, tiny_teacher_dir, capsys):
+def test_a_task_from_outside_kdlab_goes_through_gate_search_export_and_predict(tmp_path, tiny_teacher_dir, capsys):
     lines = [line for line in (DATA / "multi30k" / "train.en").read_text(encoding="utf-8").splitlines() if line][:96]
     (tmp_path / "train.txt").write_text("\n".join(lines[:64]) + "\n", encoding="utf-8")
     (tmp_path / "dev.txt").write_text("\n".join(lines[64:]) + "\n", encoding="utf-8")
@@ -92,3 +106,13 @@ def test_a_task_from_outside_kdlab_goes_through_gate_search_and_export(tmp_path,
     assert manifest["measured"]["quality"] == pytest.approx(best.values[0], abs=1e-12)
     assert out.strip().splitlines()[-1].startswith(f"exported trial {best.number}")
     assert {"model.safetensors", "config.json", "manifest.json"} <= {p.name for p in (run / "export").iterdir()}
+
+    # predict: the export's served artefact tags each word of a text file, one JSON line per text
+    texts = lines[64:67]
+    (tmp_path / "in.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+    assert kdlab(["predict", "--model", str(run / "export"), "--input", str(tmp_path / "in.txt"),
+                  "--output", str(tmp_path / "out.jsonl"), "--batch-size", "2"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    names = ("lower", "capital")
+    assert records == [{"row": i, "tags": [names[t] for t in word_tags(run / "export", text)]}
+                       for i, text in enumerate(texts)]

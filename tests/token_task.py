@@ -1,7 +1,7 @@
 """A third task that lives only in the tests: token tagging (is each word capitalised?) on a tiny BERT.
 
 The proof of issue 16's seam: this module, given to kdlab as `task.type: token_task:TokenTagTask`, goes
-through `kdlab gate`, `kdlab search` and `kdlab export` with no change to any stage module
+through `kdlab gate`, `kdlab search`, `kdlab export` and `kdlab predict` with no change to any stage module
 (tests/test_token_task.py). It is built from kdlab's shared pieces (quantization recipes, timing, the
 trial machinery of search/objective.py, the accelerate loop) and its own data, teacher, loss and metric.
 
@@ -245,7 +245,8 @@ class TokenTagTask(Task):
         t, alpha = cfg.distill.temperature, cfg.distill.alpha
 
         def compute_loss(model, batch):
-            """alpha x T^2 KL(teacher || student) over tagged tokens + (1 - alpha) x cross-entropy (Hinton et al. 2015)."""
+            """alpha x T^2 KL(teacher || student) over tagged tokens + (1 - alpha) x cross-entropy
+            (Hinton et al. 2015)."""
             logits = model(**inputs(batch)).logits
             with torch.no_grad():
                 target = ctx.teacher(**inputs(batch)).logits
@@ -302,6 +303,30 @@ class TokenTagTask(Task):
         manifest = write_manifest(staging, manifest)
         move_into_place(staging, dest)
         return manifest
+
+    # ------------------------------------------------------------ serving (kdlab predict, kdlab serve, the API)
+
+    def load_artefact(self, folder, manifest: dict, tokenizer, *, recipe: str, device: str, threads: int):
+        model = AutoModelForTokenClassification.from_pretrained(folder, use_safetensors=True).eval()
+        example = dict(tokenizer([["A"]], is_split_into_words=True, return_tensors="pt"))
+        return apply_recipe(recipe, model, example_batch=example, device=device, threads=threads, allow_cpu_half=True)
+
+    def predict_records(self, served, texts: list[str], pairs=None) -> list[dict]:
+        """{"tags": the tag of each whitespace-separated word} per text."""
+        if not texts:
+            return []
+        words = [text.split() for text in texts]
+        enc = served.tokenizer(words, is_split_into_words=True, truncation=True,
+                               max_length=served.manifest["max_length"], padding=True, return_tensors="pt")
+        tags = served.artefact.predict(dict(enc)).argmax(-1)
+        out = []
+        for i, sentence in enumerate(words):
+            first = {}
+            for position, word in enumerate(enc.word_ids(i)):
+                if word is not None:
+                    first.setdefault(word, position)
+            out.append({"tags": [served.labels[int(tags[i, first[w]])] for w in sorted(first)]})
+        return out
 
     def export_summary(self, manifest: dict, dest) -> str:
         m = manifest["measured"]
