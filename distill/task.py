@@ -32,7 +32,7 @@ BUILTIN = {"classification": "kdlab.tasks.classification:ClassificationTask",
 
 # The parts every task must have: the config's facts (read before torch loads), then what each stage calls.
 REQUIRED_PARTS = (
-    "name", "metrics", "quality_scale", "unused_keys", "model_inputs", "check_config",  # config
+    "name", "metrics", "quality_scale", "unused_keys", "check_config",                  # config
     "check_teacher_fits", "prepare", "ensure_teacher",                                  # teacher
     "measure",                                                                           # gate
     "distil",                                                                            # one distillation
@@ -52,7 +52,6 @@ class Task:
       (1 for fractions, 100 for BLEU-like points).
     - `unused_keys`: dotted config keys the task never reads; a config that sets one away from its default is
       refused (`check_unused`), since the setting would be silently ignored.
-    - `model_inputs`: the batch keys a served model takes (the rest of a batch: labels, row ids).
     - `check_config(cfg, c)`: the task's own range checks; `c(ok, key, message)` raises the one-line error.
     - `check_teacher_fits(cfg)`: what must hold of the teacher before anything is built (e.g. its positions
       cover target.seq_len); raises ConfigError.
@@ -81,7 +80,6 @@ class Task:
     metrics: tuple = ()
     quality_scale = 1.0
     unused_keys: tuple = ()
-    model_inputs: tuple = ("input_ids", "attention_mask")
 
     def check_config(self, cfg, c) -> None:
         """No checks beyond the shared ones."""

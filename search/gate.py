@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
+from kdlab.distill.adapter import MODEL_INPUTS
 from kdlab.distill.config import Config
 from kdlab.distill.quantize import Quantized, RecipeUnavailable, apply_recipe
 from kdlab.distill.task import task_of
@@ -29,8 +30,8 @@ from kdlab.eval.latency import count_flops, machine_info, matmul_peak_gflops, ve
 from kdlab.eval.metrics import classification_metrics
 from kdlab.search.gate_report import publish
 from kdlab.search.targets import GateResult, GateRow, judge, ladder, target_gaps
-from kdlab.search.timing import (MODEL_INPUTS, check_device, complete_conditions, measure_candidates, target_profile,
-                                 target_threads, timing_batches)
+from kdlab.search.timing import (check_device, complete_conditions, measure_candidates, target_profile, target_threads,
+                                 timing_batches)
 from kdlab.train.data import make_loader
 
 FLOP_SAMPLE_BATCHES = 8  # batches whose FLOPs are counted to estimate the mean per call

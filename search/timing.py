@@ -14,12 +14,12 @@ import sys
 import torch
 from transformers import DataCollatorWithPadding
 
+from kdlab.distill.adapter import MODEL_INPUTS
 from kdlab.distill.config import ConfigError, TargetConfig
 from kdlab.distill.quantize import Quantized
 from kdlab.eval.latency import TargetProfile, clamp_threads, machine_info, matmul_peak_gflops, measure, versions
 from kdlab.search.targets import GateRow
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 MAX_TIMING_BATCHES = 512  # enough distinct real batches to cycle through; holding more costs memory only
 
 

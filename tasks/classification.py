@@ -24,7 +24,6 @@ class ClassificationTask(Task):
     metrics = ("accuracy", "f1")
     quality_scale = 1.0
     unused_keys = SEQ2SEQ_ONLY
-    model_inputs = ("input_ids", "attention_mask", "token_type_ids")
 
     def check_teacher_fits(self, cfg) -> None:
         from kdlab.search.timing import check_seq_len  # noqa: PLC0415 - heavy: see the module docstring

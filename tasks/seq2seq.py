@@ -20,7 +20,6 @@ class Seq2SeqTask(Task):
     metrics = ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "exact_match")
     quality_scale = 100.0
     unused_keys = CLASSIFICATION_ONLY
-    model_inputs = ("input_ids", "attention_mask")
 
     def check_config(self, cfg, c) -> None:
         """What seq2seq adds to, or forbids in, the data, student, distill, generation and search sections."""

@@ -143,7 +143,6 @@ class TokenTagTask(Task):
     metrics = ("token_accuracy",)
     quality_scale = 1.0
     unused_keys = ("generation",)
-    model_inputs = INPUTS
 
     # ------------------------------------------------------------ data and teacher
 
