@@ -34,7 +34,7 @@ BUILTIN = {"classification": "kdlab.tasks.classification:ClassificationTask",
 REQUIRED_PARTS = (
     "name", "metrics", "quality_scale", "unused_keys", "check_config",                  # config
     "check_teacher_fits", "prepare", "ensure_teacher",                                  # teacher
-    "measure",                                                                           # gate
+    "measure", "check_model_folder", "prepare_model", "load_network",                  # gate (and --model DIR)
     "distil",                                                                            # one distillation
     "search_space", "search_setup", "trial_objective", "search_reference",              # search
     "check_test_split", "export", "export_summary", "capacity_unit",                    # export
@@ -59,6 +59,9 @@ class Task:
     - `ensure_teacher(cfg, accelerator, prep)`: the task-ready teacher and its dev metrics (fine-tuned once).
     - `measure(cfg, model, prep, threads, recipes, workdir, reference_only)`: the gate's rows (one per recipe:
       the artefact's own dev quality, then interleaved timing of one request on cfg.target) and conditions.
+    - `check_model_folder(cfg, path, config)`, `prepare_model(cfg, model)`, `load_network(cfg, model, tokenizer)`:
+      a trained model folder given as `--model DIR` (kdlab.train.model_dir): is it this task's kind of model, its
+      dev set under its own tokenizer, the fp32 network on the CPU.
     - `distil(cfg, accelerator)`: one distillation run; returns its kdlab_summary.json.
     - `search_space(cfg)`: the study's space (draws a student per trial; `describe()` for the fingerprint).
     - `search_setup(cfg, accelerator, space, console, threads)`: what the study prepares once (data, teacher,

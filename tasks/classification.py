@@ -62,6 +62,18 @@ class ClassificationTask(Task):
         from kdlab.search.classification_search import reference  # noqa: PLC0415
         return reference(ctx)
 
+    def check_model_folder(self, cfg, path, config) -> None:
+        from kdlab.train.model_dir import check_classifier_folder  # noqa: PLC0415
+        check_classifier_folder(cfg, path, config)
+
+    def prepare_model(self, cfg, model):
+        from kdlab.train.model_dir import prepare_classifier  # noqa: PLC0415
+        return prepare_classifier(cfg, model)
+
+    def load_network(self, cfg, model, tokenizer):
+        from kdlab.train.model_dir import load_classifier  # noqa: PLC0415
+        return load_classifier(model)
+
     def check_test_split(self, cfg) -> None:
         from kdlab.train.data import load_task_data, load_test_split  # noqa: PLC0415
         load_test_split(cfg.data, load_task_data(cfg.data, cfg.train.seed))

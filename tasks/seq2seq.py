@@ -85,6 +85,18 @@ class Seq2SeqTask(Task):
         from kdlab.search.seq2seq_search import reference  # noqa: PLC0415
         return reference(ctx)
 
+    def check_model_folder(self, cfg, path, config) -> None:
+        from kdlab.train.model_dir import check_seq2seq_folder  # noqa: PLC0415
+        check_seq2seq_folder(cfg, path, config)
+
+    def prepare_model(self, cfg, model):
+        from kdlab.train.model_dir import prepare_seq2seq_model  # noqa: PLC0415
+        return prepare_seq2seq_model(cfg, model)
+
+    def load_network(self, cfg, model, tokenizer):
+        from kdlab.train.model_dir import load_seq2seq_model  # noqa: PLC0415
+        return load_seq2seq_model(cfg, model, tokenizer)
+
     def check_test_split(self, cfg) -> None:
         from kdlab.train.seq2seq_data import load_seq2seq_test  # noqa: PLC0415
         load_seq2seq_test(cfg.data)

@@ -107,6 +107,9 @@ class PairTask(Task):
     def prepare(self, cfg, accelerator=None): return "prepared"
     def ensure_teacher(self, cfg, accelerator, prep): return None, {}
     def measure(self, cfg, model, prep, threads, recipes, workdir, reference_only=()): return [], {}
+    def check_model_folder(self, cfg, path, config): pass
+    def prepare_model(self, cfg, model): return "prepared"
+    def load_network(self, cfg, model, tokenizer): return None
     def distil(self, cfg, accelerator): return {"steps": 0}
     def search_space(self, cfg): return None
     def search_setup(self, cfg, accelerator, space, console, threads): return None
@@ -155,7 +158,8 @@ def test_a_task_installed_under_the_entry_point_group_is_registered_by_name(tmp_
 @pytest.mark.parametrize("body,type_,message", [
     ("class Half:\n    name = 'half'\n    metrics = ('accuracy',)\n", "my_tasks:Half",
      "task 'my_tasks:Half' lacks quality_scale, unused_keys, check_config, check_teacher_fits, prepare, "
-     "ensure_teacher, measure, distil, search_space, search_setup, trial_objective, search_reference, "
+     "ensure_teacher, measure, check_model_folder, prepare_model, load_network, distil, search_space, search_setup, "
+     "trial_objective, search_reference, "
      "check_test_split, export, export_summary, capacity_unit, load_artefact, predict_records; valid: a class with "
      "every part of kdlab.distill.task.REQUIRED_PARTS"),
     ("x = 1\n", "my_tasks:Nope", "module 'my_tasks' has no 'Nope' (from 'my_tasks:Nope')"),
@@ -190,7 +194,7 @@ def test_checking_a_config_of_either_task_loads_no_torch(tmp_path):
 ON_THE_INTERFACE = ("kdlab.search.gate", "kdlab.search.model_gate", "kdlab.train.distill", "kdlab.distill.config",
                     "kdlab.search.export", "kdlab.search.capacity", "kdlab.search.registry", "kdlab.search.study",
                     "kdlab.distill.export", "kdlab.distill.mlflow_model", "kdlab.scripts.predict",
-                    "kdlab.scripts.serve_app", "kdlab.api")
+                    "kdlab.scripts.serve_app", "kdlab.api", "kdlab.train.model_dir")
 STAGE_PACKAGES = ("kdlab.eval", "kdlab.distill", "kdlab.train", "kdlab.search")
 
 

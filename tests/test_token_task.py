@@ -1,6 +1,6 @@
 """Issue 16's seam: a task kdlab does not ship (tests/token_task.py, token tagging) through the real
-`kdlab gate`, `kdlab search`, `kdlab export` and `kdlab predict`, given as `task.type: token_task:TokenTagTask`,
-with no stage module changed.
+`kdlab gate` (teacher and `--model DIR`), `kdlab search`, `kdlab export` and `kdlab predict`, given as
+`task.type: token_task:TokenTagTask`, with no stage module changed.
 
     .venv/bin/python -m pytest tests/test_token_task.py -q
 """
@@ -94,12 +94,20 @@ def test_a_task_from_outside_kdlab_goes_through_gate_search_export_and_predict(t
             assert AutoConfig.from_pretrained(run / "trials" / str(t.number)).num_hidden_layers == 1
             assert t.values[0] == pytest.approx(tag_accuracy(run / "trials" / str(t.number), lines[64:]), abs=1e-12)
 
+    # gate --model: a trained student folder, checked, tokenized and loaded by the task, measured as the teacher was
+    best = max(trained, key=lambda t: (t.values[0], -t.values[1]))
+    student = run / "trials" / str(best.number)
+    assert kdlab(["gate", "--config", str(config), "--model", str(student)]) == 0  # 1 layer: within the size budget
+    with open(next((run / "gate_models").iterdir()) / "gate.csv", newline="") as fh:
+        (student_row,) = list(csv.DictReader(fh))
+    assert float(student_row["quality"]) == pytest.approx(tag_accuracy(student, lines[64:]), abs=1e-12)
+    assert float(student_row["size_mb"]) < teacher_mb * 0.99
+
     # export: the most accurate feasible trial, written and described by the task
     capsys.readouterr()
     assert kdlab(["export", "--config", str(config)]) == 0
     out = capsys.readouterr().out
     manifest = json.loads((run / "export" / "manifest.json").read_text())
-    best = max(trained, key=lambda t: (t.values[0], -t.values[1]))
     assert manifest["task"] == {"type": "token_task:TokenTagTask", "metric": "token_accuracy"}
     assert (manifest["choice"]["kind"], manifest["choice"]["trial"]) == ("trial", best.number)
     assert manifest["measured"]["quality"] == pytest.approx(tag_accuracy(run / "export", lines[64:]), abs=1e-12)

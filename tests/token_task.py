@@ -201,6 +201,18 @@ class TokenTagTask(Task):
             candidates.append((row, served))
         return measure_candidates(candidates, timing, profile), self.conditions(cfg, prep, threads, lengths)
 
+    def check_model_folder(self, cfg, path, config) -> None:
+        if not any(a.endswith("ForTokenClassification") for a in getattr(config, "architectures", None) or []):
+            raise ConfigError(f"--model: {path} is not a token classifier")
+
+    def prepare_model(self, cfg, model) -> Prepared:
+        tokenizer = AutoTokenizer.from_pretrained(model.path)
+        dev = [line for line in Path(cfg.data.eval_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        return Prepared(tokenizer, None, encode(dev, tokenizer, cfg.data.max_length))
+
+    def load_network(self, cfg, model, tokenizer):
+        return AutoModelForTokenClassification.from_pretrained(model.path, use_safetensors=True).eval()
+
     def distil(self, cfg, accelerator) -> dict:
         raise ConfigError("task.type: the test task token_task distils inside kdlab search only")
 
