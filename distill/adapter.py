@@ -14,6 +14,7 @@ import torch
 
 # Value projections per family: BERT/RoBERTa/ELECTRA (`.value`), MPNet (`.attn.v`), DistilBERT (`.v_lin`).
 _VALUE_MODULE = re.compile(r"(attention\.self\.value|attention\.attn\.v|attention\.v_lin)$")
+# The batch keys a served model takes, whatever the task; the rest of a batch (labels, row ids) is not its input.
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 

@@ -23,6 +23,7 @@ from kdlab.distill.config_load import build, read_tree
 from kdlab.distill.config_load import flatten, redact, save_config, to_dict  # noqa: F401
 from kdlab.distill.errors import ConfigError
 from kdlab.distill.grammar import Range, parse_budget, parse_range  # noqa: F401
+from kdlab.distill.task import DEFAULT_TASK, check_unused, load_task, task_of
 
 
 def _f(default, help: str, **kw):
@@ -33,14 +34,19 @@ def _f(default, help: str, **kw):
 
 @dataclass
 class TaskConfig:
-    type: str = _f("classification", "classification (sequence classifiers) or seq2seq (T5, BART, encoder-decoder)")
+    type: str = _f(DEFAULT_TASK, "classification (sequence classifiers), seq2seq (T5, BART, encoder-decoder), "
+                                     "a task installed under the kdlab.tasks entry points, or module:Class "
+                                     "(kdlab.distill.task)")
     metric: Optional[str] = _f(None, "dev metric used for early stopping and selection: accuracy or f1 "
                                      "(classification; default accuracy); bleu, chrf, rouge1, rouge2, rougeL or "
-                                     "exact_match (seq2seq; default bleu)")
+                                     "exact_match (seq2seq; default bleu); a task's first metric by default")
 
     def __post_init__(self):
         if self.metric is None:
-            self.metric = "bleu" if self.type == "seq2seq" else "accuracy"
+            try:
+                self.metric = load_task(self.type).metrics[0]
+            except ConfigError:
+                pass  # an unknown task.type: validate names it with the file
 
 
 @dataclass
@@ -375,9 +381,9 @@ def _check(ok: bool, label: str, key: str, message: str):
 def validate(cfg: Config, label: str = "<config>") -> None:
     """Range checks that need no file or model; each failure names the key and what is valid."""
     c = lambda ok, key, msg: _check(ok, label, key, msg)  # noqa: E731
-    _check_task(cfg, c)
-    if cfg.task.type == "seq2seq":
-        _check_seq2seq(cfg, c)
+    task = _check_task(cfg, c, label)
+    task.check_config(cfg, c)
+    check_unused(cfg, task, c)
     _check_data(cfg, c)
     _check_teacher(cfg, c)
     _check_student(cfg, c)
@@ -390,45 +396,19 @@ def validate(cfg: Config, label: str = "<config>") -> None:
     _check_serving(cfg, c)
 
 
-TASK_METRICS = {"classification": ("accuracy", "f1"),
-                "seq2seq": ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "exact_match")}
-
-
 def quality_scale(cfg: Config) -> float:
     """The largest value of task.metric: 1 for accuracy/F1 (fractions), 100 for BLEU, chrF, ROUGE, exact match."""
-    return 100.0 if cfg.task.type == "seq2seq" else 1.0
+    return task_of(cfg).quality_scale
 
 
-def _check_task(cfg: Config, c) -> None:
-    c(cfg.task.type in TASK_METRICS, "task.type", f"'{cfg.task.type}' is not supported; valid: {', '.join(TASK_METRICS)}")
-    metrics = TASK_METRICS[cfg.task.type]
-    c(cfg.task.metric in metrics, "task.metric", f"'{cfg.task.metric}' for task.type={cfg.task.type}; valid: "
-      + ", ".join(metrics))
-
-
-def _check_seq2seq(cfg: Config, c) -> None:
-    """What task.type=seq2seq adds to, or forbids in, the data, student, distill and generation sections."""
-    d, s, g = cfg.data, cfg.student, cfg.generation
-    c(not (d.train_target_file and not d.train_file), "data.train_target_file", "needs data.train_file (the source side)")
-    c(bool(d.train_target_file) == bool(d.eval_target_file) or not d.train_file, "data.eval_target_file",
-      "give both data.train_target_file and data.eval_target_file (line-aligned pairs), or neither (columns)")
-    c(d.max_target_length > 0, "data.max_target_length", f"must be a positive integer, got {d.max_target_length}")
-    for key in ("encoder_layers", "decoder_layers"):
-        v = getattr(s, key)
-        c(v is None or v >= 1, f"student.{key}", f"must be >= 1, got {v}")
-    for key, n in (("encoder_layer_map", s.encoder_layers), ("decoder_layer_map", s.decoder_layers or s.num_layers)):
-        m = getattr(s, key)
-        c(m is None or n is None or len(m) == n, f"student.{key}", f"needs one teacher layer per student layer ({n}), "
-                                                                   f"got {m}")
-    c(s.init in ("teacher-layers", "random"), "student.init",
-      f"'{s.init}' for task.type=seq2seq; valid: teacher-layers (copy spread-out teacher layers), random")
-    k = cfg.distill
-    c(k.seq_kd in ("none", "only", "mix"), "distill.seq_kd", f"'{k.seq_kd}'; valid: none, only, mix")
-    c(k.seq_kd_num_beams >= 1, "distill.seq_kd_num_beams", f"must be >= 1, got {k.seq_kd_num_beams}")
-    c(k.attention_weight == 0, "distill.attention_weight", "attention KD is for classification; for seq2seq use "
-                                                            "distill.hidden_weight (encoder and decoder states)")
-    c(g.num_beams >= 1, "generation.num_beams", f"must be >= 1, got {g.num_beams}")
-    c(g.max_new_tokens >= 1, "generation.max_new_tokens", f"must be >= 1, got {g.max_new_tokens}")
+def _check_task(cfg: Config, c, label: str):
+    try:
+        task = task_of(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{label}: {exc}") from None
+    c(cfg.task.metric in task.metrics, "task.metric", f"'{cfg.task.metric}' for task.type={cfg.task.type}; valid: "
+      + ", ".join(task.metrics))
+    return task
 
 
 def _check_data(cfg: Config, c) -> None:
@@ -495,7 +475,6 @@ def _check_distill(cfg: Config, c) -> None:
     c(not (tr.unlabelled_train and not cfg.data.max_train_samples), "distill.transfer.unlabelled_train",
       "needs data.max_train_samples (the labelled subset); without it every train row is labelled")
     if tr.enabled:
-        c(cfg.task.type == "classification", "distill.transfer", "is for classification (seq2seq: distill.seq_kd)")
         c(k.alpha > 0, "distill.alpha", "must be > 0 with a transfer set (its rows train on KD alone)")
 
 
@@ -613,8 +592,6 @@ def _check_search(cfg: Config, c, label: str) -> None:
           and all(isinstance(f, str) and f.strip() for f in s.families), "search.families",
           f"must be a non-empty list of names, got {s.families!r}; valid: teacher, minilm-l6, a model folder or Hub id")
         c(len(set(s.families)) == len(s.families), "search.families", f"lists a family twice: {s.families}")
-        c(cfg.task.type != "seq2seq" or s.families == ["teacher"], "search.families",
-          "seq2seq students are cut from the teacher only; valid: [teacher] or unset")
     c(len(s.init) > 0, "search.init", f"is empty; valid: {', '.join(INIT_CHOICES)}")
     for name in s.init:
         c(name in INIT_CHOICES, "search.init", f"unknown init {name!r}; valid: {', '.join(INIT_CHOICES)}")

@@ -25,10 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from kdlab.distill.errors import ConfigError
 from kdlab.distill.errors import ExportError  # noqa: F401  (re-exported: raised by load_served and verify)
-from kdlab.distill.quantize import Quantized, apply_generation_recipe, apply_recipe, serve_onnx
+from kdlab.distill.quantize import Quantized, apply_recipe
+from kdlab.distill.task import DEFAULT_TASK, load_task
 
 MANIFEST = "manifest.json"
 ONNX_SERVED = {"onnx-fp32": "model.onnx", "onnx-int8": "model.int8.onnx"}
@@ -147,8 +149,13 @@ class Served:
         return dict(enc)
 
     @property
-    def is_seq2seq(self) -> bool:
-        return self.manifest.get("task", {}).get("type") == "seq2seq"
+    def task(self):
+        """The task the export was made for (its manifest's task.type, through the registry)."""
+        return task_of_export(self.folder, self.manifest)
+
+    def predict_records(self, texts: list[str], pairs: list[str] | None = None) -> list[dict]:
+        """One record per text, in the task's terms ({"label", "probs"}; {"output"} for a generator)."""
+        return self.task.predict_records(self, texts, pairs)
 
     def generate_texts(self, texts: list[str]) -> list[str]:
         """Seq2seq exports: the served artefact's outputs, decoded, with the manifest's prefix and decoding."""
@@ -176,6 +183,16 @@ def verify(folder: Path, manifest: dict) -> None:
             raise ExportError(f"{folder}: {name} does not match its sha256 in {MANIFEST} (altered or truncated)")
 
 
+def task_of_export(folder: Path, manifest: dict):
+    """The task an export folder's manifest names (an export without one is a classifier: kdlab's first task);
+    one that is not installed here is an ExportError naming it."""
+    try:
+        return load_task(manifest.get("task", {}).get("type") or DEFAULT_TASK,
+                         where=f"{folder / MANIFEST}: task.type")
+    except ConfigError as exc:
+        raise ExportError(str(exc)) from None
+
+
 def load_served(folder: str | Path, *, device: str | None = None, threads: int = 1, check: bool = True) -> Served:
     """The served artefact of an export folder (not the fp32 model, unless the recipe is fp32)."""
     folder = Path(folder)
@@ -190,18 +207,8 @@ def load_served(folder: str | Path, *, device: str | None = None, threads: int =
     served = manifest["served"]
     recipe, device = served["recipe"], device or served["device"]
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    if manifest.get("task", {}).get("type") == "seq2seq":
-        model = AutoModelForSeq2SeqLM.from_pretrained(folder, use_safetensors=True).eval()
-        example = dict(tokenizer(["a"], return_tensors="pt", return_token_type_ids=False))
-        artefact = apply_generation_recipe(recipe, model, example_batch=example, generate_kwargs=manifest["generation"],
-                                           device=device, threads=threads, allow_cpu_half=True)
-    elif recipe in ONNX_SERVED:
-        artefact = serve_onnx(recipe, folder / served["file"], threads)
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=True).eval()
-        example = dict(tokenizer(["a"], return_tensors="pt"))
-        artefact = apply_recipe(recipe, model, example_batch=example, device=device, threads=threads,
-                                allow_cpu_half=True)
+    artefact = task_of_export(folder, manifest).load_artefact(folder, manifest, tokenizer, recipe=recipe,
+                                                              device=device, threads=threads)
     return Served(folder, manifest, tokenizer, artefact)
 
 

@@ -14,8 +14,9 @@ recipes quantize activations per batch; both batch 64 rows at a time by default.
 The input is a list of texts, a pandas Series, or a one-column DataFrame; the logged signature
 (kdlab.search.registry.pyfunc_signature) names the output columns, and MLflow checks inputs against it.
 Logged by kdlab.search.registry as a model *from code* (this file; MLflow imports it and takes the
-model given to `set_model` below), with a copy of the kdlab package (kdlab.distill and kdlab.eval only)
-as its code path: nothing is pickled, and loading needs kdlab's runtime libraries (pinned in the
+model given to `set_model` below), with a copy of the kdlab package (kdlab.distill, kdlab.eval and the
+tasks of kdlab.tasks, which load and run the served artefact) as its code path: nothing is pickled, and
+loading needs kdlab's runtime libraries (pinned in the
 model's requirements) but not kdlab.
 """
 from __future__ import annotations
@@ -43,17 +44,13 @@ class ExportedClassifier(mlflow.pyfunc.PythonModel):
         if isinstance(model_input, pd.DataFrame):
             model_input = model_input.iloc[:, 0]
         texts = [str(t) for t in model_input]
-        if self.served.is_seq2seq:
-            return [out for i in range(0, len(texts), self.batch_size)
-                    for out in self.served.generate_texts(texts[i:i + self.batch_size])]
-        labels, probs = [], []
-        for i in range(0, len(texts), self.batch_size):
-            chunk_labels, chunk_probs = self.served.predict_texts(texts[i:i + self.batch_size])
-            labels += chunk_labels
-            probs += chunk_probs.tolist()
-        columns = {"label": pd.Series(labels, dtype=object)}
-        for j, name in enumerate(self.served.labels):
-            columns[f"{PROB_PREFIX}{name}"] = pd.Series([row[j] for row in probs], dtype="float64")
+        records = [r for i in range(0, len(texts), self.batch_size)
+                   for r in self.served.predict_records(texts[i:i + self.batch_size])]
+        if not self.served.labels:  # a generator (seq2seq): its texts, as the logged signature says
+            return [r["output"] for r in records]
+        columns = {"label": pd.Series([r["label"] for r in records], dtype=object)}
+        for name in self.served.labels:
+            columns[f"{PROB_PREFIX}{name}"] = pd.Series([r["probs"][name] for r in records], dtype="float64")
         return pd.DataFrame(columns)
 
 

@@ -33,9 +33,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from kdlab.distill.adapter import MODEL_INPUTS
 from kdlab.eval.latency import BYTES_PER_MB, file_size_mb
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 HEAD_PREFIXES = ("classifier",)  # BERT/RoBERTa/DistilBERT heads: kept in full precision by every recipe
 NF4_BLOCK_N = 32  # bitsandbytes' CPU 4-bit kernel packs weights in blocks of 32 output rows
 NF4_BLOCKSIZE = 64  # weights per absmax scale; the CPU kernel also needs in_features to be a multiple

@@ -98,10 +98,7 @@ def load_export(folder: str | Path) -> Served:
 
 
 def predict(export: str | Path | Served, texts: list[str], pairs: list[str] | None = None) -> list[dict]:
-    """Labels and class probabilities of the served artefact, one {"label", "probs"} per text (as kdlab predict)."""
+    """The served artefact's prediction record per text, as kdlab predict writes them: {"label", "probs"}
+    (classification), {"output"} (seq2seq), or what the export's task predicts."""
     served = export if isinstance(export, Served) else load_served(export)
-    if served.is_seq2seq:
-        return [{"output": text} for text in served.generate_texts(list(texts))]
-    labels, probs = served.predict_texts(list(texts), pairs)
-    return [{"label": label, "probs": dict(zip(served.labels, map(float, row)))}
-            for label, row in zip(labels, probs.tolist())]
+    return served.predict_records(list(texts), pairs)

@@ -270,26 +270,22 @@ def complete_rows(partial: Path, labels: list[str]) -> tuple[int, int]:
     return count, end
 
 
-def output_lines(first_row: int, labels: list[str], probs, label_names: list[str],
-                 bad: dict[int, str] | None = None) -> str:
-    """JSON lines for one batch; `bad` maps a position in the batch to the error of a skipped row.
+def rounded(record: dict) -> dict:
+    """A task's prediction record with its class probabilities (if any) rounded to PROB_DECIMALS."""
+    if "probs" not in record:
+        return record
+    return {**record, "probs": {name: round(p, PROB_DECIMALS) for name, p in record["probs"].items()}}
 
-    Seq2seq exports pass their generated texts as `labels` and no `probs`: each line is {"row", "output"}.
-    """
+
+def output_lines(first_row: int, records: list[dict], bad: dict[int, str] | None = None) -> str:
+    """JSON lines for one batch: {"row", **the task's record} ({"row", "label", "probs"}; {"row", "output"} for a
+    generator); `bad` maps a position in the batch to the error of a skipped row ({"row", "error"})."""
     bad = bad or {}
-    if probs is None:
-        predicted = iter((text, None) for text in labels)
-    else:
-        predicted = iter(zip(labels, probs.tolist()))
+    predicted = iter(records)
     lines = []
-    for i in range(len(labels) + len(bad)):
-        if i in bad:
-            record = {"row": first_row + i, "error": bad[i]}
-        else:
-            label, row = next(predicted)
-            record = ({"row": first_row + i, "output": label} if row is None else
-                      {"row": first_row + i, "label": label,
-                       "probs": {name: round(p, PROB_DECIMALS) for name, p in zip(label_names, row)}})
+    for i in range(len(records) + len(bad)):
+        record = {"row": first_row + i, "error": bad[i]} if i in bad else {"row": first_row + i,
+                                                                             **rounded(next(predicted))}
         lines.append(json.dumps(record, ensure_ascii=False) + "\n")
     return "".join(lines)
 
@@ -369,11 +365,7 @@ def run_predict(model_dir, input_path, output_path, batch_size: int = 64, text_c
                         tqdm.write(f"predict: skipped {message}", file=sys.stderr)
                 texts = [text for text, _ in good]
                 pairs = [pair for _, pair in good] if pair_column is not None else None
-                if served.is_seq2seq:
-                    labels, probs = (served.generate_texts(texts) if good else []), None
-                else:
-                    labels, probs = served.predict_texts(texts, pairs) if good else ([], torch.empty(0, 0))
-                out.write(output_lines(written, labels, probs, served.labels, bad))
+                out.write(output_lines(written, served.predict_records(texts, pairs) if good else [], bad))
                 out.flush()
                 written += len(batch)
                 bar.set_postfix_str(f"{written:,} rows", refresh=False)

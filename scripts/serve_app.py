@@ -40,7 +40,7 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from kdlab.distill.deploy import DEPLOYMENT, MAX_TEXTS, deployment_options, plan_settings, read_manifest
 from kdlab.distill.errors import ConfigError
 from kdlab.distill.export import MANIFEST, load_served
-from kdlab.scripts.predict import PROB_DECIMALS
+from kdlab.scripts.predict import rounded
 
 # Short real-looking sentences for warm-up: every batch size the replica may serve is run once or more, so
 # the first real requests do not pay for lazy initialisation (ONNX Runtime arenas, int8 kernels).
@@ -105,12 +105,7 @@ class ExportModel:
         return time.perf_counter() - started
 
     def run_model(self, texts: list[str], pairs: list[str] | None) -> list[dict]:
-        if self.served.is_seq2seq:
-            return [{"output": text} for text in self.served.generate_texts(texts)]
-        labels, probs = self.served.predict_texts(texts, pairs)
-        names = self.served.labels
-        return [{"label": label, "probs": {n: round(p, PROB_DECIMALS) for n, p in zip(names, row)}}
-                for label, row in zip(labels, probs.tolist())]
+        return [rounded(r) for r in self.served.predict_records(texts, pairs)]
 
     def timed_batch(self, texts: list[str], pairs: list[str] | None) -> list[dict]:
         started = time.perf_counter()

@@ -210,6 +210,53 @@ def plan_for(cfg, label: str, latency: dict[int, tuple[float, float]], threads: 
                     batching_gain=sv.batching_gain, threads=threads)
 
 
+def capacity_section(cfg, latency: dict[int, tuple[float, float]], threads: int, *, label: str, unit: str,
+                     tokens_per_request: float | None = None) -> dict:
+    """The capacity plan of one exported model (manifest, card, serve_config.yaml) from its measured
+    {batch: (p50_ms, p95_ms)} per request, where a request is what the task serves in one call (`unit`:
+    one forward pass for classification, one whole `generate` for seq2seq).
+
+    With `tokens_per_request` (the mean generated tokens of a request) the plan also gives the tokens per
+    second one instance generates at the planned batch: requests/s per instance x tokens per request.
+    """
+    sv = cfg.serving
+    row = plan_for(cfg, label, latency, threads)
+    out = {"target_rps": sv.target_rps, "p95_slo_ms": sv.p95_slo_ms, "headroom": sv.headroom,
+           "overhead_ms": sv.overhead_ms, "batching_gain": sv.batching_gain, "unit": unit,
+           "latency": {str(b): {"p50_ms": v[0], "p95_ms": v[1]} for b, v in latency.items()}, "plan": asdict(row),
+           "batching": batching_line(row), "assumptions": ASSUMPTIONS}
+    if tokens_per_request is not None:
+        out["tokens_per_request"] = tokens_per_request
+        out["tokens_per_s_per_instance"] = None if row.throughput is None else row.throughput * tokens_per_request
+    return out
+
+
+def capacity_card(cap: dict | None) -> list[str]:
+    """The model card's Capacity section (its lines) from a manifest's capacity plan; [] without one."""
+    if not cap or not cap.get("plan"):
+        return []
+    pl = cap["plan"]
+    lines = ["", "## Capacity", ""]
+    slo = f"For {cap['target_rps']:g} requests/s at p95 <= {cap['p95_slo_ms']:g} ms through the server"
+    if pl["batch_size"] is None:
+        lines.append(f"{slo}: {pl['note']}.")
+    else:
+        sv = pl.get("serve") or {}
+        lines.append(f"{slo}: batch {pl['batch_size']} (wait to fill {pl['fill_wait_ms']:.1f} ms, model p95 "
+                     f"{pl['model_p95_ms']:.2f} ms, serving overhead {cap['overhead_ms']:g} ms: predicted p95 "
+                     f"{pl['p95_ms']:.2f} ms), {pl['throughput']:.0f} requests/s per replica on {pl['threads']} "
+                     f"thread(s), **{pl['instances']} replica(s)** with {cap['headroom']:.0%} headroom; "
+                     f"batch_wait_timeout_s {pl['batch_wait_timeout_s']:.4f}, max_ongoing_requests "
+                     f"{sv.get('max_ongoing_requests')}, max_queued_requests {sv.get('max_queued_requests')}.")
+        lines += ["", f"{cap['batching']}."]
+        if cap.get("tokens_per_s_per_instance") is not None:
+            lines += ["", f"A request is {cap['unit']}: {cap['tokens_per_request']:.1f} generated tokens on "
+                          f"average, so one replica generates {cap['tokens_per_s_per_instance']:.0f} tokens/s at "
+                          f"this batch."]
+    lines += ["", f"Assumes {cap['assumptions']}."]
+    return lines
+
+
 def run_capacity(cfg, front_rows: list[dict], console=None) -> dict | None:
     """Measure the teacher (fp32 and its best gate recipe) and every front member at serving.batch_sizes; plan."""
     sv = cfg.serving

@@ -28,32 +28,31 @@ import os
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForSequenceClassification
 
 from kdlab.distill.config import Config, ConfigError, save_config
+from kdlab.distill.task import load_task, task_of
 from kdlab.distill.deploy import write_deploy_files
 from kdlab.distill.export import (ExportError, build_served, load_served, move_into_place, parity, served_entry,
                             write_manifest, write_model)
 from kdlab.distill.quantize import apply_recipe
 from kdlab.eval.latency import clamp_threads, machine_info, versions
 from kdlab.eval.paths import portable_path, portable_text
-from kdlab.search.capacity import ASSUMPTIONS, batching_line, measure_latencies, p50_p95, plan_for
+from kdlab.search.capacity import capacity_card, capacity_section, measure_latencies, p50_p95
 from kdlab.search.card import card_metadata, dataset_name, hub_id
 from kdlab.search.gate import dev_quality
 from kdlab.search.gate_report import gate_references, gate_table
 from kdlab.search.model_gate import model_gate_rows
-from kdlab.search.seq2seq_export import register, run_seq2seq_export, seq2seq_summary_line
+from kdlab.search.registry import register
 from kdlab.search.study import stored_study
 from kdlab.search.study_report import trial_rows
-from kdlab.train.data import load_task_data, load_test_split, make_loader, tokenize
+from kdlab.train.data import load_test_split, make_loader, tokenize
 from kdlab.train.model_dir import architecture, check_model_dir, prepare_model
 from kdlab.train.pipeline import prepare
-from kdlab.train.seq2seq import prepare as prepare_seq2seq
-from kdlab.train.seq2seq_data import load_seq2seq_test
 from kdlab.train.teacher import teacher_folder
 
 NUMERIC = ("quality", "p50_ms", "p95_ms", "p99_ms", "size_mb", "params", "throughput", "train_seconds")
@@ -270,23 +269,7 @@ def model_card(m: dict) -> str:
         lines += ["", f"The fp32 teacher measured p95 {ref['p95_ms']:.2f} ms at batch {cond['batch_size']} under "
                       f"the same profile ({ref['p95_ms'] / m['latency'][0]['p95_ms']:.1f}x slower than this model "
                       f"at batch {m['latency'][0]['batch_size']})." if m['latency'] else ""]
-    cap = m.get("capacity")
-    if cap and cap.get("plan"):
-        pl = cap["plan"]
-        lines += ["", "## Capacity", ""]
-        slo = f"For {cap['target_rps']:g} requests/s at p95 <= {cap['p95_slo_ms']:g} ms through the server"
-        if pl["batch_size"] is None:
-            lines.append(f"{slo}: {pl['note']}.")
-        else:
-            sv = pl.get("serve") or {}
-            lines.append(f"{slo}: batch {pl['batch_size']} (wait to fill {pl['fill_wait_ms']:.1f} ms, model p95 "
-                         f"{pl['model_p95_ms']:.2f} ms, serving overhead {cap['overhead_ms']:g} ms: predicted p95 "
-                         f"{pl['p95_ms']:.2f} ms), {pl['throughput']:.0f} requests/s per replica on {pl['threads']} "
-                         f"thread(s), **{pl['instances']} replica(s)** with {cap['headroom']:.0%} headroom; "
-                         f"batch_wait_timeout_s {pl['batch_wait_timeout_s']:.4f}, max_ongoing_requests "
-                         f"{sv.get('max_ongoing_requests')}, max_queued_requests {sv.get('max_queued_requests')}.")
-            lines += ["", f"{cap['batching']}."]
-        lines += ["", f"Assumes {cap['assumptions']}."]
+    lines += capacity_card(m.get("capacity"))
     lines += ["", "## Model", "", f"- Architecture: {arch_line}", f"- Serving recipe: `{c['recipe']}`: "
               f"{m['served']['how']}", f"- Labels: {', '.join(m['labels'])}",
               f"- Tokenization: max length {m['max_length']}, {tokenizer_of}", "",
@@ -336,8 +319,6 @@ def export_data(cfg: Config, choice: Choice):
     tokenized by the teacher's tokenizer, or by a model folder's own (`--model DIR`)."""
     if choice.kind == "model":
         return prepare_model(cfg, check_model_dir(cfg, choice.source))
-    if cfg.task.type == "seq2seq":
-        return prepare_seq2seq(cfg)
     if choice.kind == "trial":  # a student tokenizes with its own tokenizer (saved in its trial folder)
         return prepare_model(cfg, check_model_dir(cfg, choice.source))
     return prepare(cfg)
@@ -346,7 +327,7 @@ def export_data(cfg: Config, choice: Choice):
 def run_export(cfg: Config, trial: int | None = None, pick_text: str | None = None, out: str | None = None,
                console=None, choice: Choice | None = None, force: bool = False, recipe: str | None = None,
                model: str | None = None) -> dict:
-    """Choose (or take `choice`), build, check and describe the export; returns its manifest.
+    """Choose (or take `choice`), then let the task build, check and describe the export; returns its manifest.
 
     `model`: a trained model folder to export (`--model DIR`, with `recipe` its gate measured, or none).
     An existing export folder is replaced only with `force` (and only once the new one is complete).
@@ -356,8 +337,11 @@ def run_export(cfg: Config, trial: int | None = None, pick_text: str | None = No
     if dest.exists() and not force:
         raise ConfigError(f"--out: {dest} exists; pass --force to replace it (the new export replaces it only once "
                           f"complete)")
-    if cfg.task.type == "seq2seq":
-        return run_seq2seq_export(cfg, choice, dest, console)
+    return task_of(cfg).export(cfg, choice, dest, console)
+
+
+def export_classifier(cfg: Config, choice: Choice, dest: Path, console=None) -> dict:
+    """The classification task's export of `choice` to `dest` (kdlab.tasks.classification calls it)."""
     say = console.print if console is not None else print
     say(f"export: {choice.label}, recipe {choice.recipe} -> {dest}")
     threads, _ = clamp_threads(cfg.target.threads)
@@ -425,7 +409,9 @@ def run_export(cfg: Config, trial: int | None = None, pick_text: str | None = No
                                              model.config.vocab_size, threads, sizes)
         latency = latency_rows(reports["export"], lengths, cfg.export.latency_batch_sizes)
         reference_fig = _teacher_reference(cfg)
-        manifest["capacity"] = _capacity(cfg, reports["export"], threads) if planning else None
+        planned = p50_p95({b: reports["export"][b] for b in cfg.serving.batch_sizes}) if planning else None
+        manifest["capacity"] = (capacity_section(cfg, planned, threads, label="export",
+                                                 unit=task_of(cfg).capacity_unit(cfg)) if planning else None)
         manifest.update(
             parity=agreement, latency=latency, teacher_reference=reference_fig,
             measured={"quality": agreement["served_quality"], "size_mb": served.artefact.size_mb,
@@ -448,10 +434,7 @@ def check_test_split(cfg: Config) -> None:
     calls it before the gate, so a bad test file is one line before the search, not after it."""
     if not (cfg.data.test_file or cfg.data.test_split):
         return
-    if cfg.task.type == "seq2seq":
-        load_seq2seq_test(cfg.data)
-    else:
-        load_test_split(cfg.data, load_task_data(cfg.data, cfg.train.seed))
+    task_of(cfg).check_test_split(cfg)
 
 
 def training_data_of(choice: Choice) -> dict | None:
@@ -491,18 +474,6 @@ def training_data_lines(data: dict | None, kind: str, labelled_rows: int | None,
     return lines
 
 
-def _capacity(cfg: Config, reports: dict, threads: int) -> dict:
-    """The capacity plan of the exported model alone (card, manifest, serve_config.yaml), from its measured
-    {batch: report}."""
-    sv = cfg.serving
-    lat = p50_p95({b: reports[b] for b in sv.batch_sizes})
-    row = plan_for(cfg, "export", lat, threads)
-    return {"target_rps": sv.target_rps, "p95_slo_ms": sv.p95_slo_ms, "headroom": sv.headroom,
-            "overhead_ms": sv.overhead_ms, "batching_gain": sv.batching_gain,
-            "latency": {str(b): {"p50_ms": v[0], "p95_ms": v[1]} for b, v in lat.items()}, "plan": asdict(row),
-            "batching": batching_line(row), "assumptions": ASSUMPTIONS}
-
-
 def _teacher_reference(cfg: Config) -> dict | None:
     """The fp32 teacher's quality and p95 on the target, as the gate measured them."""
     fp32, _ = gate_references(cfg.run_dir)
@@ -522,8 +493,11 @@ def _front_position(cfg: Config, choice: Choice) -> str | None:
 
 
 def summary_line(manifest: dict, dest: Path) -> str:
-    if manifest["task"]["type"] == "seq2seq":
-        return seq2seq_summary_line(manifest, dest)
+    """One line on a finished export, in the terms of its task."""
+    return load_task(manifest["task"]["type"]).export_summary(manifest, dest)
+
+
+def classifier_summary_line(manifest: dict, dest: Path) -> str:
     p, lat = manifest["parity"], manifest["latency"][0]
     reg = manifest.get("mlflow")
     return (f"exported {manifest['choice']['label']} ({manifest['served']['recipe']}) to {dest}: quality "

@@ -9,10 +9,11 @@ itself on the full dev set, times them interleaved on the target profile, and ch
 Writes runs/<name>/report/gate.csv and gate.md and one MLflow run per recipe under a parent `gate`
 run. Exit code 0 (PASS: a recipe meets every target), 3 (MISS: distillation needed), 2 (config error).
 
-This module is the stage and the classification teacher's measurement (search/seq2seq_gate.py is the
-seq2seq one). What every gate shares sits below both: search/targets.py (rows, targets, the verdict),
-search/timing.py (request batches and interleaved timing; how latency is measured) and
-search/gate_report.py (the table, gate.csv / gate.md, MLflow runs).
+This module is the stage, which calls the task (kdlab.distill.task) for data, teacher and measurement,
+and the classification teacher's measurement (search/seq2seq_gate.py is the seq2seq one). What every
+gate shares sits below both: search/targets.py (rows, targets, the verdict), search/timing.py (request
+batches, interleaved timing, the measurement conditions) and search/gate_report.py (the table, gate.csv /
+gate.md, MLflow runs).
 """
 from __future__ import annotations
 
@@ -21,18 +22,17 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
+from kdlab.distill.adapter import MODEL_INPUTS
 from kdlab.distill.config import Config
 from kdlab.distill.quantize import Quantized, RecipeUnavailable, apply_recipe
+from kdlab.distill.task import task_of
 from kdlab.eval.latency import count_flops, machine_info, matmul_peak_gflops, versions
 from kdlab.eval.metrics import classification_metrics
 from kdlab.search.gate_report import publish
-from kdlab.search.seq2seq_gate import run_seq2seq_gate
 from kdlab.search.targets import GateResult, GateRow, judge, ladder, target_gaps
-from kdlab.search.timing import (MODEL_INPUTS, check_device, check_seq_len, measure_candidates, target_profile,
-                                 target_threads, timing_batches)
+from kdlab.search.timing import (check_device, complete_conditions, measure_candidates, target_profile, target_threads,
+                                 timing_batches)
 from kdlab.train.data import make_loader
-from kdlab.train.pipeline import prepare
-from kdlab.train.teacher import ensure_teacher, load_teacher_config
 
 FLOP_SAMPLE_BATCHES = 8  # batches whose FLOPs are counted to estimate the mean per call
 
@@ -119,22 +119,23 @@ def measure_classifier(cfg: Config, model, prep, threads: int, recipes: list[str
 def run_gate(cfg: Config, accelerator=None, console=None) -> GateResult:
     """Measure the teacher under every recipe on cfg.target; write the report and MLflow runs.
 
-    Measuring needs no Accelerator: with `accelerator` None one is built (train/accel.py) only when the
-    teacher must be fine-tuned first.
+    The task (kdlab.distill.task) reads the data, makes the teacher task-ready and measures each recipe's
+    artefact; the ladder, the verdict and the report are the stage's. Measuring needs no Accelerator: with
+    `accelerator` None one is built (train/accel.py) only when the teacher must be fine-tuned first.
     """
-    if cfg.task.type == "seq2seq":
-        return run_seq2seq_gate(cfg, accelerator, console)
+    task = task_of(cfg)
     check_device(cfg.target)
     set_seed(cfg.train.seed)  # a head the teacher lacks is initialised at random: make it the same each run
     threads = target_threads(cfg.target)
-    check_seq_len(cfg.target, load_teacher_config(cfg), "the teacher's")
-    prep = prepare(cfg, accelerator)
-    teacher, teacher_dev = ensure_teacher(cfg, accelerator, prep.data, prep.tokenizer, prep.train_ds, prep.eval_ds)
+    task.check_teacher_fits(cfg)
+    prep = task.prepare(cfg, accelerator)
+    teacher, teacher_dev = task.ensure_teacher(cfg, accelerator, prep)
     teacher = teacher.to("cpu").eval()
 
     recipes, reference_only = ladder(cfg)
-    rows, conditions = measure_classifier(cfg, teacher, prep, threads, recipes, cfg.run_dir / "gate",
-                                          reference_only=reference_only)
+    rows, conditions = task.measure(cfg, teacher, prep, threads, recipes, cfg.run_dir / "gate",
+                                    reference_only=reference_only)
+    conditions = complete_conditions(conditions, cfg, threads)
     conditions["teacher_dev"] = teacher_dev
     targets, passed, message = judge(rows, cfg)
     return publish(cfg, GateResult(rows, targets, conditions, passed, target_gaps(rows, targets), message),

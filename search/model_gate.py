@@ -24,11 +24,10 @@ from pathlib import Path
 from accelerate.utils import set_seed
 
 from kdlab.distill.config import Config, ConfigError, parse_budget
-from kdlab.search.gate import measure_classifier
+from kdlab.distill.task import task_of
 from kdlab.search.gate_report import gate_references, gate_table, publish
-from kdlab.search.seq2seq_gate import measure_generator
 from kdlab.search.targets import GateResult, GateRow, judge, target_gaps
-from kdlab.search.timing import check_device, check_seq_len, target_threads
+from kdlab.search.timing import check_device, check_seq_len, complete_conditions, target_threads
 from kdlab.train.model_dir import ModelDir, check_model_dir, load_network, prepare_model, weights_sha256
 
 RECORD = "gate.json"
@@ -87,10 +86,8 @@ def run_model_gate(cfg: Config, model_dir: str, console=None) -> GateResult:
     net = load_network(cfg, model, prep.tokenizer)
     out = model_gate_dir(cfg, model.path)
     recipes = list(cfg.quantization.recipes)
-    if model.seq2seq:
-        rows, conditions = measure_generator(cfg, net, prep, threads, recipes)
-    else:
-        rows, conditions = measure_classifier(cfg, net, prep, threads, recipes, out / "artefacts")
+    rows, conditions = task_of(cfg).measure(cfg, net, prep, threads, recipes, out / "artefacts")
+    conditions = complete_conditions(conditions, cfg, threads)
     teacher_fig = None if reference is None else {
         "quality": reference.quality, "p95_ms": reference.p95_ms, "size_mb": reference.size_mb,
         "from": str(cfg.run_dir / "report" / "gate.csv")}

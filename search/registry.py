@@ -5,6 +5,7 @@ the pyfunc flavour serves the export's artefact, so what the registry hands out 
 """
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import tempfile
 from importlib import metadata
@@ -14,6 +15,7 @@ import kdlab
 import kdlab.distill
 import kdlab.eval
 from kdlab.distill.config import Config
+from kdlab.distill.export import write_manifest
 from kdlab.train.tracking import ensure_experiment
 
 # What loading the model needs, pinned to what exported it (STACK.md: never let MLflow infer them).
@@ -31,7 +33,7 @@ def pip_requirements() -> list[str]:
 
 
 def code_package(where: Path) -> Path:
-    """What the pyfunc runs, laid out as the `kdlab` package (kdlab.distill and kdlab.eval, nothing else).
+    """What the pyfunc runs, laid out as the `kdlab` package (kdlab.distill, kdlab.eval and kdlab.tasks, nothing else).
 
     In the repository those layers are the folders distill/ and eval/, mapped into kdlab by pyproject.toml;
     MLflow puts the code path's parent on sys.path, so the copy must be a folder named kdlab.
@@ -42,6 +44,9 @@ def code_package(where: Path) -> Path:
     for layer in (kdlab.distill, kdlab.eval):
         shutil.copytree(Path(layer.__file__).parent, package / layer.__name__.rsplit(".", 1)[1],
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    # The tasks load and run an export's artefact (kdlab.distill.task); found, not imported: no stage imports them.
+    tasks = importlib.util.find_spec("kdlab.tasks").submodule_search_locations[0]
+    shutil.copytree(tasks, package / "tasks", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     return package
 
 
@@ -100,3 +105,12 @@ def register_export(cfg: Config, folder: Path, manifest: dict) -> dict:
         client.set_model_version_tag(name, version, key, value)
     return {"model_name": name, "version": version, "alias": cfg.export.alias, "run_id": run.info.run_id,
             "model_uri": info.model_uri}
+
+
+def register(cfg: Config, dest: Path, manifest: dict, card) -> dict:
+    """Register the finished export in MLflow (when asked) and rewrite its card and manifest to say so."""
+    if cfg.export.register and cfg.tracking.enabled:
+        manifest["mlflow"] = register_export(cfg, dest, manifest)
+        (dest / "README.md").write_text(card(manifest))
+        manifest = write_manifest(dest, manifest)
+    return manifest

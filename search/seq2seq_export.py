@@ -27,25 +27,18 @@ from kdlab.distill.deploy import write_deploy_files
 from kdlab.distill.export import (ExportError, load_served, move_into_place, seq2seq_served_entry, write_manifest,
                             write_model)
 from kdlab.distill.quantize import SEQ2SEQ_ONNX_REASON
+from kdlab.distill.task import task_of
 from kdlab.eval.latency import clamp_threads, machine_info, versions
 from kdlab.eval.paths import portable_path, portable_text
+from kdlab.search.capacity import capacity_card, capacity_section
 from kdlab.search.card import card_metadata, dataset_name, hub_id
-from kdlab.search.registry import register_export
+from kdlab.search.registry import register
 from kdlab.search.seq2seq_gate import generation_batches
 from kdlab.search.targets import GateRow
 from kdlab.search.timing import measure_candidates, target_profile
 from kdlab.train.model_dir import check_model_dir, prepare_model
 from kdlab.train.seq2seq import decoder_start_id, generate_texts, generation_kwargs, load_seq2seq, prepare, score
 from kdlab.train.seq2seq_data import load_seq2seq_test, make_seq2seq_loader, tokenize_pairs
-
-
-def register(cfg: Config, dest: Path, manifest: dict, card) -> dict:
-    """Register the finished export in MLflow (when asked) and rewrite its card and manifest to say so."""
-    if cfg.export.register and cfg.tracking.enabled:
-        manifest["mlflow"] = register_export(cfg, dest, manifest)
-        (dest / "README.md").write_text(card(manifest))
-        manifest = write_manifest(dest, manifest)
-    return manifest
 
 
 def run_seq2seq_export(cfg: Config, choice, dest: Path, console=None) -> dict:
@@ -122,18 +115,30 @@ def run_seq2seq_export(cfg: Config, choice, dest: Path, console=None) -> dict:
         say(f"export: parity on {len(references)} dev rows: {agreement['identical_outputs']:.1%} identical outputs, "
             f"{metric} {agreement['served_quality']:.2f} vs fp32 {agreement['reference_quality']:.2f}; measuring "
             f"generation latency at batch {', '.join(map(str, cfg.export.latency_batch_sizes))}")
-        latency = []
-        for bs in cfg.export.latency_batch_sizes:
+        # One measurement serves the card's latency table and, with serving.target_rps, the capacity plan.
+        planning = cfg.serving.target_rps is not None
+        sizes = sorted(set(cfg.export.latency_batch_sizes) | set(cfg.serving.batch_sizes if planning else ()))
+        measured = {}
+        for bs in sizes:
             batches, lengths = generation_batches(prep, bs, seed=cfg.train.seed)
             artefact = served.artefact  # what a user loads from the folder, built once
             profile = dataclasses.replace(target_profile(cfg.target, threads, lengths["seq_len_median"]), batch_size=bs)
             row = measure_candidates([(GateRow(choice.recipe), artefact)], batches, profile)[0]
             tokens = sum(int((artefact.predict(b)[:, 1:] != prep.tokenizer.pad_token_id).sum()) for b in batches[:8])
             per_call = tokens / min(8, len(batches))
-            latency.append({"batch_size": bs, "p50_ms": row.p50_ms, "p95_ms": row.p95_ms, "p99_ms": row.p99_ms,
+            measured[bs] = {"batch_size": bs, "p50_ms": row.p50_ms, "p95_ms": row.p95_ms, "p99_ms": row.p99_ms,
                             "mean_ms": row.mean_ms,
                             "throughput": row.throughput, "tokens_per_s": per_call / (row.p50_ms / 1e3), "cv": row.cv,
-                            "stable": row.stable, "source_len_median": lengths["seq_len_median"]})
+                            "stable": row.stable, "source_len_median": lengths["seq_len_median"],
+                            "tokens_per_row": per_call / bs}
+        latency = [{k: v for k, v in measured[bs].items() if k != "tokens_per_row"}
+                   for bs in cfg.export.latency_batch_sizes]
+        if planning:
+            plan_sizes = cfg.serving.batch_sizes
+            manifest["capacity"] = capacity_section(
+                cfg, {bs: (measured[bs]["p50_ms"], measured[bs]["p95_ms"]) for bs in plan_sizes}, threads,
+                label="export", unit=task_of(cfg).capacity_unit(cfg),
+                tokens_per_request=sum(measured[bs]["tokens_per_row"] for bs in plan_sizes) / len(plan_sizes))
         manifest.update(parity=agreement, latency=latency,
                         measured={"quality": agreement["served_quality"], "size_mb": served.artefact.size_mb,
                                   "params": sum(p.numel() for p in model.parameters())},
@@ -170,6 +175,7 @@ def seq2seq_card(m: dict) -> str:
     for r in m["latency"]:
         lines.append(f"| {r['batch_size']} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['throughput']:.1f} | "
                      f"{r['tokens_per_s']:.0f} |")
+    lines += capacity_card(m.get("capacity"))
     lines += ["", "## Loading", "", "```python", "from transformers import AutoModelForSeq2SeqLM, AutoTokenizer",
               "model = AutoModelForSeq2SeqLM.from_pretrained(\"<this folder>\")  # fp32",
               "tokenizer = AutoTokenizer.from_pretrained(\"<this folder>\")", "",

@@ -1,6 +1,6 @@
 """The gate for seq2seq teachers: each recipe's artefact generates the dev set, and whole `generate` calls are timed.
 
-Library module for search/gate.py (`kdlab gate` dispatches here when task.type=seq2seq). The verdict,
+Library module for the seq2seq task (kdlab.tasks.seq2seq measures a gate's recipes with it). The verdict,
 targets, reports and MLflow runs are the classification gate's; what differs is what a served call
 is. A request is one `generate` call with the config's decoding settings (generation.num_beams,
 max_new_tokens) on `target.batch_size` real dev sources, so the measured latency includes every
@@ -9,15 +9,12 @@ own outputs on the dev set. ONNX recipes are reported as skipped with the reason
 """
 from __future__ import annotations
 
-from accelerate.utils import set_seed
-
 from kdlab.distill.config import Config
 from kdlab.distill.quantize import RecipeUnavailable, apply_generation_recipe
 from kdlab.eval.latency import machine_info, matmul_peak_gflops, versions
-from kdlab.search.gate_report import publish
-from kdlab.search.targets import GateResult, GateRow, judge, ladder, target_gaps
-from kdlab.search.timing import check_device, measure_candidates, target_profile, target_threads, timing_batches
-from kdlab.train.seq2seq import Prepared, ensure_seq2seq_teacher, generate_texts, generation_kwargs, prepare, score
+from kdlab.search.targets import GateRow
+from kdlab.search.timing import measure_candidates, target_profile, timing_batches
+from kdlab.train.seq2seq import Prepared, generate_texts, generation_kwargs, score
 from kdlab.train.seq2seq_data import make_seq2seq_loader
 
 
@@ -85,22 +82,3 @@ def measure_generator(cfg: Config, model, prep: Prepared, threads: int, recipes:
         "matmul_peak_gflops": peak, "machine": machine_info(), "versions": versions(),
     }
     return rows, conditions
-
-
-def run_seq2seq_gate(cfg: Config, accelerator=None, console=None) -> GateResult:
-    """Measure the seq2seq teacher under every recipe on cfg.target; write the report and MLflow runs.
-
-    With `accelerator` None a training accelerator is built only when the teacher must be fine-tuned first.
-    """
-    check_device(cfg.target)
-    set_seed(cfg.train.seed)
-    threads = target_threads(cfg.target)
-    prep = prepare(cfg, accelerator)
-    teacher, teacher_dev = ensure_seq2seq_teacher(cfg, accelerator, prep)
-    teacher = teacher.to("cpu").eval()
-    recipes, reference_only = ladder(cfg)
-    rows, conditions = measure_generator(cfg, teacher, prep, threads, recipes, reference_only)
-    conditions["teacher_dev"] = teacher_dev
-    targets, passed, message = judge(rows, cfg)
-    return publish(cfg, GateResult(rows, targets, conditions, passed, target_gaps(rows, targets), message),
-                   accelerator, console)

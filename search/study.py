@@ -44,7 +44,6 @@ Exit code 0 (a feasible student exists), 3 (none), 2 (config error).
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import os
@@ -60,21 +59,16 @@ from pathlib import Path
 import optuna
 from accelerate.utils import set_seed
 
-from kdlab.distill.config import Config, ConfigError, load_config, redact, search_families
-from kdlab.eval.latency import clamp_threads, machine_info, versions
-from kdlab.search import seq2seq_search
-from kdlab.search.gate import build_candidates
+from kdlab.distill.config import Config, ConfigError, load_config, redact
+from kdlab.distill.task import task_of
+from kdlab.eval.latency import clamp_threads
 from kdlab.search.gate_report import gate_references
 from kdlab.search.latency_model import calibrate, predicted_errors
-from kdlab.search.objective import PHASES, Context, Family, objective, one_line
-from kdlab.search.space import TEACHER_FAMILY, FamilySpace, SearchSpace, TeacherShape
+from kdlab.search.objective import PHASES, Context, one_line
 from kdlab.search.study_report import arch_text, print_front, targets_text, trial_rows, write_report
 from kdlab.search.study_tracking import StudyTracking
 from kdlab.search.targets import EXIT_MISS, EXIT_PASS, GateRow, Targets, is_relative, resolve_targets
-from kdlab.search.timing import check_device, measure_candidates, target_profile, timing_batches
-from kdlab.train.data import make_loader
-from kdlab.train.pipeline import distillation_logits, load_base, prepare, student_source_config
-from kdlab.train.teacher import ensure_teacher, load_teacher_config
+from kdlab.search.timing import check_device
 
 DIRECTIONS = ["maximize", "minimize"]  # quality, p95_ms
 METRIC_NAMES = ["quality", "p95_ms"]  # the objectives by name, as optuna-dashboard and plots label them
@@ -186,7 +180,7 @@ def make_sampler(cfg: Config, n_existing: int) -> optuna.samplers.BaseSampler:
                                           n_startup_trials=STARTUP_TRIALS)
 
 
-def _fingerprint(cfg: Config, space: SearchSpace) -> dict:
+def _fingerprint(cfg: Config, space) -> dict:
     """What makes trials comparable: a resumed study must keep it."""
     return json.loads(json.dumps({
         "space": space.describe(), "train_steps": cfg.search.train_steps, "train_epochs": cfg.search.train_epochs,
@@ -372,94 +366,12 @@ def meta_of(cfg: Config, study: optuna.Study) -> dict:
             "time": time_accounting(study)}
 
 
-def family_config(cfg: Config, family: str) -> Config:
-    """The config as a student of `family` reads it (search.families): student.pretrained set to it, or unset."""
-    return dataclasses.replace(cfg, student=dataclasses.replace(
-        cfg.student, pretrained=None if family == TEACHER_FAMILY else family))
-
-
-def build_space(cfg: Config):
-    """The classification search space: one SearchSpace, or a FamilySpace over search.families (errors name the
-    family whose shape the ranges do not fit)."""
-    families = search_families(cfg)
-    if len(families) == 1:
-        fcfg = family_config(cfg, families[0])
-        return SearchSpace(fcfg, TeacherShape.of(student_source_config(fcfg)), family=families[0])
-    spaces = {}
-    for family in families:
-        fcfg = family_config(cfg, family)
-        try:
-            spaces[family] = SearchSpace(fcfg, TeacherShape.of(student_source_config(fcfg)), family=family,
-                                         prefix=f"{family}:")
-        except ConfigError as exc:
-            raise ConfigError(f"search.families: {family}: {exc}".replace("student.pretrained: ", "")) from None
-    return FamilySpace(spaces)
-
-
-def _family(cfg: Config, accelerator, teacher, prep, threads: int) -> Family:
-    """What the students of one family read: dev batches tokenized by their own tokenizer (scoring, timing),
-    the distillation set's teacher logits, and the pretrained model they are cut from."""
-    s_eval, s_tok = prep.student_eval_ds, prep.student_tokenizer
-    quality_batches = list(make_loader(s_eval, s_tok, cfg.train.eval_batch_size, shuffle=False))
-    batches, lengths = timing_batches(s_eval, s_tok, cfg.target.batch_size, cfg.target.seq_len,
-                                      vocab_size=len(s_tok), seed=cfg.train.seed)
-    logits_only = cfg.distill.hidden_weight == 0 and cfg.distill.attention_weight == 0
-    needs_cache = not prep.shared_vocabulary or cfg.distill.transfer.enabled
-    logits_cache, label_report = (distillation_logits(teacher, prep, cfg, accelerator, say=accelerator.print)
-                                  if needs_cache or (cfg.distill.cache_teacher_logits and logits_only)
-                                  else (None, None))
-    eval_loader = accelerator.prepare(make_loader(s_eval, s_tok, cfg.train.eval_batch_size, shuffle=False))
-    return Family(prep, load_base(cfg, prep.data.num_labels), batches, quality_batches, eval_loader, logits_cache,
-                  target_profile(cfg.target, threads, lengths["seq_len_median"]), lengths, label_report)
-
-
 def _setup(cfg: Config, accelerator, space, console) -> Context:
     set_seed(cfg.train.seed)
     threads, warning = clamp_threads(cfg.target.threads)
     if warning:
         print(f"kdlab: warning: target.threads: {warning}", file=sys.stderr)
-    if cfg.task.type == "seq2seq":
-        tracking = StudyTracking(cfg)
-        tracking.ensure_experiment()
-        return seq2seq_search.setup(cfg, accelerator, space, console, tracking, threads)
-    names = search_families(cfg)
-    preps = {}
-    for name in names:  # every family's files and tokenizer are checked before the teacher is touched
-        try:
-            preps[name] = prepare(family_config(cfg, name), accelerator)
-        except ConfigError as exc:
-            if len(names) == 1:
-                raise
-            raise ConfigError(f"search.families: {name}: {exc}") from None
-    prep = preps[names[0]]
-    tracking = StudyTracking(cfg)
-    tracking.ensure_experiment()  # before the teacher's own MLflow run creates the experiment elsewhere
-    attn = "eager" if cfg.distill.attention_weight > 0 and cfg.distill.attention_loss == "tinybert" else None
-    teacher, teacher_dev = ensure_teacher(cfg, accelerator, prep.data, prep.tokenizer, prep.train_ds, prep.eval_ds,
-                                          attn=attn)
-    teacher = teacher.to(accelerator.device).eval()
-    # Students read their own tokenizer's tokens (student.pretrained, search.families), in training, scoring and
-    # timing alike; the teacher's reference point reads the teacher's.
-    families = {name: _family(family_config(cfg, name), accelerator, teacher, p, threads) for name, p in preps.items()}
-    first = families[names[0]]
-    t_quality = list(make_loader(prep.eval_ds, prep.tokenizer, cfg.train.eval_batch_size, shuffle=False))
-    t_batches, t_lengths = timing_batches(prep.eval_ds, prep.tokenizer, cfg.target.batch_size, cfg.target.seq_len,
-                                          vocab_size=len(prep.tokenizer), seed=cfg.train.seed)
-    ctx = Context(cfg, accelerator, prep, teacher, space, Targets(), first.profile, first.batches,
-                  first.quality_batches, first.eval_loader, first.logits_cache, attn, threads, tracking, {}, console,
-                  first.base, (t_batches, t_quality, target_profile(cfg.target, threads, t_lengths["seq_len_median"])),
-                  families if len(names) > 1 else None)
-    ctx.meta = {"conditions": {"device": cfg.target.device, "threads": threads, "batch_size": cfg.target.batch_size,
-                               "seq_len": cfg.target.seq_len, **first.lengths, "metric": cfg.task.metric,
-                               "dev_rows": len(prep.eval_ds), "teacher": cfg.teacher.source,
-                               "teacher_dev": teacher_dev,
-                               "training_data": prep.training_data(cfg, first.label_report),
-                               "cpu": machine_info()["cpu"],
-                               "torch": versions()["torch"]}}
-    if len(names) > 1:  # each family's tokenizer makes its own dev lengths, so its own timing batches
-        ctx.meta["conditions"]["families"] = {name: {"seq_len_median": f.lengths["seq_len_median"]}
-                                              for name, f in families.items()}
-    return ctx
+    return task_of(cfg).search_setup(cfg, accelerator, space, console, threads)
 
 
 PROFILE_KEYS = ("device", "threads", "batch_size", "seq_len", "warmup_iters", "min_iters", "min_seconds", "repeats")
@@ -554,17 +466,8 @@ def _resolve_targets(ctx: Context, study: optuna.Study, created: bool, remeasure
         reference = GateRow("fp32", candidate=False, quality=gate["quality"], p50_ms=gate["p50_ms"],
                             p95_ms=gate["p95_ms"], cv=gate["cv"], size_mb=gate["size_mb"])
         record = gate
-    elif is_relative(cfg.target) and cfg.task.type == "seq2seq":
-        reference = seq2seq_search.reference(ctx)
     elif is_relative(cfg.target):
-        cpu_teacher = ctx.teacher.to("cpu")
-        t_batches, t_quality, t_profile = ctx.teacher_batches  # the teacher reads its own tokenizer's tokens
-        built = build_candidates(cpu_teacher, ["fp32"], example_batch=t_quality[0],
-                                 quality_batches=t_quality, metric=cfg.task.metric,
-                                 num_labels=ctx.prep.data.num_labels, device=cfg.target.device, threads=ctx.threads,
-                                 allow_cpu_bf16=False, workdir=cfg.run_dir / "search_reference")
-        reference = measure_candidates(built, t_batches, t_profile)[0]
-        ctx.teacher.to(ctx.accelerator.device)
+        reference = task_of(cfg).search_reference(ctx)
     if reference is not None and reference.status == "ok" and record is None:
         record = {"p95_ms": reference.p95_ms, "quality": reference.quality, "size_mb": reference.size_mb,
                   "p50_ms": reference.p50_ms, "cv": reference.cv, "source": "search",
@@ -583,12 +486,9 @@ def run_search(cfg: Config, accelerator, n_trials: int | None = None, timeout_s:
     """Run (or resume) the study; write the report and MLflow runs; return the front and the verdict."""
     started = time.time()
     check_device(cfg.target)
-    if cfg.task.type == "seq2seq":
-        space = seq2seq_search.Seq2SeqSpace.from_config(cfg, load_teacher_config(cfg))
-        trial_objective = seq2seq_search.objective
-    else:
-        space = build_space(cfg)  # space errors before any work starts
-        trial_objective = objective
+    task = task_of(cfg)
+    space = task.search_space(cfg)  # space errors before any work starts
+    trial_objective = task.trial_objective
     created = not cfg.run_dir.exists()
     storage = open_storage(cfg)
     name = cfg.search.study_name or cfg.name

@@ -14,12 +14,12 @@ import sys
 import torch
 from transformers import DataCollatorWithPadding
 
+from kdlab.distill.adapter import MODEL_INPUTS
 from kdlab.distill.config import ConfigError, TargetConfig
 from kdlab.distill.quantize import Quantized
-from kdlab.eval.latency import TargetProfile, clamp_threads, measure
+from kdlab.eval.latency import TargetProfile, clamp_threads, machine_info, matmul_peak_gflops, measure, versions
 from kdlab.search.targets import GateRow
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 MAX_TIMING_BATCHES = 512  # enough distinct real batches to cycle through; holding more costs memory only
 
 
@@ -105,3 +105,25 @@ def check_seq_len(target: TargetConfig, model_config, whose: str) -> None:
     if seq_len != "data" and max_positions and seq_len > max_positions:
         raise ConfigError(f"target.seq_len: {seq_len} exceeds {whose} max_position_embeddings "
                           f"{max_positions}; valid: 1..{max_positions} or 'data'")
+
+
+def measurement_conditions(cfg, threads: int) -> dict:
+    """What every measured row shares whatever the task: the target profile, the dev metric, the machine's
+    matmul peak and the versions (gate reports, gate.json)."""
+    t = cfg.target
+    return {"device": t.device, "threads": threads, "threads_requested": t.threads, "batch_size": t.batch_size,
+            "seq_len": t.seq_len, "warmup_iters": t.warmup_iters, "min_iters": t.min_iters,
+            "min_seconds": t.min_seconds, "repeats": t.repeats, "p95_tolerance": t.p95_tolerance,
+            "max_rounds": t.max_rounds, "metric": cfg.task.metric, "teacher": cfg.teacher.source,
+            "matmul_peak_gflops": matmul_peak_gflops(t.device, threads), "machine": machine_info(),
+            "versions": versions()}
+
+
+def complete_conditions(conditions: dict, cfg, threads: int) -> dict:
+    """A task's measurement conditions with what it left out of `measurement_conditions` added (its own kept)."""
+    if all(k in conditions for k in ("device", "threads", "threads_requested", "batch_size", "seq_len", "warmup_iters",
+                                     "min_iters", "min_seconds", "repeats", "p95_tolerance", "max_rounds", "metric",
+                                     "teacher", "matmul_peak_gflops", "machine", "versions")):
+        return conditions
+    common = measurement_conditions(cfg, threads)
+    return {**conditions, **{k: v for k, v in common.items() if k not in conditions}}

@@ -12,7 +12,8 @@ from mlflow.tracking import MlflowClient
 from conftest import ROOT, tiny_run_tree, write_config
 from kdlab.distill.config import ConfigError, load_config
 from kdlab.scripts.cli import main as kdlab
-from kdlab.search.capacity import batching_line, comparison_markdown, markdown, plan, plan_one, predicted_for
+from kdlab.search.capacity import (batching_line, capacity_section, comparison_markdown, markdown, plan, plan_one,
+                                  predicted_for)
 
 # batch -> (p50 ms, p95 ms) of the model itself on one replica
 LAT = {1: (2.0, 3.0), 8: (8.0, 10.0), 32: (24.0, 30.0)}
@@ -43,6 +44,30 @@ def test_best_throughput_within_the_slo_with_the_fill_wait_and_overhead():
     assert sv["max_ongoing_requests"] == 38  # ceil(2 x 18.9), above one batch running and one filling (16)
     assert sv["max_queued_requests"] == 100  # 2 replicas x 1000 req/s x 0.050 s: what can still meet the SLO
     assert batching_line(row) == "m: batching helps: batch 8 serves 1000 requests/s per replica, 2.0x batch 1's"
+
+
+def test_the_seq2seq_plan_counts_whole_generate_calls_and_the_tokens_they_make(tmp_path):
+    """By hand, a seq2seq model whose request is one whole `generate` (12 new tokens on average), 30 req/s,
+    25 % headroom, 10 ms overhead, SLO 300 ms; generate p50/p95 per call: batch 1 40/50 ms, batch 4 100/120 ms:
+    batch 1: 1 / 0.040 = 25 req/s per instance -> ceil(30 / (25 x 0.75)) = ceil(1.6) = 2 instances;
+             no fill wait: 50 + 10 = 60 ms, meets.
+    batch 4: 4 / 0.100 = 40 req/s -> ceil(30 / 30) = 1 instance, which gets all 30 req/s: 3 / 30 s = 100 ms to
+             fill; 100 + 120 + 10 = 230 ms, meets; 40 > 25 x 1.1, so batch 4: one instance,
+             40 x 12 = 480 generated tokens/s."""
+    cfg = load_config(write_config(tmp_path / "c.yaml", {
+        "name": "s", "task": {"type": "seq2seq"}, "data": {"train_file": "a.tsv", "eval_file": "b.tsv"},
+        "serving": {"target_rps": 30, "p95_slo_ms": 300, "headroom": 0.25, "overhead_ms": 10, "batch_sizes": [1, 4]}}))
+    section = capacity_section(cfg, {1: (40.0, 50.0), 4: (100.0, 120.0)}, 2, label="export",
+                               unit="one generate call", tokens_per_request=12.0)
+    row = section["plan"]
+    assert (row["batch_size"], row["instances"], row["threads"]) == (4, 1, 2)
+    assert row["throughput"] == pytest.approx(40.0) and row["fill_wait_ms"] == pytest.approx(100.0)
+    assert row["p95_ms"] == pytest.approx(230.0)
+    by_batch = {o["batch_size"]: o for o in row["options"]}
+    assert (by_batch[1]["throughput"], by_batch[1]["replicas"]) == (pytest.approx(25.0), 2)
+    assert by_batch[1]["p95_ms"] == pytest.approx(60.0)
+    assert section["tokens_per_s_per_instance"] == pytest.approx(480.0)
+    assert section["unit"] == "one generate call" and section["latency"]["4"] == {"p50_ms": 100.0, "p95_ms": 120.0}
 
 
 def test_batch_one_wins_when_batching_does_not_pay():

@@ -66,9 +66,13 @@ def test_training_and_seq2seq_keys_defaults_and_ranges(tmp_path):
     assert (t.early_stopping_patience, t.save_state_every_steps, t.grad_accum_steps) == (None, None, 1)
     assert (d.source_column, d.target_column, d.source_prefix, cfg.teacher.encoder_decoder) == (
         "source", "target", "", False)
-    dotted = load_config(write(tmp_path, BASE), ["data.source_column=translation.de",
-                                                 "data.source_prefix='translate German to English: '"])
+    seq2seq_keys = ["data.source_column=translation.de", "data.source_prefix='translate German to English: '"]
+    dotted = load_config(write(tmp_path, BASE), ["task.type=seq2seq", *seq2seq_keys])
     assert (dotted.data.source_column, dotted.data.source_prefix) == ("translation.de", "translate German to English: ")
+    # A classification run reads neither key: setting one would be silently ignored, so it is refused.
+    with pytest.raises(ConfigError, match=r"data\.source_column: 'translation\.de' is not used by "
+                                          r"task\.type=classification; remove it \(default 'source'\)"):
+        load_config(write(tmp_path, BASE), seq2seq_keys)
     with pytest.raises(ConfigError, match=r"train\.grad_accum_steps: must be >= 1"):
         load_config(write(tmp_path, BASE), ["train.grad_accum_steps=0"])
     with pytest.raises(ConfigError, match=r"teacher\.encoder_decoder: expected true or false, got 'yes please'"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import mlflow
@@ -217,6 +218,7 @@ def test_a_seq2seq_model_folder_is_gated_and_exported_the_same_way(tmp_path, cap
             "data": {**data, "max_length": 48, "max_target_length": 48}, "teacher": {"source": str(model)},
             "target": {**PROFILE, "p95_ms": 60000}, "quantization": {"recipes": ["fp32", "dynamic-int8"]},
             "generation": {"max_new_tokens": 8}, "export": {"latency_batch_sizes": [1], "register": False},
+            "serving": {"target_rps": 5, "p95_slo_ms": 60000, "batch_sizes": [1, 2]},
             "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}}
     config = write_config(tmp_path / "s2s.yaml", tree)
     assert kdlab(["gate", "--config", str(config), "--model", str(model)]) == 0  # absolute targets: no teacher gate
@@ -232,6 +234,18 @@ def test_a_seq2seq_model_folder_is_gated_and_exported_the_same_way(tmp_path, cap
         "seq2seq", "model", best["recipe"])
     # The export's fp32 BLEU on the dev set is what the gate measured for fp32: same model, rows and decoding.
     assert manifest["parity"]["reference_quality"] == pytest.approx(float(rows[0]["quality"]), abs=1e-3)
+    # The capacity plan counts whole generate calls. By hand from its measured latencies (search/capacity.py):
+    # throughput = batch / p50, replicas = ceil(5 / (throughput x 0.7)), batch 2 only at 10 % more requests/s.
+    cap = manifest["capacity"]
+    assert cap["unit"] == "one whole generate call (1 beam(s), at most 8 new tokens)"
+    assert set(cap["latency"]) == {"1", "2"}
+    thr = {b: b / (cap["latency"][str(b)]["p50_ms"] / 1000) for b in (1, 2)}
+    b = 2 if thr[2] > thr[1] * 1.1 else 1
+    assert (cap["plan"]["batch_size"], cap["plan"]["instances"]) == (b, max(1, math.ceil(5 / (thr[b] * 0.7))))
+    assert 0 < cap["tokens_per_request"] <= 8  # generation.max_new_tokens bounds every output
+    assert cap["tokens_per_s_per_instance"] == pytest.approx(thr[b] * cap["tokens_per_request"], rel=1e-9)
+    assert cap["latency"]["1"]["p50_ms"] == manifest["latency"][0]["p50_ms"]  # one timing serves both
+    assert "## Capacity" in (tmp_path / "run" / "export" / "README.md").read_text()
     # A target no recipe meets: MISS (exit 3), and the default export then refuses with one line; --recipe still works.
     export = tmp_path / "run" / "export"
     assert kdlab(["gate", "--config", str(config), "--model", str(model), "target.p95_ms=0.000001"]) == 3

@@ -15,7 +15,7 @@ import kdlab
 from kdlab.search.registry import code_package
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ("distill", "eval", "scripts", "search", "train")
+LAYERS = ("distill", "eval", "scripts", "search", "tasks", "train")
 
 
 def run_python(code: str, cwd: Path, **env) -> subprocess.CompletedProcess:
@@ -72,18 +72,23 @@ def test_the_api_names_are_public_and_resolve():
     assert set(kdlab.__all__) <= set(dir(kdlab))
 
 
-def test_the_pyfunc_code_path_is_kdlab_with_distill_and_eval_only(tmp_path):
+def test_the_pyfunc_code_path_is_kdlab_with_distill_eval_and_tasks_only(tmp_path):
+    """The tasks load and run an export's artefact (kdlab.distill.task), so the pyfunc carries them too."""
     package = code_package(tmp_path / "code")
     assert package.name == "kdlab"
-    assert sorted(p.name for p in package.iterdir()) == ["__init__.py", "distill", "eval"]
+    assert sorted(p.name for p in package.iterdir()) == ["__init__.py", "distill", "eval", "tasks"]
     assert not list(package.rglob("__pycache__"))
     # From that copy alone: the serving code imports, and nothing else of kdlab is there to be found.
     # The editable install's finder would resolve kdlab.train to the repository: leave it out, as in a model
     # server where kdlab is not installed.
     code = ("import sys\nsys.meta_path[:] = [f for f in sys.meta_path if '_EditableFinder' not in repr(f)]\n"
             "import kdlab.distill.export as e, kdlab.distill.mlflow_model as m\n"
+            "from kdlab.distill.task import load_task\n"
             "print(e.__file__)\n"
+            "print(*(sys.modules[type(load_task(t)).__module__].__file__ for t in ('classification', 'seq2seq')))\n"
             "try:\n    import kdlab.train\nexcept ModuleNotFoundError:\n    print('no kdlab.train')\n")
     proc = run_python(code, tmp_path, PYTHONPATH=str(tmp_path / "code"))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.splitlines() == [str(package / "distill" / "export.py"), "no kdlab.train"]
+    assert proc.stdout.splitlines() == [str(package / "distill" / "export.py"),
+                                        f"{package / 'tasks' / 'classification.py'} {package / 'tasks' / 'seq2seq.py'}",
+                                        "no kdlab.train"]

@@ -6,7 +6,9 @@ graph fails on
 
 (a) a cycle between modules, through top-level or function-level imports alike;
 (b) an upward import: eval imports nothing of ours; distill only eval; train only distill and eval; search
-    only train, distill and eval; scripts and the top (kdlab/: the API, `python -m kdlab`) anything. The
+    only train, distill and eval; tasks (kdlab/tasks: one module per task, reached by the stages only through
+    the registry kdlab.distill.task) the four below; scripts and the top (kdlab/: the API, `python -m kdlab`)
+    anything. The
     package root `kdlab` (kdlab/__init__.py, which loads nothing at import) is the namespace every module
     lives in, not a layer;
 (c) a private name (`_x`, not `__x__`) imported from, or read as an attribute of, another of our modules;
@@ -27,15 +29,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # folder -> (installed package, layer rank): a module may import ranks <= its own.
 LAYERS = {"eval": ("kdlab.eval", 0), "distill": ("kdlab.distill", 1), "train": ("kdlab.train", 2),
-          "search": ("kdlab.search", 3), "scripts": ("kdlab.scripts", 4), "kdlab": ("kdlab", 4)}
+          "search": ("kdlab.search", 3), "tasks": ("kdlab.tasks", 4), "scripts": ("kdlab.scripts", 5),
+          "kdlab": ("kdlab", 5)}
 OLD_NAMES = ("train", "distill", "search", "eval", "scripts")
 # Modules that may import our own modules inside functions, and why.
 LAZY_IMPORTS = {
     "kdlab": "the lazy public API: `import kdlab` and `kdlab --version` load no layer",
     "kdlab.scripts.cli": "the CLI boundary: each command imports its stage when it runs, so `kdlab --help` stays "
                          "fast and a bad config is one line before torch loads",
-    "kdlab.train.distill": "the entry script `accelerate launch train/distill.py` (and `kdlab distill`): the config "
-                           "is checked before the training stack (torch, transformers) is imported",
+    "kdlab.tasks.classification": "a task: the registry loads it while a config is checked, before torch may load "
+                                  "(kdlab.distill.task); its methods import the layers that do the work",
+    "kdlab.tasks.seq2seq": "a task: as kdlab.tasks.classification",
 }
 
 

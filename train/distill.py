@@ -12,15 +12,13 @@ import argparse
 import sys
 
 from kdlab.distill.config import ConfigError, load_config
+from kdlab.distill.task import task_of
 from kdlab.train.accel import training_accelerator
 
 
 def distil(cfg, accelerator) -> dict:
     """One distillation under `cfg` on `accelerator` (kdlab.run_distill); returns the run's kdlab_summary.json."""
-    from kdlab.train.pipeline import run
-    if cfg.task.type == "seq2seq":
-        from kdlab.train.seq2seq import run
-    return run(cfg, accelerator)
+    return task_of(cfg).distil(cfg, accelerator)
 
 
 def main(argv=None) -> int:

@@ -17,6 +17,7 @@ from pathlib import Path
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from kdlab.distill.config import Config, ConfigError
+from kdlab.distill.task import task_of
 from kdlab.train.data import load_task_data, tokenize
 from kdlab.train.pipeline import Prepared
 from kdlab.train.seq2seq import Prepared as Seq2SeqPrepared, decoder_start_id, load_seq2seq, tokenizer_lowercases
@@ -42,42 +43,29 @@ class ModelDir:
         return (self.summary or {}).get("mlflow_run_id")
 
 
-def _where(cfg: Config) -> str:
+def config_where(cfg: Config) -> str:
     return cfg.config_path or "<config>"
 
 
-def _valid(cfg: Config) -> str:
+def valid_model_folder(cfg: Config) -> str:
     return (f"valid: a folder a training saved (config.json, safetensors weights, tokenizer), e.g. "
-            f"{cfg.run_dir / 'student'} after accelerate launch train/distill.py --config {_where(cfg)}")
+            f"{cfg.run_dir / 'student'} after accelerate launch train/distill.py --config {config_where(cfg)}")
 
 
 def check_model_dir(cfg: Config, model_dir: str | Path) -> ModelDir:
-    """The folder's config, kind (classifier or seq2seq, as task.type asks), weights and tokenizer files."""
+    """The folder's config, kind (what the task reads: check_model_folder), weights and tokenizer files."""
     path = Path(model_dir)
     if not path.is_dir():
-        raise ConfigError(f"--model: folder not found: {path}; {_valid(cfg)}")
+        raise ConfigError(f"--model: folder not found: {path}; {valid_model_folder(cfg)}")
     if not (path / "config.json").is_file():
-        raise ConfigError(f"--model: {path} is not a trained model folder (no config.json); {_valid(cfg)}")
+        raise ConfigError(f"--model: {path} is not a trained model folder (no config.json); {valid_model_folder(cfg)}")
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"--model: cannot read {path / 'config.json'} ({first}); {_valid(cfg)}") from None
-    kind = getattr(config, "model_type", None) or type(config).__name__
-    archs = list(getattr(config, "architectures", None) or [])
+        raise ConfigError(f"--model: cannot read {path / 'config.json'} ({first}); {valid_model_folder(cfg)}") from None
     seq2seq = bool(getattr(config, "is_encoder_decoder", False))
-    if cfg.task.type == "seq2seq" and not seq2seq:
-        raise ConfigError(f"--model: {path} is a {kind} model ({', '.join(archs) or 'no architectures'}), not an "
-                          f"encoder-decoder, but task.type is seq2seq in {_where(cfg)}; valid: a seq2seq model folder "
-                          f"(T5, BART, Marian, ...), such as a seq2seq student")
-    if cfg.task.type != "seq2seq":
-        if seq2seq:
-            raise ConfigError(f"--model: {path} is a seq2seq model ({kind}) but task.type is {cfg.task.type} in "
-                              f"{_where(cfg)}; valid: a sequence-classification model folder (a seq2seq model needs "
-                              f"a config with task.type: seq2seq)")
-        if not any(a.endswith("ForSequenceClassification") for a in archs):
-            raise ConfigError(f"--model: {path} is not a trained sequence classifier (architectures: "
-                              f"{', '.join(archs) or 'none'}; no classification head); {_valid(cfg)}")
+    task_of(cfg).check_model_folder(cfg, path, config)
     if not any(path.glob("*.safetensors")):
         raise ConfigError(f"--model: {path} has no safetensors weights; kdlab reads safetensors "
                           f"(model.save_pretrained(folder) writes them)")
@@ -94,6 +82,33 @@ def check_model_dir(cfg: Config, model_dir: str | Path) -> ModelDir:
     return ModelDir(path, config, seq2seq, summary)
 
 
+def model_kind(config) -> tuple[str, list[str]]:
+    """The model type and architectures a folder's config names, for messages."""
+    kind = getattr(config, "model_type", None) or type(config).__name__
+    return kind, list(getattr(config, "architectures", None) or [])
+
+
+def check_classifier_folder(cfg: Config, path: Path, config) -> None:
+    """A sequence classifier (not an encoder-decoder), with its classification head."""
+    kind, archs = model_kind(config)
+    if getattr(config, "is_encoder_decoder", False):
+        raise ConfigError(f"--model: {path} is a seq2seq model ({kind}) but task.type is {cfg.task.type} in "
+                          f"{config_where(cfg)}; valid: a sequence-classification model folder (a seq2seq model needs "
+                          f"a config with task.type: seq2seq)")
+    if not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise ConfigError(f"--model: {path} is not a trained sequence classifier (architectures: "
+                          f"{', '.join(archs) or 'none'}; no classification head); {valid_model_folder(cfg)}")
+
+
+def check_seq2seq_folder(cfg: Config, path: Path, config) -> None:
+    """An encoder-decoder."""
+    kind, archs = model_kind(config)
+    if not getattr(config, "is_encoder_decoder", False):
+        raise ConfigError(f"--model: {path} is a {kind} model ({', '.join(archs) or 'no architectures'}), not an "
+                          f"encoder-decoder, but task.type is seq2seq in {config_where(cfg)}; valid: a seq2seq model "
+                          f"folder (T5, BART, Marian, ...), such as a seq2seq student")
+
+
 def model_labels(config) -> list[str]:
     return [str(config.id2label[i]) for i in range(config.num_labels)]
 
@@ -103,8 +118,8 @@ def check_labels(cfg: Config, model: ModelDir, label_names: list[str]) -> None:
     have = model_labels(model.config)
     if have != list(label_names):
         raise ConfigError(f"--model: {model.path} classifies {len(have)} labels ({', '.join(have)}) but the data of "
-                          f"{_where(cfg)} has {len(label_names)} ({', '.join(label_names)}); valid: a model trained "
-                          f"on these labels, in this order (data.label_names)")
+                          f"{config_where(cfg)} has {len(label_names)} ({', '.join(label_names)}); valid: a model "
+                          f"trained on these labels, in this order (data.label_names)")
 
 
 def load_model_tokenizer(model: ModelDir):
@@ -127,15 +142,17 @@ def prepare_model(cfg: Config, model: ModelDir):
     measuring nor exporting reads them.
     """
     check_reachable(cfg)  # an unreachable tracking server: one line now, not after the measurement
-    if model.seq2seq:
-        return _prepare_seq2seq(cfg, model)
+    return task_of(cfg).prepare_model(cfg, model)
+
+
+def prepare_classifier(cfg: Config, model: ModelDir) -> Prepared:
     data = load_task_data(cfg.data, cfg.train.seed)
     check_labels(cfg, model, data.label_names)
     tokenizer = load_model_tokenizer(model)
     return Prepared(data, tokenizer, None, tokenize(data.eval, tokenizer, cfg.data, data.label_names))
 
 
-def _prepare_seq2seq(cfg: Config, model: ModelDir):
+def prepare_seq2seq_model(cfg: Config, model: ModelDir) -> Seq2SeqPrepared:
     data = load_seq2seq_data(cfg.data, cfg.train.seed)
     tokenizer = load_model_tokenizer(model)
     if tokenizer.pad_token_id is None or end_token_id(tokenizer) is None:
@@ -148,10 +165,16 @@ def _prepare_seq2seq(cfg: Config, model: ModelDir):
 
 
 def load_network(cfg: Config, model: ModelDir, tokenizer):
-    """The model itself, fp32 on the CPU in eval mode, read from safetensors."""
-    if model.seq2seq:
-        return load_seq2seq(str(model.path), cfg, tokenizer).eval()
+    """The model itself, fp32 on the CPU in eval mode, read from safetensors (as its task loads it)."""
+    return task_of(cfg).load_network(cfg, model, tokenizer)
+
+
+def load_classifier(model: ModelDir):
     return AutoModelForSequenceClassification.from_pretrained(model.path, use_safetensors=True).eval()
+
+
+def load_seq2seq_model(cfg: Config, model: ModelDir, tokenizer):
+    return load_seq2seq(str(model.path), cfg, tokenizer).eval()
 
 
 def weights_sha256(path: Path) -> str:
