@@ -33,7 +33,7 @@ from kdlab.distill.deploy import (SERVE_CONFIG, deployment_options, plan_setting
 from kdlab.distill.export import write_manifest  # noqa: E402
 from kdlab.scripts.loadtest import run_loadtest  # noqa: E402
 from kdlab.scripts.predict import run_predict  # noqa: E402
-from kdlab.scripts.serve import deploy, wait_ready  # noqa: E402
+from kdlab.scripts.serve import deploy, full_priority_workers, wait_ready  # noqa: E402
 from kdlab.scripts.serve_app import build, settings_for  # noqa: E402
 from kdlab.search.capacity import plan_one  # noqa: E402
 
@@ -77,6 +77,9 @@ def session_processes(marker: str) -> list[str]:
 def ray_port(export):
     """One local Ray + Serve for the module; yields Serve's HTTP port on 127.0.0.1."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # As kdlab serve does: Ray's default worker priority (nice 15) let a neighbouring training job starve the
+    # HTTP proxy past its 5-s readiness check here, and Serve killed it before any test ran.
+    full_priority_workers()
     # Short: Ray's unix socket paths must fit in 107 characters.
     temp_dir = tempfile.mkdtemp(prefix="kdray-", dir="/tmp")
     cwd = os.getcwd()
