@@ -329,6 +329,11 @@ class ServingConfig:
     overhead_ms: float = _f(18.0, "time a request spends in the server beyond the model itself (HTTP, proxy, "
                                   "routing, JSON), added to every predicted p95; fit it with kdlab loadtest (its "
                                   "overhead_ms)")
+    stack_cpu_ms: float = _f(0.0, "CPU time a request costs the server beyond the model (HTTP, proxy, routing, JSON, "
+                                  "tokenizing), in ms; counts only with serving.cores; kdlab loadtest measures it "
+                                  "(its stack_cpu_ms)")
+    cores: Optional[float] = _f(None, "CPU cores the replicas and the serving stack share (one machine); unset: each "
+                                      "replica has its own cores and the plan bounds only model time")
     batching_gain: float = _f(0.1, "a larger batch is chosen only when it serves this fraction more requests/s than "
                                    "the best smaller one: it costs latency, and a few per cent is timing noise")
 
@@ -632,6 +637,8 @@ def _check_serving(cfg: Config, c) -> None:
       if sv.target_rps is not None else "")
     c(sv.overhead_ms >= 0, "serving.overhead_ms", f"must be >= 0, got {sv.overhead_ms}")
     c(sv.batching_gain >= 0, "serving.batching_gain", f"must be >= 0, got {sv.batching_gain}")
+    c(sv.stack_cpu_ms >= 0, "serving.stack_cpu_ms", f"must be >= 0, got {sv.stack_cpu_ms}")
+    c(sv.cores is None or sv.cores > 0, "serving.cores", f"must be > 0 (or unset), got {sv.cores}")
     c(0.0 <= sv.headroom < 1.0, "serving.headroom", f"must be in [0, 1), got {sv.headroom}")
     c(isinstance(sv.max_batch_size, int) and sv.max_batch_size >= 1, "serving.max_batch_size",
       f"must be an integer >= 1, got {sv.max_batch_size!r}")

@@ -1,23 +1,29 @@
 """Capacity plan: the serving configuration and replica count a model needs for a request rate under a p95 SLO.
 
 Library module for `kdlab report --capacity`, `kdlab export` (the plan in the manifest, the card and
-serve_config.yaml) and `kdlab serve`. The plan is arithmetic on latencies measured for one replica on the
-target profile (its threads, batch sizes 1..max), checked against the server by `kdlab loadtest`.
+serve_config.yaml), `kdlab serve` and the serving benchmark. The plan works from latencies measured for one
+replica on the target profile (its threads, batch sizes 1..max) and three serving figures that `kdlab loadtest`
+measures: the serving overhead (time a request spends in the server beyond the model), the server's own CPU
+per request (HTTP, proxy, routing, JSON, tokenizing: `stack_cpu_ms`), and, when the replicas share one
+machine, the cores they share.
 
-For each measured batch size b, with the model's own p50_b and p95_b (ms) at that batch:
+A configuration (batch b, r replicas, `threads` each) offered λ requests per second:
 
-- a replica's throughput is thr_b = b / p50_b (requests per second, one batch in flight);
-- replicas_b = ceil(target_rps / (thr_b x (1 - headroom))), at least 1: the headroom is applied here, once;
-- each replica then receives target_rps / replicas_b requests per second, so the first request of a batch
-  waits fill_b = (b - 1) / (target_rps / replicas_b) seconds for the batch to fill (Ray Serve's
-  batch_wait_timeout_s is set to it: a batch leaves when full or after that wait, whichever is first);
-- predicted p95 through the server = fill_b + p95_b + serving.overhead_ms (HTTP, proxy, routing, tokenizing).
+- each replica receives λ / r; a batch leaves when full or when the batch wait ends, so it holds
+  b_eff = min(b, 1 + (λ / r) x wait) requests, and the first of them waited fill = min(wait, (b - 1) / (λ / r));
+- capacity μ = min(r x b_eff / p50(b_eff), cores / (stack_cpu_ms + threads x p50(b_eff) / b_eff)): the
+  replicas' model time, or, on shared cores, the CPU every request costs (the second term only with `cores`);
+- queueing at utilisation ρ = λ / μ: Kingman's approximation of the mean wait, ρ / (1 - ρ) x (1 + cs²) / 2
+  x (1 / μ) for Poisson arrivals and service variation cs (the model's, from its p50 and p95), with an
+  exponential tail: wait95 = mean wait / ρ x ln(ρ / 0.05) (zero while ρ <= 0.05);
+- predicted p95 through the server = fill + p95(b_eff) + overhead + wait95;
+- the sustained rate is the highest λ whose predicted p95 meets the SLO (what a load test measures).
 
-Among the batch sizes whose predicted p95 meets serving.p95_slo_ms (and b <= serving.max_batch_size), the
-plan takes the one with the best throughput per replica; a larger batch must beat the best smaller one by
-serving.batching_gain, since it costs latency and a few per cent is timing noise. Batching helps the model
-when that choice is a batch above 1. Queueing behind a busy replica is what the headroom pays for; it is not
-modelled otherwise.
+For each measured batch size the plan takes the fewest replicas that keep utilisation at the target rate within
+1 - headroom (the headroom, applied once) and the predicted p95 within the SLO; among the batch sizes that can
+(b <= serving.max_batch_size), the one with the best throughput per replica, where a larger batch must beat the
+best smaller one by serving.batching_gain, since it costs latency and a few per cent is timing noise. Batching
+helps the model when that choice is a batch above 1.
 """
 from __future__ import annotations
 
@@ -38,10 +44,92 @@ from kdlab.train.data import make_loader
 from kdlab.train.pipeline import prepare
 from kdlab.train.teacher import teacher_folder
 
-ASSUMPTIONS = ("independent replicas behind Ray Serve's proxy, each serving one batch at a time on its own threads; "
-               "throughput = batch / p50; replicas = ceil(target rate / (throughput x (1 - headroom))); predicted "
-               "p95 = wait to fill the batch at the target rate per replica + the model's p95 at that batch + the "
-               "serving overhead; queueing behind a busy replica is left to the headroom")
+ASSUMPTIONS = ("replicas behind Ray Serve's proxy, each serving one batch at a time on its own threads; Poisson "
+               "arrivals; predicted p95 = wait to fill the batch + the model's p95 at that batch + the serving "
+               "overhead + the p95 wait in the queue (Kingman's approximation with an exponential tail) at the "
+               "planned utilisation; replicas = the fewest that keep utilisation within 1 - headroom and p95 within "
+               "the SLO; with serving.cores, every request's CPU (model and serving stack) shares those cores")
+P95_TAIL = 0.05  # the queueing tail the p95 leaves
+MAX_REPLICAS_PLANNED = 10_000
+
+
+def latency_cv(p50_ms: float, p95_ms: float) -> float:
+    """The model's service-time variation from its p50 and p95 (a normal tail: p95 = p50 x (1 + 1.645 cv))."""
+    return max(0.0, (p95_ms / p50_ms - 1.0) / 1.645) if p50_ms > 0 else 0.0
+
+
+def interpolate(latency: dict[int, tuple[float, float]], batch: float) -> tuple[float, float]:
+    """(p50, p95) ms at a batch of `batch` requests, linear between the measured batch sizes (nearest outside)."""
+    sizes = sorted(latency)
+    if batch <= sizes[0]:
+        return latency[sizes[0]]
+    if batch >= sizes[-1]:
+        return latency[sizes[-1]]
+    hi = next(b for b in sizes if b >= batch)
+    lo = max(b for b in sizes if b <= batch)
+    if hi == lo:
+        return latency[lo]
+    f = (batch - lo) / (hi - lo)
+    return tuple(a + f * (c - a) for a, c in zip(latency[lo], latency[hi]))
+
+
+def queue_wait_p95_ms(rate: float, capacity: float, cv: float) -> float:
+    """p95 of the time a request waits for a server of `capacity` requests/s offered `rate` (Poisson arrivals):
+    Kingman's mean wait with an exponential tail; inf at or above capacity."""
+    if rate <= 0:
+        return 0.0
+    rho = rate / capacity
+    if rho >= 1:
+        return math.inf
+    if rho <= P95_TAIL:
+        return 0.0
+    mean_wait_ms = rho / (1 - rho) * (1 + cv * cv) / 2 * (1e3 / capacity)
+    return mean_wait_ms / rho * math.log(rho / P95_TAIL)
+
+
+@dataclass(frozen=True)
+class Serving:
+    """One way of serving a model: what the serving model predicts from."""
+    latency: dict  # batch -> (p50_ms, p95_ms) of the model itself on one replica
+    batch_size: int
+    replicas: int = 1
+    threads: int = 1
+    batch_wait_ms: float | None = None  # None: a batch waits until full
+    overhead_ms: float = 0.0
+    stack_cpu_ms: float = 0.0
+    cores: float | None = None  # the cores all replicas share; None: each replica has its own
+
+    def at(self, rate: float) -> dict:
+        """The predicted figures when offered `rate` requests/s."""
+        b = self.batch_size
+        per_replica = rate / self.replicas
+        if b == 1 or per_replica <= 0:
+            b_eff, fill_ms = 1.0, 0.0
+        else:
+            fill_ms = (b - 1) / per_replica * 1e3
+            if self.batch_wait_ms is not None:
+                fill_ms = min(fill_ms, self.batch_wait_ms)
+            b_eff = min(float(b), 1.0 + per_replica * fill_ms / 1e3)
+        p50, p95 = interpolate(self.latency, b_eff)
+        capacity = self.replicas * b_eff / (p50 / 1e3)
+        if self.cores:
+            capacity = min(capacity, self.cores * 1e3 / (self.stack_cpu_ms + self.threads * p50 / b_eff))
+        wait_ms = queue_wait_p95_ms(rate, capacity, latency_cv(p50, p95))
+        return {"batch": b_eff, "fill_ms": fill_ms, "model_p50_ms": p50, "model_p95_ms": p95,
+                "capacity_rps": capacity, "utilisation": rate / capacity, "queue_p95_ms": wait_ms,
+                "p95_ms": fill_ms + p95 + self.overhead_ms + wait_ms}
+
+    def sustained_rps(self, slo_ms: float) -> float:
+        """The highest offered rate whose predicted p95 meets `slo_ms` (0 when none does): the rates below the
+        first miss, on a fine geometric grid up to the capacity at full batches."""
+        full = interpolate(self.latency, self.batch_size)[0]
+        top = self.replicas * self.batch_size / (full / 1e3) * 1.5
+        rate, best = 0.1, 0.0
+        while rate < top:
+            if self.at(rate)["p95_ms"] > slo_ms:
+                break
+            best, rate = rate, rate * 1.01
+        return best
 
 
 @dataclass
@@ -50,11 +138,13 @@ class BatchOption:
     batch_size: int
     model_p50_ms: float
     model_p95_ms: float
-    throughput: float  # requests per second per replica
+    throughput: float  # requests per second per replica (full batches, one in flight)
     replicas: int
     fill_wait_ms: float
-    p95_ms: float  # predicted through the server
+    p95_ms: float  # predicted through the server at the target rate
     meets_slo: bool
+    queue_p95_ms: float = 0.0  # the queueing part of p95_ms
+    utilisation: float = 0.0  # at the target rate
 
 
 @dataclass
@@ -74,14 +164,29 @@ class CapacityRow:
     serve: dict | None = None  # the Ray Serve settings this plan gives (serve_settings)
 
 
-def batch_option(batch_size: int, p50_ms: float, p95_ms: float, *, target_rps: float, headroom: float,
-                 overhead_ms: float, p95_slo_ms: float) -> BatchOption:
-    throughput = batch_size / (p50_ms / 1e3)
-    replicas = max(1, math.ceil(target_rps / (throughput * (1 - headroom))))
-    fill_wait_ms = (batch_size - 1) / (target_rps / replicas) * 1e3
-    predicted = fill_wait_ms + p95_ms + overhead_ms
-    return BatchOption(batch_size, p50_ms, p95_ms, throughput, replicas, fill_wait_ms, predicted,
-                       predicted <= p95_slo_ms)
+def batch_option(batch_size: int, latency: dict[int, tuple[float, float]], *, target_rps: float, headroom: float,
+                 overhead_ms: float, p95_slo_ms: float, threads: int = 1, stack_cpu_ms: float = 0.0,
+                 cores: float | None = None) -> BatchOption:
+    """The fewest replicas at this batch that keep utilisation at target_rps within 1 - headroom and the
+    predicted p95 within the SLO (the fewest within the headroom alone, marked missing the SLO, when none does)."""
+    p50, p95 = latency[batch_size]
+    throughput = batch_size / (p50 / 1e3)
+    first = max(1, math.ceil(target_rps / (throughput * (1 - headroom))))
+    fewest = previous = None
+    for replicas in range(first, MAX_REPLICAS_PLANNED + 1):
+        got = Serving(latency, batch_size, replicas, threads, None, overhead_ms, stack_cpu_ms, cores).at(target_rps)
+        fewest = fewest or (replicas, got)
+        if got["utilisation"] <= 1 - headroom and got["p95_ms"] <= p95_slo_ms:
+            return BatchOption(batch_size, p50, p95, throughput, replicas, got["fill_ms"], got["p95_ms"], True,
+                               got["queue_p95_ms"], got["utilisation"])
+        if cores and got["utilisation"] > 1 - headroom:
+            break  # the replicas share the cores: another one adds no CPU
+        if previous is not None and got["p95_ms"] >= previous["p95_ms"] - 1e-9:
+            break  # another replica no longer shortens the p95: the batch's own latency misses the SLO
+        previous = got
+    replicas, got = fewest
+    return BatchOption(batch_size, p50, p95, throughput, replicas, got["fill_ms"], got["p95_ms"], False,
+                       got["queue_p95_ms"], got["utilisation"])
 
 
 def serve_settings(option: BatchOption, *, threads: int, headroom: float, overhead_ms: float,
@@ -108,13 +213,14 @@ def serve_settings(option: BatchOption, *, threads: int, headroom: float, overhe
 
 def plan_one(label: str, latency: dict[int, tuple[float, float]], *, target_rps: float, p95_slo_ms: float,
              max_batch_size: int, headroom: float, overhead_ms: float = 0.0, batching_gain: float = 0.1,
-             threads: int = 1) -> CapacityRow:
+             threads: int = 1, stack_cpu_ms: float = 0.0, cores: float | None = None) -> CapacityRow:
     """`latency`: batch size -> (p50_ms, p95_ms) of the model itself on one replica."""
     if not 0 <= headroom < 1:
         raise ValueError(f"headroom must be in [0, 1), got {headroom}")
-    options = [batch_option(b, p50, p95, target_rps=target_rps, headroom=headroom, overhead_ms=overhead_ms,
-                            p95_slo_ms=p95_slo_ms)
-               for b, (p50, p95) in sorted(latency.items()) if b <= max_batch_size]
+    latency = {int(b): v for b, v in latency.items()}
+    options = [batch_option(b, latency, target_rps=target_rps, headroom=headroom, overhead_ms=overhead_ms,
+                            p95_slo_ms=p95_slo_ms, threads=threads, stack_cpu_ms=stack_cpu_ms, cores=cores)
+               for b in sorted(latency) if b <= max_batch_size]
     best = None
     for o in options:  # ascending batch: a larger one must beat the best so far by batching_gain
         if o.meets_slo and (best is None or o.throughput > best.throughput * (1 + batching_gain)):
@@ -124,6 +230,8 @@ def plan_one(label: str, latency: dict[int, tuple[float, float]], *, target_rps:
         fastest = min(options, key=lambda o: o.p95_ms) if options else None
         note = (f"no batch meets p95 <= {p95_slo_ms:g} ms through the server (best: batch {fastest.batch_size}, "
                 f"predicted {fastest.p95_ms:.2f} ms)" if fastest else "not measured")
+        if fastest and cores and fastest.utilisation > 1 - headroom:
+            note += f"; {cores:g} shared cores cannot serve {target_rps:g} requests/s"
         return CapacityRow(label, None, None, None, None, note, options=table)
     return CapacityRow(label, best.batch_size, best.p95_ms, best.throughput, best.replicas,
                        model_p95_ms=best.model_p95_ms, fill_wait_ms=best.fill_wait_ms,
@@ -135,9 +243,10 @@ def plan_one(label: str, latency: dict[int, tuple[float, float]], *, target_rps:
 
 def plan(latencies: dict[str, dict[int, tuple[float, float]]], *, target_rps: float, p95_slo_ms: float,
          max_batch_size: int, headroom: float, overhead_ms: float = 0.0, batching_gain: float = 0.1,
-         threads: int = 1) -> list[CapacityRow]:
+         threads: int = 1, stack_cpu_ms: float = 0.0, cores: float | None = None) -> list[CapacityRow]:
     return [plan_one(label, lat, target_rps=target_rps, p95_slo_ms=p95_slo_ms, max_batch_size=max_batch_size,
-                     headroom=headroom, overhead_ms=overhead_ms, batching_gain=batching_gain, threads=threads)
+                     headroom=headroom, overhead_ms=overhead_ms, batching_gain=batching_gain, threads=threads,
+                     stack_cpu_ms=stack_cpu_ms, cores=cores)
             for label, lat in latencies.items()]
 
 
@@ -207,7 +316,7 @@ def plan_for(cfg, label: str, latency: dict[int, tuple[float, float]], threads: 
     sv = cfg.serving
     return plan_one(label, latency, target_rps=sv.target_rps, p95_slo_ms=sv.p95_slo_ms,
                     max_batch_size=sv.max_batch_size, headroom=sv.headroom, overhead_ms=sv.overhead_ms,
-                    batching_gain=sv.batching_gain, threads=threads)
+                    batching_gain=sv.batching_gain, threads=threads, stack_cpu_ms=sv.stack_cpu_ms, cores=sv.cores)
 
 
 def capacity_section(cfg, latency: dict[int, tuple[float, float]], threads: int, *, label: str, unit: str,
@@ -222,7 +331,8 @@ def capacity_section(cfg, latency: dict[int, tuple[float, float]], threads: int,
     sv = cfg.serving
     row = plan_for(cfg, label, latency, threads)
     out = {"target_rps": sv.target_rps, "p95_slo_ms": sv.p95_slo_ms, "headroom": sv.headroom,
-           "overhead_ms": sv.overhead_ms, "batching_gain": sv.batching_gain, "unit": unit,
+           "overhead_ms": sv.overhead_ms, "stack_cpu_ms": sv.stack_cpu_ms, "cores": sv.cores,
+           "batching_gain": sv.batching_gain, "unit": unit,
            "latency": {str(b): {"p50_ms": v[0], "p95_ms": v[1]} for b, v in latency.items()}, "plan": asdict(row),
            "batching": batching_line(row), "assumptions": ASSUMPTIONS}
     if tokens_per_request is not None:
@@ -289,7 +399,8 @@ def run_capacity(cfg, front_rows: list[dict], console=None) -> dict | None:
     rows = [plan_for(cfg, label, lat, threads) for label, lat in latencies.items()]
     conditions = f"{cfg.target.device}, {threads} thread(s), sequence length {cfg.target.seq_len}"
     result = {"target_rps": sv.target_rps, "p95_slo_ms": slo, "headroom": sv.headroom,
-              "overhead_ms": sv.overhead_ms, "batching_gain": sv.batching_gain,
+              "overhead_ms": sv.overhead_ms, "stack_cpu_ms": sv.stack_cpu_ms, "cores": sv.cores,
+              "batching_gain": sv.batching_gain,
               "max_batch_size": sv.max_batch_size, "conditions": conditions, "assumptions": ASSUMPTIONS,
               "latency": {k: {str(b): {"p50_ms": v[0], "p95_ms": v[1]} for b, v in lat.items()}
                           for k, lat in latencies.items()},
@@ -325,26 +436,26 @@ def log_capacity(cfg) -> None:
 
 
 def predicted_for(loadtest: dict) -> dict | None:
-    """The plan's figures for the configuration one load test ran (its server's batching, threads and replicas,
-    at its offered rate), beside what the test measured. None when the test names no model latency table."""
+    """The serving model's figures for the configuration one load test ran (its server's batching, batch wait,
+    threads and replicas, at its offered rate, with the plan's overhead, stack CPU and cores), beside what the
+    test measured. None when the test names no model latency table."""
     server, table = loadtest.get("server") or {}, loadtest.get("model_latency") or {}
     if not table or not server.get("max_batch_size"):
         return None
-    lat = {int(b): (v["p50_ms"], v["p95_ms"]) for b, v in table.items()}
-    b = server["max_batch_size"]
-    measured_at = min(lat, key=lambda x: (abs(x - b), x))  # the batch the export measured nearest the server's
-    p50, p95 = lat[measured_at]
-    replicas = max(1, server.get("replicas") or 1)
+    plan = loadtest.get("plan") or {}
+    serving = Serving({int(b): (v["p50_ms"], v["p95_ms"]) for b, v in table.items()}, server["max_batch_size"],
+                      max(1, server.get("replicas") or 1), server.get("threads") or 1,
+                      server.get("batch_wait_timeout_s", 0.0) * 1e3, plan.get("overhead_ms") or 0.0,
+                      plan.get("stack_cpu_ms") or 0.0, plan.get("cores"))
     rate = loadtest["offered_rps"]
-    overhead = (loadtest.get("plan") or {}).get("overhead_ms") or 0.0
-    # At rates below one batch per wait, a batch leaves at batch_wait_timeout_s, not full.
-    fill_ms = min(server.get("batch_wait_timeout_s", 0.0) * 1e3, (b - 1) / (rate / replicas) * 1e3)
+    got = serving.at(rate)
     return {"model": loadtest.get("model", {}).get("name") if loadtest.get("model") else None,
-            "batch": b, "replicas": replicas, "threads": server.get("threads"), "offered_rps": rate,
-            "predicted_capacity_rps": replicas * b / (p50 / 1e3), "achieved_rps": loadtest["achieved_rps"],
-            "predicted_p95_ms": fill_ms + p95 + overhead, "measured_p95_ms": loadtest["p95_ms"],
-            "overhead_ms": overhead, "measured_overhead_ms": loadtest.get("overhead_ms"),
-            "failures": loadtest["failures"], "slo_ms": (loadtest.get("plan") or {}).get("p95_slo_ms")}
+            "batch": serving.batch_size, "replicas": serving.replicas, "threads": server.get("threads"),
+            "offered_rps": rate, "predicted_capacity_rps": got["capacity_rps"], "achieved_rps": loadtest["achieved_rps"],
+            "predicted_p95_ms": got["p95_ms"], "measured_p95_ms": loadtest["p95_ms"],
+            "overhead_ms": serving.overhead_ms, "measured_overhead_ms": loadtest.get("overhead_ms"),
+            "failures": loadtest["failures"], "slo_ms": plan.get("p95_slo_ms"),
+            "predicted_sustained_rps": serving.sustained_rps(plan["p95_slo_ms"]) if plan.get("p95_slo_ms") else None}
 
 
 def comparison_markdown(report_dir) -> str | None:
@@ -367,6 +478,6 @@ def comparison_markdown(report_dir) -> str | None:
                      f"{f(r['achieved_rps'])} | {f(r['predicted_capacity_rps'], '{:.0f}')} | "
                      f"{f(r['predicted_p95_ms'], '{:.2f}')} | {f(r['measured_p95_ms'], '{:.2f}')} | {r['failures']} |")
     lines += ["", "Predicted p95 = wait to fill the batch at the offered rate (at most batch_wait_timeout_s) + the "
-                  "model's p95 at that batch + the serving overhead; it holds only below the predicted capacity "
-                  "(queueing is not modelled)."]
+                  "model's p95 at the batch that fills + the serving overhead + the p95 wait in the queue at that "
+                  "utilisation (infinite at or above the predicted capacity)."]
     return "\n".join(lines)

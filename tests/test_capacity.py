@@ -12,29 +12,35 @@ from mlflow.tracking import MlflowClient
 from conftest import ROOT, tiny_run_tree, write_config
 from kdlab.distill.config import ConfigError, load_config
 from kdlab.scripts.cli import main as kdlab
-from kdlab.search.capacity import (batching_line, capacity_section, comparison_markdown, markdown, plan, plan_one,
-                                  predicted_for)
+from kdlab.search.capacity import (Serving, batching_line, capacity_section, comparison_markdown, latency_cv, markdown,
+                                  plan, plan_one, predicted_for, queue_wait_p95_ms)
 
 # batch -> (p50 ms, p95 ms) of the model itself on one replica
 LAT = {1: (2.0, 3.0), 8: (8.0, 10.0), 32: (24.0, 30.0)}
 
 
 def test_best_throughput_within_the_slo_with_the_fill_wait_and_overhead():
-    """By hand, 1000 req/s, 30 % headroom, 5 ms overhead, SLO 50 ms:
-    batch 1:  500 req/s/replica -> ceil(1000 / 350) = 3 replicas; no fill wait; 3 + 5 = 8 ms: meets.
+    """By hand, 1000 req/s, 30 % headroom, 5 ms overhead, SLO 50 ms; queueing (Kingman, exponential tail):
+    wait95 = rho / (1 - rho) x (1 + cv^2) / 2 x (1 / capacity) / rho x ln(rho / 0.05), cv = (p95 / p50 - 1) / 1.645.
+    batch 1:  500 req/s/replica -> ceil(1000 / 350) = 3 replicas, capacity 1500, rho 2/3, cv 0.30395:
+              wait95 = 2 x 0.546193 x 0.6667 ms / 0.6667 x ln(13.333) = 2.8296 ms; 3 + 5 + 2.83 = 10.83 ms: meets.
     batch 8:  1000 req/s -> ceil(1000 / 700) = 2 replicas, 500 req/s each: 7 / 500 s = 14 ms to fill;
-              14 + 10 + 5 = 29 ms: meets, and 2x batch 1's throughput.
-    batch 32: 1333 req/s -> ceil(1000 / 933.3) = 2 replicas: 31 / 500 s = 62 ms to fill: 97 ms, misses;
-              the old plan (largest batch within the model's own p95) would have chosen it."""
+              capacity 2000, rho 0.5, cv 0.15198: wait95 = 1 x 0.511549 x 0.5 / 0.5 x ln(10) = 1.1779 ms;
+              14 + 10 + 5 + 1.18 = 30.18 ms: meets, and 2x batch 1's throughput.
+    batch 32: 1333 req/s -> ceil(1000 / 933.3) = 2 replicas: 31 / 500 s = 62 ms to fill: 97.6 ms, misses
+              (3 replicas fill slower still); the old plan (largest batch within the model's own p95) chose it."""
     row = plan_one("m", LAT, target_rps=1000, p95_slo_ms=50, max_batch_size=32, headroom=0.3, overhead_ms=5,
                    threads=2)
     assert row.batch_size == 8 and row.instances == 2 and row.batching_helps is True
     assert row.throughput == pytest.approx(1000.0)
     assert row.fill_wait_ms == pytest.approx(14.0) and row.batch_wait_timeout_s == pytest.approx(0.014)
-    assert (row.model_p95_ms, row.p95_ms) == (10.0, pytest.approx(29.0))
+    assert (row.model_p95_ms, row.p95_ms) == (10.0, pytest.approx(30.1779, abs=1e-3))
     by_batch = {o["batch_size"]: o for o in row.options}
     assert [by_batch[b]["replicas"] for b in (1, 8, 32)] == [3, 2, 2]
-    assert by_batch[1]["p95_ms"] == pytest.approx(8.0) and by_batch[32]["p95_ms"] == pytest.approx(97.0)
+    assert by_batch[1]["queue_p95_ms"] == pytest.approx(2.8296, abs=1e-3)
+    assert by_batch[1]["p95_ms"] == pytest.approx(10.8296, abs=1e-3)
+    assert by_batch[32]["p95_ms"] == pytest.approx(97.618, abs=1e-3)
+    assert [by_batch[b]["utilisation"] for b in (1, 8, 32)] == pytest.approx([2 / 3, 0.5, 0.375])
     assert [by_batch[b]["meets_slo"] for b in (1, 8, 32)] == [True, True, False]
     sv = row.serve
     assert (sv["num_replicas"], sv["threads"], sv["max_batch_size"]) == (2, 2, 8)
@@ -48,35 +54,39 @@ def test_best_throughput_within_the_slo_with_the_fill_wait_and_overhead():
 
 def test_the_seq2seq_plan_counts_whole_generate_calls_and_the_tokens_they_make(tmp_path):
     """By hand, a seq2seq model whose request is one whole `generate` (12 new tokens on average), 30 req/s,
-    25 % headroom, 10 ms overhead, SLO 300 ms; generate p50/p95 per call: batch 1 40/50 ms, batch 4 100/120 ms:
-    batch 1: 1 / 0.040 = 25 req/s per instance -> ceil(30 / (25 x 0.75)) = ceil(1.6) = 2 instances;
-             no fill wait: 50 + 10 = 60 ms, meets.
+    25 % headroom, 10 ms overhead, SLO 400 ms; generate p50/p95 per call: batch 1 40/50 ms, batch 4 100/120 ms:
+    batch 1: 1 / 0.040 = 25 req/s per instance -> ceil(30 / (25 x 0.75)) = ceil(1.6) = 2 instances, capacity 50,
+             rho 0.6, cv 0.15198: wait95 = 1.5 x 0.511549 x 20 ms / 0.6 x ln(12) = 63.56 ms;
+             no fill wait: 50 + 10 + 63.56 = 123.56 ms, meets.
     batch 4: 4 / 0.100 = 40 req/s -> ceil(30 / 30) = 1 instance, which gets all 30 req/s: 3 / 30 s = 100 ms to
-             fill; 100 + 120 + 10 = 230 ms, meets; 40 > 25 x 1.1, so batch 4: one instance,
-             40 x 12 = 480 generated tokens/s."""
+             fill; rho 0.75, cv 0.12158: wait95 = 3 x 0.507391 x 25 ms / 0.75 x ln(15) = 137.41 ms;
+             100 + 120 + 10 + 137.41 = 367.41 ms, meets; 40 > 25 x 1.1, so batch 4: one instance,
+             40 x 12 = 480 generated tokens/s. (At a 300 ms SLO batch 4 would miss: the queue, not the batch.)"""
     cfg = load_config(write_config(tmp_path / "c.yaml", {
         "name": "s", "task": {"type": "seq2seq"}, "data": {"train_file": "a.tsv", "eval_file": "b.tsv"},
-        "serving": {"target_rps": 30, "p95_slo_ms": 300, "headroom": 0.25, "overhead_ms": 10, "batch_sizes": [1, 4]}}))
+        "serving": {"target_rps": 30, "p95_slo_ms": 400, "headroom": 0.25, "overhead_ms": 10, "batch_sizes": [1, 4]}}))
     section = capacity_section(cfg, {1: (40.0, 50.0), 4: (100.0, 120.0)}, 2, label="export",
                                unit="one generate call", tokens_per_request=12.0)
     row = section["plan"]
     assert (row["batch_size"], row["instances"], row["threads"]) == (4, 1, 2)
     assert row["throughput"] == pytest.approx(40.0) and row["fill_wait_ms"] == pytest.approx(100.0)
-    assert row["p95_ms"] == pytest.approx(230.0)
+    assert row["p95_ms"] == pytest.approx(367.41, abs=0.01)
     by_batch = {o["batch_size"]: o for o in row["options"]}
     assert (by_batch[1]["throughput"], by_batch[1]["replicas"]) == (pytest.approx(25.0), 2)
-    assert by_batch[1]["p95_ms"] == pytest.approx(60.0)
+    assert by_batch[1]["p95_ms"] == pytest.approx(123.56, abs=0.01)
     assert section["tokens_per_s_per_instance"] == pytest.approx(480.0)
     assert section["unit"] == "one generate call" and section["latency"]["4"] == {"p50_ms": 100.0, "p95_ms": 120.0}
 
 
 def test_batch_one_wins_when_batching_does_not_pay():
-    """The SST-2 case of issue 17: batch 1 at p50 0.83 ms serves 1205 req/s; batch 16 at 24.7 ms only 648."""
+    """The SST-2 case of issue 17: batch 1 at p50 0.83 ms serves 1205 req/s; batch 16 at 24.7 ms only 648.
+    Batch 1 at 300 req/s: rho 0.249, cv 0.19776: wait95 = 0.33156 x 0.519554 x 0.83 ms / 0.249 x ln(4.98)
+    = 0.9218 ms; 1.1 + 3 + 0.92 = 5.02 ms."""
     lat = {1: (0.83, 1.1), 16: (24.7, 27.0)}
     row = plan_one("student", lat, target_rps=300, p95_slo_ms=50, max_batch_size=32, headroom=0.3, overhead_ms=3)
     assert row.batch_size == 1 and row.batching_helps is False and row.instances == 1
-    assert row.fill_wait_ms == 0.0 and row.p95_ms == pytest.approx(4.1)
-    # batch 16 would wait 15 / 300 s = 50 ms to fill: 50 + 27 + 3 = 80 ms misses the SLO (and is slower anyway)
+    assert row.fill_wait_ms == 0.0 and row.p95_ms == pytest.approx(5.0218, abs=1e-3)
+    # batch 16 would wait 15 / 300 s = 50 ms to fill: 50 + 27 + 3 (+ its queue) > 80 ms misses the SLO
     assert batching_line(row) == ("student: batching does not help: batch 1 serves 1205 requests/s per replica; "
                                   "no larger batch meets the SLO at this rate")
 
@@ -106,7 +116,7 @@ def test_nothing_meets_the_slo():
     assert row.batch_size is None and row.instances is None
     assert row.note == "no batch meets p95 <= 4 ms through the server (best: batch 1, predicted 5.00 ms)"
     text = markdown([row], target_rps=10, p95_slo_ms=4, headroom=0.3, conditions="cpu", overhead_ms=2)
-    assert "| slow | — | — | — | — | — | no batch meets" in text and "Assumes independent replicas" in text
+    assert "| slow | — | — | — | — | — | no batch meets" in text and "Assumes replicas behind Ray Serve's proxy" in text
 
 
 def test_plan_keeps_model_order_and_rejects_bad_headroom():
@@ -131,20 +141,85 @@ def test_the_shipped_configs_plan_for_a_serving_slo_of_tens_of_ms():
         assert sv.target_rps and 10 <= sv.p95_slo_ms < 100, name
 
 
+def test_the_queue_wait_is_the_exact_m_m_1_tail_when_service_times_vary_as_an_exponential():
+    """Kingman's mean is exact for M/M/1 (cv 1), and so is its exponential tail: P(wait > t) = rho e^{-(mu - lambda) t},
+    so the p95 wait is ln(rho / 0.05) / (mu - lambda). At 80 req/s on 100: ln(16) / 20 s = 138.63 ms."""
+    assert queue_wait_p95_ms(80, 100, cv=1.0) == pytest.approx(math.log(0.8 / 0.05) / 20 * 1e3)
+    assert queue_wait_p95_ms(80, 100, cv=1.0) == pytest.approx(138.629, abs=1e-3)
+    # deterministic service waits half as long (Pollaczek-Khinchine: M/D/1's mean wait is half M/M/1's)
+    assert queue_wait_p95_ms(80, 100, cv=0.0) == pytest.approx(138.629 / 2, abs=1e-3)
+    assert queue_wait_p95_ms(4, 100, cv=1.0) == 0.0  # rho 0.04: 95 % of requests do not wait at all
+    assert queue_wait_p95_ms(100, 100, cv=0.0) == math.inf and queue_wait_p95_ms(0, 100, cv=0.0) == 0.0
+    assert latency_cv(10.0, 10.0) == 0.0 and latency_cv(10.0, 26.45) == pytest.approx(1.0)
+
+
+def test_shared_cores_bound_the_capacity_that_replicas_cannot_raise():
+    """A 5 ms model on 2 shared cores whose serving stack costs 15 ms CPU a request: each replica could serve
+    200 req/s, but every request costs 5 + 15 = 20 ms of CPU, so 2 cores serve at most 100 req/s, with 1 replica
+    or 2; without `cores` the replicas bound it (200, 400)."""
+    lat = {1: (5.0, 5.0)}
+    shared = [Serving(lat, 1, r, stack_cpu_ms=15.0, cores=2).at(50)["capacity_rps"] for r in (1, 2)]
+    own = [Serving(lat, 1, r, stack_cpu_ms=15.0).at(50)["capacity_rps"] for r in (1, 2)]
+    assert shared == pytest.approx([100.0, 100.0]) and own == pytest.approx([200.0, 400.0])
+    # 50 req/s on that machine: rho 0.5, cv 0: wait95 = 1 x 0.5 x 10 ms / 0.5 x ln(10) = 23.03 ms; + 5 + 3 overhead
+    got = Serving(lat, 1, 1, overhead_ms=3.0, stack_cpu_ms=15.0, cores=2).at(50)
+    assert got["utilisation"] == pytest.approx(0.5) and got["p95_ms"] == pytest.approx(5 + 3 + 23.0259, abs=1e-3)
+    row = plan_one("m", lat, target_rps=300, p95_slo_ms=50, max_batch_size=1, headroom=0.3, stack_cpu_ms=15.0,
+                   cores=2)
+    assert row.batch_size is None and row.note.endswith("2 shared cores cannot serve 300 requests/s")
+
+
+def test_a_batch_that_times_out_runs_with_the_requests_that_arrived():
+    """Batch 8 with a 5 ms wait at 100 req/s on 1 replica: 8 requests would take 70 ms to arrive, so the batch
+    leaves after 5 ms with 1 + 100 x 0.005 = 1.5 requests; its latency is interpolated between batch 1 (2 / 3 ms)
+    and batch 8 (9 / 10 ms): p50 2.5, p95 3.5 ms; capacity 1.5 / 2.5 ms = 600 req/s."""
+    got = Serving({1: (2.0, 3.0), 8: (9.0, 10.0)}, 8, 1, batch_wait_ms=5.0).at(100)
+    assert (got["fill_ms"], got["batch"]) == (5.0, pytest.approx(1.5))
+    assert (got["model_p50_ms"], got["model_p95_ms"]) == (pytest.approx(2.5), pytest.approx(3.5))
+    assert got["capacity_rps"] == pytest.approx(600.0)
+
+
+def test_the_sustained_rate_is_the_highest_rate_within_the_slo():
+    """A 10 ms deterministic model, 1 replica, SLO 20 ms: p95 = 10 + 5 / (1 - rho) x ln(20 rho) ms; at rho 0.2
+    that is 10 + 8.66 (meets), at rho 0.3 10 + 12.80 (misses), so the sustained rate lies between 20 and 30 req/s,
+    where the predicted p95 crosses 20 ms."""
+    s = Serving({1: (10.0, 10.0)}, 1)
+    rate = s.sustained_rps(20.0)
+    assert 20 < rate < 30
+    assert s.at(rate)["p95_ms"] <= 20.0 < s.at(rate * 1.02)["p95_ms"]
+    assert Serving({1: (25.0, 25.0)}, 1).sustained_rps(20.0) == 0.0  # the model alone misses: no rate holds
+    # two replicas double the capacity and halve the time a queued request waits per request ahead of it
+    assert Serving({1: (10.0, 10.0)}, 1, replicas=2).sustained_rps(20.0) > 2 * rate
+
+
+def test_cpu_per_request_subtracts_the_idle_burn_and_the_models_own_time():
+    """3 s of server CPU over a 10 s window with 100 answers, 0.1 core idle: (3 - 1) / 100 = 20 ms a request;
+    the model ran batch 1 at 4.6 ms on 1 thread: 15.4 ms is the serving stack's; Locust used 0.5 s: 5 ms."""
+    from kdlab.scripts.loadtest import cpu_per_request
+    result = {"answered": 100, "window_s": 10.0, "model_p50_ms": 4.6, "batch_size_mean": 1.0}
+    got = cpu_per_request(result, server_cpu_s=3.0, idle_cores=0.1, loadgen_cpu_s=0.5, threads=1)
+    assert got == {"server_idle_cores": 0.1, "server_cpu_ms": pytest.approx(20.0), "loadgen_cpu_ms": pytest.approx(5.0),
+                   "stack_cpu_ms": pytest.approx(15.4)}
+    assert cpu_per_request({**result, "answered": 0}, 3.0, 0.1, 0.5, 1)["server_cpu_ms"] is None
+
+
 def test_the_plan_predicts_a_load_tested_configuration(tmp_path):
-    """A load test of batch 8 on 2 replicas at 500 req/s: by hand, 250 req/s per replica fills 7 more texts in
-    28 ms, capped at the server's 20 ms wait; 20 + 10 (model p95 at 8) + 5 (overhead) = 35 ms; capacity
-    2 x 8 / 8 ms = 2000 req/s."""
+    """A load test of batch 8 on 2 replicas at 500 req/s: by hand, 250 req/s per replica would fill 7 more texts in
+    28 ms, but the server's wait is 20 ms, so a batch leaves with 1 + 250 x 0.020 = 6 requests; at batch 6 the
+    model's p50 / p95 are 2 + 5/7 x 6 = 6.2857 and 3 + 5/7 x 7 = 8 ms (between batch 1 and 8); capacity
+    2 x 6 / 6.2857 ms = 1909.1 req/s, rho 0.2619, cv (8 / 6.2857 - 1) / 1.645 = 0.16577: wait95 = 0.35484 x 0.513740
+    x 0.52381 ms / 0.2619 x ln(5.2381) = 0.6016 ms; 20 + 8 + 5 (overhead) + 0.60 = 33.60 ms."""
     loadtest = {"offered_rps": 500, "achieved_rps": 498.0, "p95_ms": 38.0, "failures": 0, "overhead_ms": 6.0,
                 "model": {"name": "m"}, "plan": {"overhead_ms": 5.0, "p95_slo_ms": 50},
                 "server": {"max_batch_size": 8, "replicas": 2, "threads": 1, "batch_wait_timeout_s": 0.02},
                 "model_latency": {str(b): {"p50_ms": p50, "p95_ms": p95} for b, (p50, p95) in LAT.items()}}
     row = predicted_for(loadtest)
-    assert row["predicted_p95_ms"] == pytest.approx(35.0) and row["predicted_capacity_rps"] == pytest.approx(2000)
+    assert row["predicted_p95_ms"] == pytest.approx(33.60, abs=0.01)
+    assert row["predicted_capacity_rps"] == pytest.approx(1909.09, abs=0.01)
     assert (row["measured_p95_ms"], row["achieved_rps"], row["batch"], row["replicas"]) == (38.0, 498.0, 8, 2)
     (tmp_path / "loadtest.json").write_text(json.dumps(loadtest))
     text = comparison_markdown(tmp_path)
-    assert "| loadtest.json | m | 8 | 2 | 500 | 498.0 | 2000 | 35.00 | 38.00 | 0 |" in text
+    assert "| loadtest.json | m | 8 | 2 | 500 | 498.0 | 1909 | 33.60 | 38.00 | 0 |" in text
     assert comparison_markdown(tmp_path / "none") is None
 
 
