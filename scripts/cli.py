@@ -24,7 +24,7 @@
                                                                     the export on Ray Serve (HTTP on 127.0.0.1),
                                                                     configured from its capacity plan
     kdlab loadtest --url http://127.0.0.1:8000 --data texts.tsv --rate 100 --duration-s 30 [--model EXPORT]
-                                                                    Locust at a constant offered rate; JSON report
+                                                                    Locust, Poisson arrivals at the rate; JSON report
     kdlab ui [--config configs/smoke.yaml] [--port 5000]            MLflow UI on 127.0.0.1
 
 For several processes use `accelerate launch train/distill.py --config ...` (see README).

@@ -4,13 +4,18 @@
         [--max-requests 5000] [--model runs/sst2_minilm/export] [--out runs/sst2_minilm/report/loadtest.json]
 
 Locust runs headless in a subprocess (its gevent patches the interpreter: scripts/locustfile.py), bounded in
-time (--duration-s) and in count (--max-requests), at a constant offered rate (Locust's constant_throughput per
-user, enough users that slow answers do not lower it), with real texts read from --data as `kdlab predict` reads
+time (--duration-s) and in count (--max-requests), at an offered rate whose arrivals are Poisson (each user on
+its own schedule of exponential gaps, enough users that slow answers do not lower the rate; Locust's
+constant_throughput users keep in step and send bursts: scripts/locustfile.py), with real texts read from --data
+as `kdlab predict` reads
 its input. Every request's raw time is recorded by our own listener (Locust's statistics round above 100 ms).
 The report: offered and achieved requests/s (answered 200, over the time from the first request sent to the last
 answer), p50/p95/p99 ms of the answered requests, failures by kind (HTTP 503 = turned away by the full queue),
 the batch sizes the server ran, and with --model the serving overhead: p50 through the server minus the model's
-own p50 at the batch it ran (the export's measured latency table). Written as JSON (default: the report folder
+own p50 at the batch it ran (the export's measured latency table); and CPU per answered request: the server's
+(its Ray processes on this machine, beyond what they burn idle, measured for 3 s before the load), the serving
+stack's (the server's minus the model's own: `stack_cpu_ms`, what serving.stack_cpu_ms takes) and the load
+generator's. Written as JSON (default: the report folder
 beside the export, runs/<name>/report/loadtest.json) and, when the export names an MLflow run, logged to it.
 Only 127.0.0.1 / localhost URLs are accepted: a load test is not to be pointed at someone else's server.
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -102,6 +108,11 @@ def summarise(records: list[dict], *, offered_rps: float, duration_s: float, man
               "rejected_503": failures.get("HTTP 503", 0),
               "batch_size_mean": mean_batch, "batch_sizes": dict(sorted(Counter(batches).items())),
               "overhead_ms": None, "model_p50_ms": None, "model_batch": None}
+    starts = sorted(r["start_s"] for r in records)
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    # How bursty the offered load was: Poisson arrivals at rate λ send 1 - exp(-0.005 λ) of requests within 5 ms
+    # of the one before (10 % at 20 req/s); users in step send nearly all of them so.
+    result["sent_within_5ms"] = sum(g < 0.005 for g in gaps) / len(gaps) if gaps else None
     result["timeline"] = timeline(records)
     if manifest is not None and mean_batch is not None and result["p50_ms"] is not None:
         model_p50, at = model_p50_ms(manifest, mean_batch)
@@ -147,11 +158,57 @@ def model_latency(manifest: dict) -> dict:
     return dict(sorted(table.items(), key=lambda kv: int(kv[0])))
 
 
+def ray_cpu_seconds() -> float | None:
+    """CPU seconds used so far by the Ray processes on this machine (raylet, GCS, proxy, controller, replicas,
+    the kdlab serve driver): the server's side of a local load test. None without /proc."""
+    if not Path("/proc").is_dir():
+        return None
+    ticks, total = os.sysconf("SC_CLK_TCK"), 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:3]
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if argv[0].startswith(b"ray::") or any(b"/ray/" in a or a.endswith(b"kdlab") and b"serve" in argv
+                                                for a in argv):
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks
+
+
+def server_idle_cores(seconds: float = 3.0) -> float | None:
+    """Cores the idle server burns (Ray's heartbeats and polling), measured before the load starts."""
+    before = ray_cpu_seconds()
+    if before is None:
+        return None
+    time.sleep(seconds)
+    return max(0.0, (ray_cpu_seconds() - before) / seconds)
+
+
+def cpu_per_request(result: dict, server_cpu_s: float | None, idle_cores: float | None, loadgen_cpu_s: float,
+                    threads: int | None) -> dict:
+    """CPU per answered request: the server's beyond its idle burn, the load generator's, and the serving stack's
+    (the server's minus the model's own: threads x its p50 at the batch it ran / that batch)."""
+    n = result["answered"]
+    out = {"server_idle_cores": idle_cores, "server_cpu_ms": None, "loadgen_cpu_ms": loadgen_cpu_s / n * 1e3 if n else None,
+           "stack_cpu_ms": None}
+    if not n or server_cpu_s is None or idle_cores is None:
+        return out
+    out["server_cpu_ms"] = max(0.0, server_cpu_s - idle_cores * result["window_s"]) / n * 1e3
+    if result.get("model_p50_ms") is not None and result.get("batch_size_mean"):
+        model_cpu_ms = (threads or 1) * result["model_p50_ms"] / result["batch_size_mean"]
+        out["stack_cpu_ms"] = max(0.0, out["server_cpu_ms"] - model_cpu_ms)
+    return out
+
+
 def plan_of(manifest: dict) -> dict | None:
     cap = manifest.get("capacity") or {}
     if not cap.get("plan"):
         return None
-    return {k: cap.get(k) for k in ("target_rps", "p95_slo_ms", "headroom", "overhead_ms")} | {
+    return {k: cap.get(k) for k in ("target_rps", "p95_slo_ms", "headroom", "overhead_ms", "stack_cpu_ms",
+                                    "cores")} | {
         "batch_size": cap["plan"].get("batch_size"), "replicas": cap["plan"].get("instances")}
 
 
@@ -178,7 +235,7 @@ def log_to_mlflow(run_id: str, folder: Path, result: dict, out: Path) -> None:
     client = mlflow.MlflowClient(tracking_uri=tracking_uri(folder))
     step = int(time.time())
     for key in ("offered_rps", "achieved_rps", "p50_ms", "p95_ms", "p99_ms", "failures", "rejected_503",
-                "overhead_ms"):
+                "overhead_ms", "server_cpu_ms", "stack_cpu_ms", "loadgen_cpu_ms"):
         if result.get(key) is not None:
             client.log_metric(run_id, f"loadtest_{key}", float(result[key]), step=step)
     client.log_artifact(run_id, str(out), artifact_path="loadtest")
@@ -204,10 +261,16 @@ def run_loadtest(url: str, data: str | Path, *, rate: float, duration_s: float, 
     if out is None:
         raise ConfigError("--out: needed without --model (with it, the report folder beside the export)")
     server = server_settings(url)
+    idle_cores = server_idle_cores()
     with tempfile.TemporaryDirectory(prefix="kdlab-loadtest-") as work:
         started = time.time()
+        cpu_before, children_before = ray_cpu_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN)
         records = run_locust(url, texts, rate=rate, duration_s=duration_s, max_requests=max_requests, users=users,
                              texts_per_request=texts_per_request, work=Path(work))
+        cpu_after, children_after = ray_cpu_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    server_cpu_s = None if cpu_before is None else cpu_after - cpu_before
+    loadgen_cpu_s = ((children_after.ru_utime + children_after.ru_stime)
+                     - (children_before.ru_utime + children_before.ru_stime))
     result = {"url": url, "data": str(data), "rate": rate, "duration_s": duration_s, "max_requests": max_requests,
               "users": users, "texts_per_request": texts_per_request, "started": time.strftime(
                   "%Y-%m-%dT%H:%M:%S", time.localtime(started)),
@@ -217,6 +280,7 @@ def run_loadtest(url: str, data: str | Path, *, rate: float, duration_s: float, 
               "plan": plan_of(manifest) if manifest else None,
               "machine": machine_info(), "versions": versions(),
               **summarise(records, offered_rps=rate, duration_s=duration_s, manifest=manifest)}
+    result.update(cpu_per_request(result, server_cpu_s, idle_cores, loadgen_cpu_s, server.get("threads")))
     # The run the report goes to (the export's registration), named in the report it logs there.
     result["mlflow_run_id"] = mlflow_run(Path(model), manifest) if log and manifest is not None else None
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -234,6 +298,9 @@ def summary_line(r: dict, out: Path | str) -> str:
     kinds = ", ".join(f"{k} {v}" for k, v in r["failures_by_kind"].items()) or "none"
     overhead = (f"; serving overhead {r['overhead_ms']:.2f} ms (p50 minus the model's {r['model_p50_ms']:.2f} ms at "
                 f"batch {r['model_batch']})" if r.get("overhead_ms") is not None else "")
+    if r.get("server_cpu_ms") is not None:
+        overhead += (f"; server CPU {r['server_cpu_ms']:.1f} ms a request (serving stack {f(r.get('stack_cpu_ms'))} "
+                     f"ms), load generator {f(r.get('loadgen_cpu_ms'))} ms")
     return (f"loadtest: offered {r['offered_rps']:g} req/s, achieved {r['achieved_rps']:.1f} req/s over "
             f"{r['window_s']:.1f} s ({r['answered']}/{r['requests']} answered); p50 {f(r['p50_ms'])} ms, p95 "
             f"{f(r['p95_ms'])} ms, p99 {f(r['p99_ms'])} ms; failures: {kinds}; mean batch "

@@ -256,6 +256,13 @@ def test_a_bounded_load_test_reports_rates_percentiles_failures_and_overhead(exp
     assert result["failures"] == 0 and result["answered"] == result["requests"]
     assert result["p50_ms"] <= result["p95_ms"] <= result["p99_ms"]
     assert result["overhead_ms"] == pytest.approx(result["p50_ms"] - result["model_p50_ms"])
+    # Poisson arrivals, not users in step: at 20 req/s about 10 % of sends follow another within 5 ms; users in
+    # step (Locust's constant_throughput) sent 90 % so
+    assert result["sent_within_5ms"] < 0.4
+    # CPU a request: the server's (its Ray processes), the serving stack's (that less the model's), Locust's
+    assert result["server_cpu_ms"] > 0 and result["loadgen_cpu_ms"] > 0
+    model_cpu_ms = result["server"]["threads"] * result["model_p50_ms"] / result["batch_size_mean"]
+    assert result["stack_cpu_ms"] == pytest.approx(max(0.0, result["server_cpu_ms"] - model_cpu_ms))
     client = mlflow.MlflowClient(tracking_uri=uri)
     assert client.get_run(run_id).data.metrics["loadtest_p95_ms"] == pytest.approx(result["p95_ms"])
     assert [a.path for a in client.list_artifacts(run_id, "loadtest")] == ["loadtest/loadtest.json"]
