@@ -64,13 +64,19 @@ bench-search: setup
 bench-export: setup
 	$(BIN)/python scripts/bench_export.py
 
-# The SST-2 export (bench-export writes it) and the fp32 teacher exported the same way, served on Ray Serve and
-# load-tested with Locust against the capacity plan: benchmarks/results/serve_sst2.json. About an hour on 2 cores;
+# The best distilled SST-2 student of bench-kd (kd+transfer, pretrained MiniLM 3-layer, seed 3) and the fp32
+# MPNet teacher, each exported with configs/sst2_mpnet.yaml, served on Ray Serve and load-tested with Locust
+# against the capacity plan's serving model: benchmarks/results/serve_sst2.json. About 25 minutes on 2 cores;
 # quick check of the paths: .venv/bin/python scripts/bench_serve.py EXPORT --quick --out /tmp/serve.json
+SERVE_CONFIG ?= configs/sst2_mpnet.yaml
+SERVE_RUN ?= runs/sst2_mpnet
+SERVE_STUDENT ?= runs/bench_kd/runs/mpnet__pretrained-3L__kd_transfer__s3__600st__3000l/student
 bench-serve: setup
-	test -d runs/sst2_minilm/teacher_export || $(BIN)/kdlab export --config configs/sst2_minilm.yaml --recipe fp32 \
-		--out runs/sst2_minilm/teacher_export export.register=false
-	$(BIN)/python scripts/bench_serve.py runs/sst2_minilm/export runs/sst2_minilm/teacher_export
+	test -d $(SERVE_RUN)/export || $(BIN)/kdlab export --config $(SERVE_CONFIG) --model $(SERVE_STUDENT) \
+		--recipe onnx-fp32 --out $(SERVE_RUN)/export export.register=false
+	test -d $(SERVE_RUN)/teacher_export || $(BIN)/kdlab export --config $(SERVE_CONFIG) --recipe fp32 \
+		--out $(SERVE_RUN)/teacher_export export.register=false
+	$(BIN)/python scripts/bench_serve.py $(SERVE_RUN)/export $(SERVE_RUN)/teacher_export
 
 # Multi30k German->English: warm-started MiniLM encoder-decoder teacher, students with 1 and 2 decoder layers
 # trained on references, with word-level KD and with sequence-level KD; BLEU and CPU generation latency.

@@ -6,16 +6,21 @@
 
 Each argument is an export folder (kdlab export; the teacher exported the same way with --recipe fp32). On one
 private local Ray instance, with server and load generator sharing this machine (replicas capped at 2, one
-thread each), for each model:
-- unbatched (batch 1) and batched (the plan's batch when it batches, else 8 with a 5 ms wait) on 1 replica, and
-  the better of the two on 2 replicas: the sustained rate of each, the highest offered rate with p95 <= the SLO
-  and no failures (a ladder from a quarter of the predicted capacity: up x1.4 a step, or down by halves);
-- the serving overhead fitted once, on the first model's unbatched 1 replica at 5 req/s (p50 through the server
-  minus the model's own p50 at batch 1), then every configuration's sustained rate predicted from the
-  export's measured latency with it (`predicted_rps`, `fitted` true for the fitted one);
-- batching: which of batched and unbatched sustained more, and which the plan chose;
-then for the first model, autoscaling (1..2 replicas) under a step load (low -> 1.5x one replica's sustained
-rate -> low) with the replica count sampled each second, and one replica of two SIGKILLed under load.
+thread each):
+- the fit, once: the first model unbatched on 1 replica at 5 req/s gives the serving overhead (p50 through the
+  server minus the model's own p50); at 20 req/s, the serving stack's CPU a request (server CPU beyond its idle
+  burn, minus the model's), the load generator's CPU a request (it shares the cores here, so it counts against
+  them) and the cores the idle server leaves;
+- for each model, unbatched (batch 1) and batched (the plan's batch when it batches, else 8 with a 5 ms wait) on
+  1 replica, the better of the two on 2 replicas, and unbatched on 1 replica at a looser SLO the fp32 teacher can
+  meet (--loose-slo-ms): the sustained rate of each, the highest offered rate with p95 <= the SLO and no
+  failures (a ladder from the prediction: x1.25 up while it holds or /1.25 down while it misses, then the
+  geometric middle of the last hold and first miss), beside the rate the capacity plan's serving model predicts
+  with the fitted figures (`predicted_rps`, `prediction_error`, `fitted` true for the fitted configuration);
+- batching: which of batched and unbatched sustained more, which the serving model predicted, which the plan chose;
+then for the first model, autoscaling (1..2 replicas, target ongoing requests from Little's law at its sustained
+rate) under a step load (0.3x -> 1.5x -> 0.3x its sustained rate, 60 s each) with the replica count sampled each
+second, and one replica of two SIGKILLed under load.
 `--quick` (seconds per run, two rungs) checks that the paths work; its figures mean nothing.
 Writes benchmarks/results/serve_sst2.json with the keys the issue lists.
 """
@@ -29,17 +34,22 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import ray
+import torch
 from ray import serve
 
 from kdlab.distill.deploy import APP_NAME, deployment_options, plan_settings, read_manifest
+from kdlab.distill.export import load_served
 from kdlab.eval.latency import machine_info, versions
 from kdlab.scripts.bench_readme import publish
-from kdlab.scripts.loadtest import model_latency, run_loadtest
+from kdlab.scripts.loadtest import read_texts, run_loadtest
 from kdlab.scripts.serve import deploy, full_priority_workers
 from kdlab.scripts.serve_app import settings_for
+from kdlab.search.capacity import Serving
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_REPLICAS = 2  # server and load generator share the machine's 2 cores
@@ -72,37 +82,73 @@ def start(folder: Path, port: int, replicas: int, batching: dict, autoscale: dic
     return deploy(settings, options, host="127.0.0.1", port=port, request_timeout_s=30)
 
 
-def predicted_rps(latency: dict, batching: dict, replicas: int, overhead_ms: float, slo_ms: float) -> float:
-    """A configuration's sustainable rate by the plan: replicas x batch / p50 at that batch, if the predicted p95
-    there (the wait to fill, at most the batch wait; the model's p95; the overhead) meets the SLO, else 0."""
-    b = batching["max_batch_size"]
-    near = min((int(k) for k in latency), key=lambda k: (abs(k - b), k))
-    p50, p95 = latency[str(near)]["p50_ms"], latency[str(near)]["p95_ms"]
-    throughput = b / (p50 / 1e3)
-    fill_ms = min(batching["batch_wait_timeout_s"] * 1e3, (b - 1) / throughput * 1e3)
-    return replicas * throughput if fill_ms + p95 + overhead_ms <= slo_ms else 0.0
+@dataclass
+class Fit:
+    """The serving figures fitted on one configuration (the first model, unbatched, 1 replica, at 5 req/s)."""
+    overhead_ms: float  # p50 through the server minus the model's own p50
+    stack_cpu_ms: float  # CPU a request costs the server beyond the model, plus the load generator's (same cores)
+    cores: float  # the machine's cores less what the idle server burns
+
+
+def predicted_rps(latency: dict, batching: dict, replicas: int, fit: Fit, slo_ms: float) -> float:
+    """A configuration's sustained rate by the capacity plan's serving model (search/capacity.py Serving)."""
+    table = {int(b): (v["p50_ms"], v["p95_ms"]) for b, v in latency.items()}
+    return Serving(table, batching["max_batch_size"], replicas, threads=1,
+                   batch_wait_ms=batching["batch_wait_timeout_s"] * 1e3, overhead_ms=fit.overhead_ms,
+                   stack_cpu_ms=fit.stack_cpu_ms, cores=fit.cores).sustained_rps(slo_ms)
+
+
+def fresh_latency(folder: Path, texts: list[str], batch_sizes=(1, 2, 4, 8), seconds: float = 4.0) -> dict:
+    """The served artefact's own p50/p95 per batch (tokenizing included, as a replica runs it: load_served,
+    predict_records, 1 thread), measured here and now, before Ray starts: an export's latency table was measured
+    when it was exported, under whatever else that machine ran then."""
+    torch.set_num_threads(1)
+    served = load_served(folder, threads=1)
+    out, i = {}, 0
+    for b in batch_sizes:
+        served.predict_records(texts[:b], None)  # warm-up
+        times, started = [], time.perf_counter()
+        while len(times) < 10 or (time.perf_counter() - started < seconds and len(times) < 500):
+            batch = [texts[(i + k) % len(texts)] for k in range(b)]
+            i += b
+            t0 = time.perf_counter()
+            served.predict_records(batch, None)
+            times.append((time.perf_counter() - t0) * 1e3)
+        out[str(b)] = {"p50_ms": float(np.percentile(times, 50)), "p95_ms": float(np.percentile(times, 95)),
+                       "n": len(times)}
+    return out
 
 
 def sustained(url: str, folder: Path, data: str, start_rps: float, slo_ms: float, duration_s: float, rungs: int,
               work: Path) -> tuple[float, list[dict]]:
-    """The highest offered rate with p95 <= SLO and no failures: up x1.4 from `start_rps` while it holds, or, when
-    the first rate misses, down by halves until one holds (0 when none down to 1 req/s does)."""
-    best, runs, rate, direction = 0.0, [], max(1.0, start_rps), None
-    for _ in range(rungs):
+    """The highest offered rate with p95 <= SLO and no failures: from `start_rps`, up x1.25 a rung while it holds or
+    down /1.25 while it misses, then one rung at the geometric middle of the last hold and the first miss
+    (resolution about 12 %); 0 when no rate down to 1 req/s holds."""
+    def holds(r: dict) -> bool:
+        return not r["failures"] and r["p95_ms"] is not None and r["p95_ms"] <= slo_ms
+
+    runs, rate, hold, miss = [], max(1.0, start_rps), 0.0, None
+    while len(runs) < rungs:
         r = run_loadtest(url, data, rate=rate, duration_s=duration_s, model=str(folder),
                          out=work / f"lt-{time.time_ns()}.json", log=False)
         runs.append(r)
-        holds = not r["failures"] and r["p95_ms"] is not None and r["p95_ms"] <= slo_ms
-        if holds:
-            best = max(best, rate)
-            if direction == "down":
-                break
-            direction, rate = "up", rate * 1.4
+        if holds(r):
+            hold = max(hold, rate)
         else:
-            if direction == "up" or rate <= 1.0:
-                break
-            direction, rate = "down", max(1.0, rate / 2)
-    return best, runs
+            miss = rate if miss is None else min(miss, rate)
+        if miss is not None and hold > 0:
+            break
+        if miss is not None and rate <= 1.0:
+            return 0.0, runs
+        rate = rate * 1.25 if miss is None else max(1.0, rate / 1.25)
+    if miss is not None and hold > 0 and len(runs) < rungs:
+        middle = (hold * miss) ** 0.5
+        r = run_loadtest(url, data, rate=middle, duration_s=duration_s, model=str(folder),
+                         out=work / f"lt-{time.time_ns()}.json", log=False)
+        runs.append(r)
+        if holds(r):
+            hold = middle
+    return hold, runs
 
 
 def parent_of(pid: int) -> int:
@@ -134,9 +180,8 @@ def running_replicas() -> int:
 
 
 def step_load(folder: Path, port: int, data: str, base_rps: float, slo_ms: float, phase_s: float,
-              work: Path) -> dict:
-    plan = plan_settings(read_manifest(folder))
-    target = (plan.get("autoscaling") or {}).get("target_ongoing_requests", 2)
+              work: Path, target_ongoing: float) -> dict:
+    target = target_ongoing
     url = start(folder, port, 1, {"max_batch_size": 1, "batch_wait_timeout_s": 0.0},
                 autoscale={"min_replicas": 1, "max_replicas": MAX_REPLICAS, "target_ongoing_requests": target,
                            "upscale_delay_s": 5.0, "downscale_delay_s": 30.0})
@@ -165,7 +210,8 @@ def step_load(folder: Path, port: int, data: str, base_rps: float, slo_ms: float
         t += r["window_s"]
     stop.set()
     sampler.join()
-    return {"timeline": timeline, "step_at_s": step_at, "recovery_s": recovery_s,
+    return {"timeline": timeline, "step_at_s": step_at, "recovery_s": recovery_s, "target_ongoing_requests": target,
+            "rates": {"low": max(1.0, 0.3 * base_rps), "high": max(1.0, 1.5 * base_rps)},
             "failures": sum(w["failures"] - w["rejected_503"] for w in timeline),
             "rejected_503": sum(w["rejected_503"] for w in timeline)}
 
@@ -198,6 +244,8 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "sst2" / "dev.tsv"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_sst2.json"))
     parser.add_argument("--slo-ms", type=float, default=None, help="default: the first export's plan's SLO, else 50")
+    parser.add_argument("--loose-slo-ms", type=float, default=500.0,
+                        help="a second SLO that the fp32 teacher can meet, for each model unbatched on 1 replica")
     parser.add_argument("--quick", action="store_true", help="seconds per run: checks the paths, not the figures")
     args = parser.parse_args(argv)
     duration_s, rungs, phase_s = (3.0, 2, 4.0) if args.quick else (30.0, 8, 60.0)
@@ -206,58 +254,90 @@ def main(argv=None) -> int:
     slo = args.slo_ms or (manifests[0].get("capacity") or {}).get("p95_slo_ms") or 50.0
     work = Path(tempfile.mkdtemp(prefix="kdlab-bench-serve-"))
     started = time.time()
+    texts = read_texts(Path(args.data), manifests[0].get("text_column"))
+    latencies = {}
+    for folder in folders:
+        latencies[folder] = fresh_latency(folder, texts, seconds=1.0 if args.quick else 4.0)
+        print(f"bench_serve: {folder.name} model latency now (1 thread, tokenizing included): " + ", ".join(
+            f"batch {b} p50 {v['p50_ms']:.2f} ms" for b, v in latencies[folder].items()), flush=True)
     full_priority_workers()
     ray.init(address="local", include_dashboard=False, logging_level="WARNING")
     port = free_port()
-    models, batching, overhead_ms, autoscale, kill = [], [], None, None, None
+    models, batching, fit, fit_run, cpu_run, autoscale, kill = [], [], None, None, None, None, None
+    stack_cpu_ms = None
+
+    def measure_config(folder: Path, manifest: dict, mode: str, config: dict, replicas: int, slo_ms: float,
+                       start_rps: float | None = None) -> dict:
+        url = start(folder, port, replicas, config)
+        predicted = predicted_rps(latencies[folder], config, replicas, fit, slo_ms)
+        rate, runs = sustained(url, folder, args.data, start_rps or predicted or 1.0, slo_ms, duration_s, rungs, work)
+        at = next((r for r in reversed(runs) if r["offered_rps"] == rate), runs[-1])
+        row = {"name": manifest["name"], "folder": str(folder), "recipe": manifest["served"]["recipe"],
+               "replicas": replicas, "mode": mode, "max_batch_size": config["max_batch_size"], "slo_ms": slo_ms,
+               "sustained_rps": rate, "p50_ms": at["p50_ms"], "p95_ms": at["p95_ms"], "overhead_ms": at["overhead_ms"],
+               "server_cpu_ms": at.get("server_cpu_ms"), "stack_cpu_ms": at.get("stack_cpu_ms"),
+               "loadgen_cpu_ms": at.get("loadgen_cpu_ms"), "fitted": False, "predicted_rps": predicted,
+               "prediction_error": None if not rate else predicted / rate - 1,
+               "ladder": [{"offered_rps": r["offered_rps"], "achieved_rps": r["achieved_rps"], "p50_ms": r["p50_ms"],
+                           "p95_ms": r["p95_ms"], "failures": r["failures"]} for r in runs]}
+        print(f"bench_serve: {manifest['name']} ({folder.name}) {mode} x{replicas} at p95 <= {slo_ms:g} ms: "
+              f"{rate:.1f} req/s sustained, {predicted:.1f} predicted", flush=True)
+        return row
+
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
+        unbatched = {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}
+        # The fit: the first model unbatched on 1 replica at 5 req/s, where no request waits for another.
+        url = start(folders[0], port, 1, unbatched)
+        fit_run = run_loadtest(url, args.data, rate=5.0, duration_s=duration_s * 2, model=str(folders[0]),
+                               out=work / "fit.json", log=False)
+        # CPU a request at 20 req/s, where Locust's start-up is spread over more requests
+        cpu_run = run_loadtest(url, args.data, rate=20.0, duration_s=duration_s, model=str(folders[0]),
+                               out=work / "fit-cpu.json", log=False)
+        cpus = os.cpu_count() or 1
+        model_p50 = latencies[folders[0]]["1"]["p50_ms"]  # measured now, not the export's table
+        stack_cpu_ms = max(0.0, (cpu_run["server_cpu_ms"] or 0.0) - model_p50)
+        fit = Fit(overhead_ms=fit_run["p50_ms"] - model_p50, stack_cpu_ms=stack_cpu_ms + (cpu_run["loadgen_cpu_ms"] or 0.0),
+                  cores=cpus - (cpu_run["server_idle_cores"] or 0.0))
+        print(f"bench_serve: fitted on {manifests[0]['name']} unbatched x1: overhead {fit.overhead_ms:.2f} ms at 5 "
+              f"req/s; at 20 req/s serving stack {stack_cpu_ms:.2f} ms CPU + load generator "
+              f"{cpu_run['loadgen_cpu_ms']:.2f} ms CPU a request, {fit.cores:.2f} of {cpus} cores free of the idle "
+              f"server", flush=True)
         for i, (folder, manifest) in enumerate(zip(folders, manifests)):
-            latency = model_latency(manifest)
-            measured = {}
+            rows = {}
             for mode, config in configs_of(manifest).items():
-                url = start(folder, port, 1, config)
-                fitted = overhead_ms is None and mode == "unbatched"
-                if fitted:  # at a low rate (5 req/s), where no request waits for another
-                    fit = run_loadtest(url, args.data, rate=5.0, duration_s=duration_s * 2, model=str(folder),
-                                       out=work / "fit.json", log=False)
-                    overhead_ms = fit["overhead_ms"] or 0.0
-                    print(f"bench_serve: serving overhead fitted on {manifest['name']} unbatched x1 at 5 req/s: "
-                          f"{overhead_ms:.2f} ms (p50 {fit['p50_ms']:.2f} ms)", flush=True)
-                guess = predicted_rps(latency, config, 1, overhead_ms, slo) or 20.0
-                rate, runs = sustained(url, folder, args.data, guess / 4, slo, duration_s, rungs, work)
-                measured[mode] = rate
-                last = next((r for r in reversed(runs) if r["offered_rps"] == rate), runs[0])
-                models.append({"name": manifest["name"], "folder": str(folder), "recipe": manifest["served"]["recipe"],
-                               "replicas": 1, "mode": mode, "max_batch_size": config["max_batch_size"],
-                               "sustained_rps": rate, "p50_ms": last["p50_ms"], "p95_ms": last["p95_ms"],
-                               "overhead_ms": last["overhead_ms"], "fitted": fitted,
-                               "predicted_rps": predicted_rps(latency, config, 1, overhead_ms, slo)})
-                print(f"bench_serve: {manifest['name']} {mode} x1: {rate:.0f} req/s sustained", flush=True)
-            best = max(measured, key=measured.get)
-            config = configs_of(manifest)[best]
-            url = start(folder, port, MAX_REPLICAS, config)
-            rate, runs = sustained(url, folder, args.data, max(measured[best], 4.0), slo, duration_s, rungs, work)
-            last = next((r for r in reversed(runs) if r["offered_rps"] == rate), runs[0])
-            models.append({"name": manifest["name"], "folder": str(folder), "recipe": manifest["served"]["recipe"],
-                           "replicas": MAX_REPLICAS, "mode": best, "max_batch_size": config["max_batch_size"],
-                           "sustained_rps": rate, "p50_ms": last["p50_ms"], "p95_ms": last["p95_ms"],
-                           "overhead_ms": last["overhead_ms"], "fitted": False,
-                           "predicted_rps": predicted_rps(latency, config, MAX_REPLICAS, overhead_ms, slo)})
+                rows[mode] = measure_config(folder, manifest, mode, config, 1, slo)
+                rows[mode]["fitted"] = i == 0 and mode == "unbatched"
+                models.append(rows[mode])
+            best = max(rows, key=lambda m: rows[m]["sustained_rps"])
+            models.append(measure_config(folder, manifest, best, configs_of(manifest)[best], MAX_REPLICAS, slo,
+                                         start_rps=None))
+            if args.loose_slo_ms and args.loose_slo_ms != slo:
+                models.append(measure_config(folder, manifest, "unbatched", unbatched, 1, args.loose_slo_ms))
             plan_batch = plan_settings(manifest).get("max_batch_size")
+            predicted_best = max(rows, key=lambda m: rows[m]["predicted_rps"])
             batching.append({"name": manifest["name"], "folder": folder.name, "best_measured": best,
+                             "best_predicted": predicted_best if rows[predicted_best]["predicted_rps"] else None,
                              "plan_choice": None if plan_batch is None else
                              ("batched" if plan_batch > 1 else "unbatched")})
             if i == 0:
-                base = measured["unbatched"] or 10.0
-                autoscale = step_load(folder, port, args.data, base, slo, phase_s, work)
+                base = rows["unbatched"]["sustained_rps"] or 10.0
+                # Little's law at the sustained rate: above it, more requests are in flight than one replica holds
+                in_flight = max(0.5, round(base * (rows["unbatched"]["p50_ms"] or 10.0) / 1e3, 2))
+                autoscale = step_load(folder, port, args.data, base, slo, phase_s, work, target_ongoing=in_flight)
                 kill = replica_kill(folder, port, args.data, max(1.0, base / 2), duration_s * 2, work)
     finally:
         serve.shutdown()
         ray.shutdown()
     result = {"benchmark": "serve_sst2", "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "quick": args.quick,
               "seconds": round(time.time() - started, 1), "machine": machine_info(), "versions": versions(),
-              "slo_ms": slo, "fitted_overhead_ms": overhead_ms, "models": models, "batching": batching,
+              "slo_ms": slo, "loose_slo_ms": args.loose_slo_ms, "fitted_overhead_ms": fit.overhead_ms if fit else None,
+              "model_latency": {str(f): lat for f, lat in latencies.items()},
+              "fit": {**asdict(fit), "serving_stack_cpu_ms": stack_cpu_ms if fit else None, **{name: {k: r.get(k) for k in (
+                  "offered_rps", "achieved_rps", "p50_ms", "p95_ms", "overhead_ms", "server_idle_cores", "server_cpu_ms",
+                  "stack_cpu_ms", "loadgen_cpu_ms")} for name, r in (("run", fit_run), ("cpu_run", cpu_run))}}
+              if fit else None,
+              "models": models, "batching": batching,
               "autoscale": autoscale, "replica_kill": kill}
     out = Path(args.out)
     if args.quick:  # figures that mean nothing stay out of benchmarks/README.md
@@ -276,28 +356,46 @@ def fmt(value, digits: int = 1) -> str:
 
 def markdown(result: dict) -> str:
     """The README section: measured against predicted for each configuration, then the step load and the kill."""
-    m = result["machine"]
-    lines = [f"{m.get('cpu', 'CPU')}, {m.get('cpus', '?')} CPUs; server, replicas and Locust on the same machine; "
-             f"SLO p95 <= {result['slo_ms']:.0f} ms through the server; serving overhead fitted at 5 req/s "
-             f"(unbatched, 1 replica): {fmt(result['fitted_overhead_ms'])} ms. Sustained = the highest offered "
-             f"rate of a ladder (x1.4 up, /2 down, 30 s a rung) with p95 within the SLO and no failure; "
-             f"predicted = the capacity plan's rate from the export's own latency and the fitted overhead.", "",
-             "| model | recipe | replicas | batching | predicted req/s | sustained req/s | p50 ms | p95 ms | "
-             "overhead ms |", "|---|---|---|---|---|---|---|---|---|"]
+    m, f = result["machine"], result.get("fit") or {}
+    run = f.get("cpu_run") or {}
+    lines = [f"{m.get('cpu', 'CPU')}, {m.get('cpus', '?')} CPUs; server, replicas (1 thread each) and Locust on the "
+             f"same machine. Fitted once, on the first model unbatched on 1 replica: serving overhead "
+             f"{fmt(f.get('overhead_ms'), 2)} ms at 5 req/s (p50 through the server minus the model's own); at 20 "
+             f"req/s, serving stack "
+             f"{fmt(f.get('serving_stack_cpu_ms'))} ms CPU a request plus the load generator's {fmt(run.get('loadgen_cpu_ms'))}"
+             f" ms (they share the cores), {fmt(f.get('cores'), 2)} cores free of the idle server "
+             f"({fmt(run.get('server_idle_cores'), 2)} burnt idle). Sustained = the highest offered rate of a ladder "
+             f"(x1.25 up or /1.25 down from the prediction, then the geometric middle; 30 s a rung) with p95 within "
+             f"the SLO and no failure; predicted = the capacity plan's serving model (search/capacity.py `Serving`: "
+             f"fill wait, the model's latency at the batch that fills, overhead, queueing on the replicas or the "
+             f"shared cores) with the fitted figures.", "",
+             "The models' own latency, measured at the start of the run (served artefact, 1 thread, tokenizing "
+             "included): " + "; ".join(f"`{Path(folder).name}` batch 1 p50 {lat['1']['p50_ms']:.2f} ms, p95 "
+                                       f"{lat['1']['p95_ms']:.2f} ms, batch 8 p50 {lat['8']['p50_ms']:.1f} ms"
+                                       for folder, lat in (result.get("model_latency") or {}).items()) + ".", "",
+             "| model | recipe | replicas | batching | SLO ms | predicted req/s | sustained req/s | error | p50 ms | "
+             "p95 ms | server CPU ms/req |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["models"]:
         mode = "unbatched" if r["max_batch_size"] == 1 else f"up to {r['max_batch_size']}"
-        lines.append(f"| {r['name']} (`{Path(r['folder']).name}`) | {r['recipe']} | {r['replicas']} | {mode} | {fmt(r['predicted_rps'], 0)} | "
-                     f"{fmt(r['sustained_rps'], 0)} | {fmt(r['p50_ms'])} | {fmt(r['p95_ms'])} | "
-                     f"{fmt(r['overhead_ms'])} |")
+        err = "-" if r.get("prediction_error") is None else f"{r['prediction_error']:+.0%}"
+        fitted = " (fitted here)" if r.get("fitted") else ""
+        lines.append(f"| {r['name']} (`{Path(r['folder']).name}`){fitted} | {r['recipe']} | {r['replicas']} | {mode} | "
+                     f"{r.get('slo_ms', result['slo_ms']):g} | {fmt(r['predicted_rps'])} | {fmt(r['sustained_rps'])} | "
+                     f"{err} | {fmt(r['p50_ms'])} | {fmt(r['p95_ms'])} | {fmt(r.get('server_cpu_ms'))} |")
     for b in result["batching"]:
         choice = (f"the plan chose {b['plan_choice']}" if b["plan_choice"] else "the plan found no configuration "
                   f"within the SLO")
+        predicted = (f"the serving model predicted {b['best_predicted']}" if b.get("best_predicted") else
+                     "the serving model predicted no rate within the SLO")
         lines.append(f"\n{b['name']}{' (' + b['folder'] + ')' if b.get('folder') else ''}: "
-                     f"{b['best_measured']} sustained more; {choice}.")
+                     f"{b['best_measured']} sustained more; {predicted}; {choice}.")
     a = result.get("autoscale")
     if a:
         peak = max((w["replicas"] or 0 for w in a["timeline"]), default=0)
-        lines.append(f"\nStep load under autoscaling (1..{MAX_REPLICAS} replicas): replicas peaked at {peak}; "
+        lines.append(f"\nStep load under autoscaling (1..{MAX_REPLICAS} replicas, target "
+                     f"{a.get('target_ongoing_requests')} ongoing requests a replica; "
+                     f"{fmt((a.get('rates') or {}).get('low'))} -> {fmt((a.get('rates') or {}).get('high'))} -> "
+                     f"{fmt((a.get('rates') or {}).get('low'))} req/s, 60 s each): replicas peaked at {peak}; "
                      f"p95 back within the SLO {fmt(a['recovery_s'], 0)} s after the step; "
                      f"{a['failures']} failures, {a['rejected_503']} answered 503.")
     k = result.get("replica_kill")
