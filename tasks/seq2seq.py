@@ -78,7 +78,7 @@ class Seq2SeqTask(Task):
         return setup(cfg, accelerator, space, console, tracking, threads)
 
     def trial_objective(self, trial, ctx):
-        from kdlab.search.seq2seq_search import objective  # noqa: PLC0415
+        from kdlab.search.objective import objective  # noqa: PLC0415
         return objective(trial, ctx)
 
     def search_reference(self, ctx):
