@@ -64,18 +64,16 @@ def mean_flops(teacher, batches: list) -> float:
 # ---------------------------------------------------------------- building and measuring
 
 
-def build_candidates(teacher, recipes: list[str], *, example_batch: dict, quality_batches: list, metric: str,
-                     num_labels: int, device: str, threads: int, allow_cpu_bf16: bool, workdir: Path,
-                     reference_only: tuple = ()) -> list[tuple[GateRow, Quantized | None]]:
-    """Apply each recipe and score its artefact on the dev set; one that cannot run is a skipped row."""
+def build_rows(recipes: list[str], serve, score, reference_only: tuple = ()) -> list[tuple[GateRow, object | None]]:
+    """Each recipe's served artefact (`serve(recipe)`) scored on the dev set (`score(served)`), one row each: the
+    gate's loop for every task; a recipe that cannot run, or fails on the dev set, is a skipped row saying why."""
     out = []
     for name in recipes:
         row = GateRow(name, candidate=name not in reference_only)
         try:
-            served = apply_recipe(name, teacher, example_batch=example_batch, device=device,
-                                  workdir=workdir / name, allow_cpu_half=allow_cpu_bf16, threads=threads)
+            served = serve(name)
             row.size_mb = served.size_mb
-            row.quality = dev_quality(served, quality_batches, metric, num_labels)
+            row.quality = score(served)
         except RecipeUnavailable as exc:
             row.status, row.reason, served = "skipped", str(exc), None
         except Exception as exc:  # a kernel that rejects a dev-set shape: skip the recipe, say why
@@ -83,6 +81,16 @@ def build_candidates(teacher, recipes: list[str], *, example_batch: dict, qualit
             row.status, row.reason, served = "skipped", f"failed on the dev set: {type(exc).__name__}: {first}", None
         out.append((row, served))
     return out
+
+
+def build_candidates(teacher, recipes: list[str], *, example_batch: dict, quality_batches: list, metric: str,
+                     num_labels: int, device: str, threads: int, allow_cpu_bf16: bool, workdir: Path,
+                     reference_only: tuple = ()) -> list[tuple[GateRow, Quantized | None]]:
+    """A classifier under each recipe, scored by `metric` of its own dev predictions (build_rows)."""
+    return build_rows(recipes, lambda name: apply_recipe(name, teacher, example_batch=example_batch, device=device,
+                                                         workdir=workdir / name, allow_cpu_half=allow_cpu_bf16,
+                                                         threads=threads),
+                      lambda served: dev_quality(served, quality_batches, metric, num_labels), reference_only)
 
 
 # ---------------------------------------------------------------- the stage

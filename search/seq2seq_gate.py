@@ -10,8 +10,9 @@ own outputs on the dev set. ONNX recipes are reported as skipped with the reason
 from __future__ import annotations
 
 from kdlab.distill.config import Config
-from kdlab.distill.quantize import RecipeUnavailable, apply_generation_recipe
+from kdlab.distill.quantize import apply_generation_recipe
 from kdlab.eval.latency import machine_info, matmul_peak_gflops, versions
+from kdlab.search.gate import build_rows
 from kdlab.search.targets import GateRow
 from kdlab.search.timing import measure_candidates, target_profile, timing_batches
 from kdlab.train.seq2seq import Prepared, generate_texts, generation_kwargs, score
@@ -29,28 +30,22 @@ def generation_batches(prep: Prepared, batch_size: int, seed: int = 0) -> tuple[
 
 def build_generators(teacher, recipes: list[str], *, prep: Prepared, cfg: Config, example_batch: dict, threads: int,
                      reference_only: tuple = ()) -> list[tuple[GateRow, object]]:
-    """Apply each recipe, generate the whole dev set with its artefact and score it; failures are skipped rows."""
+    """A generator under each recipe, scored by task.metric of its own outputs on the whole dev set (build_rows)."""
     loader = make_seq2seq_loader(prep.eval_ds, prep.tokenizer, cfg.train.eval_batch_size, shuffle=False)
     references = list(prep.data.eval["target"])
     gen = generation_kwargs(cfg)
-    out = []
-    for name in recipes:
-        row = GateRow(name, candidate=name not in reference_only)
-        try:
-            served = apply_generation_recipe(name, teacher, example_batch=example_batch, generate_kwargs=gen,
-                                             device=cfg.target.device, allow_cpu_half=cfg.quantization.allow_cpu_bf16,
-                                             threads=threads)
-            row.size_mb = served.size_mb
-            texts, tokens = generate_texts(served.module, loader, prep.tokenizer, gen, desc=f"gate {name}")
-            row.quality = score(texts, references, prep.lowercase)[cfg.task.metric]
-            served.tokens_per_row = tokens / max(1, len(texts))
-        except RecipeUnavailable as exc:
-            row.status, row.reason, served = "skipped", str(exc), None
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            row.status, row.reason, served = "skipped", f"failed on the dev set: {type(exc).__name__}: {first}", None
-        out.append((row, served))
-    return out
+
+    def serve(name: str):
+        return apply_generation_recipe(name, teacher, example_batch=example_batch, generate_kwargs=gen,
+                                       device=cfg.target.device, allow_cpu_half=cfg.quantization.allow_cpu_bf16,
+                                       threads=threads)
+
+    def score_outputs(served) -> float:
+        texts, tokens = generate_texts(served.module, loader, prep.tokenizer, gen, desc=f"gate {served.recipe}")
+        served.tokens_per_row = tokens / max(1, len(texts))
+        return score(texts, references, prep.lowercase)[cfg.task.metric]
+
+    return build_rows(recipes, serve, score_outputs, reference_only)
 
 
 def fill_tokens_per_s(candidates: list, batch_size: int) -> None:
