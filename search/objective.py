@@ -53,7 +53,6 @@ class Context:
     meta: dict
     console: object = None
     base: object = None  # student.pretrained: the pretrained model students are cut from instead of the teacher
-    teacher_batches: tuple = ()  # (timing batches, quality batches, profile) as the teacher reads dev (its tokenizer)
     families: dict = None  # search.families with several: name -> Family (its own prep, batches, profile, base)
     clock: "PhaseClock" = None  # the running trial's seconds per phase (run_trial sets a fresh one)
     latency_model: object = None  # search/latency_model.py: draws it predicts too slow are ruled out unbuilt

@@ -17,10 +17,10 @@ from kdlab.distill.config import Config, ConfigError, Range, search_ranges, sear
 from kdlab.distill.quantize import apply_generation_recipe
 from kdlab.distill.seq2seq import build_seq2seq_student, layer_depths, model_width
 from kdlab.search.objective import Context, Training
-from kdlab.search.seq2seq_gate import build_generators, generation_batches
+from kdlab.search.seq2seq_gate import generation_batches
 from kdlab.search.space import draw, nearest
-from kdlab.search.targets import GateRow, Targets
-from kdlab.search.timing import measure_candidates, target_profile
+from kdlab.search.targets import Targets
+from kdlab.search.timing import target_profile
 from kdlab.train.seq2seq import (configure_generation, ensure_seq2seq_teacher, evaluate_seq2seq, generate_texts,
                            generation_kwargs, load_seq2seq, make_seq2seq_loss, prepare, score)
 from kdlab.train.seq2seq_data import make_seq2seq_loader
@@ -129,16 +129,6 @@ def setup(cfg: Config, accelerator, space: Seq2SeqSpace, console, tracking, thre
                                "teacher": cfg.teacher.source, "teacher_dev": teacher_dev,
                                "generation": generation_kwargs(cfg), "screen_output_tokens": parts.screen_tokens}}
     return ctx
-
-
-def reference(ctx: Context) -> GateRow:
-    """The fp32 teacher as a served generator, scored and timed (for `teacher*f` targets)."""
-    teacher = ctx.teacher.to("cpu")
-    built = build_generators(teacher, ["fp32"], prep=ctx.prep, cfg=ctx.cfg, example_batch=ctx.batches[0],
-                             threads=ctx.threads)
-    row = measure_candidates(built, ctx.batches, ctx.profile)[0]
-    ctx.teacher.to(ctx.accelerator.device)
-    return row
 
 
 # ---------------------------------------------------------------- one trial

@@ -58,10 +58,6 @@ class ClassificationTask(Task):
         from kdlab.search.objective import objective  # noqa: PLC0415
         return objective(trial, ctx)
 
-    def search_reference(self, ctx):
-        from kdlab.search.classification_search import reference  # noqa: PLC0415
-        return reference(ctx)
-
     def check_model_folder(self, cfg, path, config) -> None:
         from kdlab.train.model_dir import check_classifier_folder  # noqa: PLC0415
         check_classifier_folder(cfg, path, config)

@@ -81,10 +81,6 @@ class Seq2SeqTask(Task):
         from kdlab.search.objective import objective  # noqa: PLC0415
         return objective(trial, ctx)
 
-    def search_reference(self, ctx):
-        from kdlab.search.seq2seq_search import reference  # noqa: PLC0415
-        return reference(ctx)
-
     def check_model_folder(self, cfg, path, config) -> None:
         from kdlab.train.model_dir import check_seq2seq_folder  # noqa: PLC0415
         check_seq2seq_folder(cfg, path, config)
