@@ -75,11 +75,11 @@ class ClassificationTask(Task):
         load_test_split(cfg.data, load_task_data(cfg.data, cfg.train.seed))
 
     def export(self, cfg, choice, dest, console=None) -> dict:
-        from kdlab.search.export import export_classifier  # noqa: PLC0415
+        from kdlab.search.classification_export import export_classifier  # noqa: PLC0415
         return export_classifier(cfg, choice, dest, console)
 
     def export_summary(self, manifest: dict, dest) -> str:
-        from kdlab.search.export import classifier_summary_line  # noqa: PLC0415
+        from kdlab.search.classification_export import classifier_summary_line  # noqa: PLC0415
         return classifier_summary_line(manifest, dest)
 
     def load_artefact(self, folder, manifest: dict, tokenizer, *, recipe: str, device: str, threads: int):
