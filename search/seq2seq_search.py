@@ -18,7 +18,7 @@ from kdlab.distill.quantize import apply_generation_recipe
 from kdlab.distill.seq2seq import build_seq2seq_student, layer_depths, model_width
 from kdlab.search.objective import Context, Training
 from kdlab.search.seq2seq_gate import generation_batches
-from kdlab.search.space import draw, nearest
+from kdlab.search.space import Knobs, described, draw
 from kdlab.search.targets import Targets
 from kdlab.search.timing import target_profile
 from kdlab.train.seq2seq import (configure_generation, ensure_seq2seq_teacher, evaluate_seq2seq, generate_texts,
@@ -41,11 +41,10 @@ class Seq2SeqCandidate:
         return f"{self.encoder_layers}+{self.decoder_layers} layers x {self.hidden_size}, {self.init}, {self.recipe}"
 
     def to_dict(self) -> dict:
-        # num_layers (the decoder's depth, what decoding time scales with) keeps the shared reports readable.
-        return {**asdict(self), "num_layers": self.decoder_layers, "num_heads": None, "intermediate_size": None}
+        return asdict(self)
 
 
-class Seq2SeqSpace:
+class Seq2SeqSpace(Knobs):
     """`search.encoder_layers`, `decoder_layers`, `recipes` and the training knobs, bound to the teacher."""
 
     def __init__(self, cfg: Config, teacher_config):
@@ -65,11 +64,7 @@ class Seq2SeqSpace:
         if onnx:
             raise ConfigError(f"search.recipes: {onnx[0]} cannot serve seq2seq generation yet; valid for seq2seq: "
                               "fp32, dynamic-int8 (cpu), fp16, bf16, bnb-int8, bnb-nf4")
-        self.recipes = Range(choices=tuple(recipes))
-        self.learning_rate = ranges["learning_rate"] or Range(choices=(cfg.train.learning_rate,))
-        self.temperature = ranges["temperature"] or Range(choices=(cfg.distill.temperature,))
-        self.alpha = ranges["alpha"] or Range(choices=(cfg.distill.alpha,))
-        self.defaults = (cfg.train.learning_rate, cfg.distill.temperature, cfg.distill.alpha)
+        super().__init__(cfg, recipes)
 
     @classmethod
     def from_config(cls, cfg: Config, teacher_config) -> "Seq2SeqSpace":
@@ -77,21 +72,16 @@ class Seq2SeqSpace:
 
     def suggest(self, trial) -> Seq2SeqCandidate:
         return Seq2SeqCandidate(int(draw(trial, "encoder_layers", self.encoder)),
-                                int(draw(trial, "decoder_layers", self.decoder)), draw(trial, "recipe", self.recipes),
-                                float(draw(trial, "learning_rate", self.learning_rate)),
-                                float(draw(trial, "temperature", self.temperature)),
-                                float(draw(trial, "alpha", self.alpha)), self.width)
+                                int(draw(trial, "decoder_layers", self.decoder)), *self.draw_knobs(trial), self.width)
 
     def params_of(self, c: Seq2SeqCandidate) -> dict:
-        return {"encoder_layers": c.encoder_layers, "decoder_layers": c.decoder_layers, "recipe": c.recipe,
-                "learning_rate": c.learning_rate, "temperature": c.temperature, "alpha": c.alpha}
+        return {"encoder_layers": c.encoder_layers, "decoder_layers": c.decoder_layers, **self.knob_params(c)}
 
     def seeds(self, n: int, device: str = "cpu") -> list[Seq2SeqCandidate]:
         """The deepest encoder with 1, 2, ... decoder layers: decoding steps dominate generation time."""
         recipe = next((r for r in ("dynamic-int8", "fp16", "fp32") if r in self.recipes.choices),
                       self.recipes.choices[0])
-        lr, temperature, alpha = (float(nearest(r, v)) for r, v in
-                                  zip((self.learning_rate, self.temperature, self.alpha), self.defaults))
+        lr, temperature, alpha = self.seed_knobs()
         encoder = max(self.encoder.values())
         out = []
         for layers in self.decoder.values():
@@ -101,11 +91,8 @@ class Seq2SeqSpace:
         return out[:n]
 
     def describe(self) -> dict:
-        def rng(r):
-            return {k: v for k, v in asdict(r).items() if v is not None and v is not False}
-        return {"encoder_layers": rng(self.encoder), "decoder_layers": rng(self.decoder),
-                "recipes": list(self.recipes.choices), "learning_rate": rng(self.learning_rate),
-                "temperature": rng(self.temperature), "alpha": rng(self.alpha)}
+        return {"encoder_layers": described(self.encoder), "decoder_layers": described(self.decoder),
+                **self.describe_knobs()}
 
 
 # ---------------------------------------------------------------- study setup

@@ -193,7 +193,8 @@ def test_checking_a_config_of_either_task_loads_no_torch(tmp_path):
 ON_THE_INTERFACE = ("kdlab.search.gate", "kdlab.search.model_gate", "kdlab.train.distill", "kdlab.distill.config",
                     "kdlab.search.export", "kdlab.search.capacity", "kdlab.search.registry", "kdlab.search.study",
                     "kdlab.distill.export", "kdlab.distill.mlflow_model", "kdlab.scripts.predict",
-                    "kdlab.scripts.serve_app", "kdlab.api", "kdlab.train.model_dir")
+                    "kdlab.scripts.serve_app", "kdlab.api", "kdlab.train.model_dir", "kdlab.search.objective",
+                    "kdlab.search.space", "kdlab.search.study_report")
 STAGE_PACKAGES = ("kdlab.eval", "kdlab.distill", "kdlab.train", "kdlab.search")
 
 
