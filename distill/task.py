@@ -58,8 +58,10 @@ class Task:
     - `prepare(cfg, accelerator)`: data read and tokenized (an object with `.tokenizer`, `.eval_ds`).
     - `ensure_teacher(cfg, accelerator, prep)`: the task-ready teacher and its dev metrics (fine-tuned once).
     - `measure(cfg, model, prep, threads, recipes, workdir, reference_only)`: the gate's rows (one per recipe:
-      the artefact's own dev quality, then interleaved timing of one request on cfg.target) and conditions; the
-      search measures its fp32 teacher reference with it too (`prep`: the search setup's `ctx.prep`).
+      the artefact's own dev quality, then interleaved timing of one request on cfg.target) and the conditions
+      that are the task's own (the stage adds the target profile, metric, machine and versions:
+      kdlab.search.timing.complete_conditions); the search measures its fp32 teacher reference with it too
+      (`prep`: the search setup's `ctx.prep`).
     - `check_model_folder(cfg, path, config)`, `prepare_model(cfg, model)`, `load_network(cfg, model, tokenizer)`:
       a trained model folder given as `--model DIR` (kdlab.train.model_dir): is it this task's kind of model, its
       dev set under its own tokenizer, the fp32 network on the CPU.

@@ -26,7 +26,7 @@ from kdlab.distill.adapter import MODEL_INPUTS
 from kdlab.distill.config import Config
 from kdlab.distill.quantize import Quantized, RecipeUnavailable, apply_recipe
 from kdlab.distill.task import task_of
-from kdlab.eval.latency import count_flops, machine_info, matmul_peak_gflops, versions
+from kdlab.eval.latency import count_flops, matmul_peak_gflops
 from kdlab.eval.metrics import classification_metrics
 from kdlab.search.gate_report import publish
 from kdlab.search.targets import GateResult, GateRow, judge, ladder, target_gaps
@@ -99,7 +99,7 @@ def build_candidates(teacher, recipes: list[str], *, example_batch: dict, qualit
 def measure_classifier(cfg: Config, model, prep, threads: int, recipes: list[str], workdir: Path,
                        reference_only: tuple = ()) -> tuple[list[GateRow], dict]:
     """`model` (on the CPU, eval mode) under each recipe: dev quality of each artefact, then interleaved timing on
-    cfg.target. Returns the rows and the measurement's conditions. `prep` holds the tokenizer and the dev set."""
+    cfg.target. Returns the rows and the measurement's own conditions. `prep` holds the tokenizer and the dev set."""
     seq_len = cfg.target.seq_len
     quality_batches = list(make_loader(prep.eval_ds, prep.tokenizer, cfg.train.eval_batch_size, shuffle=False))
     batches, lengths = timing_batches(prep.eval_ds, prep.tokenizer, cfg.target.batch_size, seq_len,
@@ -112,15 +112,8 @@ def measure_classifier(cfg: Config, model, prep, threads: int, recipes: list[str
     peak = matmul_peak_gflops(cfg.target.device, threads)
     flops = mean_flops(model, batches)
     rows = measure_candidates(candidates, batches, profile, flops=flops, peak_gflops=peak)
-    conditions = {
-        "device": cfg.target.device, "threads": threads, "threads_requested": cfg.target.threads,
-        "batch_size": cfg.target.batch_size, "seq_len": seq_len, **lengths,
-        "warmup_iters": cfg.target.warmup_iters, "min_iters": cfg.target.min_iters,
-        "min_seconds": cfg.target.min_seconds, "repeats": cfg.target.repeats, "p95_tolerance": cfg.target.p95_tolerance,
-        "max_rounds": cfg.target.max_rounds,
-        "metric": cfg.task.metric, "dev_rows": len(prep.eval_ds), "teacher": cfg.teacher.source,
-        "flops_per_request": flops, "matmul_peak_gflops": peak, "machine": machine_info(), "versions": versions(),
-    }
+    # The target profile, metric, machine and versions are added by the stage (timing.complete_conditions).
+    conditions = {**lengths, "dev_rows": len(prep.eval_ds), "flops_per_request": flops, "matmul_peak_gflops": peak}
     return rows, conditions
 
 

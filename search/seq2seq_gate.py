@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from kdlab.distill.config import Config
 from kdlab.distill.quantize import apply_generation_recipe
-from kdlab.eval.latency import machine_info, matmul_peak_gflops, versions
+from kdlab.eval.latency import matmul_peak_gflops
 from kdlab.search.gate import build_rows
 from kdlab.search.targets import GateRow
 from kdlab.search.timing import measure_candidates, target_profile, timing_batches
@@ -58,7 +58,7 @@ def fill_tokens_per_s(candidates: list, batch_size: int) -> None:
 def measure_generator(cfg: Config, model, prep: Prepared, threads: int, recipes: list[str],
                       reference_only: tuple = ()) -> tuple[list[GateRow], dict]:
     """`model` (on the CPU, eval mode) under each recipe: dev quality of each artefact's own outputs, then whole
-    `generate` calls timed on cfg.target. Returns the rows and the measurement's conditions."""
+    `generate` calls timed on cfg.target. Returns the rows and the measurement's own conditions."""
     batches, lengths = generation_batches(prep, cfg.target.batch_size, seed=cfg.train.seed)
     candidates = build_generators(model, recipes, prep=prep, cfg=cfg, example_batch=batches[0], threads=threads,
                                   reference_only=reference_only)
@@ -66,14 +66,7 @@ def measure_generator(cfg: Config, model, prep: Prepared, threads: int, recipes:
     peak = matmul_peak_gflops(cfg.target.device, threads)
     rows = measure_candidates(candidates, batches, profile)
     fill_tokens_per_s(candidates, cfg.target.batch_size)
-    conditions = {
-        "device": cfg.target.device, "threads": threads, "threads_requested": cfg.target.threads,
-        "batch_size": cfg.target.batch_size, "seq_len": "data", **lengths,
-        "warmup_iters": cfg.target.warmup_iters, "min_iters": cfg.target.min_iters,
-        "min_seconds": cfg.target.min_seconds, "repeats": cfg.target.repeats, "p95_tolerance": cfg.target.p95_tolerance,
-        "max_rounds": cfg.target.max_rounds,
-        "metric": cfg.task.metric, "dev_rows": len(prep.eval_ds), "teacher": cfg.teacher.source,
-        "generation": generation_kwargs(cfg), "lowercase_scoring": prep.lowercase,
-        "matmul_peak_gflops": peak, "machine": machine_info(), "versions": versions(),
-    }
+    # The target profile, metric, machine and versions are added by the stage (timing.complete_conditions).
+    conditions = {"seq_len": "data", **lengths, "dev_rows": len(prep.eval_ds), "generation": generation_kwargs(cfg),
+                  "lowercase_scoring": prep.lowercase, "matmul_peak_gflops": peak}
     return rows, conditions
