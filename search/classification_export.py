@@ -21,7 +21,7 @@ from kdlab.eval.paths import portable_path
 from kdlab.search.capacity import capacity_card, measure_latencies, p50_p95
 from kdlab.search.card import card_metadata
 from kdlab.search.export import Choice, front_position, teacher_reference, training_data_of, write_export
-from kdlab.search.gate import dev_quality
+from kdlab.search.classification_gate import dev_quality
 from kdlab.train.data import load_test_split, make_loader, tokenize
 from kdlab.train.model_dir import check_model_dir, prepare_model
 from kdlab.train.pipeline import prepare

@@ -17,7 +17,7 @@ from kdlab.distill.export import parity
 from kdlab.distill.quantize import apply_recipe
 from kdlab.distill.students import build_student
 from kdlab.eval.latency import machine_info, versions
-from kdlab.search.gate import dev_quality
+from kdlab.search.classification_gate import dev_quality
 from kdlab.search.objective import Context, Family, Training
 from kdlab.search.space import TEACHER_FAMILY, FamilySpace, SearchSpace, TeacherShape
 from kdlab.search.study_tracking import StudyTracking

@@ -39,7 +39,7 @@ class ClassificationTask(Task):
         return ensure_teacher(cfg, accelerator, prep.data, prep.tokenizer, prep.train_ds, prep.eval_ds)
 
     def measure(self, cfg, model, prep, threads, recipes, workdir, reference_only=()):
-        from kdlab.search.gate import measure_classifier  # noqa: PLC0415
+        from kdlab.search.classification_gate import measure_classifier  # noqa: PLC0415
         return measure_classifier(cfg, model, prep, threads, recipes, workdir, reference_only=reference_only)
 
     def distil(self, cfg, accelerator) -> dict:
