@@ -36,7 +36,7 @@ REQUIRED_PARTS = (
     "check_teacher_fits", "prepare", "ensure_teacher",                                  # teacher
     "measure", "check_model_folder", "prepare_model", "load_network",                  # gate (and --model DIR)
     "distil",                                                                            # one distillation
-    "search_space", "search_setup", "trial_objective", "search_reference",              # search
+    "search_space", "search_setup", "trial_objective",                                  # search
     "check_test_split", "export", "export_summary", "capacity_unit",                    # export
     "load_artefact", "predict_records",                                                 # serve
 )
@@ -58,7 +58,10 @@ class Task:
     - `prepare(cfg, accelerator)`: data read and tokenized (an object with `.tokenizer`, `.eval_ds`).
     - `ensure_teacher(cfg, accelerator, prep)`: the task-ready teacher and its dev metrics (fine-tuned once).
     - `measure(cfg, model, prep, threads, recipes, workdir, reference_only)`: the gate's rows (one per recipe:
-      the artefact's own dev quality, then interleaved timing of one request on cfg.target) and conditions.
+      the artefact's own dev quality, then interleaved timing of one request on cfg.target) and the conditions
+      that are the task's own (the stage adds the target profile, metric, machine and versions:
+      kdlab.search.timing.complete_conditions); the search measures its fp32 teacher reference with it too
+      (`prep`: the search setup's `ctx.prep`).
     - `check_model_folder(cfg, path, config)`, `prepare_model(cfg, model)`, `load_network(cfg, model, tokenizer)`:
       a trained model folder given as `--model DIR` (kdlab.train.model_dir): is it this task's kind of model, its
       dev set under its own tokenizer, the fp32 network on the CPU.
@@ -67,7 +70,6 @@ class Task:
     - `search_setup(cfg, accelerator, space, console, threads)`: what the study prepares once (data, teacher,
       batches, tracking): a kdlab.search.objective.Context.
     - `trial_objective(trial, ctx)`: one Optuna trial: build, screen, distil, serve, score, time.
-    - `search_reference(ctx)`: the fp32 teacher as served, scored and timed, for targets relative to it.
     - `check_test_split(cfg)`: read the held-out split and check it against the training data, scoring nothing.
     - `export(cfg, choice, dest, console)`: build, check (parity), time and describe the chosen model's export
       folder at `dest`; returns its manifest (whose task.type names the task again when it is read back).

@@ -37,7 +37,7 @@ from torch.utils.benchmark import Timer  # noqa: E402
 from kdlab.scripts.bench_readme import publish  # noqa: E402
 from kdlab.distill.config import ConfigError, load_config  # noqa: E402
 from kdlab.eval.latency import clamp_threads, coefficient_of_variation, matmul_peak_gflops, measure_one  # noqa: E402
-from kdlab.search.gate import build_candidates, mean_flops  # noqa: E402
+from kdlab.search.classification_gate import build_candidates, mean_flops  # noqa: E402
 from kdlab.search.targets import check_row, resolve_targets  # noqa: E402
 from kdlab.search.timing import measure_candidates, target_profile, timing_batches  # noqa: E402
 from kdlab.eval.latency import machine_info, versions  # noqa: E402

@@ -1,6 +1,6 @@
 """The Hugging Face metadata that opens an export's model card, built with huggingface_hub's ModelCardData.
 
-Library module for search/export.py and search/seq2seq_export.py. The YAML block is what the Hub,
+Library module for search/classification_export.py and search/seq2seq_export.py. The YAML block is what the Hub,
 its search and its evaluation widget read (https://huggingface.co/docs/hub/model-cards):
 
 - `pipeline_tag` (text-classification, text2text-generation), `library_name: transformers`;

@@ -1,4 +1,5 @@
-"""The classification search's own parts: its space, what a study prepares once, and the teacher's reference.
+"""The classification search's own parts: its space, what a study prepares once, and what a trial builds, trains
+and scores (`ClassifierTrial`, run by search/objective.py's shared trial).
 
 Library module for the classification task (kdlab.tasks.classification calls it; search/study.py calls the
 task); nothing to launch. seq2seq_search.py holds the seq2seq counterparts. A search over several families
@@ -9,16 +10,22 @@ from __future__ import annotations
 
 import dataclasses
 
+from transformers import AutoModelForSequenceClassification
+
 from kdlab.distill.config import Config, ConfigError, search_families
+from kdlab.distill.export import parity
+from kdlab.distill.quantize import apply_recipe
+from kdlab.distill.students import build_student
 from kdlab.eval.latency import machine_info, versions
-from kdlab.search.gate import build_candidates
-from kdlab.search.objective import Context, Family
+from kdlab.search.classification_gate import dev_quality
+from kdlab.search.objective import Context, Family, Training
 from kdlab.search.space import TEACHER_FAMILY, FamilySpace, SearchSpace, TeacherShape
 from kdlab.search.study_tracking import StudyTracking
-from kdlab.search.targets import GateRow, Targets
-from kdlab.search.timing import measure_candidates, target_profile, timing_batches
+from kdlab.search.targets import Targets
+from kdlab.search.timing import target_profile, timing_batches
 from kdlab.train.data import make_loader
-from kdlab.train.pipeline import distillation_logits, load_base, prepare, student_source_config
+from kdlab.train.loop import evaluate_classifier
+from kdlab.train.pipeline import distillation_logits, load_base, make_distill_loss, prepare, student_source_config
 from kdlab.train.teacher import ensure_teacher
 
 
@@ -82,17 +89,13 @@ def setup(cfg: Config, accelerator, space, console, threads: int) -> Context:
                                           attn=attn)
     teacher = teacher.to(accelerator.device).eval()
     # Students read their own tokenizer's tokens (student.pretrained, search.families), in training, scoring and
-    # timing alike; the teacher's reference point reads the teacher's.
+    # timing alike; the teacher's reference point (search/study.py) reads the teacher's.
     families = {name: family_context(family_config(cfg, name), accelerator, teacher, p, threads)
                 for name, p in preps.items()}
     first = families[names[0]]
-    t_quality = list(make_loader(prep.eval_ds, prep.tokenizer, cfg.train.eval_batch_size, shuffle=False))
-    t_batches, t_lengths = timing_batches(prep.eval_ds, prep.tokenizer, cfg.target.batch_size, cfg.target.seq_len,
-                                          vocab_size=len(prep.tokenizer), seed=cfg.train.seed)
     ctx = Context(cfg, accelerator, prep, teacher, space, Targets(), first.profile, first.batches,
                   first.quality_batches, first.eval_loader, first.logits_cache, attn, threads, tracking, {}, console,
-                  first.base, (t_batches, t_quality, target_profile(cfg.target, threads, t_lengths["seq_len_median"])),
-                  families if len(names) > 1 else None)
+                  first.base, families if len(names) > 1 else None, parts=ClassifierTrial())
     ctx.meta = {"conditions": {"device": cfg.target.device, "threads": threads, "batch_size": cfg.target.batch_size,
                                "seq_len": cfg.target.seq_len, **first.lengths, "metric": cfg.task.metric,
                                "dev_rows": len(prep.eval_ds), "teacher": cfg.teacher.source,
@@ -106,15 +109,38 @@ def setup(cfg: Config, accelerator, space, console, threads: int) -> Context:
     return ctx
 
 
-def reference(ctx: Context) -> GateRow:
-    """The fp32 teacher as served, scored and timed on its own tokens (for `teacher*f` targets)."""
-    cfg = ctx.cfg
-    cpu_teacher = ctx.teacher.to("cpu")
-    t_batches, t_quality, t_profile = ctx.teacher_batches  # the teacher reads its own tokenizer's tokens
-    built = build_candidates(cpu_teacher, ["fp32"], example_batch=t_quality[0],
-                             quality_batches=t_quality, metric=cfg.task.metric,
-                             num_labels=ctx.prep.data.num_labels, device=cfg.target.device, threads=ctx.threads,
-                             allow_cpu_bf16=False, workdir=cfg.run_dir / "search_reference")
-    reference = measure_candidates(built, t_batches, t_profile)[0]
-    ctx.teacher.to(ctx.accelerator.device)
-    return reference
+class ClassifierTrial:
+    """A classification trial's parts (search/objective.py TrialParts): a student cut from the teacher or its family's
+    pretrained base, served by the recipes of distill/quantize.py, distilled on logits (and hidden states or
+    attentions), scored by accuracy or F1 of the served artefact and by its label agreement with its fp32 weights."""
+
+    def student(self, candidate, ctx: Context):
+        return build_student(ctx.teacher, candidate.student(), seed=ctx.cfg.train.seed, base=ctx.base)
+
+    def served(self, recipe: str, model, ctx: Context, workdir, screening: bool = False):
+        cfg = ctx.cfg
+        return apply_recipe(recipe, model, example_batch=ctx.quality_batches[0], device=cfg.target.device,
+                            workdir=workdir, allow_cpu_half=cfg.quantization.allow_cpu_bf16, threads=ctx.threads)
+
+    def training(self, trial_cfg: Config, ctx: Context, student) -> Training:
+        if ctx.attn:
+            student.config._attn_implementation = ctx.attn
+        compute_loss, loss_mod, _ = make_distill_loss(trial_cfg, ctx.teacher, student, ctx.logits_cache)
+        loader = make_loader(ctx.prep.student_train_ds, ctx.prep.student_tokenizer, trial_cfg.train.batch_size,
+                             shuffle=True, seed=trial_cfg.train.seed)
+        return Training(compute_loss, [loss_mod], loader,
+                        lambda model: evaluate_classifier(model, ctx.eval_loader, ctx.accelerator),
+                        ctx.prep.student_tokenizer)
+
+    def trained(self, trial_dir, ctx: Context):
+        return AutoModelForSequenceClassification.from_pretrained(trial_dir, use_safetensors=True).eval()
+
+    def quality(self, served, trained, candidate, ctx: Context) -> tuple[float, float]:
+        quality = dev_quality(served, ctx.quality_batches, ctx.cfg.task.metric, ctx.prep.data.num_labels)
+        # What the export checks (search/export.py): the served artefact against the fp32 weights on the CPU, on
+        # the same dev rows in the same batches (the student's tokenizer, train.eval_batch_size), so a trial
+        # feasible here is never refused there. fp32 agrees with itself.
+        agreement = 1.0 if candidate.recipe == "fp32" else parity(
+            served, apply_recipe("fp32", trained, example_batch=ctx.quality_batches[0], device="cpu",
+                                 threads=ctx.threads), ctx.quality_batches)["label_agreement"]
+        return quality, agreement

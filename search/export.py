@@ -11,8 +11,9 @@ gate found meeting the targets; fp32 (the folder as trained) when no gate was ru
 of the export (quality, parity, latency) is measured by the export itself. The export is logged on the
 distillation's MLflow run (DIR/kdlab_summary.json's mlflow_run_id), which is tagged with it.
 
-The folder is built in a staging folder beside the destination and moved into place only when
-complete: the parity check (served artefact against the fp32 model on the full dev set), the
+The folder is written for every task by `write_export`, which asks the task's ExportParts for what is its
+own (search/classification_export.py, search/seq2seq_export.py). It is built in a staging folder beside the
+destination and moved into place only when complete: the parity check (served artefact against the fp32 model on the full dev set), the
 latency table and the model card are all done before anything replaces an earlier export.
 
 The held-out test split (data.test_file or data.test_split) is read here and nowhere before: its labels
@@ -32,27 +33,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification
 
 from kdlab.distill.config import Config, ConfigError, save_config
 from kdlab.distill.task import load_task, task_of
 from kdlab.distill.deploy import write_deploy_files
-from kdlab.distill.export import (ExportError, build_served, load_served, move_into_place, parity, served_entry,
-                            write_manifest, write_model)
-from kdlab.distill.quantize import apply_recipe
+from kdlab.distill.export import load_served, move_into_place, write_manifest, write_model
 from kdlab.eval.latency import clamp_threads, machine_info, versions
 from kdlab.eval.paths import portable_path, portable_text
-from kdlab.search.capacity import capacity_card, capacity_section, measure_latencies, p50_p95
-from kdlab.search.card import card_metadata, dataset_name, hub_id
-from kdlab.search.gate import dev_quality
+from kdlab.search.capacity import capacity_section
+from kdlab.search.card import dataset_name, hub_id
 from kdlab.search.gate_report import gate_references, gate_table
 from kdlab.search.model_gate import model_gate_rows
 from kdlab.search.registry import register
 from kdlab.search.study import stored_study
 from kdlab.search.study_report import trial_rows
-from kdlab.train.data import load_test_split, make_loader, tokenize
-from kdlab.train.model_dir import architecture, check_model_dir, prepare_model
-from kdlab.train.pipeline import prepare
+from kdlab.train.model_dir import architecture, check_model_dir
 from kdlab.train.teacher import teacher_folder
 
 NUMERIC = ("quality", "p50_ms", "p95_ms", "p99_ms", "size_mb", "params", "throughput", "train_seconds")
@@ -213,93 +208,6 @@ def choose(cfg: Config, trial: int | None = None, pick_text: str | None = None, 
 # ---------------------------------------------------------------- measuring what is exported
 
 
-def latency_rows(reports: dict, lengths: dict, batch_sizes: list[int]) -> list[dict]:
-    """The model card's latency table: p50/p95 and throughput of the served artefact at each batch size."""
-    return [{"batch_size": bs, "p50_ms": reports[bs].p50_ms, "p95_ms": reports[bs].p95_ms,
-             "p99_ms": reports[bs].p99_ms, "throughput": reports[bs].throughput, "cv": reports[bs].cv,
-             "stable": reports[bs].stable, "padded_len_median": lengths[bs]["padded_len_median"]}
-            for bs in batch_sizes]
-
-
-def _f(value, fmt: str, none: str = "—") -> str:
-    return none if value is None else fmt.format(value)
-
-
-def model_card(m: dict) -> str:
-    """README.md of the export folder, from its manifest: every number in it is one the manifest holds.
-
-    It opens with the Hugging Face metadata (search/card.py): pipeline tag, base model, tags, and the
-    dev quality in `model-index`.
-    """
-    c, fig, par, ref = m["choice"], m["measured"], m["parity"], m.get("teacher_reference") or {}
-    arch = c.get("architecture") or {}
-    arch_line = (f"{arch['num_layers']} layers x {arch['hidden_size']} hidden, {arch['num_heads']} heads, FFN "
-                 f"{arch['intermediate_size']}" + (f", initialised {arch['init']}" if arch.get("init") else "")
-                 if arch.get("num_layers") else "the teacher itself")
-    # A model folder (--model DIR) was distilled when train/distill.py wrote it (its summary names the init).
-    origin = ("Distilled from" if c["kind"] == "trial" or (c["kind"] == "model" and arch.get("init"))
-              else "Trained outside kdlab; compared with" if c["kind"] == "model" else "Quantized from")
-    tokenizer_of = "the teacher's tokenizer" if c["kind"] == "teacher" else "the model's own tokenizer"
-    q, tq = fig["quality"], ref.get("quality")
-    cond = m["conditions"]
-    lines = [
-        card_metadata(m, "text-classification"),
-        f"# {m['name']}: {m['task']['type']} on {m['data']['train_file'] or m['data']['dataset']}", "",
-        f"Exported by kdlab on {m['created']} from {c['label']} (recipe `{c['recipe']}`). "
-        f"{origin} the teacher `{m['teacher']['source']}`.",
-        "", "## Figures", "",
-        f"- Quality ({m['task']['metric']} on {par['rows']} dev rows, measured on the served artefact): **{q:.4f}**"
-        + (f", {q / tq:.1%} of the teacher's {tq:.4f}" if tq else ""),
-        f"- Size of the served artefact: {fig['size_mb']:.1f} MB; parameters: {_f(fig.get('params'), '{:,}')}",
-        f"- Parity with the fp32 PyTorch model on the same rows: label agreement {par['label_agreement']:.2%}, "
-        f"max |logit difference| {par['max_abs_diff']:.4f} (fp32 model quality {par['reference_quality']:.4f})",
-    ]
-    if m.get("test"):
-        t = m["test"]
-        lines.append(f"- Held-out test ({t['source']}, {t['rows']} rows, scored once at export and never read by the "
-                     f"gate, the search or the choice): {t['metric']} **{t['quality']:.4f}**")
-    if m.get("front_position"):
-        lines.append(f"- On the search's Pareto front: {m['front_position']}")
-    lines += ["", f"Latency on {cond['device']}, {cond['threads']} thread(s), sequence length "
-              f"{cond['seq_len']} ({cond['cpu']}, torch {cond['torch']}):", "",
-              "| batch | p50 ms | p95 ms | rows/s |", "|---|---|---|---|"]
-    for r in m["latency"]:
-        lines.append(f"| {r['batch_size']} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['throughput']:.1f} |")
-    if ref.get("p95_ms"):
-        lines += ["", f"The fp32 teacher measured p95 {ref['p95_ms']:.2f} ms at batch {cond['batch_size']} under "
-                      f"the same profile ({ref['p95_ms'] / m['latency'][0]['p95_ms']:.1f}x slower than this model "
-                      f"at batch {m['latency'][0]['batch_size']})." if m['latency'] else ""]
-    lines += capacity_card(m.get("capacity"))
-    lines += ["", "## Model", "", f"- Architecture: {arch_line}", f"- Serving recipe: `{c['recipe']}`: "
-              f"{m['served']['how']}", f"- Labels: {', '.join(m['labels'])}",
-              f"- Tokenization: max length {m['max_length']}, {tokenizer_of}", "",
-              "## Data", "", f"- Training rows: {m['data']['train_file'] or m['data']['dataset']}"
-              f" (max {m['data']['max_train_samples'] or 'all'} rows)",
-              f"- Evaluation rows: {m['data']['eval_file'] or m['data']['eval_split']}",
-              *([f"- Held-out test rows: {m['test']['source']} ({m['test']['rows']} rows), read only by the export"]
-                if m.get("test") else []),
-              *training_data_lines(m.get("training_data"), c["kind"], m["data"].get("labelled_rows"),
-                                   c["kind"] == "trial" or bool(arch.get("init"))), "",
-              "## Loading", "", "```python",
-              "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
-              "model = AutoModelForSequenceClassification.from_pretrained(\"<this folder>\")  # fp32",
-              "tokenizer = AutoTokenizer.from_pretrained(\"<this folder>\")", "",
-              "from kdlab.distill.export import load_served  # the served artefact, as measured",
-              "labels, probs = load_served(\"<this folder>\").predict_texts([\"a gripping film\"])", "```", "",
-              "Batch predictions: `kdlab predict --model <this folder> --input FILE --output OUT.jsonl`.", "",
-              "An HTTP service (Ray Serve, settings from the capacity plan): `kdlab serve --model <this folder>`, or "
-              "`serve run serve_config.yaml` from this folder; `Dockerfile` builds a CPU image of it (its first "
-              "lines say how)."]
-    if m.get("mlflow"):
-        ml = m["mlflow"]
-        lines += [f"MLflow: `mlflow.pyfunc.load_model(\"models:/{ml['model_name']}@{ml['alias']}\")` "
-                  f"(version {ml['version']}); its `predict(texts)` returns a DataFrame with `label` and "
-                  f"{', '.join(f'`prob_{name}`' for name in m['labels'])}, the figures of `kdlab predict`."]
-    lines += ["", "## Training configuration", "", "The resolved config is `training_config.yaml` in this folder; "
-              "`manifest.json` lists every file with its sha256.", ""]
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------- the stage
 
 
@@ -312,16 +220,6 @@ def teacher_choice(cfg: Config, recipe: str) -> Choice:
     row = next((r for r in gate_rows(cfg) if r["recipe"] == recipe), None)
     figures = {k: _num(row.get(k)) for k in NUMERIC} if row else {}
     return Choice("teacher", f"teacher {recipe}", recipe, teacher_folder(cfg), figures)
-
-
-def export_data(cfg: Config, choice: Choice):
-    """The dev set the export is checked and timed on, without an Accelerator (train/accel.py says why):
-    tokenized by the teacher's tokenizer, or by a model folder's own (`--model DIR`)."""
-    if choice.kind == "model":
-        return prepare_model(cfg, check_model_dir(cfg, choice.source))
-    if choice.kind == "trial":  # a student tokenizes with its own tokenizer (saved in its trial folder)
-        return prepare_model(cfg, check_model_dir(cfg, choice.source))
-    return prepare(cfg)
 
 
 def run_export(cfg: Config, trial: int | None = None, pick_text: str | None = None, out: str | None = None,
@@ -340,93 +238,89 @@ def run_export(cfg: Config, trial: int | None = None, pick_text: str | None = No
     return task_of(cfg).export(cfg, choice, dest, console)
 
 
-def export_classifier(cfg: Config, choice: Choice, dest: Path, console=None) -> dict:
-    """The classification task's export of `choice` to `dest` (kdlab.tasks.classification calls it)."""
+class ExportParts:
+    """What an export folder needs from its task; `write_export` calls them in this order.
+
+    - `__init__(cfg, choice)`: the dev set the export is checked and timed on (`.prep`: `.tokenizer`, `.eval_ds`),
+      without an Accelerator (train/accel.py says why), and the held-out test split read and checked (a bad test
+      file: one line, nothing written).
+    - `load_model()`: the chosen fp32 network, in eval mode.
+    - `build(staging, model, threads)`: the served artefact's files beyond the weights (classification: ONNX).
+    - `entries(model)`: the task's manifest entries; its `data` and `choice` entries join the shared ones.
+    - `check(served, model, threads, manifest, say)`: the served artefact (`load_served` of the folder) against the
+      fp32 model on the dev set (ExportError past the task's bound) and the held-out test scored once into
+      `manifest["test"]`; returns the `parity` entry, whose `served_quality` is the export's quality.
+    - `latency(served, model, threads, planning)`: (the card's latency rows at export.latency_batch_sizes, the
+      capacity plan's {batch: (p50_ms, p95_ms)} at serving.batch_sizes when `planning`, capacity_section extras).
+    - `finish()`: entries known once everything is measured; `conditions` joins the shared conditions.
+    - `card(manifest)`: README.md, from the manifest only (the registry writes it again once registered).
+    """
+
+
+def _joined(manifest: dict, entries: dict) -> dict:
+    """`entries` added to `manifest`; a dict entry that both hold (data, choice, conditions) gets the keys of both."""
+    for key, value in entries.items():
+        both = isinstance(value, dict) and isinstance(manifest.get(key), dict)
+        manifest[key] = {**manifest[key], **value} if both else value
+    return manifest
+
+
+def write_export(cfg: Config, choice: Choice, dest: Path, console, parts_of) -> dict:
+    """The export folder of any task at `dest`: model, config, served artefact, manifest, parity, latency, capacity
+    plan, card and deployment files, built in a staging folder moved into place only when complete, then
+    registered. `parts_of(cfg, choice)`: the task's ExportParts. Returns the manifest."""
     say = console.print if console is not None else print
     say(f"export: {choice.label}, recipe {choice.recipe} -> {dest}")
     threads, _ = clamp_threads(cfg.target.threads)
     torch.set_num_threads(threads)
-    prep = export_data(cfg, choice)
-    test_ds = load_test_split(cfg.data, prep.data)  # a bad test file: one line, nothing written
+    parts = parts_of(cfg, choice)
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = dest.with_name(f".{dest.name}.staging-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(choice.source, use_safetensors=True).eval()
-        write_model(model, prep.tokenizer, staging)
+        model = parts.load_model()
+        write_model(model, parts.prep.tokenizer, staging)
         save_config(cfg, staging / "training_config.yaml")
-        batches = list(make_loader(prep.eval_ds, prep.tokenizer, cfg.train.eval_batch_size, shuffle=False))
-        build_served(staging, choice.recipe, example_batch=batches[0], device=cfg.target.device, threads=threads,
-                     allow_cpu_half=cfg.quantization.allow_cpu_bf16)
-        manifest = {
+        parts.build(staging, model, threads)
+        manifest = _joined({
             "format": "kdlab-export/1", "name": cfg.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "task": {"type": cfg.task.type, "metric": cfg.task.metric}, "labels": prep.data.label_names,
-            "max_length": cfg.data.max_length, "text_column": cfg.data.text_column,
-            "text_pair_column": cfg.data.text_pair_column, "served": served_entry(choice.recipe, cfg.target.device),
+            "task": {"type": cfg.task.type, "metric": cfg.task.metric}, "max_length": cfg.data.max_length,
             # Paths as kdlab.eval.paths writes them: relative to the repository, <data>/..., <run>/...
             "teacher": {"source": portable_path(cfg.teacher.source), "hub_id": hub_id(cfg.teacher.source)},
             "data": {**{k: getattr(cfg.data, k) for k in ("dataset", "dataset_config", "eval_split",
                                                           "max_train_samples")},
                      **{k: portable_path(getattr(cfg.data, k)) for k in ("train_file", "eval_file")},
-                     "name": dataset_name(cfg.data.dataset, cfg.data.eval_file),
-                     "labelled_rows": len(prep.data.train)},  # the config's labelled subset, as read now
+                     "name": dataset_name(cfg.data.dataset, cfg.data.eval_file)},
             "choice": {"kind": choice.kind, "label": portable_text(choice.label, run=cfg.run_dir),
                        "recipe": choice.recipe, "trial": choice.trial,
                        "study": cfg.search.study_name or cfg.name,
                        "source": portable_path(choice.source, run=cfg.run_dir),
-                       "mlflow_run_id": choice.mlflow_run_id, "architecture": choice.architecture,
-                       "search_figures": choice.figures},
+                       "mlflow_run_id": choice.mlflow_run_id, "search_figures": choice.figures},
             "versions": versions(), "machine": machine_info(),
-        }
+        }, parts.entries(model))
         write_manifest(staging, manifest)  # load_served below reads the folder exactly as a user would
         served = load_served(staging, threads=threads)
-        reference = apply_recipe("fp32", model, example_batch=batches[0], device="cpu", threads=threads)
-        agreement = parity(served.artefact, reference, batches)
-        metric, n = cfg.task.metric, prep.data.num_labels
-        agreement.update(served_quality=dev_quality(served.artefact, batches, metric, n),
-                         reference_quality=dev_quality(reference, batches, metric, n),
-                         bound=cfg.export.min_label_agreement)
-        if agreement["label_agreement"] < cfg.export.min_label_agreement:
-            raise ExportError(f"parity: the {choice.recipe} artefact agrees with the fp32 model on "
-                              f"{agreement['label_agreement']:.2%} of {agreement['rows']} dev labels, below "
-                              f"export.min_label_agreement {cfg.export.min_label_agreement:.2%}; nothing exported")
-        if test_ds is not None:  # scored once, here, for the chosen model only
-            test_batches = list(make_loader(tokenize(test_ds, prep.tokenizer, cfg.data, prep.data.label_names),
-                                            prep.tokenizer, cfg.train.eval_batch_size, shuffle=False))
-            manifest["test"] = {"source": portable_path(cfg.data.test_file) if cfg.data.test_file
-                                else f"{cfg.data.dataset}[{cfg.data.test_split}]", "rows": len(test_ds),
-                                "metric": metric, "quality": dev_quality(served.artefact, test_batches, metric, n)}
-            say(f"export: held-out test {manifest['test']['source']}: {metric} {manifest['test']['quality']:.4f} "
-                f"on {len(test_ds)} rows (served artefact)")
-        manifest["training_data"] = training_data_of(choice)
-        say(f"export: parity on {agreement['rows']} dev rows: label agreement {agreement['label_agreement']:.2%}, "
-            f"max |diff| {agreement['max_abs_diff']:.4f}; measuring latency at batch "
-            f"{', '.join(map(str, cfg.export.latency_batch_sizes))}")
+        agreement = parts.check(served, model, threads, manifest, say)
         # One measurement serves the card's latency table and, with serving.target_rps, the capacity plan.
         planning = cfg.serving.target_rps is not None
-        sizes = [*cfg.export.latency_batch_sizes, *(cfg.serving.batch_sizes if planning else [])]
-        reports, lengths = measure_latencies({"export": served.artefact}, cfg, prep.eval_ds, prep.tokenizer,
-                                             model.config.vocab_size, threads, sizes)
-        latency = latency_rows(reports["export"], lengths, cfg.export.latency_batch_sizes)
-        reference_fig = _teacher_reference(cfg)
-        planned = p50_p95({b: reports["export"][b] for b in cfg.serving.batch_sizes}) if planning else None
+        latency, planned, extras = parts.latency(served, model, threads, planning)
         manifest["capacity"] = (capacity_section(cfg, planned, threads, label="export",
-                                                 unit=task_of(cfg).capacity_unit(cfg)) if planning else None)
-        manifest.update(
-            parity=agreement, latency=latency, teacher_reference=reference_fig,
-            measured={"quality": agreement["served_quality"], "size_mb": served.artefact.size_mb,
-                      "params": sum(p.numel() for p in model.parameters())},
-            conditions={"device": cfg.target.device, "threads": threads, "batch_size": cfg.target.batch_size,
-                        "seq_len": cfg.target.seq_len, "cpu": machine_info()["cpu"], "torch": versions()["torch"]},
-            front_position=_front_position(cfg, choice))
-        (staging / "README.md").write_text(model_card(manifest))
+                                                 unit=task_of(cfg).capacity_unit(cfg), **extras)
+                                if planning else None)
+        manifest.update(parity=agreement, latency=latency,
+                        measured={"quality": agreement["served_quality"], "size_mb": served.artefact.size_mb,
+                                  "params": sum(p.numel() for p in model.parameters())},
+                        conditions={"device": cfg.target.device, "threads": threads, "cpu": machine_info()["cpu"],
+                                    "torch": versions()["torch"]})
+        _joined(manifest, parts.finish())
+        (staging / "README.md").write_text(parts.card(manifest))
         write_deploy_files(staging, manifest)  # serve_config.yaml and Dockerfile, hashed with the rest
         manifest = write_manifest(staging, manifest)
         move_into_place(staging, dest)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return register(cfg, dest, manifest, model_card)
+    return register(cfg, dest, manifest, parts.card)
 
 
 def check_test_split(cfg: Config) -> None:
@@ -449,38 +343,13 @@ def training_data_of(choice: Choice) -> dict | None:
     return None
 
 
-def training_data_lines(data: dict | None, kind: str, labelled_rows: int | None, distilled: bool) -> list[str]:
-    """The card's account of the student's training data (labelled rows, transfer sources, teacher labels).
-
-    `data`: the `training_data` its summary or trial record holds (None: not recorded there); `labelled_rows`:
-    the labelled rows the config gives, said when nothing else was recorded; `distilled`: made by kdlab."""
-    if kind == "teacher":
-        return []  # no student: the teacher itself is served
-    if not data and not distilled:
-        return ["- Training data of the model: not recorded (it was trained outside kdlab)"]
-    if not data:
-        return ["- Student training data: the labelled rows only"
-                + (f" ({labelled_rows:,} rows)" if labelled_rows is not None else "")]
-    transfer = {k: v for k, v in (data.get("transfer") or {}).items() if v}
-    lines = [f"- Student training data: {data['labelled_rows']:,} labelled rows (KD + cross-entropy)"
-             + (", and a transfer set labelled by the teacher (KD only): "
-                + ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in transfer.items()) if transfer else "")]
-    if data.get("augment"):
-        a = data["augment"]
-        lines.append(f"- Augmented copies: {a['copies']} per labelled row (mask {a['mask_prob']}, word replacement "
-                     f"{a['replace_prob']}, n-gram {a['ngram_prob']} up to {a['ngram_max']} words, seed {a['seed']})")
-    if data.get("teacher_labels"):
-        lines.append(f"- Teacher labels computed with: {data['teacher_labels']}")
-    return lines
-
-
-def _teacher_reference(cfg: Config) -> dict | None:
+def teacher_reference(cfg: Config) -> dict | None:
     """The fp32 teacher's quality and p95 on the target, as the gate measured them."""
     fp32, _ = gate_references(cfg.run_dir)
     return {"quality": _num(fp32["quality"]), "p95_ms": _num(fp32["p95_ms"]), "from": "gate"} if fp32 else None
 
 
-def _front_position(cfg: Config, choice: Choice) -> str | None:
+def front_position(cfg: Config, choice: Choice) -> str | None:
     rows = [r for r in study_rows(cfg) if r["is_pareto"]] if choice.kind == "trial" else []
     if not rows:
         return None
@@ -495,15 +364,3 @@ def _front_position(cfg: Config, choice: Choice) -> str | None:
 def summary_line(manifest: dict, dest: Path) -> str:
     """One line on a finished export, in the terms of its task."""
     return load_task(manifest["task"]["type"]).export_summary(manifest, dest)
-
-
-def classifier_summary_line(manifest: dict, dest: Path) -> str:
-    p, lat = manifest["parity"], manifest["latency"][0]
-    reg = manifest.get("mlflow")
-    return (f"exported {manifest['choice']['label']} ({manifest['served']['recipe']}) to {dest}: quality "
-            f"{manifest['measured']['quality']:.4f}, p95 {lat['p95_ms']:.2f} ms at batch {lat['batch_size']}, "
-            f"{manifest['measured']['size_mb']:.1f} MB, parity {p['label_agreement']:.2%}"
-            + (f"; held-out test {manifest['test']['metric']} {manifest['test']['quality']:.4f}"
-               if manifest.get("test") else "")
-            + (f"; registered models:/{reg['model_name']}@{reg['alias']} (version {reg['version']})" if reg else ""))
-

@@ -10,72 +10,36 @@ Writes runs/<name>/report/gate.csv and gate.md and one MLflow run per recipe und
 run. Exit code 0 (PASS: a recipe meets every target), 3 (MISS: distillation needed), 2 (config error).
 
 This module is the stage, which calls the task (kdlab.distill.task) for data, teacher and measurement,
-and the classification teacher's measurement (search/seq2seq_gate.py is the seq2seq one). What every
-gate shares sits below both: search/targets.py (rows, targets, the verdict), search/timing.py (request
+and the loop over recipes every task's measurement may use (`build_rows`; search/classification_gate.py and
+search/seq2seq_gate.py are the two built-in measurements). What every gate shares sits below them: search/targets.py (rows, targets, the verdict), search/timing.py (request
 batches, interleaved timing, the measurement conditions) and search/gate_report.py (the table, gate.csv /
 gate.md, MLflow runs).
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-import torch
 from accelerate.utils import set_seed
 
-from kdlab.distill.adapter import MODEL_INPUTS
 from kdlab.distill.config import Config
-from kdlab.distill.quantize import Quantized, RecipeUnavailable, apply_recipe
+from kdlab.distill.quantize import RecipeUnavailable
 from kdlab.distill.task import task_of
-from kdlab.eval.latency import count_flops, machine_info, matmul_peak_gflops, versions
-from kdlab.eval.metrics import classification_metrics
 from kdlab.search.gate_report import publish
 from kdlab.search.targets import GateResult, GateRow, judge, ladder, target_gaps
-from kdlab.search.timing import (check_device, complete_conditions, measure_candidates, target_profile, target_threads,
-                                 timing_batches)
-from kdlab.train.data import make_loader
-
-FLOP_SAMPLE_BATCHES = 8  # batches whose FLOPs are counted to estimate the mean per call
-
-
-# ---------------------------------------------------------------- inputs
-
-
-def quality_score(labels, preds, metric: str, num_labels: int) -> float:
-    """`metric` (accuracy or F1) of the predictions, as `eval.metrics` defines it for every stage."""
-    return classification_metrics(labels, preds, num_labels)[metric]
-
-
-def dev_quality(served: Quantized, batches: list, metric: str, num_labels: int) -> float:
-    """The artefact's own quality: its predictions on every dev batch, not the fp32 model's."""
-    preds, labels = [], []
-    for batch in batches:
-        preds.append(served.predict(batch).argmax(-1))
-        labels.append(batch["labels"])
-    return quality_score(torch.cat(labels).numpy(), torch.cat(preds).numpy(), metric, num_labels)
-
-
-def mean_flops(teacher, batches: list) -> float:
-    """Mean fp32 FLOPs per request over a few evenly spaced timing batches (count_flops)."""
-    step = max(1, len(batches) // FLOP_SAMPLE_BATCHES)
-    sample = batches[::step][:FLOP_SAMPLE_BATCHES]
-    return sum(count_flops(teacher, {k: v for k, v in b.items() if k in MODEL_INPUTS}) for b in sample) / len(sample)
+from kdlab.search.timing import check_device, complete_conditions, target_threads
 
 
 # ---------------------------------------------------------------- building and measuring
 
 
-def build_candidates(teacher, recipes: list[str], *, example_batch: dict, quality_batches: list, metric: str,
-                     num_labels: int, device: str, threads: int, allow_cpu_bf16: bool, workdir: Path,
-                     reference_only: tuple = ()) -> list[tuple[GateRow, Quantized | None]]:
-    """Apply each recipe and score its artefact on the dev set; one that cannot run is a skipped row."""
+def build_rows(recipes: list[str], serve, score, reference_only: tuple = ()) -> list[tuple[GateRow, object | None]]:
+    """Each recipe's served artefact (`serve(recipe)`) scored on the dev set (`score(served)`), one row each: the
+    gate's loop for every task; a recipe that cannot run, or fails on the dev set, is a skipped row saying why."""
     out = []
     for name in recipes:
         row = GateRow(name, candidate=name not in reference_only)
         try:
-            served = apply_recipe(name, teacher, example_batch=example_batch, device=device,
-                                  workdir=workdir / name, allow_cpu_half=allow_cpu_bf16, threads=threads)
+            served = serve(name)
             row.size_mb = served.size_mb
-            row.quality = dev_quality(served, quality_batches, metric, num_labels)
+            row.quality = score(served)
         except RecipeUnavailable as exc:
             row.status, row.reason, served = "skipped", str(exc), None
         except Exception as exc:  # a kernel that rejects a dev-set shape: skip the recipe, say why
@@ -86,34 +50,6 @@ def build_candidates(teacher, recipes: list[str], *, example_batch: dict, qualit
 
 
 # ---------------------------------------------------------------- the stage
-
-
-def measure_classifier(cfg: Config, model, prep, threads: int, recipes: list[str], workdir: Path,
-                       reference_only: tuple = ()) -> tuple[list[GateRow], dict]:
-    """`model` (on the CPU, eval mode) under each recipe: dev quality of each artefact, then interleaved timing on
-    cfg.target. Returns the rows and the measurement's conditions. `prep` holds the tokenizer and the dev set."""
-    seq_len = cfg.target.seq_len
-    quality_batches = list(make_loader(prep.eval_ds, prep.tokenizer, cfg.train.eval_batch_size, shuffle=False))
-    batches, lengths = timing_batches(prep.eval_ds, prep.tokenizer, cfg.target.batch_size, seq_len,
-                                      vocab_size=model.config.vocab_size, seed=cfg.train.seed)
-    candidates = build_candidates(
-        model, recipes, example_batch=quality_batches[0], quality_batches=quality_batches,
-        metric=cfg.task.metric, num_labels=prep.data.num_labels, device=cfg.target.device, threads=threads,
-        allow_cpu_bf16=cfg.quantization.allow_cpu_bf16, workdir=workdir, reference_only=reference_only)
-    profile = target_profile(cfg.target, threads, lengths["seq_len_median"])
-    peak = matmul_peak_gflops(cfg.target.device, threads)
-    flops = mean_flops(model, batches)
-    rows = measure_candidates(candidates, batches, profile, flops=flops, peak_gflops=peak)
-    conditions = {
-        "device": cfg.target.device, "threads": threads, "threads_requested": cfg.target.threads,
-        "batch_size": cfg.target.batch_size, "seq_len": seq_len, **lengths,
-        "warmup_iters": cfg.target.warmup_iters, "min_iters": cfg.target.min_iters,
-        "min_seconds": cfg.target.min_seconds, "repeats": cfg.target.repeats, "p95_tolerance": cfg.target.p95_tolerance,
-        "max_rounds": cfg.target.max_rounds,
-        "metric": cfg.task.metric, "dev_rows": len(prep.eval_ds), "teacher": cfg.teacher.source,
-        "flops_per_request": flops, "matmul_peak_gflops": peak, "machine": machine_info(), "versions": versions(),
-    }
-    return rows, conditions
 
 
 def run_gate(cfg: Config, accelerator=None, console=None) -> GateResult:

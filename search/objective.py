@@ -4,6 +4,10 @@ Library module for search/study.py (which runs the study and says how a trial is
 launch. `objective(trial, ctx)` returns (quality, p95_ms) and sets the trial's constraints and user
 attrs; `ctx` holds what every trial reuses (teacher, cached logits, data, timing batches, targets).
 A screened-out candidate returns quality 0.0 with zero training steps (see search/study.py).
+
+The trial's steps are the same for every task (`evaluate`); what a task builds, serves, trains and scores
+comes from its `TrialParts`, which its `search_setup` puts in `ctx.parts`. A task may also run trials of
+its own through `run_trial` (tests/token_task.py does).
 """
 from __future__ import annotations
 
@@ -18,23 +22,16 @@ from pathlib import Path
 
 import optuna
 import torch
-from transformers import AutoModelForSequenceClassification
 
 from kdlab.distill.config import Config
-from kdlab.distill.export import parity
-from kdlab.distill.quantize import apply_recipe
-from kdlab.distill.students import build_student, count_params
+from kdlab.distill.students import count_params
 from kdlab.search.early_stop import StopCheck, Stopped
-from kdlab.search.gate import dev_quality
-from kdlab.search.space import Candidate, SearchSpace
+from kdlab.search.space import SearchSpace
 from kdlab.search.study_report import FIGURES
 from kdlab.search.study_tracking import StudyTracking
 from kdlab.search.targets import GateRow, Targets
 from kdlab.search.timing import measure_candidates
-from kdlab.train.data import make_loader
-from kdlab.train.loop import evaluate_classifier, fit
-from kdlab.train.pipeline import make_distill_loss
-
+from kdlab.train.loop import fit
 
 @dataclass
 class Context:
@@ -56,11 +53,11 @@ class Context:
     meta: dict
     console: object = None
     base: object = None  # student.pretrained: the pretrained model students are cut from instead of the teacher
-    teacher_batches: tuple = ()  # (timing batches, quality batches, profile) as the teacher reads dev (its tokenizer)
     families: dict = None  # search.families with several: name -> Family (its own prep, batches, profile, base)
     clock: "PhaseClock" = None  # the running trial's seconds per phase (run_trial sets a fresh one)
     latency_model: object = None  # search/latency_model.py: draws it predicts too slow are ruled out unbuilt
     agreement_constraint: bool = True  # trials carry the served-artefact agreement constraint (classification)
+    parts: object = None  # the task's TrialParts: what a trial of the shared `evaluate` builds, trains and scores
 
     def of(self, family: str | None) -> "Context":
         """The context a trial of `family` reads: that family's tokenizer's data, batches, logits and base."""
@@ -212,7 +209,7 @@ def record_stopped(trial, tracker, ctx: Context, pre: GateRow, params: int, resu
 
 
 def objective(trial: optuna.Trial, ctx: Context):
-    return run_trial(trial, ctx, _evaluate)
+    return run_trial(trial, ctx, evaluate)
 
 
 def run_trial(trial: optuna.Trial, ctx: Context, evaluate):
@@ -279,23 +276,46 @@ def _rule_out(trial, candidate, ctx: Context) -> None:
                                  f"above the screening bound {bound:.2f} ms")
 
 
-def _evaluate(trial, candidate: Candidate, ctx: Context, tracker):
-    ctx, clock = ctx.of(candidate.family), ctx.clock
+@dataclass
+class Training:
+    """What a task trains a trial's student with (TrialParts.training): the loss, the batches, the dev score."""
+    compute_loss: object  # (model, batch) -> (loss, parts)
+    extra_modules: list  # trainable modules of the loss (projections) that the loop prepares with the student
+    loader: object  # the distillation set's batches
+    evaluate: object  # model -> {metric: value} on the dev set
+    tokenizer: object  # saved with every checkpoint
+
+
+class TrialParts:
+    """What one trial needs from its task; `evaluate` below calls them in this order.
+
+    - `student(candidate, ctx)`: the untrained student the candidate describes.
+    - `served(recipe, model, ctx, workdir, screening=False)`: `model` as served under `recipe` (a Quantized:
+      `.predict(batch)`, `.size_mb`); `screening`: the untrained student's, timed before training.
+    - `training(trial_cfg, ctx, student)`: a `Training` (trial_cfg carries the candidate's training knobs).
+    - `trained(trial_dir, ctx)`: the best checkpoint, loaded back in eval mode.
+    - `quality(served, trained, candidate, ctx)`: (task.metric of the served artefact on the dev set, its
+      agreement with the fp32 weights or None when the task has no such constraint).
+    """
+
+
+def evaluate(trial, candidate, ctx: Context, tracker):
+    """One trial of any task: build, time untrained (screen), distil, serve, score, time; record it."""
+    ctx, clock, parts = ctx.of(getattr(candidate, "family", None)), ctx.clock, ctx.parts
     cfg = ctx.cfg
+    unmeasured = 0.0 if ctx.agreement_constraint else None  # keeps every trial's constraints the same keys
     with clock("screening"):
-        student = build_student(ctx.teacher, candidate.student(), seed=cfg.train.seed, base=ctx.base)
+        student = parts.student(candidate, ctx)
         params = count_params(student)
         with tempfile.TemporaryDirectory(prefix="kdlab-screen-") as tmp:
-            served = apply_recipe(candidate.recipe, student, example_batch=ctx.quality_batches[0],
-                                  device=cfg.target.device, workdir=Path(tmp),
-                                  allow_cpu_half=cfg.quantization.allow_cpu_bf16, threads=ctx.threads)
+            served = parts.served(candidate.recipe, student, ctx, Path(tmp), screening=True)
             # Judged against the screening bound: a p95 whose interval straddles it gets more rounds first.
             bound = (ctx.targets.p95_ms * (1.0 + cfg.search.screen_margin) if ctx.targets.p95_ms is not None
                      else None)
             pre = _measure(served, ctx, budget_ms=bound)
     misses = screened_out(ctx.targets, pre.p95_ms, pre.size_mb, cfg.search.screen_margin, pre.p95_low_ms)
     if misses:
-        return record_screened(trial, tracker, ctx, pre, params, misses, agreement=0.0)
+        return record_screened(trial, tracker, ctx, pre, params, misses, agreement=unmeasured)
 
     trial_dir = cfg.run_dir / "trials" / str(trial.number)
     check = StopCheck(trial, cfg, ctx.targets, pre.p95_ms, pre.size_mb, cfg.task.metric)
@@ -304,47 +324,33 @@ def _evaluate(trial, candidate: Candidate, ctx: Context, tracker):
         result = _distil(candidate, ctx, student, trial_dir, tracker, check)
     clock.seconds["training"] -= clock.seconds["evaluation"] - before
     if check.stopped is not None:
-        return record_stopped(trial, tracker, ctx, pre, params, result, check, agreement=0.0)
+        return record_stopped(trial, tracker, ctx, pre, params, result, check, agreement=unmeasured)
     with clock("quantization"):
-        trained = AutoModelForSequenceClassification.from_pretrained(trial_dir, use_safetensors=True).eval()
-        served = apply_recipe(candidate.recipe, trained, example_batch=ctx.quality_batches[0],
-                              device=cfg.target.device, workdir=trial_dir / "served",
-                              allow_cpu_half=cfg.quantization.allow_cpu_bf16, threads=ctx.threads)
+        trained = parts.trained(trial_dir, ctx)
+        served = parts.served(candidate.recipe, trained, ctx, trial_dir / "served")
     with clock("evaluation"):
-        quality = dev_quality(served, ctx.quality_batches, cfg.task.metric, ctx.prep.data.num_labels)
-        # What the export checks (search/export.py): the served artefact against the fp32 weights on the CPU, on
-        # the same dev rows in the same batches (the student's tokenizer, train.eval_batch_size), so a trial
-        # feasible here is never refused there. fp32 agrees with itself.
-        agreement = 1.0 if candidate.recipe == "fp32" else parity(
-            served, apply_recipe("fp32", trained, example_batch=ctx.quality_batches[0], device="cpu",
-                                 threads=ctx.threads), ctx.quality_batches)["label_agreement"]
+        quality, agreement = parts.quality(served, trained, candidate, ctx)
     with clock("measurement"):
         post = _measure(served, ctx, budget_ms=ctx.targets.p95_ms)
     return record_trained(trial, tracker, ctx, candidate, trial_dir, quality, pre, post, params, result, agreement)
 
 
-def _distil(candidate: Candidate, ctx: Context, student, trial_dir: Path, tracker, check: StopCheck | None = None):
-    """One in-process distillation with the study's teacher and cached logits; best checkpoint -> trial_dir."""
+def _distil(candidate, ctx: Context, student, trial_dir: Path, tracker, check: StopCheck | None = None):
+    """One in-process distillation with the candidate's training knobs; best checkpoint -> trial_dir."""
     cfg = ctx.cfg
     train_cfg = dataclasses.replace(cfg.train, learning_rate=candidate.learning_rate, max_steps=cfg.search.train_steps,
                                     num_epochs=cfg.search.train_epochs, resume_from=None, save_state_every_steps=None)
     distill_cfg = dataclasses.replace(cfg.distill, temperature=candidate.temperature, alpha=candidate.alpha)
-    trial_cfg = dataclasses.replace(cfg, train=train_cfg, distill=distill_cfg)
-    if ctx.attn:
-        student.config._attn_implementation = ctx.attn
-    compute_loss, loss_mod, _ = make_distill_loss(trial_cfg, ctx.teacher, student, ctx.logits_cache)
-    train_loader = make_loader(ctx.prep.student_train_ds, ctx.prep.student_tokenizer, cfg.train.batch_size,
-                               shuffle=True, seed=cfg.train.seed)
+    training = ctx.parts.training(dataclasses.replace(cfg, train=train_cfg, distill=distill_cfg), ctx, student)
 
     def save_best(model):
         model.save_pretrained(trial_dir)
-        ctx.prep.student_tokenizer.save_pretrained(trial_dir)
+        training.tokenizer.save_pretrained(trial_dir)
 
-    def evaluate(model):
+    def evaluate_dev(model):
         with ctx.clock("evaluation"):
-            return evaluate_classifier(model, ctx.eval_loader, ctx.accelerator)
+            return training.evaluate(model)
 
-    return fit(ctx.accelerator, student, train_loader, cfg=train_cfg, compute_loss=compute_loss,
-               evaluate=evaluate, save_best=save_best,
-               out_dir=trial_dir, tracker=tracker, metric=cfg.task.metric, extra_modules=[loss_mod], desc="distill",
-               stop_check=check)
+    return fit(ctx.accelerator, student, training.loader, cfg=train_cfg, compute_loss=training.compute_loss,
+               evaluate=evaluate_dev, save_best=save_best, out_dir=trial_dir, tracker=tracker, metric=cfg.task.metric,
+               extra_modules=training.extra_modules, desc="distill", stop_check=check)

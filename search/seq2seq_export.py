@@ -1,8 +1,9 @@
 """`kdlab export` for seq2seq: the chosen student (or teacher recipe) as a folder that generates as measured.
 
-Library module for search/export.py (`run_export` dispatches here when task.type=seq2seq). The
-choice, the staging folder moved into place only when complete, the manifest with every file's
-sha256, and the MLflow registration are the classification export's. What differs:
+Library module for the seq2seq task (kdlab.tasks.seq2seq calls it). The choice, the folder written in a
+staging folder moved into place only when complete, the shared manifest entries with every file's sha256,
+the capacity plan, the deployment files and the MLflow registration are search/export.py's (`write_export`);
+these are the seq2seq parts (`Seq2SeqExport`). What differs:
 - the folder is `AutoModelForSeq2SeqLM`-loadable (safetensors, config, generation config, tokenizer);
   the manifest adds the decoding settings and the source prefix; no ONNX graph (SEQ2SEQ_ONNX_REASON);
 - parity: the served artefact, reloaded from the folder, generates the whole dev set next to the fp32
@@ -15,24 +16,15 @@ sha256, and the MLflow registration are the classification export's. What differ
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
-import time
 from pathlib import Path
 
-import torch
-
-from kdlab.distill.config import Config, ConfigError, save_config
-from kdlab.distill.deploy import write_deploy_files
-from kdlab.distill.export import (ExportError, load_served, move_into_place, seq2seq_served_entry, write_manifest,
-                            write_model)
+from kdlab.distill.config import Config, ConfigError
+from kdlab.distill.export import ExportError, seq2seq_served_entry
 from kdlab.distill.quantize import SEQ2SEQ_ONNX_REASON
-from kdlab.distill.task import task_of
-from kdlab.eval.latency import clamp_threads, machine_info, versions
-from kdlab.eval.paths import portable_path, portable_text
-from kdlab.search.capacity import capacity_card, capacity_section
-from kdlab.search.card import card_metadata, dataset_name, hub_id
-from kdlab.search.registry import register
+from kdlab.eval.paths import portable_path
+from kdlab.search.capacity import capacity_card
+from kdlab.search.card import card_metadata
+from kdlab.search.export import write_export
 from kdlab.search.seq2seq_gate import generation_batches
 from kdlab.search.targets import GateRow
 from kdlab.search.timing import measure_candidates, target_profile
@@ -42,49 +34,41 @@ from kdlab.train.seq2seq_data import load_seq2seq_test, make_seq2seq_loader, tok
 
 
 def run_seq2seq_export(cfg: Config, choice, dest: Path, console=None) -> dict:
+    """The seq2seq task's export of `choice` to `dest`: search/export.py's folder with Seq2SeqExport."""
     if choice.recipe.startswith("onnx"):
         raise ConfigError(f"export: {choice.label} is served as {choice.recipe}, which seq2seq cannot export: "
                           f"{SEQ2SEQ_ONNX_REASON}")
-    say = console.print if console is not None else print
-    say(f"export: {choice.label}, recipe {choice.recipe} -> {dest}")
-    threads, _ = clamp_threads(cfg.target.threads)
-    torch.set_num_threads(threads)
-    # What search/export.py's export_data does for seq2seq (export.py imports this module, not the other way):
-    # the dev set without an Accelerator; a model folder (--model DIR) brings its own tokenizer.
-    prep = prepare_model(cfg, check_model_dir(cfg, choice.source)) if choice.kind == "model" else prepare(cfg)
-    gen = generation_kwargs(cfg)
-    test = load_seq2seq_test(cfg.data)  # a bad test file: one line, nothing written
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = dest.with_name(f".{dest.name}.staging-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        model = load_seq2seq(str(choice.source), cfg, prep.tokenizer).eval()
-        write_model(model, prep.tokenizer, staging)
-        save_config(cfg, staging / "training_config.yaml")
-        manifest = {
-            "format": "kdlab-export/1", "name": cfg.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "task": {"type": "seq2seq", "metric": cfg.task.metric}, "labels": [],
-            "max_length": cfg.data.max_length, "source_prefix": cfg.data.source_prefix, "generation": gen,
-            "text_column": cfg.data.source_column, "text_pair_column": None,
-            "lowercase_scoring": prep.lowercase, "example_input": prep.data.eval[0]["source"],
-            "served": seq2seq_served_entry(choice.recipe, cfg.target.device),
-            # Paths as kdlab.eval.paths writes them: relative to the repository, <data>/..., <run>/...
-            "teacher": {"source": portable_path(cfg.teacher.source), "hub_id": hub_id(cfg.teacher.source)},
-            "onnx": f"not exported: {SEQ2SEQ_ONNX_REASON}",
-            "data": {**{k: getattr(cfg.data, k) for k in ("dataset", "dataset_config", "eval_split",
-                                                          "max_train_samples")},
-                     **{k: portable_path(getattr(cfg.data, k)) for k in ("train_file", "train_target_file",
-                                                                         "eval_file", "eval_target_file")},
-                     "name": dataset_name(cfg.data.dataset, cfg.data.eval_file)},
-            "choice": {"kind": choice.kind, "label": portable_text(choice.label, run=cfg.run_dir),
-                       "recipe": choice.recipe, "trial": choice.trial,
-                       "study": cfg.search.study_name or cfg.name,
-                       "source": portable_path(choice.source, run=cfg.run_dir),
-                       "mlflow_run_id": choice.mlflow_run_id, "search_figures": choice.figures},
-            "versions": versions(), "machine": machine_info(),
-        }
-        write_manifest(staging, manifest)
-        served = load_served(staging, threads=threads)  # the folder exactly as a user loads it
+    return write_export(cfg, choice, dest, console, Seq2SeqExport)
+
+
+class Seq2SeqExport:
+    """A generator's parts of an export folder (search/export.py ExportParts)."""
+
+    def __init__(self, cfg: Config, choice):
+        self.cfg, self.choice = cfg, choice
+        # The dev set without an Accelerator; a model folder (--model DIR) brings its own tokenizer.
+        self.prep = (prepare_model(cfg, check_model_dir(cfg, choice.source)) if choice.kind == "model"
+                     else prepare(cfg))
+        self.gen = generation_kwargs(cfg)
+        self.test = load_seq2seq_test(cfg.data)  # a bad test file: one line, nothing written
+
+    def load_model(self):
+        return load_seq2seq(str(self.choice.source), self.cfg, self.prep.tokenizer).eval()
+
+    def build(self, staging: Path, model, threads: int) -> None:
+        """Nothing beyond the weights: the served artefact is the safetensors model under its recipe (no ONNX)."""
+
+    def entries(self, model) -> dict:
+        cfg, prep = self.cfg, self.prep
+        return {"labels": [], "source_prefix": cfg.data.source_prefix, "generation": self.gen,
+                "text_column": cfg.data.source_column, "text_pair_column": None,
+                "lowercase_scoring": prep.lowercase, "example_input": prep.data.eval[0]["source"],
+                "served": seq2seq_served_entry(self.choice.recipe, cfg.target.device),
+                "onnx": f"not exported: {SEQ2SEQ_ONNX_REASON}",
+                "data": {k: portable_path(getattr(cfg.data, k)) for k in ("train_target_file", "eval_target_file")}}
+
+    def check(self, served, model, threads: int, manifest: dict, say) -> dict:
+        cfg, prep, gen = self.cfg, self.prep, self.gen
         loader = make_seq2seq_loader(prep.eval_ds, prep.tokenizer, cfg.train.eval_batch_size, shuffle=False)
         references = list(prep.data.eval["target"])
         served_texts, _ = generate_texts(served.artefact.module, loader, prep.tokenizer, gen)
@@ -98,9 +82,11 @@ def run_seq2seq_export(cfg: Config, choice, dest: Path, console=None) -> dict:
                      "bound": cfg.export.max_quality_drop}
         drop = agreement["reference_quality"] - agreement["served_quality"]
         if drop > cfg.export.max_quality_drop:
-            raise ExportError(f"parity: the {choice.recipe} artefact scores {agreement['served_quality']:.2f} {metric} "
-                              f"on the dev set, {drop:.2f} below the fp32 model's {agreement['reference_quality']:.2f}, "
-                              f"more than export.max_quality_drop {cfg.export.max_quality_drop:g}; nothing exported")
+            raise ExportError(f"parity: the {self.choice.recipe} artefact scores {agreement['served_quality']:.2f} "
+                              f"{metric} on the dev set, {drop:.2f} below the fp32 model's "
+                              f"{agreement['reference_quality']:.2f}, more than export.max_quality_drop "
+                              f"{cfg.export.max_quality_drop:g}; nothing exported")
+        test = self.test
         if test is not None:  # scored once, here, for the exported model only, on its served artefact
             test_loader = make_seq2seq_loader(
                 tokenize_pairs(test, prep.tokenizer, cfg.data, decoder_start_id(model.config, prep.tokenizer)),
@@ -115,15 +101,18 @@ def run_seq2seq_export(cfg: Config, choice, dest: Path, console=None) -> dict:
         say(f"export: parity on {len(references)} dev rows: {agreement['identical_outputs']:.1%} identical outputs, "
             f"{metric} {agreement['served_quality']:.2f} vs fp32 {agreement['reference_quality']:.2f}; measuring "
             f"generation latency at batch {', '.join(map(str, cfg.export.latency_batch_sizes))}")
-        # One measurement serves the card's latency table and, with serving.target_rps, the capacity plan.
-        planning = cfg.serving.target_rps is not None
+        return agreement
+
+    def latency(self, served, model, threads: int, planning: bool):
+        """Whole `generate` calls on real dev sources at each batch size, with the tokens they generate."""
+        cfg, prep = self.cfg, self.prep
         sizes = sorted(set(cfg.export.latency_batch_sizes) | set(cfg.serving.batch_sizes if planning else ()))
         measured = {}
         for bs in sizes:
             batches, lengths = generation_batches(prep, bs, seed=cfg.train.seed)
             artefact = served.artefact  # what a user loads from the folder, built once
             profile = dataclasses.replace(target_profile(cfg.target, threads, lengths["seq_len_median"]), batch_size=bs)
-            row = measure_candidates([(GateRow(choice.recipe), artefact)], batches, profile)[0]
+            row = measure_candidates([(GateRow(self.choice.recipe), artefact)], batches, profile)[0]
             tokens = sum(int((artefact.predict(b)[:, 1:] != prep.tokenizer.pad_token_id).sum()) for b in batches[:8])
             per_call = tokens / min(8, len(batches))
             measured[bs] = {"batch_size": bs, "p50_ms": row.p50_ms, "p95_ms": row.p95_ms, "p99_ms": row.p99_ms,
@@ -133,25 +122,18 @@ def run_seq2seq_export(cfg: Config, choice, dest: Path, console=None) -> dict:
                             "tokens_per_row": per_call / bs}
         latency = [{k: v for k, v in measured[bs].items() if k != "tokens_per_row"}
                    for bs in cfg.export.latency_batch_sizes]
-        if planning:
-            plan_sizes = cfg.serving.batch_sizes
-            manifest["capacity"] = capacity_section(
-                cfg, {bs: (measured[bs]["p50_ms"], measured[bs]["p95_ms"]) for bs in plan_sizes}, threads,
-                label="export", unit=task_of(cfg).capacity_unit(cfg),
-                tokens_per_request=sum(measured[bs]["tokens_per_row"] for bs in plan_sizes) / len(plan_sizes))
-        manifest.update(parity=agreement, latency=latency,
-                        measured={"quality": agreement["served_quality"], "size_mb": served.artefact.size_mb,
-                                  "params": sum(p.numel() for p in model.parameters())},
-                        conditions={"device": cfg.target.device, "threads": threads, "cpu": machine_info()["cpu"],
-                                    "torch": versions()["torch"]})
-        (staging / "README.md").write_text(seq2seq_card(manifest))
-        write_deploy_files(staging, manifest)  # serve_config.yaml and Dockerfile, hashed with the rest
-        manifest = write_manifest(staging, manifest)
-        move_into_place(staging, dest)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return register(cfg, dest, manifest, seq2seq_card)
+        if not planning:
+            return latency, None, {}
+        plan_sizes = cfg.serving.batch_sizes
+        return (latency, {bs: (measured[bs]["p50_ms"], measured[bs]["p95_ms"]) for bs in plan_sizes},
+                {"tokens_per_request": sum(measured[bs]["tokens_per_row"] for bs in plan_sizes) / len(plan_sizes)})
+
+    def finish(self) -> dict:
+        return {}
+
+    @staticmethod
+    def card(manifest: dict) -> str:
+        return seq2seq_card(manifest)
 
 
 def seq2seq_card(m: dict) -> str:

@@ -10,8 +10,9 @@ own outputs on the dev set. ONNX recipes are reported as skipped with the reason
 from __future__ import annotations
 
 from kdlab.distill.config import Config
-from kdlab.distill.quantize import RecipeUnavailable, apply_generation_recipe
-from kdlab.eval.latency import machine_info, matmul_peak_gflops, versions
+from kdlab.distill.quantize import apply_generation_recipe
+from kdlab.eval.latency import matmul_peak_gflops
+from kdlab.search.gate import build_rows
 from kdlab.search.targets import GateRow
 from kdlab.search.timing import measure_candidates, target_profile, timing_batches
 from kdlab.train.seq2seq import Prepared, generate_texts, generation_kwargs, score
@@ -29,28 +30,22 @@ def generation_batches(prep: Prepared, batch_size: int, seed: int = 0) -> tuple[
 
 def build_generators(teacher, recipes: list[str], *, prep: Prepared, cfg: Config, example_batch: dict, threads: int,
                      reference_only: tuple = ()) -> list[tuple[GateRow, object]]:
-    """Apply each recipe, generate the whole dev set with its artefact and score it; failures are skipped rows."""
+    """A generator under each recipe, scored by task.metric of its own outputs on the whole dev set (build_rows)."""
     loader = make_seq2seq_loader(prep.eval_ds, prep.tokenizer, cfg.train.eval_batch_size, shuffle=False)
     references = list(prep.data.eval["target"])
     gen = generation_kwargs(cfg)
-    out = []
-    for name in recipes:
-        row = GateRow(name, candidate=name not in reference_only)
-        try:
-            served = apply_generation_recipe(name, teacher, example_batch=example_batch, generate_kwargs=gen,
-                                             device=cfg.target.device, allow_cpu_half=cfg.quantization.allow_cpu_bf16,
-                                             threads=threads)
-            row.size_mb = served.size_mb
-            texts, tokens = generate_texts(served.module, loader, prep.tokenizer, gen, desc=f"gate {name}")
-            row.quality = score(texts, references, prep.lowercase)[cfg.task.metric]
-            served.tokens_per_row = tokens / max(1, len(texts))
-        except RecipeUnavailable as exc:
-            row.status, row.reason, served = "skipped", str(exc), None
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            row.status, row.reason, served = "skipped", f"failed on the dev set: {type(exc).__name__}: {first}", None
-        out.append((row, served))
-    return out
+
+    def serve(name: str):
+        return apply_generation_recipe(name, teacher, example_batch=example_batch, generate_kwargs=gen,
+                                       device=cfg.target.device, allow_cpu_half=cfg.quantization.allow_cpu_bf16,
+                                       threads=threads)
+
+    def score_outputs(served) -> float:
+        texts, tokens = generate_texts(served.module, loader, prep.tokenizer, gen, desc=f"gate {served.recipe}")
+        served.tokens_per_row = tokens / max(1, len(texts))
+        return score(texts, references, prep.lowercase)[cfg.task.metric]
+
+    return build_rows(recipes, serve, score_outputs, reference_only)
 
 
 def fill_tokens_per_s(candidates: list, batch_size: int) -> None:
@@ -63,7 +58,7 @@ def fill_tokens_per_s(candidates: list, batch_size: int) -> None:
 def measure_generator(cfg: Config, model, prep: Prepared, threads: int, recipes: list[str],
                       reference_only: tuple = ()) -> tuple[list[GateRow], dict]:
     """`model` (on the CPU, eval mode) under each recipe: dev quality of each artefact's own outputs, then whole
-    `generate` calls timed on cfg.target. Returns the rows and the measurement's conditions."""
+    `generate` calls timed on cfg.target. Returns the rows and the measurement's own conditions."""
     batches, lengths = generation_batches(prep, cfg.target.batch_size, seed=cfg.train.seed)
     candidates = build_generators(model, recipes, prep=prep, cfg=cfg, example_batch=batches[0], threads=threads,
                                   reference_only=reference_only)
@@ -71,14 +66,7 @@ def measure_generator(cfg: Config, model, prep: Prepared, threads: int, recipes:
     peak = matmul_peak_gflops(cfg.target.device, threads)
     rows = measure_candidates(candidates, batches, profile)
     fill_tokens_per_s(candidates, cfg.target.batch_size)
-    conditions = {
-        "device": cfg.target.device, "threads": threads, "threads_requested": cfg.target.threads,
-        "batch_size": cfg.target.batch_size, "seq_len": "data", **lengths,
-        "warmup_iters": cfg.target.warmup_iters, "min_iters": cfg.target.min_iters,
-        "min_seconds": cfg.target.min_seconds, "repeats": cfg.target.repeats, "p95_tolerance": cfg.target.p95_tolerance,
-        "max_rounds": cfg.target.max_rounds,
-        "metric": cfg.task.metric, "dev_rows": len(prep.eval_ds), "teacher": cfg.teacher.source,
-        "generation": generation_kwargs(cfg), "lowercase_scoring": prep.lowercase,
-        "matmul_peak_gflops": peak, "machine": machine_info(), "versions": versions(),
-    }
+    # The target profile, metric, machine and versions are added by the stage (timing.complete_conditions).
+    conditions = {"seq_len": "data", **lengths, "dev_rows": len(prep.eval_ds), "generation": generation_kwargs(cfg),
+                  "lowercase_scoring": prep.lowercase, "matmul_peak_gflops": peak}
     return rows, conditions

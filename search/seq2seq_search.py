@@ -1,8 +1,8 @@
 """The student search for seq2seq: encoder depth × decoder depth × recipe, BLEU ↑ and generation p95 ↓.
 
-Library module for search/study.py (`kdlab search` dispatches here when task.type=seq2seq); the study,
-sampler, constraints, MLflow parent/child runs, Pareto report and resume logic are the classification
-search's. What differs: a candidate is (encoder layers, decoder layers, recipe, optional learning rate /
+Library module for the seq2seq task (kdlab.tasks.seq2seq calls it; search/study.py calls the task); the
+study, sampler, constraints, MLflow parent/child runs, Pareto report, resume logic and the trial's steps
+(search/objective.py) are shared. What differs: a candidate is (encoder layers, decoder layers, recipe, optional learning rate /
 temperature / alpha) of a student that copies spread-out teacher layers at the teacher's width; a
 served call is one greedy (or `generation.num_beams`) `generate` on real dev sources; quality is
 task.metric (BLEU by default) of the served artefact's generated text. Latency is measured before
@@ -11,22 +11,16 @@ would stop at a random length), and again after training on its own outputs.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import asdict, dataclass
-
-import optuna
 
 from kdlab.distill.config import Config, ConfigError, Range, search_ranges, search_recipes
 from kdlab.distill.quantize import apply_generation_recipe
 from kdlab.distill.seq2seq import build_seq2seq_student, layer_depths, model_width
-from kdlab.distill.students import count_params
-from kdlab.search.early_stop import StopCheck
-from kdlab.search.objective import Context, record_screened, record_stopped, record_trained, run_trial, screened_out
-from kdlab.search.seq2seq_gate import build_generators, generation_batches
-from kdlab.search.space import draw, nearest
-from kdlab.search.targets import GateRow, Targets
-from kdlab.search.timing import measure_candidates, target_profile
-from kdlab.train.loop import fit
+from kdlab.search.objective import Context, Training
+from kdlab.search.seq2seq_gate import generation_batches
+from kdlab.search.space import Knobs, described, draw
+from kdlab.search.targets import Targets
+from kdlab.search.timing import target_profile
 from kdlab.train.seq2seq import (configure_generation, ensure_seq2seq_teacher, evaluate_seq2seq, generate_texts,
                            generation_kwargs, load_seq2seq, make_seq2seq_loss, prepare, score)
 from kdlab.train.seq2seq_data import make_seq2seq_loader
@@ -47,11 +41,10 @@ class Seq2SeqCandidate:
         return f"{self.encoder_layers}+{self.decoder_layers} layers x {self.hidden_size}, {self.init}, {self.recipe}"
 
     def to_dict(self) -> dict:
-        # num_layers (the decoder's depth, what decoding time scales with) keeps the shared reports readable.
-        return {**asdict(self), "num_layers": self.decoder_layers, "num_heads": None, "intermediate_size": None}
+        return asdict(self)
 
 
-class Seq2SeqSpace:
+class Seq2SeqSpace(Knobs):
     """`search.encoder_layers`, `decoder_layers`, `recipes` and the training knobs, bound to the teacher."""
 
     def __init__(self, cfg: Config, teacher_config):
@@ -71,11 +64,7 @@ class Seq2SeqSpace:
         if onnx:
             raise ConfigError(f"search.recipes: {onnx[0]} cannot serve seq2seq generation yet; valid for seq2seq: "
                               "fp32, dynamic-int8 (cpu), fp16, bf16, bnb-int8, bnb-nf4")
-        self.recipes = Range(choices=tuple(recipes))
-        self.learning_rate = ranges["learning_rate"] or Range(choices=(cfg.train.learning_rate,))
-        self.temperature = ranges["temperature"] or Range(choices=(cfg.distill.temperature,))
-        self.alpha = ranges["alpha"] or Range(choices=(cfg.distill.alpha,))
-        self.defaults = (cfg.train.learning_rate, cfg.distill.temperature, cfg.distill.alpha)
+        super().__init__(cfg, recipes)
 
     @classmethod
     def from_config(cls, cfg: Config, teacher_config) -> "Seq2SeqSpace":
@@ -83,21 +72,16 @@ class Seq2SeqSpace:
 
     def suggest(self, trial) -> Seq2SeqCandidate:
         return Seq2SeqCandidate(int(draw(trial, "encoder_layers", self.encoder)),
-                                int(draw(trial, "decoder_layers", self.decoder)), draw(trial, "recipe", self.recipes),
-                                float(draw(trial, "learning_rate", self.learning_rate)),
-                                float(draw(trial, "temperature", self.temperature)),
-                                float(draw(trial, "alpha", self.alpha)), self.width)
+                                int(draw(trial, "decoder_layers", self.decoder)), *self.draw_knobs(trial), self.width)
 
     def params_of(self, c: Seq2SeqCandidate) -> dict:
-        return {"encoder_layers": c.encoder_layers, "decoder_layers": c.decoder_layers, "recipe": c.recipe,
-                "learning_rate": c.learning_rate, "temperature": c.temperature, "alpha": c.alpha}
+        return {"encoder_layers": c.encoder_layers, "decoder_layers": c.decoder_layers, **self.knob_params(c)}
 
     def seeds(self, n: int, device: str = "cpu") -> list[Seq2SeqCandidate]:
         """The deepest encoder with 1, 2, ... decoder layers: decoding steps dominate generation time."""
         recipe = next((r for r in ("dynamic-int8", "fp16", "fp32") if r in self.recipes.choices),
                       self.recipes.choices[0])
-        lr, temperature, alpha = (float(nearest(r, v)) for r, v in
-                                  zip((self.learning_rate, self.temperature, self.alpha), self.defaults))
+        lr, temperature, alpha = self.seed_knobs()
         encoder = max(self.encoder.values())
         out = []
         for layers in self.decoder.values():
@@ -107,11 +91,8 @@ class Seq2SeqSpace:
         return out[:n]
 
     def describe(self) -> dict:
-        def rng(r):
-            return {k: v for k, v in asdict(r).items() if v is not None and v is not False}
-        return {"encoder_layers": rng(self.encoder), "decoder_layers": rng(self.decoder),
-                "recipes": list(self.recipes.choices), "learning_rate": rng(self.learning_rate),
-                "temperature": rng(self.temperature), "alpha": rng(self.alpha)}
+        return {"encoder_layers": described(self.encoder), "decoder_layers": described(self.decoder),
+                **self.describe_knobs()}
 
 
 # ---------------------------------------------------------------- study setup
@@ -125,85 +106,59 @@ def setup(cfg: Config, accelerator, space: Seq2SeqSpace, console, tracking, thre
     profile = target_profile(cfg.target, threads, lengths["seq_len_median"])
     eval_loader = accelerator.prepare(make_seq2seq_loader(prep.eval_ds, prep.tokenizer, cfg.train.eval_batch_size,
                                                           shuffle=False))
-    ctx = Context(cfg, accelerator, prep, teacher, space, Targets(), profile, batches, [batches[0]], eval_loader,
-                  None, None, threads, tracking, {}, console)
-    ctx.agreement_constraint = False  # a generator's served artefact is judged by its score, not label agreement
     # Untrained students stop at random lengths; screen them at the trained teacher's mean output length.
-    ctx.screen_tokens = max(1, round(teacher_dev.get("gen_tokens_mean") or cfg.generation.max_new_tokens))
+    parts = GeneratorTrial(max(1, round(teacher_dev.get("gen_tokens_mean") or cfg.generation.max_new_tokens)))
+    ctx = Context(cfg, accelerator, prep, teacher, space, Targets(), profile, batches, [batches[0]], eval_loader,
+                  None, None, threads, tracking, {}, console, parts=parts)
+    ctx.agreement_constraint = False  # a generator's served artefact is judged by its score, not label agreement
     ctx.meta = {"conditions": {"device": cfg.target.device, "threads": threads, "batch_size": cfg.target.batch_size,
                                "seq_len": "data", **lengths, "metric": cfg.task.metric, "dev_rows": len(prep.eval_ds),
                                "teacher": cfg.teacher.source, "teacher_dev": teacher_dev,
-                               "generation": generation_kwargs(cfg), "screen_output_tokens": ctx.screen_tokens}}
+                               "generation": generation_kwargs(cfg), "screen_output_tokens": parts.screen_tokens}}
     return ctx
-
-
-def reference(ctx: Context) -> GateRow:
-    """The fp32 teacher as a served generator, scored and timed (for `teacher*f` targets)."""
-    teacher = ctx.teacher.to("cpu")
-    built = build_generators(teacher, ["fp32"], prep=ctx.prep, cfg=ctx.cfg, example_batch=ctx.batches[0],
-                             threads=ctx.threads)
-    row = measure_candidates(built, ctx.batches, ctx.profile)[0]
-    ctx.teacher.to(ctx.accelerator.device)
-    return row
 
 
 # ---------------------------------------------------------------- one trial
 
 
-def objective(trial: optuna.Trial, ctx: Context):
-    return run_trial(trial, ctx, _evaluate)
+@dataclass
+class GeneratorTrial:
+    """A seq2seq trial's parts (search/objective.py TrialParts): a student copying spread-out teacher layers, served
+    as one `generate` call per request, distilled on per-token logits (and states, sequence-level KD), scored by
+    task.metric of its own generated dev outputs (no label agreement: a generator has no labels to agree on)."""
 
+    screen_tokens: int  # output tokens an untrained student is forced to generate while it is screened
 
-def _served(recipe: str, model, ctx: Context, gen: dict):
-    cfg = ctx.cfg
-    return apply_generation_recipe(recipe, model.to("cpu") if cfg.target.device == "cpu" else model,
-                                   example_batch=ctx.batches[0], generate_kwargs=gen, device=cfg.target.device,
-                                   allow_cpu_half=cfg.quantization.allow_cpu_bf16, threads=ctx.threads)
+    def student(self, c: Seq2SeqCandidate, ctx: Context):
+        student = build_seq2seq_student(ctx.teacher, c.encoder_layers, c.decoder_layers, seed=ctx.cfg.train.seed)
+        configure_generation(student, ctx.prep.tokenizer)
+        return student
 
+    def served(self, recipe: str, model, ctx: Context, workdir, screening: bool = False):
+        cfg = ctx.cfg
+        gen = generation_kwargs(cfg)
+        if screening:
+            gen = {**gen, "max_new_tokens": self.screen_tokens, "min_new_tokens": self.screen_tokens}
+        return apply_generation_recipe(recipe, model.to("cpu") if cfg.target.device == "cpu" else model,
+                                       example_batch=ctx.batches[0], generate_kwargs=gen, device=cfg.target.device,
+                                       allow_cpu_half=cfg.quantization.allow_cpu_bf16, threads=ctx.threads)
 
-def _time(served, ctx: Context) -> GateRow:
-    return measure_candidates([(GateRow(served.recipe, size_mb=served.size_mb), served)], ctx.batches, ctx.profile)[0]
+    def training(self, trial_cfg: Config, ctx: Context, student) -> Training:
+        student.to(ctx.accelerator.device)
+        compute_loss, loss_mod = make_seq2seq_loss(trial_cfg, ctx.teacher, student)
+        loader = make_seq2seq_loader(ctx.prep.train_ds, ctx.prep.tokenizer, trial_cfg.train.batch_size, shuffle=True,
+                                     seed=trial_cfg.train.seed)
+        references = list(ctx.prep.data.eval["target"])
+        return Training(compute_loss, [loss_mod], loader,
+                        lambda model: evaluate_seq2seq(model, ctx.eval_loader, ctx.prep.tokenizer, references, ctx.cfg,
+                                                       ctx.prep.lowercase, ctx.accelerator),
+                        ctx.prep.tokenizer)
 
+    def trained(self, trial_dir, ctx: Context):
+        return load_seq2seq(str(trial_dir), ctx.cfg, ctx.prep.tokenizer).eval()
 
-def _evaluate(trial, c: Seq2SeqCandidate, ctx: Context, tracker):
-    cfg = ctx.cfg
-    student = build_seq2seq_student(ctx.teacher, c.encoder_layers, c.decoder_layers, seed=cfg.train.seed)
-    configure_generation(student, ctx.prep.tokenizer)
-    params = count_params(student)
-    forced = {**generation_kwargs(cfg), "max_new_tokens": ctx.screen_tokens, "min_new_tokens": ctx.screen_tokens}
-    pre = _time(_served(c.recipe, student, ctx, forced), ctx)
-    misses = screened_out(ctx.targets, pre.p95_ms, pre.size_mb, cfg.search.screen_margin)
-    if misses:
-        return record_screened(trial, tracker, ctx, pre, params, misses)
-
-    trial_dir = cfg.run_dir / "trials" / str(trial.number)
-    check = StopCheck(trial, cfg, ctx.targets, pre.p95_ms, pre.size_mb, cfg.task.metric)
-    student.to(ctx.accelerator.device)
-    train_cfg = dataclasses.replace(cfg.train, learning_rate=c.learning_rate, max_steps=cfg.search.train_steps,
-                                    num_epochs=cfg.search.train_epochs, resume_from=None, save_state_every_steps=None)
-    trial_cfg = dataclasses.replace(cfg, train=train_cfg, distill=dataclasses.replace(
-        cfg.distill, temperature=c.temperature, alpha=c.alpha))
-    compute_loss, loss_mod = make_seq2seq_loss(trial_cfg, ctx.teacher, student)
-    loader = make_seq2seq_loader(ctx.prep.train_ds, ctx.prep.tokenizer, cfg.train.batch_size, shuffle=True,
-                                 seed=cfg.train.seed)
-    references = list(ctx.prep.data.eval["target"])
-
-    def save_best(model):
-        model.save_pretrained(trial_dir)
-        ctx.prep.tokenizer.save_pretrained(trial_dir)
-
-    result = fit(ctx.accelerator, student, loader, cfg=train_cfg, compute_loss=compute_loss,
-                 evaluate=lambda m: evaluate_seq2seq(m, ctx.eval_loader, ctx.prep.tokenizer, references, cfg,
-                                                     ctx.prep.lowercase, ctx.accelerator),
-                 save_best=save_best, out_dir=trial_dir, tracker=tracker, metric=cfg.task.metric,
-                 extra_modules=[loss_mod], desc="distill", stop_check=check)
-    if check.stopped is not None:
-        return record_stopped(trial, tracker, ctx, pre, params, result, check)
-    trained = load_seq2seq(str(trial_dir), cfg, ctx.prep.tokenizer).eval()
-    gen = generation_kwargs(cfg)
-    served = _served(c.recipe, trained, ctx, gen)
-    loader = make_seq2seq_loader(ctx.prep.eval_ds, ctx.prep.tokenizer, cfg.train.eval_batch_size, shuffle=False)
-    texts, _ = generate_texts(served.module, loader, ctx.prep.tokenizer, gen)
-    quality = score(texts, references, ctx.prep.lowercase)[cfg.task.metric]
-    post = _time(served, ctx)
-    return record_trained(trial, tracker, ctx, c, trial_dir, quality, pre, post, params, result)
+    def quality(self, served, trained, candidate, ctx: Context) -> tuple[float, None]:
+        loader = make_seq2seq_loader(ctx.prep.eval_ds, ctx.prep.tokenizer, ctx.cfg.train.eval_batch_size,
+                                     shuffle=False)
+        texts, _ = generate_texts(served.module, loader, ctx.prep.tokenizer, generation_kwargs(ctx.cfg))
+        return score(texts, list(ctx.prep.data.eval["target"]), ctx.prep.lowercase)[ctx.cfg.task.metric], None

@@ -89,24 +89,56 @@ def nearest(rng: Range, value):
     return value
 
 
-class SearchSpace:
+def described(r: Range | None) -> dict | None:
+    """A range as plain data (its set fields), for a space's `describe`."""
+    return None if r is None else {k: v for k, v in asdict(r).items() if v is not None and v is not False}
+
+
+class Knobs:
+    """`search.recipes` and the training knobs (learning rate, temperature, alpha) as every task's space draws them,
+    after its own shape parameters; the base of SearchSpace and of a task's own space (seq2seq's)."""
+
+    def __init__(self, cfg: Config, recipes: list[str] | None = None):
+        ranges = search_ranges(cfg)
+        self.recipes = Range(choices=tuple(search_recipes(cfg) if recipes is None else recipes))
+        self.learning_rate = ranges["learning_rate"] or Range(choices=(cfg.train.learning_rate,))
+        self.temperature = ranges["temperature"] or Range(choices=(cfg.distill.temperature,))
+        self.alpha = ranges["alpha"] or Range(choices=(cfg.distill.alpha,))
+        # What a seed trial trains with: the train/distill sections' values, moved into the searched ranges.
+        self.defaults = (cfg.train.learning_rate, cfg.distill.temperature, cfg.distill.alpha)
+
+    def draw_knobs(self, trial) -> tuple[str, float, float, float]:
+        """(recipe, learning rate, temperature, alpha) drawn from the trial."""
+        return (draw(trial, "recipe", self.recipes), float(draw(trial, "learning_rate", self.learning_rate)),
+                float(draw(trial, "temperature", self.temperature)), float(draw(trial, "alpha", self.alpha)))
+
+    def seed_knobs(self) -> tuple[float, float, float]:
+        """(learning rate, temperature, alpha) of a seed trial: the config's values nearest inside the ranges."""
+        return tuple(float(nearest(r, v)) for r, v in
+                     zip((self.learning_rate, self.temperature, self.alpha), self.defaults))
+
+    def knob_params(self, c) -> dict:
+        """The Optuna parameters of candidate `c`'s recipe and knobs (for `study.enqueue_trial`)."""
+        return {"recipe": c.recipe, "learning_rate": c.learning_rate, "temperature": c.temperature, "alpha": c.alpha}
+
+    def describe_knobs(self) -> dict:
+        return {"recipes": list(self.recipes.choices), "learning_rate": described(self.learning_rate),
+                "temperature": described(self.temperature), "alpha": described(self.alpha)}
+
+
+class SearchSpace(Knobs):
     """The config's `search:` ranges with the teacher's defaults filled in and checked against the teacher."""
 
     def __init__(self, cfg: Config, teacher: TeacherShape, family: str = TEACHER_FAMILY, prefix: str = ""):
         """`teacher`: the shape students are cut from (the teacher's, or a pretrained family's); `prefix` goes in
         front of the shape parameters' names when several families share a study (FamilySpace)."""
+        super().__init__(cfg)
         self.teacher = teacher
         self.family, self.prefix = family, prefix
         ranges = search_ranges(cfg)
         self.layers = ranges["num_layers"] or Range(low=1, high=teacher.num_layers, step=1)
         self.hidden = ranges["hidden_size"] or Range(choices=(teacher.hidden_size,))
         self.ffn = ranges["intermediate_size"]  # None: the teacher's FFN/hidden ratio, as student_config does
-        self.recipes = Range(choices=tuple(search_recipes(cfg)))
-        self.learning_rate = ranges["learning_rate"] or Range(choices=(cfg.train.learning_rate,))
-        self.temperature = ranges["temperature"] or Range(choices=(cfg.distill.temperature,))
-        self.alpha = ranges["alpha"] or Range(choices=(cfg.distill.alpha,))
-        # What a seed trial trains with: the train/distill sections' values, moved into the searched ranges.
-        self.defaults = (cfg.train.learning_rate, cfg.distill.temperature, cfg.distill.alpha)
         allowed = set(cfg.search.init)
         self.random_ok = "random" in allowed
         self.teacher_ok = bool(allowed & {"teacher-layers", "teacher-slice"})
@@ -193,16 +225,12 @@ class SearchSpace:
             init = from_teacher if kind == "teacher" else "random"
         else:
             init = from_teacher or "random"
-        return Candidate(layers, hidden, heads, ffn, init, draw(trial, "recipe", self.recipes),
-                         float(draw(trial, "learning_rate", self.learning_rate)),
-                         float(draw(trial, "temperature", self.temperature)), float(draw(trial, "alpha", self.alpha)),
-                         self.family)
+        return Candidate(layers, hidden, heads, ffn, init, *self.draw_knobs(trial), self.family)
 
     def params_of(self, c: Candidate) -> dict:
         """The Optuna parameters that make `suggest` return `c` (for `study.enqueue_trial`)."""
         params = {"num_layers": c.num_layers, "hidden_size": c.hidden_size, f"num_heads_h{c.hidden_size}": c.num_heads,
-                  "intermediate_size": c.intermediate_size, "recipe": c.recipe, "learning_rate": c.learning_rate,
-                  "temperature": c.temperature, "alpha": c.alpha,
+                  "intermediate_size": c.intermediate_size, **self.knob_params(c),
                   "init": "random" if c.init == "random" else "teacher"}
         if self.ffn is None:
             params.pop("intermediate_size")
@@ -219,8 +247,7 @@ class SearchSpace:
         heads = min(self.heads_for[hidden], key=lambda h: (abs(h - t.num_heads), h))
         ratio_ffn = t.intermediate_size * hidden // t.hidden_size
         ffn = nearest(self.ffn, ratio_ffn) if self.ffn else ratio_ffn
-        lr, temperature, alpha = (float(nearest(r, v)) for r, v in
-                                  zip((self.learning_rate, self.temperature, self.alpha), self.defaults))
+        lr, temperature, alpha = self.seed_knobs()
         preferred = [r for r in SEED_RECIPES if r in self.recipes.choices and not (device == "cuda" and r == "fp32")]
         recipe = (preferred or list(self.recipes.choices))[0]
         out = []
@@ -240,14 +267,10 @@ class SearchSpace:
 
     def describe(self) -> dict:
         """The space as plain data: stored with the study, so a resumed study can refuse a changed space."""
-        def rng(r: Range | None):
-            return None if r is None else {k: v for k, v in asdict(r).items() if v is not None and v is not False}
-        return {"num_layers": rng(self.layers), "hidden_size": rng(self.hidden),
+        return {"num_layers": described(self.layers), "hidden_size": described(self.hidden),
                 "num_heads": {str(h): v for h, v in self.heads_for.items()},
-                "intermediate_size": rng(self.ffn), "recipes": list(self.recipes.choices),
-                "learning_rate": rng(self.learning_rate), "temperature": rng(self.temperature),
-                "alpha": rng(self.alpha), "init": {"teacher": self.teacher_ok, "slice": self.slice_ok,
-                                                   "random": self.random_ok}}
+                "intermediate_size": described(self.ffn), **self.describe_knobs(),
+                "init": {"teacher": self.teacher_ok, "slice": self.slice_ok, "random": self.random_ok}}
 
 
 

@@ -441,6 +441,15 @@ def budget_line(targets: dict, reference: dict | None) -> str:
     return text
 
 
+def teacher_reference(ctx: Context) -> GateRow:
+    """The fp32 teacher as served, scored and timed on its own tokens, as its gate measures it (the task's `measure`):
+    the reference point of `teacher*f` targets when no gate measured it."""
+    rows, _ = task_of(ctx.cfg).measure(ctx.cfg, ctx.teacher.to("cpu"), ctx.prep, ctx.threads, ["fp32"],
+                                       ctx.cfg.run_dir / "search_reference")
+    ctx.teacher.to(ctx.accelerator.device)
+    return rows[0]
+
+
 def _resolve_targets(ctx: Context, study: optuna.Study, created: bool, remeasure: bool = False,
                      lost_race: bool = False) -> None:
     """Absolute targets, fixed when the study is created and never re-measured for it afterwards.
@@ -467,7 +476,7 @@ def _resolve_targets(ctx: Context, study: optuna.Study, created: bool, remeasure
                             p95_ms=gate["p95_ms"], cv=gate["cv"], size_mb=gate["size_mb"])
         record = gate
     elif is_relative(cfg.target):
-        reference = task_of(cfg).search_reference(ctx)
+        reference = teacher_reference(ctx)
     if reference is not None and reference.status == "ok" and record is None:
         record = {"p95_ms": reference.p95_ms, "quality": reference.quality, "size_mb": reference.size_mb,
                   "p50_ms": reference.p50_ms, "cv": reference.cv, "source": "search",

@@ -60,7 +60,7 @@ def trial_rows(trials, run_dir: Path | None = None) -> list[dict]:
 
 
 def arch_text(row: dict) -> str:
-    if row.get("num_layers") is None:
+    if row.get("recipe") is None:  # every drawn candidate has a recipe; its shape keys are its space's own
         return "(not drawn)"
     if row.get("encoder_layers") is not None:  # seq2seq
         return (f"{row['encoder_layers']}+{row['decoder_layers']} layers (encoder+decoder) x {row['hidden_size']}, "
@@ -251,9 +251,11 @@ def print_front(rows: list[dict], meta: dict, console=None) -> None:
             "stopped_early") else "ruled out" if r.get("ruled_out") else (r["state"].lower() if r["state"] != "COMPLETE" else
                                                           ("feasible" if r["feasible"] else
                                                            f"infeasible ({r['violates']})"))
-        table.add_row(str(r["trial"]), *(str(r.get(k) if r.get(k) is not None else "") for k in
-                                         ("num_layers", "hidden_size", "num_heads", "intermediate_size", "init",
-                                          "recipe")),
+        layers = (f"{r['encoder_layers']}+{r['decoder_layers']}" if r.get("encoder_layers") is not None
+                  else r.get("num_layers"))  # an encoder-decoder's depths: encoder+decoder
+        table.add_row(str(r["trial"]), "" if layers is None else str(layers),
+                      *(str(r.get(k) if r.get(k) is not None else "") for k in
+                        ("hidden_size", "num_heads", "intermediate_size", "init", "recipe")),
                       _num(r["quality"], "{:.4f}"), _num(r["p50_ms"], "{:.2f}"), _num(r["p95_ms"], "{:.2f}"),
                       _num(r["size_mb"], "{:.1f}"), _num(r["params"] and r["params"] / 1e6, "{:.2f}"),
                       _num(r["train_seconds"], "{:.0f}"),

@@ -39,7 +39,7 @@ class ClassificationTask(Task):
         return ensure_teacher(cfg, accelerator, prep.data, prep.tokenizer, prep.train_ds, prep.eval_ds)
 
     def measure(self, cfg, model, prep, threads, recipes, workdir, reference_only=()):
-        from kdlab.search.gate import measure_classifier  # noqa: PLC0415
+        from kdlab.search.classification_gate import measure_classifier  # noqa: PLC0415
         return measure_classifier(cfg, model, prep, threads, recipes, workdir, reference_only=reference_only)
 
     def distil(self, cfg, accelerator) -> dict:
@@ -58,10 +58,6 @@ class ClassificationTask(Task):
         from kdlab.search.objective import objective  # noqa: PLC0415
         return objective(trial, ctx)
 
-    def search_reference(self, ctx):
-        from kdlab.search.classification_search import reference  # noqa: PLC0415
-        return reference(ctx)
-
     def check_model_folder(self, cfg, path, config) -> None:
         from kdlab.train.model_dir import check_classifier_folder  # noqa: PLC0415
         check_classifier_folder(cfg, path, config)
@@ -79,11 +75,11 @@ class ClassificationTask(Task):
         load_test_split(cfg.data, load_task_data(cfg.data, cfg.train.seed))
 
     def export(self, cfg, choice, dest, console=None) -> dict:
-        from kdlab.search.export import export_classifier  # noqa: PLC0415
+        from kdlab.search.classification_export import export_classifier  # noqa: PLC0415
         return export_classifier(cfg, choice, dest, console)
 
     def export_summary(self, manifest: dict, dest) -> str:
-        from kdlab.search.export import classifier_summary_line  # noqa: PLC0415
+        from kdlab.search.classification_export import classifier_summary_line  # noqa: PLC0415
         return classifier_summary_line(manifest, dest)
 
     def load_artefact(self, folder, manifest: dict, tokenizer, *, recipe: str, device: str, threads: int):

@@ -78,12 +78,8 @@ class Seq2SeqTask(Task):
         return setup(cfg, accelerator, space, console, tracking, threads)
 
     def trial_objective(self, trial, ctx):
-        from kdlab.search.seq2seq_search import objective  # noqa: PLC0415
+        from kdlab.search.objective import objective  # noqa: PLC0415
         return objective(trial, ctx)
-
-    def search_reference(self, ctx):
-        from kdlab.search.seq2seq_search import reference  # noqa: PLC0415
-        return reference(ctx)
 
     def check_model_folder(self, cfg, path, config) -> None:
         from kdlab.train.model_dir import check_seq2seq_folder  # noqa: PLC0415

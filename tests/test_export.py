@@ -220,7 +220,7 @@ def test_failed_parity_leaves_the_earlier_export_untouched(searched, monkeypatch
     capsys.readouterr()
     assert kdlab(["export", "--config", str(config), "--out", str(out), "export.register=false"]) == 2
     assert "exists; pass --force to replace it" in capsys.readouterr().err  # no silent overwrite
-    import kdlab.search.export as ex
+    import kdlab.search.classification_export as ex  # where the classifier's export checks parity
     monkeypatch.setattr(ex, "parity", lambda *a, **k: {"rows": 200, "max_abs_diff": 9.0, "label_agreement": 0.5})
     assert kdlab(["export", "--config", str(config), "--out", str(out), "--force", "export.register=false"]) == 2
     assert {p.name: sha256_file(p) for p in out.iterdir()} == before
@@ -501,7 +501,7 @@ def test_a_test_file_with_unseen_labels_is_refused_before_anything_is_written(se
 
 
 def test_the_card_says_how_the_students_training_data_was_made():
-    from kdlab.search.export import training_data_lines
+    from kdlab.search.classification_export import training_data_lines
     made = {"labelled_rows": 2000, "transfer": {"unlabelled_train": 20000, "augmented": 4000, "texts": 0},
             "augment": {"copies": 2, "mask_prob": 0.1, "replace_prob": 0.1, "ngram_prob": 0.25, "ngram_max": 5,
                         "seed": 0},

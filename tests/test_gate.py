@@ -25,7 +25,8 @@ from conftest import ROOT, tiny_run_tree, write_config
 from kdlab.distill.config import ConfigError, TargetConfig, load_config
 from kdlab.distill.quantize import RECIPES, Quantized
 from kdlab.scripts.cli import main as kdlab
-from kdlab.search.gate import dev_quality, run_gate
+from kdlab.search.classification_gate import dev_quality
+from kdlab.search.gate import run_gate
 from kdlab.search.targets import GateRow, Targets, check_row, resolve_targets, target_gaps, verdict
 from kdlab.search.timing import timing_batches
 

@@ -258,8 +258,8 @@ def test_resuming_adds_trials_to_the_same_study_and_parent_run(root, tiny_teache
 
 
 def test_a_failing_trial_is_recorded_and_the_study_goes_on(root, tiny_teacher_dir, monkeypatch):
-    import kdlab.search.objective as objective_module
-    real, calls = objective_module.apply_recipe, []
+    import kdlab.search.classification_search as trial_parts  # where a classification trial applies its recipe
+    real, calls = trial_parts.apply_recipe, []
 
     def flaky(*args, **kwargs):
         calls.append(1)
@@ -267,7 +267,7 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(root, tiny_teacher_di
             raise RuntimeError("injected failure")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(objective_module, "apply_recipe", flaky)
+    monkeypatch.setattr(trial_parts, "apply_recipe", flaky)
     # Everything screened (fast); max_draws ends the call after two trials, trained or not.
     config = search_config(root, tiny_teacher_dir, "flaky", target={"p95_ms": 1e-6}, max_draws=2)
     assert kdlab(["search", "--config", str(config), "--n-trials", "2"]) == 3

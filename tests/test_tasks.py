@@ -114,7 +114,6 @@ class PairTask(Task):
     def search_space(self, cfg): return None
     def search_setup(self, cfg, accelerator, space, console, threads): return None
     def trial_objective(self, trial, ctx): return 0.0, 0.0
-    def search_reference(self, ctx): return None
     def check_test_split(self, cfg): pass
     def export(self, cfg, choice, dest, console=None): return {}
     def export_summary(self, manifest, dest): return "exported"
@@ -159,7 +158,7 @@ def test_a_task_installed_under_the_entry_point_group_is_registered_by_name(tmp_
     ("class Half:\n    name = 'half'\n    metrics = ('accuracy',)\n", "my_tasks:Half",
      "task 'my_tasks:Half' lacks quality_scale, unused_keys, check_config, check_teacher_fits, prepare, "
      "ensure_teacher, measure, check_model_folder, prepare_model, load_network, distil, search_space, search_setup, "
-     "trial_objective, search_reference, "
+     "trial_objective, "
      "check_test_split, export, export_summary, capacity_unit, load_artefact, predict_records; valid: a class with "
      "every part of kdlab.distill.task.REQUIRED_PARTS"),
     ("x = 1\n", "my_tasks:Nope", "module 'my_tasks' has no 'Nope' (from 'my_tasks:Nope')"),
@@ -194,7 +193,8 @@ def test_checking_a_config_of_either_task_loads_no_torch(tmp_path):
 ON_THE_INTERFACE = ("kdlab.search.gate", "kdlab.search.model_gate", "kdlab.train.distill", "kdlab.distill.config",
                     "kdlab.search.export", "kdlab.search.capacity", "kdlab.search.registry", "kdlab.search.study",
                     "kdlab.distill.export", "kdlab.distill.mlflow_model", "kdlab.scripts.predict",
-                    "kdlab.scripts.serve_app", "kdlab.api", "kdlab.train.model_dir")
+                    "kdlab.scripts.serve_app", "kdlab.api", "kdlab.train.model_dir", "kdlab.search.objective",
+                    "kdlab.search.space", "kdlab.search.study_report")
 STAGE_PACKAGES = ("kdlab.eval", "kdlab.distill", "kdlab.train", "kdlab.search")
 
 

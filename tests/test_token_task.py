@@ -22,10 +22,9 @@ PROFILE = {"batch_size": 1, "seq_len": "data", "warmup_iters": 2, "min_iters": 1
            "repeats": 2, "threads": 1, "p95_tolerance": 1.0, "max_rounds": 3}
 
 
-def word_tags(folder, sentence: str) -> list[int]:
+def first_piece_tags(tokenizer, model, words: list[str]) -> list[int]:
     """By hand, one sentence alone: the argmax tag of each word's first word piece."""
-    tokenizer, model = AutoTokenizer.from_pretrained(folder), AutoModelForTokenClassification.from_pretrained(folder)
-    enc = tokenizer(sentence.split(), is_split_into_words=True, truncation=True, max_length=32, return_tensors="pt")
+    enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=32, return_tensors="pt")
     with torch.no_grad():
         tags = model(**enc).logits[0].argmax(-1).tolist()
     first = {}
@@ -35,22 +34,23 @@ def word_tags(folder, sentence: str) -> list[int]:
     return [tags[first[w]] for w in sorted(first)]
 
 
+def load(folder):
+    return AutoTokenizer.from_pretrained(folder), AutoModelForTokenClassification.from_pretrained(folder)
+
+
+def word_tags(folder, sentence: str) -> list[int]:
+    return first_piece_tags(*load(folder), sentence.split())
+
+
 def tag_accuracy(folder, sentences: list[str]) -> float:
     """By hand: a word is right when the argmax tag of its first word piece says whether it starts with a capital."""
-    tokenizer, model = AutoTokenizer.from_pretrained(folder), AutoModelForTokenClassification.from_pretrained(folder)
+    tokenizer, model = load(folder)
     right = total = 0
     for sentence in sentences:
         words = sentence.split()
-        enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=32, return_tensors="pt")
-        with torch.no_grad():
-            tags = model(**enc).logits[0].argmax(-1).tolist()
-        first = {}
-        for position, word in enumerate(enc.word_ids()):
-            if word is not None:
-                first.setdefault(word, position)
-        for word, position in first.items():
-            right += tags[position] == int(words[word][0].isupper())
-            total += 1
+        tags = first_piece_tags(tokenizer, model, words)
+        right += sum(tag == int(word[0].isupper()) for tag, word in zip(tags, words))
+        total += len(tags)
     return right / total
 
 

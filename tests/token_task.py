@@ -283,11 +283,6 @@ class TokenTagTask(Task):
         shutil.rmtree(work, ignore_errors=True)
         return record_trained(trial, tracker, ctx, c, trial_dir, quality, pre, post, params, result)
 
-    def search_reference(self, ctx: Context) -> GateRow:
-        rows, _ = self.measure(ctx.cfg, ctx.teacher, ctx.prep, ctx.threads, ["fp32"],
-                               ctx.cfg.run_dir / "search_reference")
-        return rows[0]
-
     # ------------------------------------------------------------ export
 
     def check_test_split(self, cfg) -> None:
