@@ -323,13 +323,14 @@ class ServingConfig:
     max_batch_size: int = _f(32, "largest batch a replica may serve")
     headroom: float = _f(0.3, "fraction of a replica's measured throughput kept in reserve (applied once)")
     batch_sizes: list = _f([1, 2, 4, 8, 16, 32], "batch sizes measured for the plan")
-    # 18 ms: p50 through kdlab serve (1 replica, 1 thread, unbatched, 5 req/s) minus the model's own p50 (1.2 ms,
-    # tokenizing included) for a 2-layer int8 model on this 2-core machine while a test suite also ran there: a
-    # conservative default, to be replaced by a fit on a quiet machine.
-    overhead_ms: float = _f(18.0, "time a request spends in the server beyond the model itself (HTTP, proxy, "
+    # 12 ms: p50 through kdlab serve (1 replica, 1 thread, unbatched, 5 req/s, Poisson arrivals) minus the served
+    # artefact's own p50 (tokenizing included), fitted by make bench-serve on this 2-core machine: 9.8 ms in the
+    # committed run (benchmarks/results/serve_sst2.json), 11.0 and 11.9 ms in two earlier runs.
+    overhead_ms: float = _f(12.0, "time a request spends in the server beyond the model itself (HTTP, proxy, "
                                   "routing, JSON), added to every predicted p95; fit it with kdlab loadtest (its "
                                   "overhead_ms)")
-    stack_cpu_ms: float = _f(0.0, "CPU time a request costs the server beyond the model (HTTP, proxy, routing, JSON, "
+    # 11 ms: the serving stack's CPU a request at 20 req/s in the same runs (Ray's proxy and replica beyond the model).
+    stack_cpu_ms: float = _f(11.0, "CPU time a request costs the server beyond the model (HTTP, proxy, routing, JSON, "
                                   "tokenizing), in ms; counts only with serving.cores; kdlab loadtest measures it "
                                   "(its stack_cpu_ms)")
     cores: Optional[float] = _f(None, "CPU cores the replicas and the serving stack share (one machine); unset: each "

@@ -342,10 +342,11 @@ def test_run_exports_the_quantized_teacher_when_the_gate_passes(tmp_path, tiny_t
     assert not (tmp_path / "run" / "optuna.db").exists()  # no search on a PASS
     # The capacity plan needs no study when the SLO is given. By hand (search/capacity.py's docstring): per batch,
     # throughput = batch / p50, replicas = ceil(target_rps / (throughput x (1 - headroom))), predicted p95 = wait
-    # to fill the batch at target_rps / replicas + p95 + serving.overhead_ms (default 18); batch 2 only when it
-    # serves 10 % more requests/s than batch 1 (both meet 1 s).
+    # to fill the batch at target_rps / replicas + p95 + serving.overhead_ms (default 12) + the p95 queueing wait at
+    # utilisation rho (Kingman's mean rho / (1 - rho) x (1 + cv^2) / 2 x service time, exponential tail: mean / rho
+    # x ln(rho / 0.05)); batch 2 only when it serves 10 % more requests/s than batch 1 (both meet 1 s).
     cap = manifest["capacity"]
-    assert (cap["target_rps"], cap["p95_slo_ms"], cap["headroom"], cap["overhead_ms"]) == (50, 1000, 0.3, 18.0)
+    assert (cap["target_rps"], cap["p95_slo_ms"], cap["headroom"], cap["overhead_ms"]) == (50, 1000, 0.3, 12.0)
     lat = cap["latency"]
     assert set(lat) == {"1", "2"}
     thr = {b: b / (lat[str(b)]["p50_ms"] / 1000) for b in (1, 2)}
@@ -354,7 +355,11 @@ def test_run_exports_the_quantized_teacher_when_the_gate_passes(tmp_path, tiny_t
     fill_ms = (b - 1) / (50 / replicas) * 1000
     assert (cap["plan"]["batch_size"], cap["plan"]["instances"]) == (b, replicas)
     assert cap["plan"]["throughput"] == pytest.approx(thr[b], rel=1e-9)
-    assert cap["plan"]["p95_ms"] == pytest.approx(fill_ms + lat[str(b)]["p95_ms"] + 18.0)
+    rho = 50 / (replicas * thr[b])
+    cv = (lat[str(b)]["p95_ms"] / lat[str(b)]["p50_ms"] - 1) / 1.645
+    mean_wait_ms = rho / (1 - rho) * (1 + cv * cv) / 2 * 1000 / (replicas * thr[b])
+    wait_ms = mean_wait_ms / rho * math.log(rho / 0.05) if rho > 0.05 else 0.0
+    assert cap["plan"]["p95_ms"] == pytest.approx(fill_ms + lat[str(b)]["p95_ms"] + 12.0 + wait_ms)
     # Ray Serve's config and the Dockerfile are in the folder, hashed, with the plan's batching and replicas.
     assert {"serve_config.yaml", "Dockerfile"} <= set(manifest["files"])
     app = yaml.safe_load((tmp_path / "run" / "export" / "serve_config.yaml").read_text())["applications"][0]
