@@ -45,6 +45,7 @@ from ray import serve
 from kdlab.distill.deploy import APP_NAME, deployment_options, plan_settings, read_manifest
 from kdlab.distill.export import load_served
 from kdlab.eval.latency import machine_info, versions
+from kdlab.eval.paths import portable_path
 from kdlab.scripts.bench_readme import publish
 from kdlab.scripts.loadtest import read_texts, run_loadtest
 from kdlab.scripts.serve import deploy, full_priority_workers
@@ -333,7 +334,7 @@ def main(argv=None) -> int:
     result = {"benchmark": "serve_sst2", "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "quick": args.quick,
               "seconds": round(time.time() - started, 1), "machine": machine_info(), "versions": versions(),
               "slo_ms": slo, "loose_slo_ms": args.loose_slo_ms, "fitted_overhead_ms": fit.overhead_ms if fit else None,
-              "model_latency": {str(f): lat for f, lat in latencies.items()},
+              "model_latency": {portable_path(f): lat for f, lat in latencies.items()},  # keys: portable too
               "fit": {**asdict(fit), "serving_stack_cpu_ms": stack_cpu_ms if fit else None, **{name: {k: r.get(k) for k in (
                   "offered_rps", "achieved_rps", "p50_ms", "p95_ms", "overhead_ms", "server_idle_cores", "server_cpu_ms",
                   "stack_cpu_ms", "loadgen_cpu_ms")} for name, r in (("run", fit_run), ("cpu_run", cpu_run))}}

@@ -258,13 +258,19 @@ def test_report_capacity_prints_the_plan_of_the_measured_latencies(tmp_path, tin
         measured = {int(b): v for b, v in result["latency"][label].items()}
         assert sorted(measured) == [1, 2, 4]
         # By hand: batch 4 exceeds serving.max_batch_size 2; both others meet a 10 s SLO; batch 2 is taken only
-        # when it serves 10 % more requests/s than batch 1.
+        # when it serves 10 % more requests/s than batch 1. The p95 adds the queueing wait at utilisation rho
+        # (Kingman's mean with an exponential tail), as in test_best_throughput_within_the_slo_...
         options = {}
         for b in (1, 2):
-            throughput = b / (measured[b]["p50_ms"] / 1e3)
+            p50, p95 = measured[b]["p50_ms"], measured[b]["p95_ms"]
+            throughput = b / (p50 / 1e3)
             replicas = max(1, math.ceil(100_000 / (throughput * (1 - 0.5))))
             fill_ms = (b - 1) / (100_000 / replicas) * 1e3
-            options[b] = (throughput, replicas, fill_ms + measured[b]["p95_ms"] + 4.0)
+            rho = 100_000 / (replicas * throughput)
+            cv = (p95 / p50 - 1) / 1.645
+            mean_wait_ms = rho / (1 - rho) * (1 + cv * cv) / 2 * 1e3 / (replicas * throughput)
+            wait_ms = mean_wait_ms / rho * math.log(rho / 0.05) if rho > 0.05 else 0.0
+            options[b] = (throughput, replicas, fill_ms + p95 + 4.0 + wait_ms)
         b = 2 if options[2][0] > options[1][0] * 1.1 else 1
         throughput, replicas, predicted = options[b]
         row = next(r for r in result["rows"] if r["label"] == label)
