@@ -23,6 +23,7 @@ replica's event loop keeps taking requests and filling the next batch meanwhile.
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import os
 import time
@@ -85,6 +86,10 @@ class ExportModel:
         self.manifest = self.served.manifest
         self.version = model_version(self.manifest)
         self.max_chars = 20 * self.manifest["max_length"]  # no token is 20 characters long: cut before tokenizing
+        # The length check runs on the event loop while a batch tokenizes on the model thread. A fast tokenizer
+        # keeps padding and truncation in one shared backend, so the check gets its own copy: on the model's,
+        # its truncation=False call turned padding off under a running batch of mixed lengths.
+        self.length_tokenizer = copy.deepcopy(self.served.tokenizer)
         self.infer.set_max_batch_size(s.max_batch_size)
         self.infer.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
         # One worker thread runs the model: batches run one at a time on the plan's threads.
@@ -197,7 +202,7 @@ class ExportModel:
         limit = self.manifest["max_length"]
         cut = [t[:self.max_chars] for t in texts]
         cut_pairs = [p[:self.max_chars] for p in pairs] if pairs else None
-        ids = self.served.tokenizer(cut, cut_pairs, truncation=False)["input_ids"]
+        ids = self.length_tokenizer(cut, cut_pairs, truncation=False)["input_ids"]
         return [i for i, (t, row) in enumerate(zip(texts, ids)) if len(row) > limit or len(t) > self.max_chars]
 
     def metrics_text(self) -> str:

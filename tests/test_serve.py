@@ -266,3 +266,26 @@ def test_a_bounded_load_test_reports_rates_percentiles_failures_and_overhead(exp
     client = mlflow.MlflowClient(tracking_uri=uri)
     assert client.get_run(run_id).data.metrics["loadtest_p95_ms"] == pytest.approx(result["p95_ms"])
     assert [a.path for a in client.list_artifacts(run_id, "loadtest")] == ["loadtest/loadtest.json"]
+
+
+def test_the_length_check_never_unpads_a_batch_running_on_the_model_thread(export):
+    """A request's length check (event loop) and a padded batch (model thread) tokenize at the same time. A fast
+    tokenizer keeps its padding and truncation settings in one shared backend, so a check with truncation=False on
+    the model's own tokenizer turned padding off under a running batch: 'Unable to create tensor' for mixed-length
+    texts (seen under load with max_batch_size 8). Replayed here without Ray, from two threads, many times."""
+    from kdlab.scripts.serve_app import ExportModel
+    replica = ExportModel(dict(model=str(export), threads=1, max_batch_size=8, batch_wait_timeout_s=0.0))
+    replica.warmup.result(timeout=60)
+    texts = dev_texts(64)
+    batches = [[texts[(i + k) % 64] for k in range(8)] for i in range(0, 240, 3)]  # lengths differ in each batch
+
+    def run_batches():
+        return sum(len(replica.timed_batch(batch, None)) for batch in batches)
+    with ThreadPoolExecutor(1) as pool:
+        done = pool.submit(run_batches)
+        checks = 0
+        while not done.done():
+            assert replica.truncated(texts[checks % 64:checks % 64 + 8] + ["long " * 300], None) == [
+                len(texts[checks % 64:checks % 64 + 8])]
+            checks += 1
+        assert done.result() == 8 * len(batches) and checks > 10
