@@ -18,9 +18,10 @@ thread each):
   geometric middle of the last hold and first miss), beside the rate the capacity plan's serving model predicts
   with the fitted figures (`predicted_rps`, `prediction_error`, `fitted` true for the fitted configuration);
 - batching: which of batched and unbatched sustained more, which the serving model predicted, which the plan chose;
-then for the first model, autoscaling (1..2 replicas, target ongoing requests from Little's law at its sustained
-rate) under a step load (0.3x -> 1.5x -> 0.3x its sustained rate, 60 s each) with the replica count sampled each
-second, and one replica of two SIGKILLed under load.
+then for the first model, autoscaling (1..2 replicas, target ongoing requests from Little's law at 1 - headroom of
+its sustained rate) under a step load (0.3x its 1-replica sustained rate -> 0.9x what 2 replicas sustain -> back,
+60 s each) with the replica count sampled each second, and one replica of two SIGKILLed under load. Every
+deployment gets the queue bounds the capacity plan gives its configuration (capacity.queue_limits).
 `--quick` (seconds per run, two rungs) checks that the paths work; its figures mean nothing.
 Writes benchmarks/results/serve_sst2.json with the keys the issue lists.
 """
@@ -50,7 +51,7 @@ from kdlab.scripts.bench_readme import publish
 from kdlab.scripts.loadtest import read_texts, run_loadtest
 from kdlab.scripts.serve import deploy, full_priority_workers
 from kdlab.scripts.serve_app import settings_for
-from kdlab.search.capacity import Serving
+from kdlab.search.capacity import Serving, queue_limits
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_REPLICAS = 2  # server and load generator share the machine's 2 cores
@@ -70,13 +71,22 @@ def configs_of(manifest: dict) -> dict[str, dict]:
     return {"unbatched": {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}, "batched": batched}
 
 
-def start(folder: Path, port: int, replicas: int, batching: dict, autoscale: dict | None = None) -> str:
+def limits_for(latency: dict, batching: dict, replicas: int, slo_ms: float) -> dict:
+    """The queue bounds the capacity plan would set for this configuration (search/capacity.py queue_limits),
+    from the model's latency measured now: each configuration gets its own, not the export plan's."""
+    b = batching["max_batch_size"]
+    p50 = latency[str(b)]["p50_ms"] if str(b) in latency else latency["1"]["p50_ms"] * b
+    return queue_limits(b, b / (p50 / 1e3), replicas, slo_ms)
+
+
+def start(folder: Path, port: int, replicas: int, batching: dict, limits: dict,
+          autoscale: dict | None = None) -> str:
     """Deploy a fresh application (the previous one deleted: no replica of an earlier run carries over)."""
     if APP_NAME in serve.status().applications:
         serve.delete(APP_NAME)
     settings = settings_for(folder, threads=1, **batching)
     options = deployment_options(plan_settings(read_manifest(folder)), replicas=replicas, threads=1,
-                                 max_batch_size=settings.max_batch_size)
+                                 max_batch_size=settings.max_batch_size, **limits)
     if autoscale:
         options.pop("num_replicas")
         options["autoscaling_config"] = autoscale
@@ -181,10 +191,10 @@ def running_replicas() -> int:
     return sum(d.replica_states.get("RUNNING", 0) for d in app.deployments.values())
 
 
-def step_load(folder: Path, port: int, data: str, base_rps: float, slo_ms: float, phase_s: float,
-              work: Path, target_ongoing: float) -> dict:
+def step_load(folder: Path, port: int, data: str, low_rps: float, high_rps: float, slo_ms: float, phase_s: float,
+              work: Path, target_ongoing: float, limits: dict) -> dict:
     target = target_ongoing
-    url = start(folder, port, 1, {"max_batch_size": 1, "batch_wait_timeout_s": 0.0},
+    url = start(folder, port, 1, {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}, limits,
                 autoscale={"min_replicas": 1, "max_replicas": MAX_REPLICAS, "target_ongoing_requests": target,
                            "upscale_delay_s": 5.0, "downscale_delay_s": 30.0})
     samples, stop = [], threading.Event()
@@ -197,7 +207,7 @@ def step_load(folder: Path, port: int, data: str, base_rps: float, slo_ms: float
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     timeline, step_at, recovery_s, t = [], None, None, 0.0
-    for phase, rate in (("low", 0.3 * base_rps), ("high", 1.5 * base_rps), ("low", 0.3 * base_rps)):
+    for phase, rate in (("low", low_rps), ("high", high_rps), ("low", low_rps)):
         r = run_loadtest(url, data, rate=max(1.0, rate), duration_s=phase_s, model=str(folder),
                          out=work / f"step-{phase}-{time.time_ns()}.json", log=False)
         for w in r["timeline"]:
@@ -213,13 +223,14 @@ def step_load(folder: Path, port: int, data: str, base_rps: float, slo_ms: float
     stop.set()
     sampler.join()
     return {"timeline": timeline, "step_at_s": step_at, "recovery_s": recovery_s, "target_ongoing_requests": target,
-            "rates": {"low": max(1.0, 0.3 * base_rps), "high": max(1.0, 1.5 * base_rps)},
+            "rates": {"low": max(1.0, low_rps), "high": max(1.0, high_rps)},
             "failures": sum(w["failures"] - w["rejected_503"] for w in timeline),
             "rejected_503": sum(w["rejected_503"] for w in timeline)}
 
 
-def replica_kill(folder: Path, port: int, data: str, rate: float, duration_s: float, work: Path) -> dict:
-    url = start(folder, port, MAX_REPLICAS, {"max_batch_size": 1, "batch_wait_timeout_s": 0.0})
+def replica_kill(folder: Path, port: int, data: str, rate: float, duration_s: float, work: Path,
+                 limits: dict) -> dict:
+    url = start(folder, port, MAX_REPLICAS, {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}, limits)
     out: dict = {}
     runner = threading.Thread(target=lambda: out.update(run_loadtest(
         url, data, rate=rate, duration_s=duration_s, model=str(folder), out=work / "kill.json", log=False)))
@@ -270,7 +281,7 @@ def main(argv=None) -> int:
 
     def measure_config(folder: Path, manifest: dict, mode: str, config: dict, replicas: int, slo_ms: float,
                        start_rps: float | None = None) -> dict:
-        url = start(folder, port, replicas, config)
+        url = start(folder, port, replicas, config, limits_for(latencies[folder], config, replicas, slo_ms))
         predicted = predicted_rps(latencies[folder], config, replicas, fit, slo_ms)
         rate, runs = sustained(url, folder, args.data, start_rps or predicted or 1.0, slo_ms, duration_s, rungs, work)
         at = next((r for r in reversed(runs) if r["offered_rps"] == rate), runs[-1])
@@ -281,7 +292,9 @@ def main(argv=None) -> int:
                "loadgen_cpu_ms": at.get("loadgen_cpu_ms"), "fitted": False, "predicted_rps": predicted,
                "prediction_error": None if not rate else predicted / rate - 1,
                "ladder": [{"offered_rps": r["offered_rps"], "achieved_rps": r["achieved_rps"], "p50_ms": r["p50_ms"],
-                           "p95_ms": r["p95_ms"], "failures": r["failures"]} for r in runs]}
+                           "p95_ms": r["p95_ms"], "failures": r["failures"],
+                           "failures_by_kind": r.get("failures_by_kind")} for r in runs],
+               **limits_for(latencies[folder], config, replicas, slo_ms)}
         print(f"bench_serve: {manifest['name']} ({folder.name}) {mode} x{replicas} at p95 <= {slo_ms:g} ms: "
               f"{rate:.1f} req/s sustained, {predicted:.1f} predicted", flush=True)
         return row
@@ -290,7 +303,7 @@ def main(argv=None) -> int:
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
         unbatched = {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}
         # The fit: the first model unbatched on 1 replica at 5 req/s, where no request waits for another.
-        url = start(folders[0], port, 1, unbatched)
+        url = start(folders[0], port, 1, unbatched, limits_for(latencies[folders[0]], unbatched, 1, slo))
         fit_run = run_loadtest(url, args.data, rate=5.0, duration_s=duration_s * 2, model=str(folders[0]),
                                out=work / "fit.json", log=False)
         # CPU a request at 20 req/s, where Locust's start-up is spread over more requests
@@ -312,8 +325,8 @@ def main(argv=None) -> int:
                 rows[mode]["fitted"] = i == 0 and mode == "unbatched"
                 models.append(rows[mode])
             best = max(rows, key=lambda m: rows[m]["sustained_rps"])
-            models.append(measure_config(folder, manifest, best, configs_of(manifest)[best], MAX_REPLICAS, slo,
-                                         start_rps=None))
+            most_row = measure_config(folder, manifest, best, configs_of(manifest)[best], MAX_REPLICAS, slo)
+            models.append(most_row)
             if args.loose_slo_ms and args.loose_slo_ms != slo:
                 models.append(measure_config(folder, manifest, "unbatched", unbatched, 1, args.loose_slo_ms))
             plan_batch = plan_settings(manifest).get("max_batch_size")
@@ -324,10 +337,18 @@ def main(argv=None) -> int:
                              ("batched" if plan_batch > 1 else "unbatched")})
             if i == 0:
                 base = rows["unbatched"]["sustained_rps"] or 10.0
-                # Little's law at the sustained rate: above it, more requests are in flight than one replica holds
-                in_flight = max(0.5, round(base * (rows["unbatched"]["p50_ms"] or 10.0) / 1e3, 2))
-                autoscale = step_load(folder, port, args.data, base, slo, phase_s, work, target_ongoing=in_flight)
-                kill = replica_kill(folder, port, args.data, max(1.0, base / 2), duration_s * 2, work)
+                # The step rises to 0.9x what the most replicas sustain unbatched (measured above when the better
+                # mode on 2 replicas was unbatched, else predicted): a load the autoscaled deployment can serve,
+                # so the question is whether it adds the replica in time. Each replica aims at the requests in
+                # flight (Little's law) of one loaded to 1 - headroom of its sustained rate, as the plan does.
+                most = (most_row["sustained_rps"] if best == "unbatched" else
+                        predicted_rps(latencies[folder], unbatched, MAX_REPLICAS, fit, slo)) or base
+                headroom = (manifest.get("capacity") or {}).get("headroom", 0.3)
+                in_flight = max(0.5, round((1 - headroom) * base * (rows["unbatched"]["p50_ms"] or 10.0) / 1e3, 2))
+                limits = limits_for(latencies[folder], unbatched, MAX_REPLICAS, slo)
+                autoscale = step_load(folder, port, args.data, 0.3 * base, 0.9 * most, slo, phase_s, work,
+                                      target_ongoing=in_flight, limits=limits)
+                kill = replica_kill(folder, port, args.data, max(1.0, base / 2), duration_s * 2, work, limits)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -396,7 +417,7 @@ def markdown(result: dict) -> str:
                      f"{err} | {fmt(r['p50_ms'])} | {fmt(r['p95_ms'])} | {fmt(r.get('server_cpu_ms'))} |")
     for b in result["batching"]:
         choice = (f"the plan chose {b['plan_choice']}" if b["plan_choice"] else "the plan found no configuration "
-                  f"within the SLO")
+                  "within the SLO")
         predicted = (f"the serving model predicted {b['best_predicted']}" if b.get("best_predicted") else
                      "the serving model predicted no rate within the SLO")
         lines.append(f"\n{b['name']}{' (' + b['folder'] + ')' if b.get('folder') else ''}: "

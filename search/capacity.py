@@ -208,10 +208,16 @@ def serve_settings(option: BatchOption, *, threads: int, headroom: float, overhe
     target_ongoing = max(1.0, round(option.throughput * (1 - headroom) * in_server_s, 1))
     return {"num_replicas": option.replicas, "threads": threads, "max_batch_size": b,
             "batch_wait_timeout_s": round(option.fill_wait_ms / 1e3, 6),
-            "max_ongoing_requests": max(2 * b, math.ceil(2 * option.throughput * p95_slo_ms / 1e3)),
-            "max_queued_requests": max(1, math.ceil(option.replicas * option.throughput * p95_slo_ms / 1e3)),
+            **queue_limits(b, option.throughput, option.replicas, p95_slo_ms),
             "autoscaling": {"min_replicas": 1, "max_replicas": option.replicas,
                             "target_ongoing_requests": target_ongoing}}
+
+
+def queue_limits(batch_size: int, throughput: float, replicas: int, p95_slo_ms: float) -> dict:
+    """Ray Serve's two queue bounds for replicas that complete `throughput` requests/s each at `batch_size`
+    (serve_settings says why these)."""
+    return {"max_ongoing_requests": max(2 * batch_size, math.ceil(2 * throughput * p95_slo_ms / 1e3)),
+            "max_queued_requests": max(1, math.ceil(replicas * throughput * p95_slo_ms / 1e3))}
 
 
 def plan_one(label: str, latency: dict[int, tuple[float, float]], *, target_rps: float, p95_slo_ms: float,
