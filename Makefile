@@ -57,7 +57,7 @@ bench-processes: setup
 # The student search of configs/sst2_minilm.yaml on its fine-tuned teacher (bench-distill trains it);
 # run bench-gate first for the teacher's reference points on the plot.
 bench-search: setup
-	$(BIN)/python scripts/bench_search.py
+	$(BIN)/python scripts/bench_search.py $(ARGS)
 
 # Export the search's best student, predict the 67k SST-2 train rows with it and with the fp32 teacher,
 # and plan serving capacity for the front (needs bench-search).

@@ -11,6 +11,16 @@ Runs (or resumes) the study of the config and reports, with the conditions they 
    cost at the mean of the trained ones;
 3. whether latency is a property of the architecture: untrained vs trained p95 of each trained trial.
 
+`--compare` (issue 15): the search as it was (`current`: every draw built and timed, no latency model; every
+student trained to the end, no early stop) and as it is (`new`) side by side, each for the same wall-clock budget
+(--minutes, default 20) and sampler seeds (--seeds, default 1 2), from the same teacher and the gate's budget
+(the main run's teacher and gate.csv, linked into each run's folder). One folder and one result file per run under
+runs/<name>/compare/, so an interrupted comparison resumes at the run it stopped in. Adds `comparison` to
+search_sst2.json: per run its front's hypervolume (quality above the floor x ms under the p95 budget, from each
+trial's own measured p95), trials trained, stopped early and screened, trained students that missed the p95
+budget, minutes to the quality of --reach (0.8681, the best of the first committed search) and the best student.
+About 80 minutes on 2 cores; nothing else should run beside it (wall-clock budgets).
+
 Needs runs/sst2_minilm/teacher/ fine-tuned for the config (`--allow-train` lets this script do it).
 Writes benchmarks/results/search_sst2.json and the section between `<!-- search:start -->` and
 `<!-- search:end -->` of benchmarks/README.md.
@@ -18,6 +28,7 @@ Writes benchmarks/results/search_sst2.json and the section between `<!-- search:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -68,6 +79,113 @@ def analyse(rows: list[dict]) -> dict:
             "train_seconds_saved_estimate": None if mean_train_s is None else mean_train_s * len(screened),
             "pre_vs_post_p95_rel_diff_median": statistics.median(drift) if drift else None,
             "pre_vs_post_p95_rel_diff_max": max(drift) if drift else None}
+
+
+# The search before issue 15, as far as config keys reach back: no latency model (every draw is built and timed)
+# and no early stopping (every student trains to the end). The budget taken from the gate and the interval
+# verdicts have no switch; both searches get them.
+COMPARED = {"current": ["search.latency_samples=0", "search.stop_at=[]"], "new": []}
+
+
+def hypervolume(points: list[tuple[float, float]], floor: float, budget: float) -> float:
+    """The area that (quality, p95 ms) points dominate above the quality floor and under the p95 budget (exact in
+    2-D): sweep by p95, each strip as wide as the gap to the next point and as high as the best quality so far."""
+    inside = sorted((p95, q) for q, p95 in points if q > floor and p95 < budget)
+    area, best = 0.0, floor
+    for i, (p95, q) in enumerate(inside):
+        best = max(best, q)
+        area += ((inside[i + 1][0] if i + 1 < len(inside) else budget) - p95) * (best - floor)
+    return area
+
+
+def comparison_row(search: str, seed: int, rows: list[dict], finished: dict[int, float], targets: dict,
+                   wall_seconds: float, reach: float) -> dict:
+    """One compared run: `finished` maps trial number -> seconds from the run's start to that trial's end."""
+    floor, budget = targets["min_quality"], targets["p95_ms"]
+    trained = [r for r in rows if r["state"] == "COMPLETE" and not r["screened_out"] and r.get("quality") is not None]
+    feasible = [r for r in trained if r["feasible"]]
+    reached = [finished[r["trial"]] for r in feasible if r["quality"] >= reach and r["trial"] in finished]
+    best = max(feasible, key=lambda r: r["quality"], default=None)
+    return {"search": search, "seed": seed, "wall_seconds": round(wall_seconds, 1),
+            "hypervolume": hypervolume([(r["quality"], r["p95_ms"]) for r in feasible], floor, budget),
+            "trained": len(trained), "stopped_early": sum(bool(r.get("stopped_early")) for r in trained),
+            "screened": sum(bool(r["screened_out"]) for r in rows),
+            "missed_p95_after_training": sum(r["p95_ms"] is not None and r["p95_ms"] > budget
+                                             for r in trained if not r.get("stopped_early")),
+            "minutes_to_0_8681": round(min(reached) / 60, 1) if reached else None,
+            "best": None if best is None else {"trial": best["trial"], "quality": best["quality"],
+                                               "p95_ms": best["p95_ms"], "recipe": best["recipe"],
+                                               "num_layers": best.get("num_layers"),
+                                               "hidden_size": best.get("hidden_size")}}
+
+
+def compare_markdown(rows: list[dict], minutes: float) -> str:
+    lines = [f"Current against new search, {minutes:g} minutes of wall clock each, same teacher and budget "
+             "(`make bench-search ARGS=--compare`):", "",
+             "| search | seed | hypervolume | trained | stopped early | screened | missed p95 after training | "
+             "minutes to 0.8681 | best |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        b = r["best"]
+        lines.append(f"| {r['search']} | {r['seed']} | {r['hypervolume']:.4f} | {r['trained']} | {r['stopped_early']} | "
+                     f"{r['screened']} | {r['missed_p95_after_training']} | {_f(r['minutes_to_0_8681'], '{:.1f}')} | "
+                     + (f"{b['num_layers']}L x {b['hidden_size']} {b['recipe']}: {b['quality']:.4f}, p95 "
+                        f"{b['p95_ms']:.2f} ms |" if b else "none feasible |"))
+    means = {s: statistics.mean(r["hypervolume"] for r in rows if r["search"] == s) for s in COMPARED
+             if any(r["search"] == s for r in rows)}
+    if len(means) == 2 and means["current"] > 0:
+        lines += ["", f"Mean hypervolume: new {means['new']:.4f}, current {means['current']:.4f}, "
+                      f"ratio {means['new'] / means['current']:.2f}x."]
+    return "\n".join(lines)
+
+
+def compare(args, overrides: list[str]) -> int:
+    """Both searches for each seed, one resumable run each (see the module docstring); the JSON and README gain
+    the comparison."""
+    base = load_config(args.config, [*overrides, *args.overrides])
+    teacher, gate_csv = base.run_dir / "teacher", base.run_dir / "report" / "gate.csv"
+    for need, how in ((teacher, "make bench-search (or --allow-train)"), (gate_csv, f"kdlab gate --config {args.config}")):
+        if not need.exists() and not args.quick:  # --quick: the un-fine-tuned teacher, a budget measured per run
+            raise ConfigError(f"--compare: {need} is missing; run {how} first")
+    root = base.run_dir / "compare"
+    rows, started = [], time.time()
+    for search, extra in COMPARED.items():
+        for seed in args.seeds:
+            done = root / f"{search}-s{seed}.json"
+            if done.is_file():
+                rows.append(json.loads(done.read_text()))
+                continue
+            out_dir = root / f"{search}-s{seed}"
+            cfg = load_config(args.config, [*overrides, *extra, f"output_dir={out_dir}", f"train.seed={seed}",
+                                            "search.n_trials=1000", f"search.timeout_s={args.minutes * 60}",
+                                            f"tracking.experiment={base.name}-compare", *args.overrides])
+            (cfg.run_dir / "report").mkdir(parents=True, exist_ok=True)
+            if teacher.exists() and not (cfg.run_dir / "teacher").exists():
+                (cfg.run_dir / "teacher").symlink_to(teacher.resolve(), target_is_directory=True)
+            if gate_csv.exists():
+                shutil.copyfile(gate_csv, cfg.run_dir / "report" / "gate.csv")
+            print(f"bench_search: compare: {search} search, seed {seed}, {args.minutes:g} minutes", flush=True)
+            t0 = time.time()
+            result = run_search(cfg, Accelerator(cpu=True), timeout_s=args.minutes * 60)
+            wall = time.time() - t0
+            study = optuna.load_study(study_name=result.study_name, storage=open_storage(cfg, create=False))
+            finished = {t.number: t.datetime_complete.timestamp() - t0 for t in study.get_trials(deepcopy=False)
+                        if t.datetime_complete is not None}
+            row = comparison_row(search, seed, result.rows, finished, meta_of(cfg, study)["targets"], wall, args.reach)
+            tmp = done.with_suffix(".tmp")
+            tmp.write_text(json.dumps(row, indent=2))
+            tmp.replace(done)
+            rows.append(row)
+    scratch = base.run_dir if args.quick else None  # --quick writes beside its runs, never the committed files
+    out = Path(args.out or (scratch / "search_sst2.json" if scratch else "benchmarks/results/search_sst2.json"))
+    result = json.loads(out.read_text()) if out.is_file() else {"benchmark": "search_sst2"}
+    result.update(comparison=rows, comparison_minutes=args.minutes, comparison_date=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                  comparison_machine=machine_info(), comparison_versions=versions(),
+                  seconds=round(time.time() - started, 1))
+    publish(result, compare_markdown(rows, args.minutes), marker="search-compare",
+            heading="Current against new search on SST-2 (`make bench-search ARGS=--compare`)", out=out,
+            readme=Path(args.readme or (scratch / "README.md" if scratch else "benchmarks/README.md")),
+            script="bench_search")
+    return 0
 
 
 def markdown(result: dict) -> str:
@@ -122,6 +240,11 @@ def main(argv=None) -> int:
                              "less the gate)")
     parser.add_argument("--no-gate", action="store_true", help="skip the gate (its references then come from an "
                                                                   "earlier gate.csv, or the search's own fp32 teacher)")
+    parser.add_argument("--compare", action="store_true", help="the current and the new search side by side "
+                                                                   "(module docstring)")
+    parser.add_argument("--minutes", type=float, default=20.0, help="--compare: wall clock per run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="--compare: sampler seeds")
+    parser.add_argument("--reach", type=float, default=0.8681, help="--compare: the quality whose time is reported")
     parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
     args = parser.parse_args(argv)
     os.chdir(ROOT)
@@ -131,6 +254,12 @@ def main(argv=None) -> int:
     overrides = ([*QUICK, f"output_dir={quick_dir}", f"tracking.uri=sqlite:///{quick_dir}/mlflow.db"]
                  if args.quick else list(FULL))
     started = time.time()
+    if args.compare:
+        try:
+            return compare(args, overrides)
+        except ConfigError as exc:
+            print(f"bench_search: error: {exc}", file=sys.stderr)
+            return 2
     try:
         cfg = load_config(args.config, [*overrides, *args.overrides])
         accelerator = Accelerator(cpu=True)
