@@ -24,7 +24,7 @@ from kdlab.distill.quantize import SEQ2SEQ_ONNX_REASON
 from kdlab.eval.paths import portable_path
 from kdlab.search.capacity import capacity_card
 from kdlab.search.card import card_metadata
-from kdlab.search.export import write_export
+from kdlab.search.export import summary_tail, write_export
 from kdlab.search.seq2seq_gate import generation_batches
 from kdlab.search.targets import GateRow
 from kdlab.search.timing import measure_candidates, target_profile
@@ -173,10 +173,8 @@ def seq2seq_card(m: dict) -> str:
 
 
 def seq2seq_summary_line(manifest: dict, dest: Path) -> str:
-    p, lat, reg = manifest["parity"], manifest["latency"][0], manifest.get("mlflow")
+    p, lat = manifest["parity"], manifest["latency"][0]
     return (f"exported {manifest['choice']['label']} ({manifest['served']['recipe']}) to {dest}: "
             f"{manifest['task']['metric']} {p['served_quality']:.2f}, p95 {lat['p95_ms']:.1f} ms per generate at batch "
             f"{lat['batch_size']}, {manifest['measured']['size_mb']:.1f} MB, {p['identical_outputs']:.1%} outputs as fp32"
-            + (f"; held-out test {manifest['test']['metric']} {manifest['test']['quality']:.2f}"
-               if manifest.get("test") else "")
-            + (f"; registered models:/{reg['model_name']}@{reg['alias']} (version {reg['version']})" if reg else ""))
+            + summary_tail(manifest, 2))
