@@ -30,11 +30,7 @@ MODEL_COLUMNS = ("input_ids", "attention_mask", "labels", "idx")
 class Seq2SeqData:
     train: datasets.Dataset  # columns: source, target
     eval: datasets.Dataset
-    label_names: tuple = ()  # none: keeps the classification helpers (teacher key, reports) working
-
-    @property
-    def num_labels(self) -> int:
-        return 0
+    label_names: tuple = ()  # none: the teacher key (train/teacher.py) hashes them
 
 
 def _read_lines(path: str, key: str) -> list[str]:
