@@ -30,7 +30,8 @@ from kdlab.search.targets import GateRow
 from kdlab.search.timing import measure_candidates, target_profile
 from kdlab.train.model_dir import check_model_dir, prepare_model
 from kdlab.train.seq2seq import decoder_start_id, generate_texts, generation_kwargs, load_seq2seq, prepare, score
-from kdlab.train.seq2seq_data import load_seq2seq_test, make_seq2seq_loader, tokenize_pairs
+from kdlab.train.data import make_loader
+from kdlab.train.seq2seq_data import load_seq2seq_test, pad_pairs, tokenize_pairs
 
 
 def run_seq2seq_export(cfg: Config, choice, dest: Path, console=None) -> dict:
@@ -69,7 +70,7 @@ class Seq2SeqExport:
 
     def check(self, served, model, threads: int, manifest: dict, say) -> dict:
         cfg, prep, gen = self.cfg, self.prep, self.gen
-        loader = make_seq2seq_loader(prep.eval_ds, prep.tokenizer, cfg.train.eval_batch_size, shuffle=False)
+        loader = make_loader(prep.eval_ds, prep.tokenizer, cfg.train.eval_batch_size, shuffle=False, collator=pad_pairs)
         references = list(prep.data.eval["target"])
         served_texts, _ = generate_texts(served.artefact.module, loader, prep.tokenizer, gen)
         fp32_texts, _ = generate_texts(model, loader, prep.tokenizer, gen)
@@ -88,9 +89,9 @@ class Seq2SeqExport:
                               f"{cfg.export.max_quality_drop:g}; nothing exported")
         test = self.test
         if test is not None:  # scored once, here, for the exported model only, on its served artefact
-            test_loader = make_seq2seq_loader(
+            test_loader = make_loader(
                 tokenize_pairs(test, prep.tokenizer, cfg.data, decoder_start_id(model.config, prep.tokenizer)),
-                prep.tokenizer, cfg.train.eval_batch_size, shuffle=False)
+                prep.tokenizer, cfg.train.eval_batch_size, shuffle=False, collator=pad_pairs)
             test_texts, _ = generate_texts(served.artefact.module, test_loader, prep.tokenizer, gen)
             manifest["test"] = {"source": portable_path(cfg.data.test_file) if cfg.data.test_file
                                 else f"{cfg.data.dataset}[{cfg.data.test_split}]", "rows": len(test),

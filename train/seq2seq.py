@@ -33,8 +33,9 @@ from kdlab.eval.metrics import generation_metrics
 from kdlab.train.accel import training_accelerator
 from kdlab.train.loop import atomic_dir, fit, remove_states
 from kdlab.train.pipeline import check_launch, close_run, in_run_folder
-from kdlab.train.seq2seq_data import (Seq2SeqData, check_tokenizer, end_token_id, load_seq2seq_data, make_seq2seq_loader,
-                                tokenize_pairs)
+from kdlab.train.data import make_loader
+from kdlab.train.seq2seq_data import (Seq2SeqData, check_tokenizer, end_token_id, load_seq2seq_data, pad_pairs,
+                                      tokenize_pairs)
 from kdlab.train.teacher import (MARKER, check_weights, data_digest, fine_tuned_record, load_teacher_config, load_tokenizer,
                            resolve_source, teacher_key, weights_digest)
 from kdlab.train.tracking import mlflow_run
@@ -211,7 +212,7 @@ def ensure_seq2seq_teacher(cfg: Config, accelerator: Accelerator | None, prep: P
     """
     out = cfg.run_dir / "teacher"
     key = teacher_key(cfg, prep.data)
-    eval_loader = make_seq2seq_loader(prep.eval_ds, prep.tokenizer, cfg.train.eval_batch_size, shuffle=False)
+    eval_loader = make_loader(prep.eval_ds, prep.tokenizer, cfg.train.eval_batch_size, shuffle=False, collator=pad_pairs)
     references = list(prep.data.eval["target"])
     record = fine_tuned_record(cfg, prep.data)
     say = accelerator.print if accelerator is not None else print
@@ -236,8 +237,8 @@ def ensure_seq2seq_teacher(cfg: Config, accelerator: Accelerator | None, prep: P
     train_cfg = dataclasses.replace(cfg.train, num_epochs=cfg.teacher.num_epochs, max_steps=None,
                                     learning_rate=cfg.teacher.learning_rate, resume_from=None,
                                     early_stopping_patience=None)
-    train_loader = make_seq2seq_loader(prep.train_ds, prep.tokenizer, cfg.train.batch_size, shuffle=True,
-                                       seed=cfg.train.seed)
+    train_loader = make_loader(prep.train_ds, prep.tokenizer, cfg.train.batch_size, shuffle=True,
+                               seed=cfg.train.seed, collator=pad_pairs)
 
     def ce_loss(model, batch):
         loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
@@ -287,7 +288,7 @@ def seq_kd_targets(teacher, prep: Prepared, cfg: Config, accelerator: Accelerato
         if len(targets) == len(prep.data.train):
             accelerator.print(f"sequence-level KD: reusing {len(targets)} teacher outputs from {path}")
             return targets
-    loader = make_seq2seq_loader(prep.train_ds, prep.tokenizer, cfg.train.eval_batch_size, shuffle=False)
+    loader = make_loader(prep.train_ds, prep.tokenizer, cfg.train.eval_batch_size, shuffle=False, collator=pad_pairs)
     if accelerator.num_processes > 1:
         loader = accelerator.prepare(loader)
     texts, _ = generate_texts(teacher, loader, prep.tokenizer, generation_kwargs(cfg, cfg.distill.seq_kd_num_beams),
@@ -380,10 +381,10 @@ def _run(cfg: Config, accelerator: Accelerator, prep: Prepared) -> dict:
         teacher.to("cpu")  # references or teacher outputs alone: the teacher is not called while training
 
     out = run_dir / "student"
-    eval_loader = accelerator.prepare(make_seq2seq_loader(prep.eval_ds, prep.tokenizer, cfg.train.eval_batch_size,
-                                                          shuffle=False))
-    train_loader = make_seq2seq_loader(train_ds, prep.tokenizer, cfg.train.batch_size, shuffle=True,
-                                       seed=cfg.train.seed)
+    eval_loader = accelerator.prepare(make_loader(prep.eval_ds, prep.tokenizer, cfg.train.eval_batch_size,
+                                                  shuffle=False, collator=pad_pairs))
+    train_loader = make_loader(train_ds, prep.tokenizer, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
+                               collator=pad_pairs)
     references = list(prep.data.eval["target"])
 
     def save_best(model):
