@@ -12,7 +12,6 @@ outputs, generated once per (teacher, data, decoding settings) and cached in run
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import os
@@ -30,14 +29,13 @@ from kdlab.distill.config import Config, ConfigError
 from kdlab.distill.seq2seq import Seq2SeqDistillLoss, build_seq2seq_student, layer_depths
 from kdlab.distill.students import count_params
 from kdlab.eval.metrics import generation_metrics
-from kdlab.train.accel import training_accelerator
-from kdlab.train.loop import atomic_dir, fit, remove_states
-from kdlab.train.pipeline import check_launch, close_run, in_run_folder
 from kdlab.train.data import make_loader
+from kdlab.train.loop import atomic_dir, fit
+from kdlab.train.pipeline import check_launch, close_run, in_run_folder
 from kdlab.train.seq2seq_data import (Seq2SeqData, check_tokenizer, end_token_id, load_seq2seq_data, pad_pairs,
                                       tokenize_pairs)
-from kdlab.train.teacher import (MARKER, check_weights, data_digest, fine_tuned_record, load_teacher_config, load_tokenizer,
-                           resolve_source, teacher_key, weights_digest)
+from kdlab.train.teacher import (TeacherParts, check_weights, data_digest, ensure_task_teacher, load_teacher_config,
+                                 load_tokenizer, weights_digest)
 from kdlab.train.tracking import mlflow_run
 
 ENCODER_INPUTS = ("input_ids", "attention_mask")
@@ -205,68 +203,19 @@ def warm_start(source: str, cfg: Config, tokenizer):
 
 
 def ensure_seq2seq_teacher(cfg: Config, accelerator: Accelerator | None, prep: Prepared):
-    """The task-ready teacher and its dev metrics; fine-tuned once when warm-started or asked to.
-
-    `accelerator` None (measurement, export): a training accelerator is built only if the teacher must be
-    fine-tuned (train/accel.py); otherwise the teacher stays on the CPU of this process.
-    """
-    out = cfg.run_dir / "teacher"
-    key = teacher_key(cfg, prep.data)
-    eval_loader = make_loader(prep.eval_ds, prep.tokenizer, cfg.train.eval_batch_size, shuffle=False, collator=pad_pairs)
+    """The task-ready encoder-decoder and its dev metrics (`ensure_task_teacher`); under teacher.fine_tune=auto it
+    is fine-tuned only when warm-started from an encoder (teacher.encoder_decoder), a seq2seq checkpoint is used as
+    it is. Every process scores every dev row (generate_texts gathers them by row)."""
     references = list(prep.data.eval["target"])
-    record = fine_tuned_record(cfg, prep.data)
-    say = accelerator.print if accelerator is not None else print
-    if record is not None:
-        say(f"teacher: reusing fine-tuned checkpoint {out} (key {key})")
-        return load_seq2seq(str(out), cfg, prep.tokenizer), record["dev"]
-    source = resolve_source(cfg.teacher.source)
-    if cfg.teacher.encoder_decoder:
-        teacher = warm_start(source, cfg, prep.tokenizer)
-    else:
-        teacher = load_seq2seq(source, cfg, prep.tokenizer)
-    mode = cfg.teacher.fine_tune
-    if mode == "never" or (mode == "auto" and not cfg.teacher.encoder_decoder):
-        why = "teacher.fine_tune=never" if mode == "never" else "it is a seq2seq checkpoint (teacher.fine_tune=auto)"
-        say(f"teacher: using {cfg.teacher.source} as it is ({why})")
-        if accelerator is not None:
-            teacher.to(accelerator.device)
-        return teacher, evaluate_seq2seq(teacher, eval_loader, prep.tokenizer, references, cfg, prep.lowercase)
-
-    if accelerator is None:
-        accelerator = training_accelerator(cfg)
-    train_cfg = dataclasses.replace(cfg.train, num_epochs=cfg.teacher.num_epochs, max_steps=None,
-                                    learning_rate=cfg.teacher.learning_rate, resume_from=None,
-                                    early_stopping_patience=None)
-    train_loader = make_loader(prep.train_ds, prep.tokenizer, cfg.train.batch_size, shuffle=True,
-                               seed=cfg.train.seed, collator=pad_pairs)
-
-    def ce_loss(model, batch):
-        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
-        return loss, {}
-
-    def save_best(model):
-        with atomic_dir(out) as tmp:
-            model.save_pretrained(tmp)
-            prep.tokenizer.save_pretrained(tmp)
-
-    with mlflow_run(cfg, "teacher-finetune", accelerator.is_main_process,
-                    tags={"kdlab.teacher_source": cfg.teacher.source}) as tracker:
-        result = fit(accelerator, teacher, train_loader, cfg=train_cfg, compute_loss=ce_loss,
-                     evaluate=lambda m: evaluate_seq2seq(m, eval_loader, prep.tokenizer, references, cfg,
-                                                         prep.lowercase, accelerator),
-                     save_best=save_best, out_dir=cfg.run_dir / "teacher_run", tracker=tracker,
-                     metric=cfg.task.metric, desc="teacher")
-        best = load_seq2seq(str(out), cfg, prep.tokenizer).to(accelerator.device)
-        dev = evaluate_seq2seq(best, eval_loader, prep.tokenizer, references, cfg, prep.lowercase)
-        tracker.log_metrics({f"teacher/best_dev_{k}": v for k, v in dev.items()})
-        tracker.set_tags({"kdlab.checkpoint": str(out)})
-    if accelerator.is_main_process:
-        remove_states(cfg.run_dir / "teacher_run")
-        (out / MARKER).write_text(json.dumps({"key": key, "source": cfg.teacher.source, "dev": dev,
-                                              "train_seconds": result.train_seconds, "steps": result.steps},
-                                             indent=2))
-    accelerator.wait_for_everyone()
-    return best, dev
+    warm = cfg.teacher.encoder_decoder
+    return ensure_task_teacher(cfg, accelerator, TeacherParts(
+        prep.data, prep.tokenizer, prep.train_ds, prep.eval_ds,
+        load=lambda folder: load_seq2seq(folder, cfg, prep.tokenizer),
+        start=(lambda source: warm_start(source, cfg, prep.tokenizer)) if warm else None,
+        ready=lambda source: None if warm else "it is a seq2seq checkpoint (teacher.fine_tune=auto)",
+        evaluate=lambda model, loader, acc: evaluate_seq2seq(model, loader, prep.tokenizer, references, cfg,
+                                                             prep.lowercase, acc),
+        collator=pad_pairs, shard_eval=False))
 
 
 # ---------------------------------------------------------------- sequence-level KD
