@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from transformers import AutoModelForSeq2SeqLM, EncoderDecoderModel
 
+from kdlab.distill.adapter import run_seq2seq
 from kdlab.distill.config import Config, ConfigError
 from kdlab.distill.seq2seq import Seq2SeqDistillLoss, build_seq2seq_student, layer_depths
 from kdlab.distill.students import count_params
@@ -288,17 +289,15 @@ def make_seq2seq_loss(cfg: Config, teacher, student):
                                   student_width=width_of(student.config), teacher_width=width_of(teacher.config))
 
     def compute_loss(model, batch):
-        labels = batch["labels"]
         net = model.module if hasattr(model, "module") else model
-        decoder_input_ids = net.prepare_decoder_input_ids_from_labels(labels=labels)
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                  "decoder_input_ids": decoder_input_ids, "output_hidden_states": loss_mod.needs_hidden}
-        s = model(**inputs)
+        # The student's shift feeds both models, so the teacher is read at exactly the student's positions.
+        decoder_input_ids = net.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+        s = run_seq2seq(model, batch, decoder_input_ids, hidden=loss_mod.needs_hidden)
         t = None
         if loss_mod.needs_teacher:
             with torch.no_grad():
-                t = teacher(**inputs)
-        return loss_mod(s, t, labels, batch["attention_mask"], labels != -100)
+                t = run_seq2seq(teacher, batch, decoder_input_ids, hidden=loss_mod.needs_hidden)
+        return loss_mod(s, t, batch["labels"])
 
     return compute_loss, loss_mod
 
