@@ -31,7 +31,7 @@ from kdlab.distill.seq2seq import Seq2SeqDistillLoss, build_seq2seq_student, lay
 from kdlab.distill.students import count_params
 from kdlab.eval.metrics import generation_metrics
 from kdlab.train.data import make_loader
-from kdlab.train.loop import atomic_dir, fit
+from kdlab.train.loop import checkpoint_saver, fit
 from kdlab.train.pipeline import check_launch, close_run, in_run_folder
 from kdlab.train.seq2seq_data import (Seq2SeqData, check_tokenizer, end_token_id, load_seq2seq_data, pad_pairs,
                                       tokenize_pairs)
@@ -335,11 +335,6 @@ def _run(cfg: Config, accelerator: Accelerator, prep: Prepared) -> dict:
                                collator=pad_pairs)
     references = list(prep.data.eval["target"])
 
-    def save_best(model):
-        with atomic_dir(out) as tmp:
-            model.save_pretrained(tmp)
-            prep.tokenizer.save_pretrained(tmp)
-
     training = "seq-kd" if cfg.distill.seq_kd != "none" else ("word-kd" if cfg.distill.alpha > 0 else "references")
     tags = {"kdlab.teacher_source": cfg.teacher.source, "kdlab.task": "seq2seq", "kdlab.training": training}
     with mlflow_run(cfg, "distill", accelerator.is_main_process, tags=tags) as tracker:
@@ -348,8 +343,8 @@ def _run(cfg: Config, accelerator: Accelerator, prep: Prepared) -> dict:
         result = fit(accelerator, student, train_loader, cfg=cfg.train, compute_loss=compute_loss,
                      evaluate=lambda m: evaluate_seq2seq(m, eval_loader, prep.tokenizer, references, cfg,
                                                          prep.lowercase, accelerator),
-                     save_best=save_best, out_dir=run_dir / "student_run", tracker=tracker, metric=cfg.task.metric,
-                     extra_modules=[loss_mod], desc="distill")
+                     save_best=checkpoint_saver(out, prep.tokenizer), out_dir=run_dir / "student_run", tracker=tracker,
+                     metric=cfg.task.metric, extra_modules=[loss_mod], desc="distill")
         enc, dec = layer_depths(student.config)
         summary = {
             "name": cfg.name, "task": "seq2seq", "teacher_source": cfg.teacher.source, "teacher_dev": teacher_dev,

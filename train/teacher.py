@@ -24,7 +24,7 @@ from kdlab.distill.adapter import model_inputs
 from kdlab.distill.config import Config, ConfigError
 from kdlab.train.accel import training_accelerator
 from kdlab.train.data import TaskData, make_loader
-from kdlab.train.loop import atomic_dir, evaluate_classifier, fit, remove_states
+from kdlab.train.loop import checkpoint_saver, evaluate_classifier, fit, remove_states
 from kdlab.train.tracking import mlflow_run
 
 # name -> (pip package exposing get_model_path(), Hub id used when the package is absent)
@@ -274,17 +274,12 @@ def ensure_task_teacher(cfg: Config, accelerator: Accelerator | None, parts: Tea
     def ce_loss(model, batch):
         return model(**model_inputs(batch), labels=batch["labels"]).loss, {}
 
-    def save_best(model):
-        with atomic_dir(out) as tmp:
-            model.save_pretrained(tmp)
-            parts.tokenizer.save_pretrained(tmp)
-
     with mlflow_run(cfg, "teacher-finetune", accelerator.is_main_process,
                     tags={"kdlab.teacher_source": cfg.teacher.source}) as tracker:
         result = fit(accelerator, teacher, train_loader, cfg=train_cfg, compute_loss=ce_loss,
                      evaluate=lambda m: parts.evaluate(m, eval_loader, accelerator),
-                     save_best=save_best, out_dir=cfg.run_dir / "teacher_run", tracker=tracker,
-                     metric=cfg.task.metric, desc="teacher")
+                     save_best=checkpoint_saver(out, parts.tokenizer), out_dir=cfg.run_dir / "teacher_run",
+                     tracker=tracker, metric=cfg.task.metric, desc="teacher")
         best = parts.load(str(out)).to(accelerator.device)
         dev = parts.evaluate(best, eval_loader, accelerator)
         tracker.log_metrics({f"teacher/best_dev_{k}": v for k, v in dev.items()})
