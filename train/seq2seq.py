@@ -21,7 +21,6 @@ import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from transformers import AutoModelForSeq2SeqLM, EncoderDecoderModel
 
@@ -36,7 +35,7 @@ from kdlab.train.pipeline import check_launch, close_run, in_run_folder
 from kdlab.train.seq2seq_data import (Seq2SeqData, check_tokenizer, end_token_id, load_seq2seq_data, pad_pairs,
                                       tokenize_pairs)
 from kdlab.train.teacher import (TeacherParts, check_weights, data_digest, ensure_task_teacher, load_teacher_config,
-                                 load_tokenizer, weights_digest)
+                                 load_tokenizer, load_weights, weights_digest)
 from kdlab.train.tracking import mlflow_run
 
 ENCODER_INPUTS = ("input_ids", "attention_mask")
@@ -176,15 +175,9 @@ def configure_generation(model, tokenizer) -> None:
 
 
 def load_seq2seq(source: str, cfg: Config, tokenizer):
-    """An `AutoModelForSeq2SeqLM` from a folder or Hub id, safetensors only unless teacher.allow_pickle."""
-    safetensors = check_weights(source, cfg)
-    try:
-        model = AutoModelForSeq2SeqLM.from_pretrained(source, use_safetensors=safetensors,
-                                                      trust_remote_code=cfg.teacher.trust_remote_code)
-    except (OSError, SafetensorError) as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"teacher.source: cannot load the weights of '{cfg.teacher.source}' ({first}); kdlab reads "
-                          f"safetensors (teacher.allow_pickle=true admits pickle weights you trust)") from None
+    """An `AutoModelForSeq2SeqLM` from a folder or Hub id (`load_weights`: safetensors only unless
+    teacher.allow_pickle), its start, end and pad tokens set."""
+    model = load_weights(AutoModelForSeq2SeqLM, source, cfg)
     configure_generation(model, tokenizer)
     return model
 

@@ -203,17 +203,23 @@ def check_weights(source: str, cfg: Config) -> bool:
     return not pickles
 
 
-def _load(source: str, cfg: Config, data: TaskData, attn: str | None):
+def load_weights(model_class, source: str, cfg: Config, **kwargs):
+    """`model_class.from_pretrained(source, **kwargs)`, safetensors only unless teacher.allow_pickle; weights that do
+    not load are a one-line ConfigError naming teacher.source."""
     safetensors = check_weights(source, cfg)
     try:
-        return AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=data.num_labels, id2label=dict(enumerate(data.label_names)),
-            label2id={n: i for i, n in enumerate(data.label_names)}, use_safetensors=safetensors,
-            trust_remote_code=cfg.teacher.trust_remote_code, attn_implementation=attn)
+        return model_class.from_pretrained(source, use_safetensors=safetensors,
+                                           trust_remote_code=cfg.teacher.trust_remote_code, **kwargs)
     except (OSError, SafetensorError) as exc:  # a Hub repo without safetensors, no weights, a corrupted file
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"teacher.source: cannot load the weights of '{cfg.teacher.source}' ({first}); kdlab reads "
                           f"safetensors (teacher.allow_pickle=true admits pickle weights you trust)") from None
+
+
+def _load(source: str, cfg: Config, data: TaskData, attn: str | None):
+    return load_weights(AutoModelForSequenceClassification, source, cfg, num_labels=data.num_labels,
+                        id2label=dict(enumerate(data.label_names)),
+                        label2id={n: i for i, n in enumerate(data.label_names)}, attn_implementation=attn)
 
 
 @dataclass
