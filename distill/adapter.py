@@ -20,11 +20,13 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 @dataclass
 class Signals:
-    logits: torch.Tensor
-    hidden_states: Optional[tuple] = None   # (embeddings, layer 1, ..., layer L), each [B, T, H]
+    logits: torch.Tensor                    # [B, classes]; an encoder-decoder's per target position [B, T, V]
+    hidden_states: Optional[tuple] = None   # (embeddings, layer 1, ..., layer L), each [B, T, H]; the decoder's
     attentions: Optional[tuple] = None      # per layer [B, heads, T, T], post-softmax
     values: Optional[list] = field(default=None)  # per layer value projections [B, T, H]
-    attention_mask: Optional[torch.Tensor] = None
+    attention_mask: Optional[torch.Tensor] = None  # real tokens of hidden_states (a decoder's: targets with a label)
+    encoder_hidden_states: Optional[tuple] = None  # an encoder-decoder's encoder stack, as hidden_states
+    encoder_mask: Optional[torch.Tensor] = None    # real tokens of encoder_hidden_states
 
 
 def model_inputs(batch: dict) -> dict:
@@ -56,3 +58,13 @@ def run_model(model, batch: dict, *, hidden: bool = False, attentions: bool = Fa
                    attentions=out.attentions if attentions else None,
                    values=captured if values else None,
                    attention_mask=batch.get("attention_mask"))
+
+
+def run_seq2seq(model, batch: dict, decoder_input_ids: torch.Tensor, *, hidden: bool = False) -> Signals:
+    """An encoder-decoder read with teacher forcing (`decoder_input_ids`: the labels shifted right): logits per
+    target position and, with `hidden`, both stacks' states. Decoder input t is real exactly when label t is,
+    so the decoder's mask is `labels != -100`."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                decoder_input_ids=decoder_input_ids, output_hidden_states=hidden)
+    return Signals(logits=out.logits, hidden_states=out.decoder_hidden_states, attention_mask=batch["labels"] != -100,
+                   encoder_hidden_states=out.encoder_hidden_states, encoder_mask=batch["attention_mask"])

@@ -1,10 +1,12 @@
 """Distillation losses: pure functions of tensors, plus `DistillLoss`, which mixes them.
 
-Every function takes named tensors from `distill.adapter.Signals`; none knows the architecture.
+Every function takes named tensors from `distill.adapter.Signals`; none knows the architecture. The
+seq2seq mix (distill/seq2seq.py) uses the same logit and hidden-state terms per target position and per stack.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -13,8 +15,10 @@ from torch import nn
 from kdlab.distill.adapter import Signals
 
 
-def logit_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(softmax(z_t / T) || softmax(z_s / T)), averaged over the batch.
+def logit_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                  mask: torch.Tensor | None = None) -> torch.Tensor:
+    """T^2 * KL(softmax(z_t / T) || softmax(z_s / T)), averaged over the batch's rows, or over the positions
+    `mask` marks when the logits have one more axis ([B, T, V] with a [B, T] mask: word-level KD, Kim & Rush 2016).
 
     Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural Network". The T^2 factor
     keeps the gradient scale independent of T, so the mix with cross-entropy stays balanced.
@@ -22,8 +26,11 @@ def logit_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
     t = temperature
     log_p_student = F.log_softmax(student_logits.float() / t, dim=-1)
     log_p_teacher = F.log_softmax(teacher_logits.float() / t, dim=-1)
-    kl = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean")
-    return kl * t * t
+    if mask is None:
+        return F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean") * t * t
+    kl = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="none").sum(-1)
+    mask = mask.float()
+    return (kl * mask).sum() / mask.sum().clamp(min=1) * t * t
 
 
 IGNORE = -100  # the label of a row without a gold label (a transfer-set row)
@@ -76,6 +83,30 @@ def hidden_mse_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
         scale = _token_mean(teacher_hidden.float().pow(2).mean(-1), mask).detach()
         mse = mse / scale.clamp(min=1e-12)
     return mse
+
+
+def hidden_states_mse(student_states: Sequence[torch.Tensor], teacher_states: Sequence[torch.Tensor],
+                      layer_map: list[int], mask: torch.Tensor | None = None,
+                      projection: nn.Module | Sequence[nn.Module] | None = None,
+                      normalize: bool = False) -> torch.Tensor:
+    """Mean over i of `hidden_mse_loss`(h_s[i], h_t[layer_map[i]]) over real tokens (TinyBERT, Jiao et al. 2020).
+
+    States are one stack's `output_hidden_states` (index 0 = embeddings, i = after layer i). `mask`
+    [B, T] marks real tokens. `projection` maps student width to teacher width: one module for
+    every pair, or one per pair.
+    """
+    if len(layer_map) != len(student_states):
+        raise ValueError(f"hidden-state map has {len(layer_map)} entries for {len(student_states)} student states")
+    per_pair = projection if isinstance(projection, (list, tuple, nn.ModuleList)) else [projection] * len(layer_map)
+    terms = [hidden_mse_loss(student_states[i], teacher_states[j], mask, per_pair[i], normalize=normalize)
+             for i, j in enumerate(layer_map)]
+    return torch.stack(terms).mean()
+
+
+def layer_projections(layer_map: list[int], student_width: int, teacher_width: int, on: bool) -> nn.ModuleList:
+    """One learned student-to-teacher width map per matched pair, when the term is `on` and the widths differ."""
+    return nn.ModuleList([nn.Linear(student_width, teacher_width) for _ in layer_map]
+                         if on and student_width != teacher_width else [])
 
 
 def attention_mse_loss(student_attn: torch.Tensor, teacher_attn: torch.Tensor,
@@ -137,9 +168,7 @@ class DistillLoss(nn.Module):
                              f"(embeddings + each student layer), got {len(self.hidden_map)}")
         # The last layer of the student attends like the teacher's last layer (MiniLM).
         self.attention_map = [teacher_layers - 1] if cfg.attention_weight > 0 else []
-        self.projections = nn.ModuleList(
-            [nn.Linear(student_width, teacher_width) for _ in self.hidden_map]
-            if cfg.hidden_weight > 0 and student_width != teacher_width else [])
+        self.projections = layer_projections(self.hidden_map, student_width, teacher_width, cfg.hidden_weight > 0)
 
     @property
     def needs_hidden(self) -> bool:
@@ -176,11 +205,9 @@ class DistillLoss(nn.Module):
         parts = {}
         mask = student.attention_mask
         if self.needs_hidden:
-            terms = [hidden_mse_loss(student.hidden_states[i], teacher.hidden_states[j], mask,
-                                     self.projections[k] if len(self.projections) else None,
-                                     normalize=getattr(c, "normalize_hidden", False))
-                     for k, (i, j) in enumerate(enumerate(self.hidden_map))]
-            parts["hidden"] = c.hidden_weight * torch.stack(terms).mean()
+            parts["hidden"] = c.hidden_weight * hidden_states_mse(
+                student.hidden_states, teacher.hidden_states, self.hidden_map, mask, self.projections or None,
+                normalize=getattr(c, "normalize_hidden", False))
         if self.needs_attentions:
             parts["attention"] = c.attention_weight * attention_mse_loss(
                 student.attentions[-1], teacher.attentions[self.attention_map[0]], mask)

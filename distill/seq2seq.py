@@ -10,8 +10,9 @@ Students are the teacher's own class with fewer encoder and/or decoder layers. T
 
 Losses are pure functions of tensors: word-level KD (Kim & Rush 2016, "Sequence-Level Knowledge
 Distillation", with Hinton et al.'s 2015 temperature), token cross-entropy, and hidden-state MSE
-per stack; `Seq2SeqDistillLoss` mixes them. Padding is HF's ignore index -100 in
-`labels`, so every per-token mean is over target positions with a real label.
+per stack (distill/losses.py's terms); `Seq2SeqDistillLoss` mixes them from the model's `Signals`
+(distill/adapter.py `run_seq2seq`). Padding is HF's ignore index -100 in `labels`, so every
+per-token mean is over target positions with a real label.
 
 Layer tensors are found by name, not by architecture: the first `.block.N.` (T5), `.layers.N.`
 (BART family) or `.layer.N.` (BERT halves of `EncoderDecoderModel`) in a state-dict name is its
@@ -22,15 +23,15 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
+from kdlab.distill.adapter import Signals
 from kdlab.distill.config import ConfigError
-from kdlab.distill.losses import hidden_mse_loss, uniform_hidden_map
+from kdlab.distill.losses import hidden_states_mse, layer_projections, logit_kd_loss, uniform_hidden_map
 
 IGNORE_INDEX = -100  # transformers' label padding, skipped by every loss here
 SEQ2SEQ_INITS = ("teacher-layers", "random")
@@ -237,15 +238,10 @@ def word_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
                  temperature: float) -> torch.Tensor:
     """T^2 * KL(softmax(z_t / T) || softmax(z_s / T)), summed over the vocabulary, averaged over targets.
 
-    Word-level KD (Kim & Rush 2016) with Hinton et al.'s 2015 temperature. Logits are
-    [B, T, V]; positions whose label is -100 (padding) count neither in the sum nor the mean.
+    Word-level KD (Kim & Rush 2016) with Hinton et al.'s 2015 temperature: `logit_kd_loss` over
+    [B, T, V] logits; positions whose label is -100 (padding) count neither in the sum nor the mean.
     """
-    t = temperature
-    log_p_student = F.log_softmax(student_logits.float() / t, dim=-1)
-    log_p_teacher = F.log_softmax(teacher_logits.float() / t, dim=-1)
-    kl = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="none").sum(-1)
-    mask = _target_mask(labels)
-    return (kl * mask).sum() / mask.sum().clamp(min=1) * t * t
+    return logit_kd_loss(student_logits, teacher_logits, temperature, mask=labels != IGNORE_INDEX)
 
 
 def seq2seq_ce_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -255,32 +251,10 @@ def seq2seq_ce_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> torch
     return ce / _target_mask(labels).sum().clamp(min=1)
 
 
-def hidden_states_mse(student_states: Sequence[torch.Tensor], teacher_states: Sequence[torch.Tensor],
-                      layer_map: list[int], mask: torch.Tensor | None = None,
-                      projection: nn.Module | Sequence[nn.Module] | None = None) -> torch.Tensor:
-    """Mean over i of MSE(W h_s[i], h_t[layer_map[i]]) over real tokens (TinyBERT, Jiao et al. 2020, eq. 8).
-
-    States are one stack's `output_hidden_states` (index 0 = embeddings, i = after layer i). `mask`
-    [B, T] marks real tokens. `projection` maps student width to teacher width: one module for
-    every pair, or one per pair.
-    """
-    if len(layer_map) != len(student_states):
-        raise ValueError(f"hidden-state map has {len(layer_map)} entries for {len(student_states)} student states")
-    per_pair = projection if isinstance(projection, (list, tuple, nn.ModuleList)) else [projection] * len(layer_map)
-    terms = [hidden_mse_loss(student_states[i], teacher_states[j], mask, per_pair[i])
-             for i, j in enumerate(layer_map)]
-    return torch.stack(terms).mean()
-
-
-def uniform_state_map(num_student_layers: int, num_teacher_layers: int) -> list[int]:
-    """Student hidden state i (0 = embeddings) matches teacher state round(i * N / M), for i in 0..M."""
-    return uniform_hidden_map(num_student_layers, num_teacher_layers)
-
-
 class Seq2SeqDistillLoss(nn.Module):
     """alpha * word KD + (1 - alpha) * CE + hidden_weight * (encoder MSE + decoder MSE) / 2.
 
-    Hidden states are matched per stack with `uniform_state_map`. Holds the learned projections
+    Hidden states are matched per stack with `uniform_hidden_map`. Holds the learned projections
     (one per matched pair) when the student is narrower, so they train with the student.
     """
 
@@ -289,13 +263,10 @@ class Seq2SeqDistillLoss(nn.Module):
                  student_width: int, teacher_width: int):
         super().__init__()
         self.alpha, self.temperature, self.hidden_weight = alpha, temperature, hidden_weight
-        self.encoder_map = uniform_state_map(student_depths[0], teacher_depths[0])
-        self.decoder_map = uniform_state_map(student_depths[1], teacher_depths[1])
-        project = hidden_weight > 0 and student_width != teacher_width
-        self.encoder_projections = nn.ModuleList(
-            [nn.Linear(student_width, teacher_width) for _ in self.encoder_map] if project else [])
-        self.decoder_projections = nn.ModuleList(
-            [nn.Linear(student_width, teacher_width) for _ in self.decoder_map] if project else [])
+        self.encoder_map = uniform_hidden_map(student_depths[0], teacher_depths[0])
+        self.decoder_map = uniform_hidden_map(student_depths[1], teacher_depths[1])
+        self.encoder_projections = layer_projections(self.encoder_map, student_width, teacher_width, hidden_weight > 0)
+        self.decoder_projections = layer_projections(self.decoder_map, student_width, teacher_width, hidden_weight > 0)
 
     @property
     def needs_teacher(self) -> bool:
@@ -305,29 +276,26 @@ class Seq2SeqDistillLoss(nn.Module):
     def needs_hidden(self) -> bool:
         return self.hidden_weight > 0
 
-    def forward(self, student_out, teacher_out, labels: torch.Tensor,
-                encoder_mask: torch.Tensor | None = None,
-                decoder_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-        """`*_out` carry `logits`, `encoder_hidden_states`, `decoder_hidden_states` (HF `Seq2SeqLMOutput`).
+    def forward(self, student: Signals, teacher: Signals | None, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """`student`, `teacher`: `run_seq2seq`'s signals (decoder logits and states, encoder states, their masks).
 
-        `decoder_mask` defaults to `labels != -100`: decoder input t is the label t-1 shifted right,
+        The decoder's mask defaults to `labels != -100`: decoder input t is the label t-1 shifted right,
         so it is real exactly when label t is.
         """
-        if self.needs_teacher and teacher_out is None:
+        if self.needs_teacher and teacher is None:
             raise ValueError("Seq2SeqDistillLoss: alpha > 0 or hidden_weight > 0 needs the teacher's outputs")
         parts = {}
         if self.alpha > 0:
-            parts["word_kd"] = self.alpha * word_kd_loss(
-                student_out.logits, teacher_out.logits, labels, self.temperature)
+            parts["word_kd"] = self.alpha * word_kd_loss(student.logits, teacher.logits, labels, self.temperature)
         if self.alpha < 1:
-            parts["ce"] = (1 - self.alpha) * seq2seq_ce_loss(student_out.logits, labels)
+            parts["ce"] = (1 - self.alpha) * seq2seq_ce_loss(student.logits, labels)
         if self.needs_hidden:
-            if student_out.encoder_hidden_states is None or teacher_out.encoder_hidden_states is None:
+            if student.encoder_hidden_states is None or teacher.encoder_hidden_states is None:
                 raise ValueError("Seq2SeqDistillLoss: hidden_weight > 0 needs outputs from output_hidden_states=True")
-            decoder_mask = decoder_mask if decoder_mask is not None else labels != IGNORE_INDEX
-            enc = hidden_states_mse(student_out.encoder_hidden_states, teacher_out.encoder_hidden_states,
-                                    self.encoder_map, encoder_mask, self.encoder_projections or None)
-            dec = hidden_states_mse(student_out.decoder_hidden_states, teacher_out.decoder_hidden_states,
+            decoder_mask = student.attention_mask if student.attention_mask is not None else labels != IGNORE_INDEX
+            enc = hidden_states_mse(student.encoder_hidden_states, teacher.encoder_hidden_states,
+                                    self.encoder_map, student.encoder_mask, self.encoder_projections or None)
+            dec = hidden_states_mse(student.hidden_states, teacher.hidden_states,
                                     self.decoder_map, decoder_mask, self.decoder_projections or None)
             parts["hidden"] = self.hidden_weight * (enc + dec) / 2
         loss = sum(parts.values())

@@ -48,7 +48,8 @@ from kdlab.search.targets import GateRow  # noqa: E402
 from kdlab.search.timing import measure_candidates, target_profile  # noqa: E402
 from kdlab.train.seq2seq import (ensure_seq2seq_teacher, generate_texts, generation_kwargs, prepare,  # noqa: E402
                                  resolve_source, run, score, warm_start)
-from kdlab.train.seq2seq_data import make_seq2seq_loader  # noqa: E402
+from kdlab.train.data import make_loader  # noqa: E402
+from kdlab.train.seq2seq_data import pad_pairs  # noqa: E402
 
 CONFIG = "configs/multi30k_t5.yaml"
 TRAININGS = {
@@ -170,7 +171,8 @@ def main(argv=None) -> int:
                    "train_seconds": summary["train_seconds"], "best_step": summary["best_step"],
                    "checkpoint": summary["checkpoint"]}
             model = AutoModelForSeq2SeqLM.from_pretrained(summary["checkpoint"]).to(accelerator.device)
-            loader = make_seq2seq_loader(prep.eval_ds, prep.tokenizer, cfg.train.eval_batch_size, shuffle=False)
+            loader = make_loader(prep.eval_ds, prep.tokenizer, cfg.train.eval_batch_size, shuffle=False,
+                                 collator=pad_pairs)
             texts, _ = generate_texts(model, loader, prep.tokenizer, generation_kwargs(cfg))
             metrics = score(texts, list(prep.data.eval["target"]), prep.lowercase)
             row.update(bleu=metrics["bleu"], chrf=metrics["chrf"],

@@ -20,7 +20,8 @@ from kdlab.distill.quantize import apply_recipe
 from kdlab.eval.paths import portable_path
 from kdlab.search.capacity import capacity_card, measure_latencies, p50_p95
 from kdlab.search.card import card_metadata
-from kdlab.search.export import Choice, front_position, teacher_reference, training_data_of, write_export
+from kdlab.search.export import (Choice, front_position, summary_tail, teacher_reference, training_data_of,
+                                 write_export)
 from kdlab.search.classification_gate import dev_quality
 from kdlab.train.data import load_test_split, make_loader, tokenize
 from kdlab.train.model_dir import check_model_dir, prepare_model
@@ -226,10 +227,6 @@ def training_data_lines(data: dict | None, kind: str, labelled_rows: int | None,
 
 def classifier_summary_line(manifest: dict, dest: Path) -> str:
     p, lat = manifest["parity"], manifest["latency"][0]
-    reg = manifest.get("mlflow")
     return (f"exported {manifest['choice']['label']} ({manifest['served']['recipe']}) to {dest}: quality "
             f"{manifest['measured']['quality']:.4f}, p95 {lat['p95_ms']:.2f} ms at batch {lat['batch_size']}, "
-            f"{manifest['measured']['size_mb']:.1f} MB, parity {p['label_agreement']:.2%}"
-            + (f"; held-out test {manifest['test']['metric']} {manifest['test']['quality']:.4f}"
-               if manifest.get("test") else "")
-            + (f"; registered models:/{reg['model_name']}@{reg['alias']} (version {reg['version']})" if reg else ""))
+            f"{manifest['measured']['size_mb']:.1f} MB, parity {p['label_agreement']:.2%}" + summary_tail(manifest, 4))

@@ -364,3 +364,10 @@ def front_position(cfg: Config, choice: Choice) -> str | None:
 def summary_line(manifest: dict, dest: Path) -> str:
     """One line on a finished export, in the terms of its task."""
     return load_task(manifest["task"]["type"]).export_summary(manifest, dest)
+
+
+def summary_tail(manifest: dict, decimals: int) -> str:
+    """What every task's summary line ends with: the held-out test score (at `decimals`) and the registered model."""
+    test, reg = manifest.get("test"), manifest.get("mlflow")
+    return ((f"; held-out test {test['metric']} {test['quality']:.{decimals}f}" if test else "")
+            + (f"; registered models:/{reg['model_name']}@{reg['alias']} (version {reg['version']})" if reg else ""))

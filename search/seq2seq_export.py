@@ -24,13 +24,14 @@ from kdlab.distill.quantize import SEQ2SEQ_ONNX_REASON
 from kdlab.eval.paths import portable_path
 from kdlab.search.capacity import capacity_card
 from kdlab.search.card import card_metadata
-from kdlab.search.export import write_export
+from kdlab.search.export import summary_tail, write_export
 from kdlab.search.seq2seq_gate import generation_batches
 from kdlab.search.targets import GateRow
 from kdlab.search.timing import measure_candidates, target_profile
 from kdlab.train.model_dir import check_model_dir, prepare_model
 from kdlab.train.seq2seq import decoder_start_id, generate_texts, generation_kwargs, load_seq2seq, prepare, score
-from kdlab.train.seq2seq_data import load_seq2seq_test, make_seq2seq_loader, tokenize_pairs
+from kdlab.train.data import make_loader
+from kdlab.train.seq2seq_data import load_seq2seq_test, pad_pairs, tokenize_pairs
 
 
 def run_seq2seq_export(cfg: Config, choice, dest: Path, console=None) -> dict:
@@ -69,7 +70,7 @@ class Seq2SeqExport:
 
     def check(self, served, model, threads: int, manifest: dict, say) -> dict:
         cfg, prep, gen = self.cfg, self.prep, self.gen
-        loader = make_seq2seq_loader(prep.eval_ds, prep.tokenizer, cfg.train.eval_batch_size, shuffle=False)
+        loader = make_loader(prep.eval_ds, prep.tokenizer, cfg.train.eval_batch_size, shuffle=False, collator=pad_pairs)
         references = list(prep.data.eval["target"])
         served_texts, _ = generate_texts(served.artefact.module, loader, prep.tokenizer, gen)
         fp32_texts, _ = generate_texts(model, loader, prep.tokenizer, gen)
@@ -88,9 +89,9 @@ class Seq2SeqExport:
                               f"{cfg.export.max_quality_drop:g}; nothing exported")
         test = self.test
         if test is not None:  # scored once, here, for the exported model only, on its served artefact
-            test_loader = make_seq2seq_loader(
+            test_loader = make_loader(
                 tokenize_pairs(test, prep.tokenizer, cfg.data, decoder_start_id(model.config, prep.tokenizer)),
-                prep.tokenizer, cfg.train.eval_batch_size, shuffle=False)
+                prep.tokenizer, cfg.train.eval_batch_size, shuffle=False, collator=pad_pairs)
             test_texts, _ = generate_texts(served.artefact.module, test_loader, prep.tokenizer, gen)
             manifest["test"] = {"source": portable_path(cfg.data.test_file) if cfg.data.test_file
                                 else f"{cfg.data.dataset}[{cfg.data.test_split}]", "rows": len(test),
@@ -173,10 +174,8 @@ def seq2seq_card(m: dict) -> str:
 
 
 def seq2seq_summary_line(manifest: dict, dest: Path) -> str:
-    p, lat, reg = manifest["parity"], manifest["latency"][0], manifest.get("mlflow")
+    p, lat = manifest["parity"], manifest["latency"][0]
     return (f"exported {manifest['choice']['label']} ({manifest['served']['recipe']}) to {dest}: "
             f"{manifest['task']['metric']} {p['served_quality']:.2f}, p95 {lat['p95_ms']:.1f} ms per generate at batch "
             f"{lat['batch_size']}, {manifest['measured']['size_mb']:.1f} MB, {p['identical_outputs']:.1%} outputs as fp32"
-            + (f"; held-out test {manifest['test']['metric']} {manifest['test']['quality']:.2f}"
-               if manifest.get("test") else "")
-            + (f"; registered models:/{reg['model_name']}@{reg['alias']} (version {reg['version']})" if reg else ""))
+            + summary_tail(manifest, 2))

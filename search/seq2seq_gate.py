@@ -16,7 +16,8 @@ from kdlab.search.gate import build_rows
 from kdlab.search.targets import GateRow
 from kdlab.search.timing import measure_candidates, target_profile, timing_batches
 from kdlab.train.seq2seq import Prepared, generate_texts, generation_kwargs, score
-from kdlab.train.seq2seq_data import make_seq2seq_loader
+from kdlab.train.data import make_loader
+from kdlab.train.seq2seq_data import pad_pairs
 
 
 def generation_batches(prep: Prepared, batch_size: int, seed: int = 0) -> tuple[list, dict]:
@@ -31,7 +32,7 @@ def generation_batches(prep: Prepared, batch_size: int, seed: int = 0) -> tuple[
 def build_generators(teacher, recipes: list[str], *, prep: Prepared, cfg: Config, example_batch: dict, threads: int,
                      reference_only: tuple = ()) -> list[tuple[GateRow, object]]:
     """A generator under each recipe, scored by task.metric of its own outputs on the whole dev set (build_rows)."""
-    loader = make_seq2seq_loader(prep.eval_ds, prep.tokenizer, cfg.train.eval_batch_size, shuffle=False)
+    loader = make_loader(prep.eval_ds, prep.tokenizer, cfg.train.eval_batch_size, shuffle=False, collator=pad_pairs)
     references = list(prep.data.eval["target"])
     gen = generation_kwargs(cfg)
 

@@ -23,7 +23,8 @@ from kdlab.search.targets import Targets
 from kdlab.search.timing import target_profile
 from kdlab.train.seq2seq import (configure_generation, ensure_seq2seq_teacher, evaluate_seq2seq, generate_texts,
                            generation_kwargs, load_seq2seq, make_seq2seq_loss, prepare, score)
-from kdlab.train.seq2seq_data import make_seq2seq_loader
+from kdlab.train.data import make_loader
+from kdlab.train.seq2seq_data import pad_pairs
 
 
 @dataclass(frozen=True)
@@ -104,8 +105,8 @@ def setup(cfg: Config, accelerator, space: Seq2SeqSpace, console, tracking, thre
     teacher = teacher.to(accelerator.device).eval()
     batches, lengths = generation_batches(prep, cfg.target.batch_size, seed=cfg.train.seed)
     profile = target_profile(cfg.target, threads, lengths["seq_len_median"])
-    eval_loader = accelerator.prepare(make_seq2seq_loader(prep.eval_ds, prep.tokenizer, cfg.train.eval_batch_size,
-                                                          shuffle=False))
+    eval_loader = accelerator.prepare(make_loader(prep.eval_ds, prep.tokenizer, cfg.train.eval_batch_size,
+                                                  shuffle=False, collator=pad_pairs))
     # Untrained students stop at random lengths; screen them at the trained teacher's mean output length.
     parts = GeneratorTrial(max(1, round(teacher_dev.get("gen_tokens_mean") or cfg.generation.max_new_tokens)))
     ctx = Context(cfg, accelerator, prep, teacher, space, Targets(), profile, batches, [batches[0]], eval_loader,
@@ -146,8 +147,8 @@ class GeneratorTrial:
     def training(self, trial_cfg: Config, ctx: Context, student) -> Training:
         student.to(ctx.accelerator.device)
         compute_loss, loss_mod = make_seq2seq_loss(trial_cfg, ctx.teacher, student)
-        loader = make_seq2seq_loader(ctx.prep.train_ds, ctx.prep.tokenizer, trial_cfg.train.batch_size, shuffle=True,
-                                     seed=trial_cfg.train.seed)
+        loader = make_loader(ctx.prep.train_ds, ctx.prep.tokenizer, trial_cfg.train.batch_size, shuffle=True,
+                             seed=trial_cfg.train.seed, collator=pad_pairs)
         references = list(ctx.prep.data.eval["target"])
         return Training(compute_loss, [loss_mod], loader,
                         lambda model: evaluate_seq2seq(model, ctx.eval_loader, ctx.prep.tokenizer, references, ctx.cfg,
@@ -158,7 +159,7 @@ class GeneratorTrial:
         return load_seq2seq(str(trial_dir), ctx.cfg, ctx.prep.tokenizer).eval()
 
     def quality(self, served, trained, candidate, ctx: Context) -> tuple[float, None]:
-        loader = make_seq2seq_loader(ctx.prep.eval_ds, ctx.prep.tokenizer, ctx.cfg.train.eval_batch_size,
-                                     shuffle=False)
+        loader = make_loader(ctx.prep.eval_ds, ctx.prep.tokenizer, ctx.cfg.train.eval_batch_size, shuffle=False,
+                             collator=pad_pairs)
         texts, _ = generate_texts(served.module, loader, ctx.prep.tokenizer, generation_kwargs(ctx.cfg))
         return score(texts, list(ctx.prep.data.eval["target"]), ctx.prep.lowercase)[ctx.cfg.task.metric], None

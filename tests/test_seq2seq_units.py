@@ -2,7 +2,6 @@
 hand-computed values and identities."""
 import json
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,10 +10,11 @@ from transformers import (AutoModelForSeq2SeqLM, BartConfig, BartForConditionalG
                           EncoderDecoderConfig, EncoderDecoderModel, MarianConfig, MBartConfig, MT5Config,
                           PegasusConfig, T5Config, T5ForConditionalGeneration)
 
+from kdlab.distill.adapter import Signals
 from kdlab.distill.config import ConfigError
-from kdlab.distill.seq2seq import (Seq2SeqDistillLoss, build_seq2seq_student, hidden_states_mse, layer_depths,
-                             seq2seq_ce_loss, spread_layer_map, student_seq2seq_config, uniform_state_map,
-                             word_kd_loss)
+from kdlab.distill.losses import hidden_states_mse, uniform_hidden_map
+from kdlab.distill.seq2seq import (Seq2SeqDistillLoss, build_seq2seq_student, layer_depths, seq2seq_ce_loss,
+                                   spread_layer_map, student_seq2seq_config, word_kd_loss)
 from kdlab.eval.metrics import GENERATION_METRICS, generation_metrics
 
 # --- Losses --------------------------------------------------------------------------------------
@@ -90,14 +90,14 @@ def test_hidden_mse_hand_value_over_mapped_pairs_and_real_tokens():
     assert hidden_states_mse(student, teacher, [0, 2], mask, [None, doubling]).item() == pytest.approx(4.5)
 
 
-def test_uniform_state_map_includes_embeddings_and_last_layer():
-    assert uniform_state_map(3, 6) == [0, 2, 4, 6]
-    assert uniform_state_map(2, 6) == [0, 3, 6]
-    assert uniform_state_map(4, 4) == [0, 1, 2, 3, 4]
+def test_uniform_hidden_map_includes_embeddings_and_last_layer():
+    assert uniform_hidden_map(3, 6) == [0, 2, 4, 6]
+    assert uniform_hidden_map(2, 6) == [0, 3, 6]
+    assert uniform_hidden_map(4, 4) == [0, 1, 2, 3, 4]
 
 
-def _out(logits, enc, dec):
-    return SimpleNamespace(logits=logits, encoder_hidden_states=enc, decoder_hidden_states=dec)
+def _out(logits, enc, dec, enc_mask=None):
+    return Signals(logits=logits, hidden_states=dec, encoder_hidden_states=enc, encoder_mask=enc_mask)
 
 
 def test_distill_loss_mixes_terms_by_their_weights():
@@ -121,7 +121,7 @@ def test_distill_loss_hidden_term_averages_stacks_and_masks_decoder_padding_by_l
     enc_mask = torch.tensor([[1, 1]])
     # encoder over both tokens, map [0, 2]: pair 0 (1 + 81) / 2 = 41, pair 1 (2 + (144 + 4) / 2) / 2 = 38
     enc = (41 + 38) / 2
-    _, parts = loss_fn(_out(logits, s_states, s_states), _out(logits, t_states, t_states), labels, enc_mask)
+    _, parts = loss_fn(_out(logits, s_states, s_states, enc_mask), _out(logits, t_states, t_states), labels)
     assert parts["hidden"] == pytest.approx(0.5 * (enc + 1.5) / 2)   # decoder: the hand value above
 
 

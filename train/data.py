@@ -166,12 +166,15 @@ def tokenize(ds: datasets.Dataset, tokenizer, cfg: DataConfig, label_names: list
                   desc="tokenizing")
 
 
-def make_loader(ds: datasets.Dataset, tokenizer, batch_size: int, shuffle: bool, seed: int = 42) -> DataLoader:
-    columns = [c for c in MODEL_COLUMNS if c in ds.column_names]
-    ds = ds.with_format("torch", columns=columns)
+def make_loader(ds: datasets.Dataset, tokenizer, batch_size: int, shuffle: bool, seed: int = 42,
+                collator=DataCollatorWithPadding) -> DataLoader:
+    """Batches of `ds`'s model columns, shuffled by `seed` or in order, padded per batch by `collator(tokenizer)`:
+    DataCollatorWithPadding pads the inputs (a label per row); seq2seq passes DataCollatorForSeq2Seq, which also
+    pads each target's labels with -100."""
+    ds = ds.select_columns([c for c in MODEL_COLUMNS if c in ds.column_names])
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      collate_fn=DataCollatorWithPadding(tokenizer, return_tensors="pt"))
+                      collate_fn=collator(tokenizer, return_tensors="pt"))
 
 
 def load_test_split(cfg: DataConfig, data: TaskData) -> datasets.Dataset | None:

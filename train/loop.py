@@ -195,6 +195,16 @@ def atomic_dir(path: Path):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def checkpoint_saver(out: Path, tokenizer) -> Callable:
+    """`fit`'s save_best for a model folder: the model and its tokenizer swapped into `out` as a whole (atomic_dir),
+    so a kill mid-save never leaves a half-written best checkpoint."""
+    def save_best(model):
+        with atomic_dir(out) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    return save_best
+
+
 PAUSE_AFTER_STEP_ENV = "KDLAB_PAUSE_AFTER_STEP"
 PAUSE_FILE_ENV = "KDLAB_PAUSE_FILE"
 

@@ -34,7 +34,6 @@ class ModelDir:
     of the run that wrote it (None for a model trained elsewhere)."""
     path: Path
     config: object
-    seq2seq: bool
     summary: dict | None
 
     @property
@@ -64,7 +63,6 @@ def check_model_dir(cfg: Config, model_dir: str | Path) -> ModelDir:
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"--model: cannot read {path / 'config.json'} ({first}); {valid_model_folder(cfg)}") from None
-    seq2seq = bool(getattr(config, "is_encoder_decoder", False))
     task_of(cfg).check_model_folder(cfg, path, config)
     if not any(path.glob("*.safetensors")):
         raise ConfigError(f"--model: {path} has no safetensors weights; kdlab reads safetensors "
@@ -79,7 +77,7 @@ def check_model_dir(cfg: Config, model_dir: str | Path) -> ModelDir:
         except ValueError:
             raise ConfigError(f"--model: {path / SUMMARY} is not valid JSON (train/distill.py writes it whole; "
                               f"was it edited?)") from None
-    return ModelDir(path, config, seq2seq, summary)
+    return ModelDir(path, config, summary)
 
 
 def model_kind(config) -> tuple[str, list[str]]:

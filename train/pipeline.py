@@ -23,7 +23,7 @@ from kdlab.distill.config import Config, ConfigError, save_config
 from kdlab.distill.losses import DistillLoss
 from kdlab.distill.students import build_student, count_params, same_vocabulary, student_config
 from kdlab.train.data import TaskData, load_splits, load_task_data, make_loader, subset_seed, tokenize
-from kdlab.train.loop import atomic_dir, evaluate_classifier, fit
+from kdlab.train.loop import checkpoint_saver, evaluate_classifier, fit
 from kdlab.train.soft_labels import LabelReport, teacher_soft_labels
 from kdlab.train.teacher import (TOKENIZER_FILES, ensure_teacher, load_teacher_config, load_tokenizer, resolve_source,
                                  weights_digest)
@@ -383,11 +383,6 @@ def _run(cfg: Config, accelerator: Accelerator, prep: Prepared) -> dict:
     train_loader = make_loader(prep.student_train_ds, tokenizer, cfg.train.batch_size, shuffle=True,
                                seed=cfg.train.seed)
 
-    def save_best(model):
-        with atomic_dir(out) as tmp:  # a kill mid-save never leaves a half-written best checkpoint
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-
     tags = {"kdlab.teacher_source": cfg.teacher.source, "kdlab.student_init": cfg.student.init,
             "kdlab.student_family": cfg.student.pretrained or "teacher", "kdlab.hard_label_control": hard_only}
     training_data = prep.training_data(cfg, label_report)
@@ -408,8 +403,9 @@ def _run(cfg: Config, accelerator: Accelerator, prep: Prepared) -> dict:
                           + ", ".join(f"{k} {v:.3g}" for k, v in norms.items()))
         tracker.log_metrics({f"grad_norm_start/{k}": v for k, v in norms.items()})
         result = fit(accelerator, student, train_loader, cfg=cfg.train, compute_loss=compute_loss,
-                     evaluate=lambda m: evaluate_classifier(m, eval_loader, accelerator), save_best=save_best,
-                     out_dir=run_dir / "student_run", tracker=tracker, metric=cfg.task.metric,
+                     evaluate=lambda m: evaluate_classifier(m, eval_loader, accelerator),
+                     save_best=checkpoint_saver(out, tokenizer), out_dir=run_dir / "student_run", tracker=tracker,
+                     metric=cfg.task.metric,
                      extra_modules=[loss_mod], desc="distill")
         summary = {
             "name": cfg.name, "teacher_source": cfg.teacher.source, "teacher_dev": teacher_dev,

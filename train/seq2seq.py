@@ -12,7 +12,6 @@ outputs, generated once per (teacher, data, decoding settings) and cached in run
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import os
@@ -22,21 +21,21 @@ import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from transformers import AutoModelForSeq2SeqLM, EncoderDecoderModel
 
+from kdlab.distill.adapter import run_seq2seq
 from kdlab.distill.config import Config, ConfigError
 from kdlab.distill.seq2seq import Seq2SeqDistillLoss, build_seq2seq_student, layer_depths
 from kdlab.distill.students import count_params
 from kdlab.eval.metrics import generation_metrics
-from kdlab.train.accel import training_accelerator
-from kdlab.train.loop import atomic_dir, fit, remove_states
+from kdlab.train.data import make_loader
+from kdlab.train.loop import checkpoint_saver, fit
 from kdlab.train.pipeline import check_launch, close_run, in_run_folder
-from kdlab.train.seq2seq_data import (Seq2SeqData, check_tokenizer, end_token_id, load_seq2seq_data, make_seq2seq_loader,
-                                tokenize_pairs)
-from kdlab.train.teacher import (MARKER, check_weights, data_digest, fine_tuned_record, load_teacher_config, load_tokenizer,
-                           resolve_source, teacher_key, weights_digest)
+from kdlab.train.seq2seq_data import (Seq2SeqData, check_tokenizer, end_token_id, load_seq2seq_data, pad_pairs,
+                                      tokenize_pairs)
+from kdlab.train.teacher import (TeacherParts, check_weights, data_digest, ensure_task_teacher, load_teacher_config,
+                                 load_tokenizer, load_weights, weights_digest)
 from kdlab.train.tracking import mlflow_run
 
 ENCODER_INPUTS = ("input_ids", "attention_mask")
@@ -176,15 +175,9 @@ def configure_generation(model, tokenizer) -> None:
 
 
 def load_seq2seq(source: str, cfg: Config, tokenizer):
-    """An `AutoModelForSeq2SeqLM` from a folder or Hub id, safetensors only unless teacher.allow_pickle."""
-    safetensors = check_weights(source, cfg)
-    try:
-        model = AutoModelForSeq2SeqLM.from_pretrained(source, use_safetensors=safetensors,
-                                                      trust_remote_code=cfg.teacher.trust_remote_code)
-    except (OSError, SafetensorError) as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"teacher.source: cannot load the weights of '{cfg.teacher.source}' ({first}); kdlab reads "
-                          f"safetensors (teacher.allow_pickle=true admits pickle weights you trust)") from None
+    """An `AutoModelForSeq2SeqLM` from a folder or Hub id (`load_weights`: safetensors only unless
+    teacher.allow_pickle), its start, end and pad tokens set."""
+    model = load_weights(AutoModelForSeq2SeqLM, source, cfg)
     configure_generation(model, tokenizer)
     return model
 
@@ -204,68 +197,19 @@ def warm_start(source: str, cfg: Config, tokenizer):
 
 
 def ensure_seq2seq_teacher(cfg: Config, accelerator: Accelerator | None, prep: Prepared):
-    """The task-ready teacher and its dev metrics; fine-tuned once when warm-started or asked to.
-
-    `accelerator` None (measurement, export): a training accelerator is built only if the teacher must be
-    fine-tuned (train/accel.py); otherwise the teacher stays on the CPU of this process.
-    """
-    out = cfg.run_dir / "teacher"
-    key = teacher_key(cfg, prep.data)
-    eval_loader = make_seq2seq_loader(prep.eval_ds, prep.tokenizer, cfg.train.eval_batch_size, shuffle=False)
+    """The task-ready encoder-decoder and its dev metrics (`ensure_task_teacher`); under teacher.fine_tune=auto it
+    is fine-tuned only when warm-started from an encoder (teacher.encoder_decoder), a seq2seq checkpoint is used as
+    it is. Every process scores every dev row (generate_texts gathers them by row)."""
     references = list(prep.data.eval["target"])
-    record = fine_tuned_record(cfg, prep.data)
-    say = accelerator.print if accelerator is not None else print
-    if record is not None:
-        say(f"teacher: reusing fine-tuned checkpoint {out} (key {key})")
-        return load_seq2seq(str(out), cfg, prep.tokenizer), record["dev"]
-    source = resolve_source(cfg.teacher.source)
-    if cfg.teacher.encoder_decoder:
-        teacher = warm_start(source, cfg, prep.tokenizer)
-    else:
-        teacher = load_seq2seq(source, cfg, prep.tokenizer)
-    mode = cfg.teacher.fine_tune
-    if mode == "never" or (mode == "auto" and not cfg.teacher.encoder_decoder):
-        why = "teacher.fine_tune=never" if mode == "never" else "it is a seq2seq checkpoint (teacher.fine_tune=auto)"
-        say(f"teacher: using {cfg.teacher.source} as it is ({why})")
-        if accelerator is not None:
-            teacher.to(accelerator.device)
-        return teacher, evaluate_seq2seq(teacher, eval_loader, prep.tokenizer, references, cfg, prep.lowercase)
-
-    if accelerator is None:
-        accelerator = training_accelerator(cfg)
-    train_cfg = dataclasses.replace(cfg.train, num_epochs=cfg.teacher.num_epochs, max_steps=None,
-                                    learning_rate=cfg.teacher.learning_rate, resume_from=None,
-                                    early_stopping_patience=None)
-    train_loader = make_seq2seq_loader(prep.train_ds, prep.tokenizer, cfg.train.batch_size, shuffle=True,
-                                       seed=cfg.train.seed)
-
-    def ce_loss(model, batch):
-        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
-        return loss, {}
-
-    def save_best(model):
-        with atomic_dir(out) as tmp:
-            model.save_pretrained(tmp)
-            prep.tokenizer.save_pretrained(tmp)
-
-    with mlflow_run(cfg, "teacher-finetune", accelerator.is_main_process,
-                    tags={"kdlab.teacher_source": cfg.teacher.source}) as tracker:
-        result = fit(accelerator, teacher, train_loader, cfg=train_cfg, compute_loss=ce_loss,
-                     evaluate=lambda m: evaluate_seq2seq(m, eval_loader, prep.tokenizer, references, cfg,
-                                                         prep.lowercase, accelerator),
-                     save_best=save_best, out_dir=cfg.run_dir / "teacher_run", tracker=tracker,
-                     metric=cfg.task.metric, desc="teacher")
-        best = load_seq2seq(str(out), cfg, prep.tokenizer).to(accelerator.device)
-        dev = evaluate_seq2seq(best, eval_loader, prep.tokenizer, references, cfg, prep.lowercase)
-        tracker.log_metrics({f"teacher/best_dev_{k}": v for k, v in dev.items()})
-        tracker.set_tags({"kdlab.checkpoint": str(out)})
-    if accelerator.is_main_process:
-        remove_states(cfg.run_dir / "teacher_run")
-        (out / MARKER).write_text(json.dumps({"key": key, "source": cfg.teacher.source, "dev": dev,
-                                              "train_seconds": result.train_seconds, "steps": result.steps},
-                                             indent=2))
-    accelerator.wait_for_everyone()
-    return best, dev
+    warm = cfg.teacher.encoder_decoder
+    return ensure_task_teacher(cfg, accelerator, TeacherParts(
+        prep.data, prep.tokenizer, prep.train_ds, prep.eval_ds,
+        load=lambda folder: load_seq2seq(folder, cfg, prep.tokenizer),
+        start=(lambda source: warm_start(source, cfg, prep.tokenizer)) if warm else None,
+        ready=lambda source: None if warm else "it is a seq2seq checkpoint (teacher.fine_tune=auto)",
+        evaluate=lambda model, loader, acc: evaluate_seq2seq(model, loader, prep.tokenizer, references, cfg,
+                                                             prep.lowercase, acc),
+        collator=pad_pairs, shard_eval=False))
 
 
 # ---------------------------------------------------------------- sequence-level KD
@@ -287,7 +231,7 @@ def seq_kd_targets(teacher, prep: Prepared, cfg: Config, accelerator: Accelerato
         if len(targets) == len(prep.data.train):
             accelerator.print(f"sequence-level KD: reusing {len(targets)} teacher outputs from {path}")
             return targets
-    loader = make_seq2seq_loader(prep.train_ds, prep.tokenizer, cfg.train.eval_batch_size, shuffle=False)
+    loader = make_loader(prep.train_ds, prep.tokenizer, cfg.train.eval_batch_size, shuffle=False, collator=pad_pairs)
     if accelerator.num_processes > 1:
         loader = accelerator.prepare(loader)
     texts, _ = generate_texts(teacher, loader, prep.tokenizer, generation_kwargs(cfg, cfg.distill.seq_kd_num_beams),
@@ -338,17 +282,15 @@ def make_seq2seq_loss(cfg: Config, teacher, student):
                                   student_width=width_of(student.config), teacher_width=width_of(teacher.config))
 
     def compute_loss(model, batch):
-        labels = batch["labels"]
         net = model.module if hasattr(model, "module") else model
-        decoder_input_ids = net.prepare_decoder_input_ids_from_labels(labels=labels)
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                  "decoder_input_ids": decoder_input_ids, "output_hidden_states": loss_mod.needs_hidden}
-        s = model(**inputs)
+        # The student's shift feeds both models, so the teacher is read at exactly the student's positions.
+        decoder_input_ids = net.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+        s = run_seq2seq(model, batch, decoder_input_ids, hidden=loss_mod.needs_hidden)
         t = None
         if loss_mod.needs_teacher:
             with torch.no_grad():
-                t = teacher(**inputs)
-        return loss_mod(s, t, labels, batch["attention_mask"], labels != -100)
+                t = run_seq2seq(teacher, batch, decoder_input_ids, hidden=loss_mod.needs_hidden)
+        return loss_mod(s, t, batch["labels"])
 
     return compute_loss, loss_mod
 
@@ -380,16 +322,11 @@ def _run(cfg: Config, accelerator: Accelerator, prep: Prepared) -> dict:
         teacher.to("cpu")  # references or teacher outputs alone: the teacher is not called while training
 
     out = run_dir / "student"
-    eval_loader = accelerator.prepare(make_seq2seq_loader(prep.eval_ds, prep.tokenizer, cfg.train.eval_batch_size,
-                                                          shuffle=False))
-    train_loader = make_seq2seq_loader(train_ds, prep.tokenizer, cfg.train.batch_size, shuffle=True,
-                                       seed=cfg.train.seed)
+    eval_loader = accelerator.prepare(make_loader(prep.eval_ds, prep.tokenizer, cfg.train.eval_batch_size,
+                                                  shuffle=False, collator=pad_pairs))
+    train_loader = make_loader(train_ds, prep.tokenizer, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
+                               collator=pad_pairs)
     references = list(prep.data.eval["target"])
-
-    def save_best(model):
-        with atomic_dir(out) as tmp:
-            model.save_pretrained(tmp)
-            prep.tokenizer.save_pretrained(tmp)
 
     training = "seq-kd" if cfg.distill.seq_kd != "none" else ("word-kd" if cfg.distill.alpha > 0 else "references")
     tags = {"kdlab.teacher_source": cfg.teacher.source, "kdlab.task": "seq2seq", "kdlab.training": training}
@@ -399,8 +336,8 @@ def _run(cfg: Config, accelerator: Accelerator, prep: Prepared) -> dict:
         result = fit(accelerator, student, train_loader, cfg=cfg.train, compute_loss=compute_loss,
                      evaluate=lambda m: evaluate_seq2seq(m, eval_loader, prep.tokenizer, references, cfg,
                                                          prep.lowercase, accelerator),
-                     save_best=save_best, out_dir=run_dir / "student_run", tracker=tracker, metric=cfg.task.metric,
-                     extra_modules=[loss_mod], desc="distill")
+                     save_best=checkpoint_saver(out, prep.tokenizer), out_dir=run_dir / "student_run", tracker=tracker,
+                     metric=cfg.task.metric, extra_modules=[loss_mod], desc="distill")
         enc, dec = layer_depths(student.config)
         summary = {
             "name": cfg.name, "task": "seq2seq", "teacher_source": cfg.teacher.source, "teacher_dev": teacher_dev,

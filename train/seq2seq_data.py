@@ -16,25 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
-import torch
-from torch.utils.data import DataLoader
 from transformers import DataCollatorForSeq2Seq
 
 from kdlab.distill.config import ConfigError, DataConfig
 from kdlab.train.data import FORMATS, load_file, load_splits, subsample
-
-MODEL_COLUMNS = ("input_ids", "attention_mask", "labels", "idx")
 
 
 @dataclass
 class Seq2SeqData:
     train: datasets.Dataset  # columns: source, target
     eval: datasets.Dataset
-    label_names: tuple = ()  # none: keeps the classification helpers (teacher key, reports) working
-
-    @property
-    def num_labels(self) -> int:
-        return 0
+    label_names: tuple = ()  # none: the teacher key (train/teacher.py) hashes them
 
 
 def _read_lines(path: str, key: str) -> list[str]:
@@ -168,8 +160,8 @@ def tokenize_pairs(ds: datasets.Dataset, tokenizer, cfg: DataConfig, decoder_sta
     return ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names, desc="tokenizing")
 
 
-def make_seq2seq_loader(ds: datasets.Dataset, tokenizer, batch_size: int, shuffle: bool, seed: int = 42) -> DataLoader:
-    ds = ds.select_columns([c for c in MODEL_COLUMNS if c in ds.column_names])
-    generator = torch.Generator().manual_seed(seed)
-    collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt")
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate)
+def pad_pairs(tokenizer, return_tensors: str = "pt") -> DataCollatorForSeq2Seq:
+    """`make_loader`'s collator for tokenized pairs: inputs padded as the tokenizer pads, each target's labels
+    with -100 (ignored by every loss)."""
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors=return_tensors)
+

@@ -12,17 +12,19 @@ import hashlib
 import importlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from accelerate import Accelerator
 from safetensors import SafetensorError
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
+from kdlab.distill.adapter import model_inputs
 from kdlab.distill.config import Config, ConfigError
 from kdlab.train.accel import training_accelerator
 from kdlab.train.data import TaskData, make_loader
-from kdlab.train.loop import atomic_dir, evaluate_classifier, fit, remove_states
+from kdlab.train.loop import checkpoint_saver, evaluate_classifier, fit, remove_states
 from kdlab.train.tracking import mlflow_run
 
 # name -> (pip package exposing get_model_path(), Hub id used when the package is absent)
@@ -116,14 +118,6 @@ def load_tokenizer(cfg: Config):
                           ) from None
 
 
-def needs_fine_tuning(model_config, num_labels: int, mode: str) -> bool:
-    if mode != "auto":
-        return mode == "always"
-    archs = model_config.architectures or []
-    has_head = any(a.endswith("ForSequenceClassification") for a in archs)
-    return not (has_head and model_config.num_labels == num_labels)
-
-
 def data_digest(cfg: Config, data: TaskData) -> str:
     """What the training rows are, by content: the bytes of a local train file, else datasets' fingerprint.
 
@@ -209,79 +203,112 @@ def check_weights(source: str, cfg: Config) -> bool:
     return not pickles
 
 
-def _load(source: str, cfg: Config, data: TaskData, attn: str | None):
+def load_weights(model_class, source: str, cfg: Config, **kwargs):
+    """`model_class.from_pretrained(source, **kwargs)`, safetensors only unless teacher.allow_pickle; weights that do
+    not load are a one-line ConfigError naming teacher.source."""
     safetensors = check_weights(source, cfg)
     try:
-        return AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=data.num_labels, id2label=dict(enumerate(data.label_names)),
-            label2id={n: i for i, n in enumerate(data.label_names)}, use_safetensors=safetensors,
-            trust_remote_code=cfg.teacher.trust_remote_code, attn_implementation=attn)
+        return model_class.from_pretrained(source, use_safetensors=safetensors,
+                                           trust_remote_code=cfg.teacher.trust_remote_code, **kwargs)
     except (OSError, SafetensorError) as exc:  # a Hub repo without safetensors, no weights, a corrupted file
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"teacher.source: cannot load the weights of '{cfg.teacher.source}' ({first}); kdlab reads "
                           f"safetensors (teacher.allow_pickle=true admits pickle weights you trust)") from None
 
 
-def ensure_teacher(cfg: Config, accelerator: Accelerator | None, data: TaskData, tokenizer,
-                   train_ds, eval_ds, attn: str | None = None):
-    """The task-ready teacher and its dev metrics, fine-tuning (once) when needed.
+def _load(source: str, cfg: Config, data: TaskData, attn: str | None):
+    return load_weights(AutoModelForSequenceClassification, source, cfg, num_labels=data.num_labels,
+                        id2label=dict(enumerate(data.label_names)),
+                        label2id={n: i for i, n in enumerate(data.label_names)}, attn_implementation=attn)
 
-    `accelerator` None (measurement, export): a training accelerator is built only if the teacher must be
-    fine-tuned (train/accel.py); otherwise the teacher is loaded and scored on the CPU in this process.
+
+@dataclass
+class TeacherParts:
+    """A task's side of `ensure_task_teacher`: its rows, how its model loads, and how the model is scored."""
+    data: object        # the task's data (TaskData, Seq2SeqData): its training rows are part of the teacher key
+    tokenizer: object
+    train_ds: object    # tokenized training rows (fine-tuning)
+    eval_ds: object     # tokenized dev rows (scoring)
+    load: Callable      # (folder or source) -> the task's model
+    ready: Callable     # (source) -> why the source serves as it is under teacher.fine_tune=auto, or None
+    evaluate: Callable  # (model, dev loader, accelerator or None) -> dev metrics
+    start: Callable | None = None    # (source) -> the model to fine-tune, when it is not `load(source)`
+    collator: Callable = DataCollatorWithPadding  # make_loader's collator for the task's batches
+    shard_eval: bool = True  # whether an accelerator shards the dev loader (False: every process reads every row)
+
+
+def ensure_task_teacher(cfg: Config, accelerator: Accelerator | None, parts: TeacherParts):
+    """The task-ready teacher and its dev metrics, fine-tuning it (once) when needed.
+
+    teacher.fine_tune: never uses the source as it is, always fine-tunes it, auto fine-tunes unless the task says
+    why the source is ready (`parts.ready`). `accelerator` None (measurement, export): a training accelerator is
+    built only if the teacher must be fine-tuned (train/accel.py); otherwise the teacher is loaded and scored on the
+    CPU in this process.
     """
     out = cfg.run_dir / "teacher"
-    key = teacher_key(cfg, data)
-    marker = out / MARKER
-    record = fine_tuned_record(cfg, data)
+    key = teacher_key(cfg, parts.data)
+    record = fine_tuned_record(cfg, parts.data)
     say = accelerator.print if accelerator is not None else print
     if record is not None:
         say(f"teacher: reusing fine-tuned checkpoint {out} (key {key})")
-        return _load(str(out), cfg, data, attn), record["dev"]
+        return parts.load(str(out)), record["dev"]
+
+    def dev_loader(accelerator):
+        loader = make_loader(parts.eval_ds, parts.tokenizer, cfg.train.eval_batch_size, shuffle=False,
+                             collator=parts.collator)
+        return accelerator.prepare(loader) if accelerator is not None and parts.shard_eval else loader
 
     source = resolve_source(cfg.teacher.source)
-    teacher = _load(source, cfg, data, attn)
-    source_config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.teacher.trust_remote_code)
-    if not needs_fine_tuning(source_config, data.num_labels, cfg.teacher.fine_tune):
-        why = ("teacher.fine_tune=never" if cfg.teacher.fine_tune == "never"
-               else f"it already classifies {data.num_labels} labels")
+    teacher = (parts.start or parts.load)(source)
+    mode = cfg.teacher.fine_tune
+    why = "teacher.fine_tune=never" if mode == "never" else parts.ready(source) if mode == "auto" else None
+    if why:
         say(f"teacher: using {cfg.teacher.source} as it is ({why})")
-        eval_loader = make_loader(eval_ds, tokenizer, cfg.train.eval_batch_size, shuffle=False)
-        if accelerator is None:
-            return teacher, evaluate_classifier(teacher, eval_loader, None)
-        eval_loader = accelerator.prepare(eval_loader)
-        return teacher, evaluate_classifier(teacher.to(accelerator.device), eval_loader, accelerator)
+        if accelerator is not None:
+            teacher.to(accelerator.device)
+        return teacher, parts.evaluate(teacher, dev_loader(accelerator), accelerator)
 
     if accelerator is None:
         accelerator = training_accelerator(cfg)
-    eval_loader = accelerator.prepare(make_loader(eval_ds, tokenizer, cfg.train.eval_batch_size, shuffle=False))
+    eval_loader = dev_loader(accelerator)
     train_cfg = dataclasses.replace(cfg.train, num_epochs=cfg.teacher.num_epochs, max_steps=None,
                                     learning_rate=cfg.teacher.learning_rate, resume_from=None,
                                     early_stopping_patience=None)
-    train_loader = make_loader(train_ds, tokenizer, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed)
+    train_loader = make_loader(parts.train_ds, parts.tokenizer, cfg.train.batch_size, shuffle=True,
+                               seed=cfg.train.seed, collator=parts.collator)
 
     def ce_loss(model, batch):
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    token_type_ids=batch.get("token_type_ids"), labels=batch["labels"])
-        return out.loss, {}
-
-    def save_best(model):
-        with atomic_dir(out) as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+        return model(**model_inputs(batch), labels=batch["labels"]).loss, {}
 
     with mlflow_run(cfg, "teacher-finetune", accelerator.is_main_process,
                     tags={"kdlab.teacher_source": cfg.teacher.source}) as tracker:
         result = fit(accelerator, teacher, train_loader, cfg=train_cfg, compute_loss=ce_loss,
-                     evaluate=lambda m: evaluate_classifier(m, eval_loader, accelerator),
-                     save_best=save_best, out_dir=cfg.run_dir / "teacher_run", tracker=tracker,
-                     metric=cfg.task.metric, desc="teacher")
-        best = _load(str(out), cfg, data, attn)
-        dev = evaluate_classifier(best.to(accelerator.device), eval_loader, accelerator)
+                     evaluate=lambda m: parts.evaluate(m, eval_loader, accelerator),
+                     save_best=checkpoint_saver(out, parts.tokenizer), out_dir=cfg.run_dir / "teacher_run",
+                     tracker=tracker, metric=cfg.task.metric, desc="teacher")
+        best = parts.load(str(out)).to(accelerator.device)
+        dev = parts.evaluate(best, eval_loader, accelerator)
         tracker.log_metrics({f"teacher/best_dev_{k}": v for k, v in dev.items()})
         tracker.set_tags({"kdlab.checkpoint": str(out)})
     if accelerator.is_main_process:
         remove_states(cfg.run_dir / "teacher_run")
-        marker.write_text(json.dumps({"key": key, "source": cfg.teacher.source, "dev": dev,
-                                      "train_seconds": result.train_seconds, "steps": result.steps}, indent=2))
+        (out / MARKER).write_text(json.dumps({"key": key, "source": cfg.teacher.source, "dev": dev,
+                                              "train_seconds": result.train_seconds, "steps": result.steps}, indent=2))
     accelerator.wait_for_everyone()
     return best, dev
+
+
+def ensure_teacher(cfg: Config, accelerator: Accelerator | None, data: TaskData, tokenizer,
+                   train_ds, eval_ds, attn: str | None = None):
+    """The task-ready sequence classifier and its dev metrics (`ensure_task_teacher`); under teacher.fine_tune=auto
+    a source that already classifies the data's labels is used as it is."""
+    def ready(source: str) -> str | None:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.teacher.trust_remote_code)
+        has_head = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+        if has_head and config.num_labels == data.num_labels:
+            return f"it already classifies {data.num_labels} labels"
+        return None
+
+    return ensure_task_teacher(cfg, accelerator, TeacherParts(
+        data, tokenizer, train_ds, eval_ds, load=lambda folder: _load(folder, cfg, data, attn), ready=ready,
+        evaluate=evaluate_classifier))
