@@ -45,8 +45,6 @@ HOW = {
     "onnx-fp32": "onnxruntime.InferenceSession('model.onnx')",
     "onnx-int8": "onnxruntime.InferenceSession('model.int8.onnx') (QInt8 weights, dynamic quantization)",
 }
-HF_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-            "vocab.txt", "spiece.model", "merges.txt", "vocab.json", "added_tokens.json", "generation_config.json")
 
 
 SEQ2SEQ_HOW = {

@@ -422,10 +422,6 @@ def run_capacity(cfg, front_rows: list[dict], console=None) -> dict | None:
     return result
 
 
-def rows_of(result: dict) -> list[CapacityRow]:
-    return [CapacityRow(**r) for r in result["rows"]]
-
-
 def log_capacity(cfg) -> None:
     """Put report/capacity.md and .json on the study's MLflow parent run (when tracking is on)."""
     if not cfg.tracking.enabled:

@@ -645,12 +645,6 @@ def trained_trials(cfg: Config) -> int:
     return 0 if study is None else sum(counts_as_trained(t) for t in study.get_trials(deepcopy=False))
 
 
-def study_targets(cfg: Config) -> dict:
-    """The absolute targets the stored study was run with ({} when there is no study)."""
-    study = stored_study(cfg)
-    return {} if study is None else study.user_attrs.get("targets", {})
-
-
 def run_report(cfg: Config, console=None) -> SearchResult:
     """`kdlab report`: the front table and plots rebuilt from the stored study (nothing is measured)."""
     storage = open_storage(cfg, create=False)

@@ -26,8 +26,6 @@ ROW_FIELDS = ("trial", "state", "feasible", "screened_out", "is_pareto", "qualit
               "hidden_size", "num_heads", "intermediate_size", "init", "recipe", "learning_rate", "temperature",
               "alpha", "family", "encoder_layers", "decoder_layers", "error", "duplicate_of", "stopped_early",
               "stop_reason", "ruled_out", "predicted_p95_ms", "checkpoint", "mlflow_run_id")
-ARCH = ("num_layers", "hidden_size", "num_heads", "intermediate_size", "init", "recipe", "learning_rate",
-        "temperature", "alpha")
 FIGURES = ("quality", "p50_ms", "p95_ms", "p99_ms", "throughput", "size_mb", "params", "train_seconds", "steps",
            "pre_p95_ms", "pre_size_mb", "label_agreement")
 

@@ -336,13 +336,6 @@ def student_source_config(cfg: Config):
         raise ConfigError(f"student.pretrained: cannot load a model config from {cfg.student.pretrained}") from None
 
 
-def student_init_name(cfg: Config) -> str:
-    """teacher, pretrained or random: where the student's weights come from (benchmarks, cards)."""
-    if cfg.student.init == "random":
-        return "random"
-    return "pretrained" if cfg.student.pretrained else "teacher"
-
-
 def grad_norms(compute_terms, model, batch) -> dict:
     """Gradient norm of each loss term on one batch, so a term that swamps the others shows at step 0."""
     terms = compute_terms(model, batch)
