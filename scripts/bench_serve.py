@@ -281,7 +281,8 @@ def main(argv=None) -> int:
 
     def measure_config(folder: Path, manifest: dict, mode: str, config: dict, replicas: int, slo_ms: float,
                        start_rps: float | None = None) -> dict:
-        url = start(folder, port, replicas, config, limits_for(latencies[folder], config, replicas, slo_ms))
+        limits = limits_for(latencies[folder], config, replicas, slo_ms)
+        url = start(folder, port, replicas, config, limits)
         predicted = predicted_rps(latencies[folder], config, replicas, fit, slo_ms)
         rate, runs = sustained(url, folder, args.data, start_rps or predicted or 1.0, slo_ms, duration_s, rungs, work)
         at = next((r for r in reversed(runs) if r["offered_rps"] == rate), runs[-1])
@@ -294,7 +295,7 @@ def main(argv=None) -> int:
                "ladder": [{"offered_rps": r["offered_rps"], "achieved_rps": r["achieved_rps"], "p50_ms": r["p50_ms"],
                            "p95_ms": r["p95_ms"], "failures": r["failures"],
                            "failures_by_kind": r.get("failures_by_kind")} for r in runs],
-               **limits_for(latencies[folder], config, replicas, slo_ms)}
+               **limits}
         print(f"bench_serve: {manifest['name']} ({folder.name}) {mode} x{replicas} at p95 <= {slo_ms:g} ms: "
               f"{rate:.1f} req/s sustained, {predicted:.1f} predicted", flush=True)
         return row
