@@ -19,8 +19,9 @@ thread each):
   with the fitted figures (`predicted_rps`, `prediction_error`, `fitted` true for the fitted configuration);
 - batching: which of batched and unbatched sustained more, which the serving model predicted, which the plan chose;
 then for the first model, autoscaling (1..2 replicas, target ongoing requests from Little's law at 1 - headroom of
-its sustained rate) under a step load (0.3x its 1-replica sustained rate -> 0.9x what 2 replicas sustain -> back,
-60 s each) with the replica count sampled each second, and one replica of two SIGKILLed under load. Every
+its sustained rate) under a step load (0.3x its 1-replica sustained rate -> 1 - headroom of what 2 replicas
+sustain -> back, 60 s each) with the replica count sampled each second, and one replica of two SIGKILLed under
+load. Every
 deployment gets the queue bounds the capacity plan gives its configuration (capacity.queue_limits).
 `--quick` (seconds per run, two rungs) checks that the paths work; its figures mean nothing.
 Writes benchmarks/results/serve_sst2.json with the keys the issue lists.
@@ -338,16 +339,18 @@ def main(argv=None) -> int:
                              ("batched" if plan_batch > 1 else "unbatched")})
             if i == 0:
                 base = rows["unbatched"]["sustained_rps"] or 10.0
-                # The step rises to 0.9x what the most replicas sustain unbatched (measured above when the better
-                # mode on 2 replicas was unbatched, else predicted): a load the autoscaled deployment can serve,
-                # so the question is whether it adds the replica in time. Each replica aims at the requests in
-                # flight (Little's law) of one loaded to 1 - headroom of its sustained rate, as the plan does.
+                # The step rises to 1 - headroom of what the most replicas sustain unbatched (measured above when
+                # the better mode on 2 replicas was unbatched, else predicted): the plan's own operating point, a
+                # load it promises within the SLO, so the question is whether autoscaling adds the replica in
+                # time. (At 0.9x, a repeat run sat where a 1-second p95 crosses the SLO by chance: 12 of 60 s.)
+                # Each replica aims at the requests in flight (Little's law) of one loaded to 1 - headroom of its
+                # sustained rate, as the plan does.
                 most = (most_row["sustained_rps"] if best == "unbatched" else
                         predicted_rps(latencies[folder], unbatched, MAX_REPLICAS, fit, slo)) or base
                 headroom = (manifest.get("capacity") or {}).get("headroom", 0.3)
                 in_flight = max(0.5, round((1 - headroom) * base * (rows["unbatched"]["p50_ms"] or 10.0) / 1e3, 2))
                 limits = limits_for(latencies[folder], unbatched, MAX_REPLICAS, slo)
-                autoscale = step_load(folder, port, args.data, 0.3 * base, 0.9 * most, slo, phase_s, work,
+                autoscale = step_load(folder, port, args.data, 0.3 * base, (1 - headroom) * most, slo, phase_s, work,
                                       target_ongoing=in_flight, limits=limits)
                 kill = replica_kill(folder, port, args.data, max(1.0, base / 2), duration_s * 2, work, limits)
     finally:
