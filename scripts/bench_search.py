@@ -45,7 +45,7 @@ import optuna  # noqa: E402
 import transformers  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 
-from kdlab.scripts.bench_readme import publish  # noqa: E402
+from kdlab.scripts.bench_readme import publish, write_result  # noqa: E402
 from kdlab.distill.config import ConfigError, load_config  # noqa: E402
 from kdlab.eval.latency import machine_info, versions  # noqa: E402
 from kdlab.search.gate import run_gate  # noqa: E402
@@ -171,9 +171,7 @@ def compare(args, overrides: list[str]) -> int:
             finished = {t.number: t.datetime_complete.timestamp() - t0 for t in study.get_trials(deepcopy=False)
                         if t.datetime_complete is not None}
             row = comparison_row(search, seed, result.rows, finished, meta_of(cfg, study)["targets"], wall, args.reach)
-            tmp = done.with_suffix(".tmp")
-            tmp.write_text(json.dumps(row, indent=2))
-            tmp.replace(done)
+            write_result(done, row)  # atomic: an interrupted run leaves no half a file to resume from
             rows.append(row)
     scratch = base.run_dir if args.quick else None  # --quick writes beside its runs, never the committed files
     out = Path(args.out or (scratch / "search_sst2.json" if scratch else "benchmarks/results/search_sst2.json"))
