@@ -254,6 +254,8 @@ class SearchConfig:
     storage: Optional[str] = _f(None, "Optuna RDB URL (sqlite:///..., postgresql://...); "
                                 "default sqlite:///<output_dir>/optuna.db")
     study_name: Optional[str] = _f(None, "Optuna study name; default the config's name")
+    seed: Optional[int] = _f(None, "the sampler's seed; default train.seed (which also seeds each student's "
+                                   "training and is part of the fine-tuned teacher's identity)")
     heartbeat_s: int = _f(60, "a running trial records a heartbeat this often; one silent for 2x this long (its "
                               "worker was killed or lost) is marked FAIL by the next worker and retried")
     max_retries: int = _f(2, "retries of a trial whose worker died (its params are enqueued again)")

@@ -146,6 +146,8 @@ def compare(args, overrides: list[str]) -> int:
     for need, how in ((teacher, "make bench-search (or --allow-train)"), (gate_csv, f"kdlab gate --config {args.config}")):
         if not need.exists() and not args.quick:  # --quick: the un-fine-tuned teacher, a budget measured per run
             raise ConfigError(f"--compare: {need} is missing; run {how} first")
+    if not args.quick:  # a teacher fine-tuned for other settings would be fine-tuned again, through the links below
+        require_fine_tuned(base, prepare(base, Accelerator(cpu=True)).data, args.config)
     root = base.run_dir / "compare"
     rows, started = [], time.time()
     for search, extra in COMPARED.items():
@@ -155,7 +157,7 @@ def compare(args, overrides: list[str]) -> int:
                 rows.append(json.loads(done.read_text()))
                 continue
             out_dir = root / f"{search}-s{seed}"
-            cfg = load_config(args.config, [*overrides, *extra, f"output_dir={out_dir}", f"train.seed={seed}",
+            cfg = load_config(args.config, [*overrides, *extra, f"output_dir={out_dir}", f"search.seed={seed}",
                                             "search.n_trials=1000", f"search.timeout_s={args.minutes * 60}",
                                             f"tracking.experiment={base.name}-compare", *args.overrides])
             (cfg.run_dir / "report").mkdir(parents=True, exist_ok=True)

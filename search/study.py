@@ -165,7 +165,7 @@ class _DeadTrial:
 def make_sampler(cfg: Config, n_existing: int) -> optuna.samplers.BaseSampler:
     # The sampler's random state is not stored with the study: offsetting the seed by the trials
     # already there keeps a resumed study from replaying the first session's random draws.
-    seed = cfg.train.seed + n_existing
+    seed = (cfg.train.seed if cfg.search.seed is None else cfg.search.seed) + n_existing
     if cfg.search.storage is not None:
         # Workers sharing a study would otherwise start from one seed and draw the same students in the same
         # order (each repeat pruned: wasted trials); the default one-worker SQLite study stays reproducible.

@@ -15,7 +15,7 @@ import mlflow
 import optuna
 import pytest
 
-from conftest import tiny_run_tree, write_config
+from conftest import ROOT, tiny_run_tree, write_config
 from kdlab.scripts.cli import main as kdlab
 from kdlab.search import latency_model as lm
 from kdlab.search.early_stop import best_until, decide, rise_after
@@ -268,3 +268,32 @@ def test_the_comparisons_hypervolume_and_counts_match_a_hand_worked_study():
     assert got["hypervolume"] == pytest.approx(2 * 0.02 + 1 * 0.10)  # strips 1-3 ms at 0.02, 3-4 ms at 0.10
     assert (got["trained"], got["stopped_early"], got["screened"], got["missed_p95_after_training"]) == (4, 1, 1, 1)
     assert got["minutes_to_0_8681"] == 5.0 and got["best"]["trial"] == 1  # trial 2 reached 0.86 but was infeasible
+
+
+# ---------------------------------------------------------------- the sampler's seed
+
+
+def _draws(cfg, n: int = 4) -> list[float]:
+    from kdlab.search.study import make_sampler
+    study = optuna.create_study(sampler=make_sampler(cfg, n_existing=0))
+    study.optimize(lambda t: t.suggest_float("x", 0.0, 1.0), n_trials=n)
+    return [t.params["x"] for t in study.trials]
+
+
+def test_search_seed_moves_the_sampler_and_leaves_the_teacher_alone():
+    """bench_search --compare varies the sampler by search.seed: under train.seed it would also change the
+    fine-tuned teacher's identity and fine-tune the teacher again in every run."""
+    from types import SimpleNamespace
+
+    from kdlab.distill.config import load_config
+    from kdlab.train.teacher import teacher_key
+
+    def cfg(*overrides):
+        return load_config(str(ROOT / "configs" / "smoke.yaml"), list(overrides))
+
+    data = SimpleNamespace(label_names=["0", "1"])
+    assert _draws(cfg("search.seed=1")) == _draws(cfg("search.seed=1", "train.seed=5"))
+    assert _draws(cfg("search.seed=1")) != _draws(cfg("search.seed=2"))
+    assert _draws(cfg("train.seed=1")) != _draws(cfg("train.seed=2"))  # unset: train.seed, as before
+    assert teacher_key(cfg("search.seed=1"), data) == teacher_key(cfg("search.seed=2"), data)
+    assert teacher_key(cfg("train.seed=1"), data) != teacher_key(cfg("train.seed=2"), data)
