@@ -8,7 +8,7 @@ Each argument is an export folder (kdlab export; the teacher exported the same w
 private local Ray instance, with server and load generator sharing this machine (replicas capped at 2, one
 thread each):
 - the fit, once: the first model unbatched on 1 replica at 5 req/s gives the serving overhead (p50 through the
-  server minus the model's own p50); at 20 req/s and at 0.6x the capacity that implies, the CPU of server
+  server minus the model's own p50); at 20 req/s and at 0.8x the capacity that implies, the CPU of server
   (beyond its idle burn) and load generator (it shares the cores here, so it counts against them), whose line
   in the rate gives the CPU one more request costs beyond the model's and the cores any load burns (`cpu_line`),
   and the cores the idle server leaves;
@@ -331,14 +331,14 @@ def main(argv=None) -> int:
         url = start(folders[0], port, 1, unbatched, limits_for(latencies[folders[0]], unbatched, 1, slo))
         fit_run = run_loadtest(url, args.data, rate=5.0, duration_s=duration_s * 2, model=str(folders[0]),
                                out=work / "fit.json", log=False)
-        # CPU at 20 req/s (Locust's start-up spread over enough requests), then at 0.6x the capacity that figure
+        # CPU at 20 req/s (Locust's start-up spread over enough requests), then at 0.8x the capacity that figure
         # implies: two points of the line cores(rate) on the same configuration (cpu_line)
         cpu_run = run_loadtest(url, args.data, rate=20.0, duration_s=duration_s, model=str(folders[0]),
                                out=work / "fit-cpu.json", log=False)
         cpus = os.cpu_count() or 1
         free = cpus - (cpu_run["server_idle_cores"] or 0.0)
         per_request = (cpu_run["server_cpu_ms"] or 0.0) + (cpu_run["loadgen_cpu_ms"] or 0.0)
-        cpu_high_run = run_loadtest(url, args.data, rate=max(40.0, 0.6 * free * 1e3 / max(per_request, 1e-3)),
+        cpu_high_run = run_loadtest(url, args.data, rate=max(40.0, 0.8 * free * 1e3 / max(per_request, 1e-3)),
                                     duration_s=duration_s, model=str(folders[0]), out=work / "fit-cpu-high.json",
                                     log=False)
         model_p50 = latencies[folders[0]]["1"]["p50_ms"]  # measured now, not the export's table
