@@ -8,10 +8,9 @@ Each argument is an export folder (kdlab export; the teacher exported the same w
 private local Ray instance, with server and load generator sharing this machine (replicas capped at 2, one
 thread each):
 - the fit, once: the first model unbatched on 1 replica at 5 req/s gives the serving overhead (p50 through the
-  server minus the model's own p50); at 20 req/s and at 0.8x the capacity that implies, the CPU of server
-  (beyond its idle burn) and load generator (it shares the cores here, so it counts against them), whose line
-  in the rate gives the CPU one more request costs beyond the model's and the cores any load burns (`cpu_line`),
-  and the cores the idle server leaves;
+  server minus the model's own p50); at 20 req/s, the serving stack's CPU a request (server CPU beyond its idle
+  burn, minus the model's), the load generator's CPU a request (it shares the cores here, so it counts against
+  them) and the cores the idle server leaves;
 - for each model, unbatched (batch 1) and batched (the plan's batch when it batches, else 8 with a 5 ms wait) on
   1 replica, the better of the two on 2 replicas, and unbatched on 1 replica at a looser SLO the fp32 teacher can
   meet (--loose-slo-ms): the sustained rate of each, the highest offered rate with p95 <= the SLO and no
@@ -97,33 +96,10 @@ def start(folder: Path, port: int, replicas: int, batching: dict, limits: dict,
 
 @dataclass
 class Fit:
-    """The serving figures fitted on one configuration (the first model, unbatched, 1 replica)."""
-    overhead_ms: float  # at 5 req/s: p50 through the server minus the model's own p50
-    stack_cpu_ms: float  # CPU one more request costs the server beyond the model, plus the load generator's
-    cores: float  # the machine's cores less what the idle server burns and what any load burns (`load_cores`)
-    load_cores: float = 0.0  # CPU the server and load generator burn under load whatever the rate
-
-
-def cpu_line(low: dict, high: dict) -> tuple[float, float]:
-    """(cores burnt under load whatever the rate, CPU ms one more request costs) of server and load generator
-    together, from two offered rates on one configuration: the line through cores(rate) = CPU ms a request x rate.
-
-    A request's CPU falls as the rate rises (the proxy and Locust serve more requests per wake-up: 16.1 ms at
-    20 req/s, 11.0 ms plus Locust's at 157 req/s in one run here), so one rate's per-request figure overstates
-    what a busy server spends; fitted at 20 req/s alone, the plan under-predicted the student's rate at the
-    500 ms SLO by 36 %. A line with a negative intercept (CPU a request rising with the rate) is pinned at
-    zero cores and taken through the higher rate's point."""
-    def cores(r: dict) -> tuple[float, float]:
-        rate = r["achieved_rps"] or 0.0
-        return rate, ((r["server_cpu_ms"] or 0.0) + (r["loadgen_cpu_ms"] or 0.0)) * rate / 1e3
-    (r1, c1), (r2, c2) = sorted((cores(low), cores(high)))
-    if r2 - r1 < 1e-9:
-        return 0.0, c2 / r2 * 1e3 if r2 else 0.0
-    slope = (c2 - c1) / (r2 - r1)
-    fixed = c1 - slope * r1
-    if fixed < 0:
-        fixed, slope = 0.0, c2 / r2
-    return fixed, slope * 1e3
+    """The serving figures fitted on one configuration (the first model, unbatched, 1 replica, at 5 req/s)."""
+    overhead_ms: float  # p50 through the server minus the model's own p50
+    stack_cpu_ms: float  # CPU a request costs the server beyond the model, plus the load generator's (same cores)
+    cores: float  # the machine's cores less what the idle server burns
 
 
 def predicted_rps(latency: dict, batching: dict, replicas: int, fit: Fit, slo_ms: float) -> float:
@@ -301,7 +277,8 @@ def main(argv=None) -> int:
     full_priority_workers()
     ray.init(address="local", include_dashboard=False, logging_level="WARNING")
     port = free_port()
-    models, batching, fit, fit_run, cpu_run, cpu_high_run, autoscale, kill = [], [], None, None, None, None, None, None
+    models, batching, fit, fit_run, cpu_run, autoscale, kill = [], [], None, None, None, None, None
+    stack_cpu_ms = None
 
     def measure_config(folder: Path, manifest: dict, mode: str, config: dict, replicas: int, slo_ms: float,
                        start_rps: float | None = None) -> dict:
@@ -331,25 +308,18 @@ def main(argv=None) -> int:
         url = start(folders[0], port, 1, unbatched, limits_for(latencies[folders[0]], unbatched, 1, slo))
         fit_run = run_loadtest(url, args.data, rate=5.0, duration_s=duration_s * 2, model=str(folders[0]),
                                out=work / "fit.json", log=False)
-        # CPU at 20 req/s (Locust's start-up spread over enough requests), then at 0.8x the capacity that figure
-        # implies: two points of the line cores(rate) on the same configuration (cpu_line)
+        # CPU a request at 20 req/s, where Locust's start-up is spread over more requests
         cpu_run = run_loadtest(url, args.data, rate=20.0, duration_s=duration_s, model=str(folders[0]),
                                out=work / "fit-cpu.json", log=False)
         cpus = os.cpu_count() or 1
-        free = cpus - (cpu_run["server_idle_cores"] or 0.0)
-        per_request = (cpu_run["server_cpu_ms"] or 0.0) + (cpu_run["loadgen_cpu_ms"] or 0.0)
-        cpu_high_run = run_loadtest(url, args.data, rate=max(40.0, 0.8 * free * 1e3 / max(per_request, 1e-3)),
-                                    duration_s=duration_s, model=str(folders[0]), out=work / "fit-cpu-high.json",
-                                    log=False)
         model_p50 = latencies[folders[0]]["1"]["p50_ms"]  # measured now, not the export's table
-        load_cores, marginal_ms = cpu_line(cpu_run, cpu_high_run)
-        stack_cpu_ms = max(0.0, marginal_ms - model_p50)  # serving stack and load generator, beyond the model
-        fit = Fit(overhead_ms=fit_run["p50_ms"] - model_p50, stack_cpu_ms=stack_cpu_ms, cores=free - load_cores,
-                  load_cores=load_cores)
+        stack_cpu_ms = max(0.0, (cpu_run["server_cpu_ms"] or 0.0) - model_p50)
+        fit = Fit(overhead_ms=fit_run["p50_ms"] - model_p50, stack_cpu_ms=stack_cpu_ms + (cpu_run["loadgen_cpu_ms"] or 0.0),
+                  cores=cpus - (cpu_run["server_idle_cores"] or 0.0))
         print(f"bench_serve: fitted on {manifests[0]['name']} unbatched x1: overhead {fit.overhead_ms:.2f} ms at 5 "
-              f"req/s; CPU at {cpu_run['achieved_rps']:.0f} and {cpu_high_run['achieved_rps']:.0f} req/s: serving "
-              f"stack + load generator {stack_cpu_ms:.2f} ms a request beyond the model, {load_cores:.2f} cores "
-              f"under any load, {fit.cores:.2f} of {cpus} cores left", flush=True)
+              f"req/s; at 20 req/s serving stack {stack_cpu_ms:.2f} ms CPU + load generator "
+              f"{cpu_run['loadgen_cpu_ms']:.2f} ms CPU a request, {fit.cores:.2f} of {cpus} cores free of the idle "
+              f"server", flush=True)
         for i, (folder, manifest) in enumerate(zip(folders, manifests)):
             rows = {}
             for mode, config in configs_of(manifest).items():
@@ -390,10 +360,9 @@ def main(argv=None) -> int:
               "seconds": round(time.time() - started, 1), "machine": machine_info(), "versions": versions(),
               "slo_ms": slo, "loose_slo_ms": args.loose_slo_ms, "fitted_overhead_ms": fit.overhead_ms if fit else None,
               "model_latency": {portable_path(f): lat for f, lat in latencies.items()},  # keys: portable too
-              "fit": {**asdict(fit), **{name: {k: r.get(k) for k in (
+              "fit": {**asdict(fit), "serving_stack_cpu_ms": stack_cpu_ms if fit else None, **{name: {k: r.get(k) for k in (
                   "offered_rps", "achieved_rps", "p50_ms", "p95_ms", "overhead_ms", "server_idle_cores", "server_cpu_ms",
-                  "stack_cpu_ms", "loadgen_cpu_ms")} for name, r in (("run", fit_run), ("cpu_run", cpu_run),
-                                                                    ("cpu_high_run", cpu_high_run))}}
+                  "stack_cpu_ms", "loadgen_cpu_ms")} for name, r in (("run", fit_run), ("cpu_run", cpu_run))}}
               if fit else None,
               "models": models, "batching": batching,
               "autoscale": autoscale, "replica_kill": kill}
@@ -425,14 +394,14 @@ def recovery_text(a: dict, slo_ms: float) -> str:
 def markdown(result: dict) -> str:
     """The README section: measured against predicted for each configuration, then the step load and the kill."""
     m, f = result["machine"], result.get("fit") or {}
-    run, high = f.get("cpu_run") or {}, f.get("cpu_high_run") or {}
+    run = f.get("cpu_run") or {}
     lines = [f"{m.get('cpu', 'CPU')}, {m.get('cpus', '?')} CPUs; server, replicas (1 thread each) and Locust on the "
              f"same machine. Fitted once, on the first model unbatched on 1 replica: serving overhead "
-             f"{fmt(f.get('overhead_ms'), 2)} ms at 5 req/s (p50 through the server minus the model's own); from the "
-             f"CPU at {fmt(run.get('achieved_rps'), 0)} and {fmt(high.get('achieved_rps'), 0)} req/s (server and "
-             f"Locust share the cores), {fmt(f.get('stack_cpu_ms'))} ms a request beyond the model's and "
-             f"{fmt(f.get('load_cores'), 2)} cores under any load, leaving {fmt(f.get('cores'), 2)} cores "
-             f"({fmt(run.get('server_idle_cores'), 2)} burnt by the idle server). Sustained = the highest offered rate of a ladder "
+             f"{fmt(f.get('overhead_ms'), 2)} ms at 5 req/s (p50 through the server minus the model's own); at 20 "
+             f"req/s, serving stack "
+             f"{fmt(f.get('serving_stack_cpu_ms'))} ms CPU a request plus the load generator's {fmt(run.get('loadgen_cpu_ms'))}"
+             f" ms (they share the cores), {fmt(f.get('cores'), 2)} cores free of the idle server "
+             f"({fmt(run.get('server_idle_cores'), 2)} burnt idle). Sustained = the highest offered rate of a ladder "
              f"(x1.25 up or /1.25 down from the prediction, then the geometric middle; 30 s a rung) with p95 within "
              f"the SLO, no failure and 90 % of the offered rate answered; predicted = the capacity plan's serving model (search/capacity.py `Serving`: "
              f"fill wait, the model's latency at the batch that fills, overhead, queueing on the replicas or the "

@@ -289,17 +289,3 @@ def test_the_length_check_never_unpads_a_batch_running_on_the_model_thread(expor
                 len(texts[checks % 64:checks % 64 + 8])]
             checks += 1
         assert done.result() == 8 * len(batches) and checks > 10
-
-
-def test_bench_serve_fits_the_cpu_line_through_two_rates():
-    """bench_serve's CPU fit by hand: 20 req/s at 14.1 + 2.0 ms a request is 0.322 cores, 60 req/s at 11.0 + 2.0 ms
-    is 0.78 cores; the line's slope is 0.458 / 40 = 11.45 ms a request and it meets zero rate at 0.093 cores. A
-    per-request cost that rises with the rate would give a negative intercept: pinned at 0 through the high point."""
-    from kdlab.scripts.bench_serve import cpu_line
-
-    def run(rate, server, loadgen):
-        return {"achieved_rps": rate, "server_cpu_ms": server, "loadgen_cpu_ms": loadgen}
-    fixed, marginal = cpu_line(run(20, 14.1, 2.0), run(60, 11.0, 2.0))
-    assert fixed == pytest.approx(0.093) and marginal == pytest.approx(11.45)
-    assert cpu_line(run(60, 11.0, 2.0), run(20, 14.1, 2.0)) == pytest.approx((0.093, 11.45))  # order-free
-    assert cpu_line(run(20, 8.0, 2.0), run(60, 10.0, 2.0)) == pytest.approx((0.0, 12.0))
