@@ -49,7 +49,7 @@ from kdlab.scripts.bench_readme import publish, write_result  # noqa: E402
 from kdlab.distill.config import ConfigError, load_config  # noqa: E402
 from kdlab.eval.latency import machine_info, versions  # noqa: E402
 from kdlab.search.gate import run_gate  # noqa: E402
-from kdlab.search.study import meta_of, open_storage, run_search  # noqa: E402
+from kdlab.search.study import gate_reference, meta_of, open_storage, run_search  # noqa: E402
 from kdlab.search.study_report import targets_text  # noqa: E402
 from kdlab.train.pipeline import prepare  # noqa: E402
 from kdlab.train.teacher import require_fine_tuned  # noqa: E402
@@ -102,16 +102,19 @@ def comparison_row(search: str, seed: int, rows: list[dict], finished: dict[int,
                    wall_seconds: float, reach: float) -> dict:
     """One compared run: `finished` maps trial number -> seconds from the run's start to that trial's end."""
     floor, budget = targets["min_quality"], targets["p95_ms"]
-    trained = [r for r in rows if r["state"] == "COMPLETE" and not r["screened_out"] and r.get("quality") is not None]
-    feasible = [r for r in trained if r["feasible"]]
+    # A stopped student is a PRUNED trial with `stopped_early` set (search/objective.py): trained, then stopped
+    stopped = [r for r in rows if r.get("stopped_early") and not r["screened_out"]]
+    completed = [r for r in rows if r["state"] == "COMPLETE" and not r["screened_out"] and r.get("quality") is not None
+                 and not r.get("stopped_early")]
+    trained = completed + stopped
+    feasible = [r for r in completed if r["feasible"]]
     reached = [finished[r["trial"]] for r in feasible if r["quality"] >= reach and r["trial"] in finished]
     best = max(feasible, key=lambda r: r["quality"], default=None)
-    return {"search": search, "seed": seed, "wall_seconds": round(wall_seconds, 1),
+    return {"search": search, "seed": seed, "wall_seconds": round(wall_seconds, 1), "budget_p95_ms": budget,
             "hypervolume": hypervolume([(r["quality"], r["p95_ms"]) for r in feasible], floor, budget),
-            "trained": len(trained), "stopped_early": sum(bool(r.get("stopped_early")) for r in trained),
+            "trained": len(trained), "stopped_early": len(stopped),
             "screened": sum(bool(r["screened_out"]) for r in rows),
-            "missed_p95_after_training": sum(r["p95_ms"] is not None and r["p95_ms"] > budget
-                                             for r in trained if not r.get("stopped_early")),
+            "missed_p95_after_training": sum(r["p95_ms"] is not None and r["p95_ms"] > budget for r in completed),
             "minutes_to_0_8681": round(min(reached) / 60, 1) if reached else None,
             "best": None if best is None else {"trial": best["trial"], "quality": best["quality"],
                                                "p95_ms": best["p95_ms"], "recipe": best["recipe"],
@@ -120,13 +123,17 @@ def comparison_row(search: str, seed: int, rows: list[dict], finished: dict[int,
 
 
 def compare_markdown(rows: list[dict], minutes: float) -> str:
-    lines = [f"Current against new search, {minutes:g} minutes of wall clock each, same teacher and budget "
-             "(`make bench-search ARGS=--compare`):", "",
-             "| search | seed | hypervolume | trained | stopped early | screened | missed p95 after training | "
-             "minutes to 0.8681 | best |", "|---|---|---|---|---|---|---|---|---|"]
+    budgets = {r.get("budget_p95_ms") for r in rows}
+    lines = [f"Current against new search, {minutes:g} minutes of wall clock each, same teacher, "
+             + ("same p95 budget" if len(budgets) == 1 else "**p95 budgets that differ between runs** (each run "
+                "measured its own fp32 teacher instead of taking the gate's figure)")
+             + " (`make bench-search ARGS=--compare`):", "",
+             "| search | seed | p95 budget ms | hypervolume | trained | stopped early | screened | "
+             "missed p95 after training | minutes to 0.8681 | best |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b = r["best"]
-        lines.append(f"| {r['search']} | {r['seed']} | {r['hypervolume']:.4f} | {r['trained']} | {r['stopped_early']} | "
+        lines.append(f"| {r['search']} | {r['seed']} | {_f(r.get('budget_p95_ms'), '{:.2f}')} | {r['hypervolume']:.4f} | "
+                     f"{r['trained']} | {r['stopped_early']} | "
                      f"{r['screened']} | {r['missed_p95_after_training']} | {_f(r['minutes_to_0_8681'], '{:.1f}')} | "
                      + (f"{b['num_layers']}L x {b['hidden_size']} {b['recipe']}: {b['quality']:.4f}, p95 "
                         f"{b['p95_ms']:.2f} ms |" if b else "none feasible |"))
@@ -163,8 +170,12 @@ def compare(args, overrides: list[str]) -> int:
             (cfg.run_dir / "report").mkdir(parents=True, exist_ok=True)
             if teacher.exists() and not (cfg.run_dir / "teacher").exists():
                 (cfg.run_dir / "teacher").symlink_to(teacher.resolve(), target_is_directory=True)
-            if gate_csv.exists():
-                shutil.copyfile(gate_csv, cfg.run_dir / "report" / "gate.csv")
+            if gate_csv.exists():  # the gate's figure is the study's only with the config it ran under beside it
+                for name in ("gate.csv", "gate_config.yaml"):
+                    shutil.copyfile(gate_csv.parent / name, cfg.run_dir / "report" / name)
+            if gate_csv.exists() and gate_reference(cfg) is None:  # else each run would measure its own budget
+                raise ConfigError(f"--compare: the gate's figure in {gate_csv} is not for this config's teacher, data "
+                                  f"and target profile; run kdlab gate --config {args.config} again")
             print(f"bench_search: compare: {search} search, seed {seed}, {args.minutes:g} minutes", flush=True)
             t0 = time.time()
             result = run_search(cfg, Accelerator(cpu=True), timeout_s=args.minutes * 60)
