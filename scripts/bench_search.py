@@ -173,9 +173,9 @@ def compare(args, overrides: list[str]) -> int:
             if gate_csv.exists():  # the gate's figure is the study's only with the config it ran under beside it
                 for name in ("gate.csv", "gate_config.yaml"):
                     shutil.copyfile(gate_csv.parent / name, cfg.run_dir / "report" / name)
-            if gate_csv.exists() and gate_reference(cfg) is None:  # else each run would measure its own budget
-                raise ConfigError(f"--compare: the gate's figure in {gate_csv} is not for this config's teacher, data "
-                                  f"and target profile; run kdlab gate --config {args.config} again")
+                if gate_reference(cfg) is None:  # else each run would measure its own budget
+                    raise ConfigError(f"--compare: the gate's figure in {gate_csv} is not for this config's teacher, data "
+                                      f"and target profile; run kdlab gate --config {args.config} again")
             print(f"bench_search: compare: {search} search, seed {seed}, {args.minutes:g} minutes", flush=True)
             t0 = time.time()
             result = run_search(cfg, Accelerator(cpu=True), timeout_s=args.minutes * 60)

@@ -258,8 +258,8 @@ def test_the_comparisons_hypervolume_and_counts_match_a_hand_worked_study():
     assert hypervolume([], 0.80, 4.0) == 0.0
 
     def row(trial, quality, p95, feasible, screened=False, stopped=None):  # a stopped student's trial is PRUNED
-        return {"trial": trial, "state": "PRUNED" if stopped else "COMPLETE", "screened_out": screened, "quality": quality, "p95_ms": p95,
-                "feasible": feasible, "stopped_early": stopped, "recipe": "dynamic-int8", "num_layers": 2,
+        return {"trial": trial, "state": "PRUNED" if stopped else "COMPLETE", "screened_out": screened,
+                "quality": quality, "p95_ms": p95, "feasible": feasible, "stopped_early": stopped, "recipe": "dynamic-int8", "num_layers": 2,
                 "hidden_size": 384}
     rows = [row(0, 0.82, 1.0, True), row(1, 0.90, 3.0, True), row(2, 0.86, 4.5, False),
             row(3, None, 6.0, False, screened=True), row(4, 0.70, 1.5, False, stopped="floor")]
