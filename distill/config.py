@@ -294,6 +294,10 @@ class SearchConfig:
                                      "during training: the floor rule stops only below floor - allowance - headroom")
     stop_margin: float = _f(0.02, "a front member at least this much better at the same fraction, no slower and no "
                                   "larger, stops the trial")
+    recipe_fallback: bool = _f(True, "a trained student whose served artefact agrees with its own fp32 weights below "
+                                     "export.min_label_agreement is served under the space's other recipes, fastest "
+                                     "first, until one agrees (no retraining); the trial records the recipe it ends "
+                                     "with. false: the trial stays infeasible")
 
 
 @dataclass

@@ -84,7 +84,7 @@ def analyse(rows: list[dict]) -> dict:
 # The search before issue 15, as far as config keys reach back: no latency model (every draw is built and timed)
 # and no early stopping (every student trains to the end). The budget taken from the gate and the interval
 # verdicts have no switch; both searches get them.
-COMPARED = {"current": ["search.latency_samples=0", "search.stop_at=[]"], "new": []}
+COMPARED = {"current": ["search.latency_samples=0", "search.stop_at=[]", "search.recipe_fallback=false"], "new": []}
 
 
 def hypervolume(points: list[tuple[float, float]], floor: float, budget: float) -> float:
@@ -115,6 +115,11 @@ def comparison_row(search: str, seed: int, rows: list[dict], finished: dict[int,
             "trained": len(trained), "stopped_early": len(stopped),
             "screened": sum(bool(r["screened_out"]) for r in rows),
             "missed_p95_after_training": sum(r["p95_ms"] is not None and r["p95_ms"] > budget for r in completed),
+            # trained students whose served artefact disagreed with their own weights: infeasible, or re-served
+            # under another recipe (search.recipe_fallback)
+            "missed_agreement": sum("agreement" in (r.get("violates") or "").split() for r in completed),
+            "re_served": sum(bool(r.get("drawn_recipe")) and r.get("drawn_recipe") != r.get("recipe")
+                             for r in completed),
             "minutes_to_0_8681": round(min(reached) / 60, 1) if reached else None,
             "best": None if best is None else {"trial": best["trial"], "quality": best["quality"],
                                                "p95_ms": best["p95_ms"], "recipe": best["recipe"],
@@ -129,12 +134,14 @@ def compare_markdown(rows: list[dict], minutes: float) -> str:
                 "measured its own fp32 teacher instead of taking the gate's figure)")
              + " (`make bench-search ARGS=--compare`):", "",
              "| search | seed | p95 budget ms | hypervolume | trained | stopped early | screened | "
-             "missed p95 after training | minutes to 0.8681 | best |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "missed p95 after training | missed agreement / re-served | minutes to 0.8681 | best |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b = r["best"]
         lines.append(f"| {r['search']} | {r['seed']} | {_f(r.get('budget_p95_ms'), '{:.2f}')} | {r['hypervolume']:.4f} | "
                      f"{r['trained']} | {r['stopped_early']} | "
-                     f"{r['screened']} | {r['missed_p95_after_training']} | {_f(r['minutes_to_0_8681'], '{:.1f}')} | "
+                     f"{r['screened']} | {r['missed_p95_after_training']} | {r.get('missed_agreement', '-')} / "
+                     f"{r.get('re_served', '-')} | {_f(r['minutes_to_0_8681'], '{:.1f}')} | "
                      + (f"{b['num_layers']}L x {b['hidden_size']} {b['recipe']}: {b['quality']:.4f}, p95 "
                         f"{b['p95_ms']:.2f} ms |" if b else "none feasible |"))
     means = {s: statistics.mean(r["hypervolume"] for r in rows if r["search"] == s) for s in COMPARED

@@ -231,7 +231,8 @@ def run_trial(trial: optuna.Trial, ctx: Context, evaluate):
                  if (t.state != optuna.trial.TrialState.PRUNED or t.user_attrs.get("stopped_early"))
                  and (t.state != optuna.trial.TrialState.RUNNING or t.number < trial.number)
                  and t.number != trial.number
-                 and all(t.user_attrs.get(k) == v for k, v in candidate.to_dict().items())), None)
+                 and all(t.user_attrs.get(k) == v or (k == "recipe" and t.user_attrs.get("drawn_recipe") == v)
+                         for k, v in candidate.to_dict().items())), None)
     if twin is not None:
         trial.set_user_attr("duplicate_of", twin)
         raise optuna.TrialPruned(f"same candidate as trial {twin}")
@@ -330,9 +331,57 @@ def evaluate(trial, candidate, ctx: Context, tracker):
         served = parts.served(candidate.recipe, trained, ctx, trial_dir / "served")
     with clock("evaluation"):
         quality, agreement = parts.quality(served, trained, candidate, ctx)
+    if agreement is not None and agreement < cfg.export.min_label_agreement and cfg.search.recipe_fallback:
+        fallback = _serve_agreeing(trial, candidate, trained, ctx, trial_dir, agreement)
+        if fallback is not None:
+            candidate, served, quality, agreement = fallback
     with clock("measurement"):
         post = _measure(served, ctx, budget_ms=ctx.targets.p95_ms)
     return record_trained(trial, tracker, ctx, candidate, trial_dir, quality, pre, post, params, result, agreement)
+
+
+def fallback_recipes(candidate, ctx: Context) -> list[str]:
+    """The space's other recipes for `candidate`'s weights, fastest first: by the latency model's prediction for
+    this architecture where it has one, else in the seed order (int8 before half precision before fp32)."""
+    from kdlab.search.space import SEED_RECIPES
+    others = [r for r in ctx.space.recipes.choices if r != candidate.recipe]
+    order = {r: i for i, r in enumerate(SEED_RECIPES)}
+    model = ctx.latency_model
+
+    def speed(recipe):
+        predicted = None if model is None else model.predict(candidate.family, recipe, candidate.num_layers,
+                                                             candidate.hidden_size, candidate.intermediate_size)
+        return (predicted is None, predicted or 0.0, order.get(recipe, len(order)))
+    return sorted(others, key=speed)
+
+
+def _serve_agreeing(trial, candidate, trained, ctx: Context, trial_dir: Path, agreement: float):
+    """A trained student whose served artefact disagrees with its fp32 weights is served under the space's other
+    recipes, fastest first, until one agrees: (candidate with that recipe, served, quality, agreement), or None.
+
+    The weights are the same, so no training is repeated; only serving and one dev pass per recipe are. The trial
+    keeps the drawn recipe in `drawn_recipe` and what each tried recipe agreed in `recipe_agreement`, and its
+    `recipe` becomes the one served (what the report, the front and the export read)."""
+    tried = {candidate.recipe: round(agreement, 4)}
+    found = None
+    for recipe in fallback_recipes(candidate, ctx):
+        other = dataclasses.replace(candidate, recipe=recipe)
+        workdir = trial_dir / f"served-{recipe}"
+        with ctx.clock("quantization"):
+            served = ctx.parts.served(recipe, trained, ctx, workdir)
+        with ctx.clock("evaluation"):
+            quality, agreed = ctx.parts.quality(served, trained, other, ctx)
+        tried[recipe] = round(agreed, 4)
+        if agreed >= ctx.cfg.export.min_label_agreement:
+            found = other, served, quality, agreed
+            break
+        shutil.rmtree(workdir, ignore_errors=True)
+    trial.set_user_attr("drawn_recipe", candidate.recipe)
+    trial.set_user_attr("recipe_agreement", tried)
+    if found is not None:
+        trial.set_user_attr("recipe", found[0].recipe)
+        shutil.rmtree(trial_dir / "served", ignore_errors=True)  # the drawn recipe's artefact, which no one serves
+    return found
 
 
 def _distil(candidate, ctx: Context, student, trial_dir: Path, tracker, check: StopCheck | None = None):

@@ -23,7 +23,7 @@ from kdlab.search.pareto import Point, front_steps, pareto_front
 ROW_FIELDS = ("trial", "state", "feasible", "screened_out", "is_pareto", "quality", "p50_ms", "p95_ms", "p99_ms",
               "throughput", "size_mb", "params", "train_seconds", "steps", "pre_p95_ms", "pre_size_mb",
               "label_agreement", "p95_low_ms", "p95_high_ms", "p95_verdict", "violates", "num_layers",
-              "hidden_size", "num_heads", "intermediate_size", "init", "recipe", "learning_rate", "temperature",
+              "hidden_size", "num_heads", "intermediate_size", "init", "recipe", "drawn_recipe", "learning_rate", "temperature",
               "alpha", "family", "encoder_layers", "decoder_layers", "error", "duplicate_of", "stopped_early",
               "stop_reason", "ruled_out", "predicted_p95_ms", "checkpoint", "mlflow_run_id")
 FIGURES = ("quality", "p50_ms", "p95_ms", "p99_ms", "throughput", "size_mb", "params", "train_seconds", "steps",

@@ -529,6 +529,78 @@ def test_a_repeated_candidate_is_pruned_without_work():
     assert study.trials[1].user_attrs["duplicate_of"] == 0
 
 
+def _refallback(tmp_path, recipes, drawn, agreements, latency=None):
+    """_serve_agreeing on stand-in task parts: each recipe's agreement is given; returns (found, served, trial)."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from kdlab.search.objective import PhaseClock, _serve_agreeing
+    s = space(f"search.recipes=[{', '.join(recipes)}]")
+    served = []
+
+    def serve(recipe, model, ctx, workdir):
+        served.append(recipe)
+        return recipe
+
+    parts = SimpleNamespace(served=serve, quality=lambda artefact, trained, c, ctx: (0.9, agreements[c.recipe]))
+    model = None if latency is None else SimpleNamespace(predict=lambda family, recipe, *shape: latency[recipe])
+    ctx = SimpleNamespace(cfg=load_config(None, ["data.dataset=glue"]), space=s, latency_model=model, parts=parts,
+                          clock=PhaseClock())
+    candidate = dataclasses.replace(s.seeds(1)[0], recipe=drawn)
+    trial = optuna.create_study(directions=["maximize", "minimize"]).ask()
+    trial.set_user_attr("recipe", drawn)
+    return candidate, _serve_agreeing(trial, candidate, None, ctx, tmp_path, agreements[drawn]), served, trial
+
+
+def test_a_student_whose_artefact_disagrees_is_re_served_fastest_first_without_retraining(tmp_path):
+    """export.min_label_agreement 0.99: onnx-int8 agreed on 97 %, so the same weights are served under the other
+    recipes in the latency model's order (dynamic-int8 at 2 ms before fp32 at 4 ms), stopping at the first that
+    agrees; the trial records the recipe served, the one drawn and each recipe's agreement."""
+    latency = {"onnx-int8": 1.0, "dynamic-int8": 2.0, "fp32": 4.0}
+    candidate, found, served, trial = _refallback(tmp_path, ["fp32", "dynamic-int8", "onnx-int8"], "onnx-int8",
+                                                  {"onnx-int8": 0.97, "dynamic-int8": 0.985, "fp32": 1.0}, latency)
+    assert served == ["dynamic-int8", "fp32"]  # 98.5 % is still below 99 %
+    again, artefact, quality, agreement = found
+    assert (again.recipe, artefact, quality, agreement) == ("fp32", "fp32", 0.9, 1.0)
+    assert {k: v for k, v in again.to_dict().items() if k != "recipe"} == {
+        k: v for k, v in candidate.to_dict().items() if k != "recipe"}  # same student, only the recipe differs
+    assert trial.user_attrs == {"recipe": "fp32", "drawn_recipe": "onnx-int8",
+                                "recipe_agreement": {"onnx-int8": 0.97, "dynamic-int8": 0.985, "fp32": 1.0}}
+
+    _, found, served, _ = _refallback(tmp_path, ["fp32", "dynamic-int8", "onnx-int8"], "onnx-int8",
+                                      {"onnx-int8": 0.97, "dynamic-int8": 0.995, "fp32": 1.0}, latency)
+    assert served == ["dynamic-int8"] and found[0].recipe == "dynamic-int8"  # fp32 is never built
+    # Without a latency model: the seed order, int8 before fp32.
+    _, found, served, _ = _refallback(tmp_path, ["fp32", "onnx-int8", "dynamic-int8"], "dynamic-int8",
+                                      {"dynamic-int8": 0.98, "onnx-int8": 0.999, "fp32": 1.0})
+    assert served == ["onnx-int8"] and found[0].recipe == "onnx-int8"
+    # No recipe agrees (no fp32 in the space): the trial keeps its drawn recipe and stays infeasible.
+    _, found, served, trial = _refallback(tmp_path, ["dynamic-int8", "onnx-int8"], "onnx-int8",
+                                          {"onnx-int8": 0.97, "dynamic-int8": 0.98})
+    assert found is None and served == ["dynamic-int8"]
+    assert trial.user_attrs["recipe"] == "onnx-int8" and trial.user_attrs["drawn_recipe"] == "onnx-int8"
+
+
+def test_a_re_served_candidate_drawn_again_is_a_repeat():
+    """A student drawn as onnx-int8 and re-served as fp32 is known: drawing onnx-int8 again would train the same
+    weights to the same disagreement, so it is pruned as a repeat of the first."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from kdlab.search.objective import objective
+    s = space("search.num_layers=[2, 3]", "search.recipes=[fp32, onnx-int8]")
+    drawn = dataclasses.replace(s.seeds(1)[0], recipe="onnx-int8")
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    first = study.ask()
+    for key, value in {**drawn.to_dict(), "recipe": "fp32", "drawn_recipe": "onnx-int8"}.items():
+        first.set_user_attr(key, value)
+    study.tell(first, (0.8, 2.0))
+    study.enqueue_trial(s.params_of(drawn))
+    again = study.ask()
+    with pytest.raises(optuna.TrialPruned, match="same candidate as trial 0"):
+        objective(again, SimpleNamespace(space=s))
+
+
 def test_default_storage_lives_in_the_run_folder(tmp_path):
     cfg = load_config(write_config(tmp_path / "c.yaml", {"name": "x", "data": {"dataset": "glue"}}))
     assert storage_url(cfg) == "sqlite:///runs/x/optuna.db"

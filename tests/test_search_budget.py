@@ -257,17 +257,21 @@ def test_the_comparisons_hypervolume_and_counts_match_a_hand_worked_study():
     assert hypervolume(points + [(0.79, 0.5), (0.95, 5.0), (0.81, 2.5)], 0.80, 4.0) == pytest.approx(0.17)
     assert hypervolume([], 0.80, 4.0) == 0.0
 
-    def row(trial, quality, p95, feasible, screened=False, stopped=None):  # a stopped student's trial is PRUNED
-        return {"trial": trial, "state": "PRUNED" if stopped else "COMPLETE", "screened_out": screened,
-                "quality": quality, "p95_ms": p95, "feasible": feasible, "stopped_early": stopped, "recipe": "dynamic-int8", "num_layers": 2,
-                "hidden_size": 384}
-    rows = [row(0, 0.82, 1.0, True), row(1, 0.90, 3.0, True), row(2, 0.86, 4.5, False),
-            row(3, None, 6.0, False, screened=True), row(4, 0.70, 1.5, False, stopped="floor")]
+    def row(trial, quality, p95, feasible, screened=False, stopped=None, violates="", drawn=None):
+        return {"trial": trial, "state": "PRUNED" if stopped else "COMPLETE", "screened_out": screened,  # stopped:
+                "quality": quality, "p95_ms": p95, "feasible": feasible, "stopped_early": stopped,  # PRUNED
+                "recipe": "dynamic-int8", "num_layers": 2, "hidden_size": 384, "violates": violates,
+                "drawn_recipe": drawn}
+    rows = [row(0, 0.82, 1.0, True, drawn="onnx-int8"), row(1, 0.90, 3.0, True), row(2, 0.86, 4.5, False,
+            violates="agreement p95_ms"), row(3, None, 6.0, False, screened=True),
+            row(4, 0.70, 1.5, False, stopped="floor")]
     got = comparison_row("new", 1, rows, {0: 60.0, 1: 300.0, 2: 500.0, 4: 700.0},
                          {"min_quality": 0.80, "p95_ms": 4.0}, 1200.0, reach=0.8681)
     assert got["hypervolume"] == pytest.approx(2 * 0.02 + 1 * 0.10)  # strips 1-3 ms at 0.02, 3-4 ms at 0.10
     assert (got["trained"], got["stopped_early"], got["screened"], got["missed_p95_after_training"]) == (4, 1, 1, 1)
     assert got["minutes_to_0_8681"] == 5.0 and got["best"]["trial"] == 1  # trial 2 reached 0.86 but was infeasible
+    # trial 0 was served under dynamic-int8 after onnx-int8 disagreed; trial 2 missed the agreement bound
+    assert (got["missed_agreement"], got["re_served"]) == (1, 1)
 
 
 # ---------------------------------------------------------------- the sampler's seed
