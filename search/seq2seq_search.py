@@ -18,7 +18,7 @@ from kdlab.distill.quantize import apply_generation_recipe
 from kdlab.distill.seq2seq import build_seq2seq_student, layer_depths, model_width
 from kdlab.search.objective import Context, Training
 from kdlab.search.seq2seq_gate import generation_batches
-from kdlab.search.space import Knobs, described, draw
+from kdlab.search.space import Knobs, described, draw, first_fitting
 from kdlab.search.targets import Targets
 from kdlab.search.timing import target_profile
 from kdlab.train.seq2seq import (configure_generation, ensure_seq2seq_teacher, evaluate_seq2seq, generate_texts,
@@ -78,15 +78,17 @@ class Seq2SeqSpace(Knobs):
     def params_of(self, c: Seq2SeqCandidate) -> dict:
         return {"encoder_layers": c.encoder_layers, "decoder_layers": c.decoder_layers, **self.knob_params(c)}
 
-    def seeds(self, n: int, device: str = "cpu") -> list[Seq2SeqCandidate]:
-        """The deepest encoder with 1, 2, ... decoder layers: decoding steps dominate generation time."""
-        recipe = next((r for r in ("dynamic-int8", "fp16", "fp32") if r in self.recipes.choices),
-                      self.recipes.choices[0])
+    def seeds(self, n: int, device: str = "cpu", fits=None) -> list[Seq2SeqCandidate]:
+        """The deepest encoder with 1, 2, ... decoder layers: decoding steps dominate generation time. Each takes
+        the first preferred recipe that `fits` (candidate -> bool), else the first."""
+        recipes = [r for r in ("dynamic-int8", "fp16", "fp32") if r in self.recipes.choices] or [
+            self.recipes.choices[0]]
         lr, temperature, alpha = self.seed_knobs()
         encoder = max(self.encoder.values())
         out = []
         for layers in self.decoder.values():
-            c = Seq2SeqCandidate(encoder, int(layers), recipe, lr, temperature, alpha, self.width)
+            c = first_fitting([Seq2SeqCandidate(encoder, int(layers), recipe, lr, temperature, alpha, self.width)
+                               for recipe in recipes], fits)
             if c not in out:
                 out.append(c)
         return out[:n]

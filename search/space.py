@@ -54,6 +54,11 @@ class Candidate:
         return asdict(self)
 
 
+def first_fitting(options: list, fits=None):
+    """The first of `options` (one student under recipes in order of preference) that `fits`, else the first."""
+    return next((c for c in options if fits is not None and fits(c)), options[0])
+
+
 @dataclass(frozen=True)
 class TeacherShape:
     num_layers: int
@@ -236,11 +241,14 @@ class SearchSpace(Knobs):
             params.pop("intermediate_size")
         return {(self._p(k) if k in SHAPE_PARAMS or k.startswith("num_heads_h") else k): v for k, v in params.items()}
 
-    def seeds(self, n: int, device: str = "cpu") -> list[Candidate]:
-        """Up to n teacher-layer subsets at (or nearest to) the teacher's width, with the preferred recipe.
+    def seeds(self, n: int, device: str = "cpu", fits=None) -> list[Candidate]:
+        """Up to n teacher-layer subsets at (or nearest to) the teacher's width, each with the first preferred
+        recipe that `fits` (candidate -> bool: the latency model predicts it within the budget), else the first.
 
         Half the teacher's layers at full width, dynamic-int8 on CPU, is DistilBERT's recipe made
-        servable; a third and two thirds bracket it. They give the sampler known-good points first.
+        servable; a third and two thirds bracket it. They give the sampler known-good points first, and
+        under a tight budget the same student served by a faster recipe is a better first point than one
+        the latency model would rule out unbuilt.
         """
         t = self.teacher
         hidden = nearest(self.hidden, t.hidden_size)
@@ -249,12 +257,12 @@ class SearchSpace(Knobs):
         ffn = nearest(self.ffn, ratio_ffn) if self.ffn else ratio_ffn
         lr, temperature, alpha = self.seed_knobs()
         preferred = [r for r in SEED_RECIPES if r in self.recipes.choices and not (device == "cuda" and r == "fp32")]
-        recipe = (preferred or list(self.recipes.choices))[0]
         out = []
         for fraction in SEED_LAYER_FRACTIONS:
             layers = nearest(self.layers, max(1, round(t.num_layers * fraction)))
             init = self.teacher_init(layers, hidden, heads, ffn) or "random"
-            c = Candidate(layers, hidden, heads, ffn, init, recipe, lr, temperature, alpha, self.family)
+            c = first_fitting([Candidate(layers, hidden, heads, ffn, init, recipe, lr, temperature, alpha, self.family)
+                               for recipe in preferred or list(self.recipes.choices)], fits)
             if c not in out:
                 out.append(c)
         return out[:n]
@@ -293,9 +301,9 @@ class FamilySpace:
     def params_of(self, c: Candidate) -> dict:
         return {"family": c.family, **self.spaces[c.family].params_of(c)}
 
-    def seeds(self, n: int, device: str = "cpu") -> list[Candidate]:
+    def seeds(self, n: int, device: str = "cpu", fits=None) -> list[Candidate]:
         """Each family's seeds in turn (its half-depth student first), up to n in all."""
-        per_family = [space.seeds(n, device) for space in self.spaces.values()]
+        per_family = [space.seeds(n, device, fits) for space in self.spaces.values()]
         out = [c for rank in range(n) for seeds in per_family if rank < len(seeds) for c in [seeds[rank]]]
         return out[:n]
 

@@ -379,6 +379,20 @@ RESOLVING_ATTR = "resolving_targets"  # set by the worker that created the study
 RESOLVE_WAIT_S = 900  # how long another worker waits for that budget before measuring one itself
 
 
+def seed_fits(ctx: Context, cfg: Config):
+    """What a seed's recipe must pass: the latency model's central prediction within the screening bound (not the
+    low edge that rules draws out: a seed should be expected to fit). None without a model: the preferred recipe."""
+    model = ctx.latency_model
+    if model is None or ctx.targets.p95_ms is None:
+        return None
+    bound = ctx.targets.p95_ms * (1.0 + cfg.search.screen_margin)
+
+    def fits(c) -> bool:
+        predicted = model.predict(c.family, c.recipe, c.num_layers, c.hidden_size, c.intermediate_size)
+        return predicted is not None and predicted <= bound
+    return fits
+
+
 def gate_reference(cfg: Config) -> dict | None:
     """The fp32 teacher as this config's gate measured it (report/gate.csv), when the gate ran with the same teacher,
     data and target profile; else None. Its p95, quality and size are what relative targets resolve against."""
@@ -552,7 +566,10 @@ def run_search(cfg: Config, accelerator, n_trials: int | None = None, timeout_s:
                        f"the budget)")
             return SearchResult(name, redact(storage_url(cfg)), [], [], message, EXIT_MISS, cfg.run_dir / "report")
     if created_study:  # not `if not study.trials`: workers started together would each enqueue the seeds
-        for candidate in space.seeds(cfg.search.seed_trials, cfg.target.device):
+        fits = seed_fits(ctx, cfg)  # a space without a latency model (a plug-in task's) need not take `fits`
+        seeds = (space.seeds(cfg.search.seed_trials, cfg.target.device) if fits is None
+                 else space.seeds(cfg.search.seed_trials, cfg.target.device, fits=fits))
+        for candidate in seeds:
             study.enqueue_trial(space.params_of(candidate), skip_if_exists=True)
     ctx.meta.update(meta_of(cfg, study))
 

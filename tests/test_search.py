@@ -406,6 +406,27 @@ def test_seeds_are_teacher_layer_subsets_at_full_width_with_dynamic_int8():
     assert s.suggest(study.ask()) == seeds[0]  # the enqueued parameters reproduce the seed
 
 
+def test_seeds_take_the_first_preferred_recipe_the_latency_model_expects_within_the_budget():
+    """Budget 2.0 ms, screening margin 5 % (bound 2.1 ms); a stand-in model at 0.8 ms a layer under dynamic-int8,
+    0.5 under onnx-int8, 2.0 under fp32. 3 layers: dynamic-int8 2.4 ms does not fit, onnx-int8 1.5 does; 2 layers:
+    dynamic-int8 1.6 fits; 4 layers: dynamic-int8 3.2 does not, onnx-int8 2.0 does. The central prediction decides,
+    not the low edge that rules a draw out."""
+    from types import SimpleNamespace
+
+    from kdlab.search.study import seed_fits
+    s = space("search.num_layers={min: 1, max: 6}", "search.recipes=[fp32, onnx-int8, dynamic-int8]")
+    per_layer = {"dynamic-int8": 0.8, "onnx-int8": 0.5, "fp32": 2.0}
+    model = SimpleNamespace(predict=lambda family, recipe, layers, hidden, ffn: layers * per_layer[recipe])
+    fits = seed_fits(SimpleNamespace(latency_model=model, targets=Targets(p95_ms=2.0)),
+                     load_config(None, ["data.dataset=glue"]))
+    assert [(c.num_layers, c.recipe) for c in s.seeds(3, fits=fits)] == [
+        (3, "onnx-int8"), (2, "dynamic-int8"), (4, "onnx-int8")]
+    per_layer["onnx-int8"] = 0.75  # 3 layers 2.25 ms, 4 layers 3.0 ms: nothing fits, the preferred recipe stays
+    assert [(c.num_layers, c.recipe) for c in s.seeds(3, fits=fits)] == [
+        (3, "dynamic-int8"), (2, "dynamic-int8"), (4, "dynamic-int8")]
+    assert seed_fits(SimpleNamespace(latency_model=None, targets=Targets(p95_ms=2.0)), None) is None
+
+
 OTHER = TeacherShape(num_layers=12, hidden_size=768, num_heads=12, intermediate_size=3072)  # MPNet-base's shape
 
 
