@@ -179,7 +179,8 @@ def compare(args, overrides: list[str]) -> int:
                 (cfg.run_dir / "teacher").symlink_to(teacher.resolve(), target_is_directory=True)
             if gate_csv.exists():  # the gate's figure is the study's only with the config it ran under beside it
                 for name in ("gate.csv", "gate_config.yaml"):
-                    shutil.copyfile(gate_csv.parent / name, cfg.run_dir / "report" / name)
+                    # copy2 keeps the modification time, which is when the gate measured the figure
+                    shutil.copy2(gate_csv.parent / name, cfg.run_dir / "report" / name)
                 if gate_reference(cfg) is None:  # else each run would measure its own budget
                     raise ConfigError(f"--compare: the gate's figure in {gate_csv} is not for this config's teacher, data "
                                       f"and target profile; run kdlab gate --config {args.config} again")
