@@ -208,7 +208,7 @@ def plan_of(manifest: dict) -> dict | None:
     if not cap.get("plan"):
         return None
     return {k: cap.get(k) for k in ("target_rps", "p95_slo_ms", "headroom", "overhead_ms", "stack_cpu_ms",
-                                    "cores")} | {
+                                    "wait_factor", "cores")} | {
         "batch_size": cap["plan"].get("batch_size"), "replicas": cap["plan"].get("instances")}
 
 

@@ -98,6 +98,7 @@ class Serving:
     overhead_ms: float = 0.0
     stack_cpu_ms: float = 0.0
     cores: float | None = None  # the cores all replicas share; None: each replica has its own
+    wait_factor: float = 1.0  # multiplies the queueing wait (serving.wait_factor: fitted on one configuration)
 
     def at(self, rate: float) -> dict:
         """The predicted figures when offered `rate` requests/s."""
@@ -114,7 +115,7 @@ class Serving:
         capacity = self.replicas * b_eff / (p50 / 1e3)
         if self.cores:
             capacity = min(capacity, self.cores * 1e3 / (self.stack_cpu_ms + self.threads * p50 / b_eff))
-        wait_ms = queue_wait_p95_ms(rate, capacity, latency_cv(p50, p95))
+        wait_ms = self.wait_factor * queue_wait_p95_ms(rate, capacity, latency_cv(p50, p95))
         return {"batch": b_eff, "fill_ms": fill_ms, "model_p50_ms": p50, "model_p95_ms": p95,
                 "capacity_rps": capacity, "utilisation": rate / capacity, "queue_p95_ms": wait_ms,
                 "p95_ms": fill_ms + p95 + self.overhead_ms + wait_ms}
@@ -166,7 +167,7 @@ class CapacityRow:
 
 def batch_option(batch_size: int, latency: dict[int, tuple[float, float]], *, target_rps: float, headroom: float,
                  overhead_ms: float, p95_slo_ms: float, threads: int = 1, stack_cpu_ms: float = 0.0,
-                 cores: float | None = None) -> BatchOption:
+                 cores: float | None = None, wait_factor: float = 1.0) -> BatchOption:
     """The fewest replicas at this batch that keep utilisation at target_rps within 1 - headroom and the
     predicted p95 within the SLO (the fewest within the headroom alone, marked missing the SLO, when none does)."""
     p50, p95 = latency[batch_size]
@@ -174,7 +175,8 @@ def batch_option(batch_size: int, latency: dict[int, tuple[float, float]], *, ta
     first = max(1, math.ceil(target_rps / (throughput * (1 - headroom))))
     fewest = previous = None
     for replicas in range(first, MAX_REPLICAS_PLANNED + 1):
-        got = Serving(latency, batch_size, replicas, threads, None, overhead_ms, stack_cpu_ms, cores).at(target_rps)
+        got = Serving(latency, batch_size, replicas, threads, None, overhead_ms, stack_cpu_ms, cores,
+                      wait_factor).at(target_rps)
         fewest = fewest or (replicas, got)
         if got["utilisation"] <= 1 - headroom and got["p95_ms"] <= p95_slo_ms:
             return BatchOption(batch_size, p50, p95, throughput, replicas, got["fill_ms"], got["p95_ms"], True,
@@ -222,13 +224,15 @@ def queue_limits(batch_size: int, throughput: float, replicas: int, p95_slo_ms: 
 
 def plan_one(label: str, latency: dict[int, tuple[float, float]], *, target_rps: float, p95_slo_ms: float,
              max_batch_size: int, headroom: float, overhead_ms: float = 0.0, batching_gain: float = 0.1,
-             threads: int = 1, stack_cpu_ms: float = 0.0, cores: float | None = None) -> CapacityRow:
+             threads: int = 1, stack_cpu_ms: float = 0.0, cores: float | None = None,
+             wait_factor: float = 1.0) -> CapacityRow:
     """`latency`: batch size -> (p50_ms, p95_ms) of the model itself on one replica."""
     if not 0 <= headroom < 1:
         raise ValueError(f"headroom must be in [0, 1), got {headroom}")
     latency = {int(b): v for b, v in latency.items()}
     options = [batch_option(b, latency, target_rps=target_rps, headroom=headroom, overhead_ms=overhead_ms,
-                            p95_slo_ms=p95_slo_ms, threads=threads, stack_cpu_ms=stack_cpu_ms, cores=cores)
+                            p95_slo_ms=p95_slo_ms, threads=threads, stack_cpu_ms=stack_cpu_ms, cores=cores,
+                            wait_factor=wait_factor)
                for b in sorted(latency) if b <= max_batch_size]
     best = None
     for o in options:  # ascending batch: a larger one must beat the best so far by batching_gain
@@ -252,10 +256,11 @@ def plan_one(label: str, latency: dict[int, tuple[float, float]], *, target_rps:
 
 def plan(latencies: dict[str, dict[int, tuple[float, float]]], *, target_rps: float, p95_slo_ms: float,
          max_batch_size: int, headroom: float, overhead_ms: float = 0.0, batching_gain: float = 0.1,
-         threads: int = 1, stack_cpu_ms: float = 0.0, cores: float | None = None) -> list[CapacityRow]:
+         threads: int = 1, stack_cpu_ms: float = 0.0, cores: float | None = None,
+         wait_factor: float = 1.0) -> list[CapacityRow]:
     return [plan_one(label, lat, target_rps=target_rps, p95_slo_ms=p95_slo_ms, max_batch_size=max_batch_size,
                      headroom=headroom, overhead_ms=overhead_ms, batching_gain=batching_gain, threads=threads,
-                     stack_cpu_ms=stack_cpu_ms, cores=cores)
+                     stack_cpu_ms=stack_cpu_ms, cores=cores, wait_factor=wait_factor)
             for label, lat in latencies.items()]
 
 
@@ -325,7 +330,8 @@ def plan_for(cfg, label: str, latency: dict[int, tuple[float, float]], threads: 
     sv = cfg.serving
     return plan_one(label, latency, target_rps=sv.target_rps, p95_slo_ms=sv.p95_slo_ms,
                     max_batch_size=sv.max_batch_size, headroom=sv.headroom, overhead_ms=sv.overhead_ms,
-                    batching_gain=sv.batching_gain, threads=threads, stack_cpu_ms=sv.stack_cpu_ms, cores=sv.cores)
+                    batching_gain=sv.batching_gain, threads=threads, stack_cpu_ms=sv.stack_cpu_ms, cores=sv.cores,
+                    wait_factor=sv.wait_factor)
 
 
 def capacity_section(cfg, latency: dict[int, tuple[float, float]], threads: int, *, label: str, unit: str,
@@ -341,6 +347,7 @@ def capacity_section(cfg, latency: dict[int, tuple[float, float]], threads: int,
     row = plan_for(cfg, label, latency, threads)
     out = {"target_rps": sv.target_rps, "p95_slo_ms": sv.p95_slo_ms, "headroom": sv.headroom,
            "overhead_ms": sv.overhead_ms, "stack_cpu_ms": sv.stack_cpu_ms, "cores": sv.cores,
+           "wait_factor": sv.wait_factor,
            "batching_gain": sv.batching_gain, "unit": unit,
            "latency": {str(b): {"p50_ms": v[0], "p95_ms": v[1]} for b, v in latency.items()}, "plan": asdict(row),
            "batching": batching_line(row), "assumptions": ASSUMPTIONS}
@@ -409,6 +416,7 @@ def run_capacity(cfg, front_rows: list[dict], console=None) -> dict | None:
     conditions = f"{cfg.target.device}, {threads} thread(s), sequence length {cfg.target.seq_len}"
     result = {"target_rps": sv.target_rps, "p95_slo_ms": slo, "headroom": sv.headroom,
               "overhead_ms": sv.overhead_ms, "stack_cpu_ms": sv.stack_cpu_ms, "cores": sv.cores,
+           "wait_factor": sv.wait_factor,
               "batching_gain": sv.batching_gain,
               "max_batch_size": sv.max_batch_size, "conditions": conditions, "assumptions": ASSUMPTIONS,
               "latency": {k: {str(b): {"p50_ms": v[0], "p95_ms": v[1]} for b, v in lat.items()}
@@ -451,7 +459,7 @@ def predicted_for(loadtest: dict) -> dict | None:
     serving = Serving({int(b): (v["p50_ms"], v["p95_ms"]) for b, v in table.items()}, server["max_batch_size"],
                       max(1, server.get("replicas") or 1), server.get("threads") or 1,
                       server.get("batch_wait_timeout_s", 0.0) * 1e3, plan.get("overhead_ms") or 0.0,
-                      plan.get("stack_cpu_ms") or 0.0, plan.get("cores"))
+                      plan.get("stack_cpu_ms") or 0.0, plan.get("cores"), plan.get("wait_factor") or 1.0)
     rate = loadtest["offered_rps"]
     got = serving.at(rate)
     return {"model": loadtest.get("model", {}).get("name") if loadtest.get("model") else None,

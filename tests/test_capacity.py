@@ -194,6 +194,24 @@ def test_the_sustained_rate_is_the_highest_rate_within_the_slo():
     assert Serving({1: (10.0, 10.0)}, 1, replicas=2).sustained_rps(20.0) > 2 * rate
 
 
+def test_the_wait_factor_scales_the_queueing_wait_only():
+    """The 50 req/s case above (wait95 23.03 ms on top of 5 ms model and 3 ms overhead) with serving.wait_factor 2:
+    the wait doubles to 46.05 ms, the model time and overhead stay; the sustained rate at a 50 ms SLO falls, and a
+    plan with the factor needs more replicas of a model whose replicas have their own cores."""
+    lat = {1: (5.0, 5.0)}
+    got = Serving(lat, 1, 1, overhead_ms=3.0, stack_cpu_ms=15.0, cores=2, wait_factor=2.0).at(50)
+    assert got["queue_p95_ms"] == pytest.approx(2 * 23.0259, abs=1e-3)
+    assert got["p95_ms"] == pytest.approx(5 + 3 + 2 * 23.0259, abs=1e-3)
+    assert Serving(lat, 1, wait_factor=2.0).sustained_rps(50.0) < Serving(lat, 1).sustained_rps(50.0)
+    # 10 ms deterministic model, SLO 20 ms, 60 req/s: 1 replica (rho 0.6) waits 31.06 ms, 2 (rho 0.3) 6.40 ms:
+    # 2 replicas. With factor 4: 2 replicas 25.60 ms, 3 (rho 0.2) 4 x 2.89 = 11.55 ms, 4 (rho 0.15) 4 x 1.62 =
+    # 6.46 ms: 4 replicas.
+    plain = plan_one("m", {1: (10.0, 10.0)}, target_rps=60, p95_slo_ms=20, max_batch_size=1, headroom=0.3)
+    slow = plan_one("m", {1: (10.0, 10.0)}, target_rps=60, p95_slo_ms=20, max_batch_size=1, headroom=0.3,
+                    wait_factor=4.0)
+    assert (plain.instances, slow.instances) == (2, 4)
+
+
 def test_cpu_per_request_subtracts_the_idle_burn_and_the_models_own_time():
     """3 s of server CPU over a 10 s window with 100 answers, 0.1 core idle: (3 - 1) / 100 = 20 ms a request;
     the model ran batch 1 at 4.6 ms on 1 thread: 15.4 ms is the serving stack's; Locust used 0.5 s: 5 ms."""

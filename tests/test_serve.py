@@ -289,3 +289,44 @@ def test_the_length_check_never_unpads_a_batch_running_on_the_model_thread(expor
                 len(texts[checks % 64:checks % 64 + 8])]
             checks += 1
         assert done.result() == 8 * len(batches) and checks > 10
+
+
+def test_bench_serve_fits_the_cpu_line_through_two_rates():
+    """bench_serve's CPU fit by hand: 20 req/s at 14.1 + 2.0 ms a request is 0.322 cores, 60 req/s at 11.0 + 2.0 ms
+    is 0.78 cores; the line's slope is 0.458 / 40 = 11.45 ms a request and it meets zero rate at 0.093 cores. A
+    per-request cost that rises with the rate would give a negative intercept: pinned at 0 through the high point."""
+    from kdlab.scripts.bench_serve import cpu_line
+
+    def run(rate, server, loadgen):
+        return {"achieved_rps": rate, "server_cpu_ms": server, "loadgen_cpu_ms": loadgen}
+    fixed, marginal = cpu_line(run(20, 14.1, 2.0), run(60, 11.0, 2.0))
+    assert fixed == pytest.approx(0.093) and marginal == pytest.approx(11.45)
+    assert cpu_line(run(60, 11.0, 2.0), run(20, 14.1, 2.0)) == pytest.approx((0.093, 11.45))  # order-free
+    assert cpu_line(run(20, 8.0, 2.0), run(60, 10.0, 2.0)) == pytest.approx((0.0, 12.0))
+
+
+def test_bench_serve_fits_the_wait_factor_that_reproduces_the_fitted_rate():
+    """The fitted configuration's measured rate pins the queueing-wait factor: the serving model with that factor
+    predicts the rate back (to its 1 % grid), a lower measured rate needs a larger factor, and a rate beyond what
+    any factor in range predicts takes the range's bound."""
+    from kdlab.scripts.bench_serve import WAIT_FACTORS, Fit, fit_wait_factor, predicted_rps
+    latency = {"1": {"p50_ms": 2.0, "p95_ms": 3.0}, "8": {"p50_ms": 12.0, "p95_ms": 15.0}}
+    unbatched = {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}
+    fit = Fit(overhead_ms=10.0, stack_cpu_ms=12.0, cores=1.9)
+    plain = predicted_rps(latency, unbatched, 1, fit, 50.0)
+    factors = [fit_wait_factor(latency, unbatched, 1, fit, 50.0, plain * f) for f in (0.8, 0.6)]
+    assert 1.0 < factors[0] < factors[1]
+    for f, factor in zip((0.8, 0.6), factors):
+        assert predicted_rps(latency, unbatched, 1, fit, 50.0, factor) == pytest.approx(plain * f, rel=0.02)
+    assert fit_wait_factor(latency, unbatched, 1, fit, 50.0, plain * 3) == WAIT_FACTORS[0]
+    assert fit_wait_factor(latency, unbatched, 1, fit, 50.0, 0.0) == 1.0
+
+
+def test_bench_serve_judges_batching_by_the_plans_rule():
+    """Batched counts as the better option only when it serves serving.batching_gain (10 %) more than unbatched,
+    the rule the plan chooses by: 4 % more is unbatched, 14 % more is batched; nothing served is no choice."""
+    from kdlab.scripts.bench_serve import batching_choice
+    assert batching_choice(76.5, 79.8, 0.1) == "unbatched"
+    assert batching_choice(64.4, 73.6, 0.1) == "batched"
+    assert batching_choice(81.0, 75.5, 0.1) == "unbatched"
+    assert batching_choice(0.0, 0.0, 0.1) is None
