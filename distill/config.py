@@ -285,6 +285,9 @@ class SearchConfig:
     latency_samples: int = _f(40, "untrained (architecture, recipe) points timed before the first trial to fit a "
                                   "latency model that rules out draws too slow for the budget (cached per machine "
                                   "and target profile); 0: no model, every draw is built and timed")
+    latency_recheck: int = _f(6, "cached latency-model points re-timed when a study reads the table: each recipe's "
+                                 "cached points are scaled by how much slower or faster they time now (a shared "
+                                 "machine's speed drifts); 0 trusts the cache")
     stop_at: list = _f([0.25, 0.5], "fractions of a trial's steps at which a student that cannot make the quality "
                                     "floor, or that the front already beats, stops training (search/early_stop.py); "
                                     "[] trains every trial to the end")
@@ -589,6 +592,7 @@ def _check_search(cfg: Config, c, label: str) -> None:
                                           for f in s.stop_at),
       "search.stop_at", f"must be a list of fractions in (0, 1), got {s.stop_at!r}")
     c(s.latency_samples >= 0, "search.latency_samples", f"must be >= 0, got {s.latency_samples}")
+    c(s.latency_recheck >= 0, "search.latency_recheck", f"must be >= 0, got {s.latency_recheck}")
     for key in ("stop_headroom", "stop_allowance", "stop_margin"):
         c(getattr(s, key) >= 0, f"search.{key}", f"must be >= 0, got {getattr(s, key)}")
     c(s.storage is None or bool(str(s.storage).strip()), "search.storage", "is empty; valid: an RDB URL such as sqlite:///runs/x/optuna.db")

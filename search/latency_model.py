@@ -20,7 +20,11 @@ fewer than MIN_POINTS measured points gets no model and rules nothing out.
 The measured table is cached per machine and target profile (<cache>/latency/<key>.json; key: CPU model,
 cores, torch and onnxruntime versions, device, threads, batch, sequence length setting and timing settings)
 and reused across studies: a point is timed once per machine and profile. Rows also carry the student's
-model type and the median dev length its tokenizer gives, which change the cost.
+model type and the median dev length its tokenizer gives, which change the cost. A shared machine's speed
+drifts, so a study that reads the table first re-times a few of its points (`search.latency_recheck`) and
+scales each recipe's cached points by how much slower or faster they time now, when that is beyond
+MIN_ERROR (`recheck`): here the same untrained points timed 1.15-1.6x their cached p95 a day later, and a
+model fitted on the stale table let through students that then missed the budget.
 """
 from __future__ import annotations
 
@@ -61,6 +65,7 @@ class LatencyModel:
     error: float = MIN_ERROR
     points: int = 0
     cached: int = 0  # of `points`, how many came from the cache instead of being timed now
+    drift: dict = field(default_factory=dict)  # "family/recipe" -> now / cached p95 of the re-timed points
     fastest: dict | None = None  # the fastest measured point (for "nothing can meet the budget")
 
     def predict(self, family: str, recipe: str, layers: int, hidden: int, ffn: int) -> float | None:
@@ -73,7 +78,7 @@ class LatencyModel:
         return predicted is not None and bound_ms is not None and predicted * (1.0 - self.error) > bound_ms
 
     def summary(self) -> dict:
-        return {"points": self.points, "cached": self.cached, "error": round(self.error, 4),
+        return {"points": self.points, "cached": self.cached, "error": round(self.error, 4), "drift": self.drift,
                 "models": sorted(f"{f}/{r}" for f, r in self.coefs), "fastest": self.fastest}
 
 
@@ -162,8 +167,9 @@ def sample(architectures: list[tuple], n: int, seed: int) -> list[tuple]:
     return (chosen + rest)[:max(n, len(chosen))]
 
 
-def calibrate(ctx, architectures: list[tuple], n: int, say=print) -> LatencyModel:
-    """Time a sample of `architectures` (or read it from the cache) and fit the model. `ctx`: the search Context."""
+def calibrate(ctx, architectures: list[tuple], n: int, say=print, recheck_points: int = 0) -> LatencyModel:
+    """Time a sample of `architectures` (or read it from the cache, re-timing `recheck_points` of the cached ones
+    first: `recheck`) and fit the model. `ctx`: the search Context."""
     cfg = ctx.cfg
     path = table_path(cfg, ctx.threads)
     table = {_row_key(r): r for r in _read(path)}
@@ -175,7 +181,9 @@ def calibrate(ctx, architectures: list[tuple], n: int, say=print) -> LatencyMode
             rows.append({**table[key], "family": a[0]})
         else:
             todo.append((a, key))
-    cached = len(rows)
+    cached, drift = len(rows), {}
+    if cached and recheck_points:
+        rows, drift = recheck(ctx, rows, recheck_points, path, say)
     if todo:
         say(f"latency model: timing {len(todo)} untrained candidates of the space ({cached} cached for this machine "
             f"and profile in {path})")
@@ -185,8 +193,68 @@ def calibrate(ctx, architectures: list[tuple], n: int, say=print) -> LatencyMode
         _write(path, fresh)
         rows += fresh
     model = fit(rows)
-    model.cached = cached
+    model.cached, model.drift = cached, drift
     return model
+
+
+def probes(rows: list[dict], n: int) -> list[dict]:
+    """Up to n cached rows to re-time, the (family, recipe) groups in turn: each group's row at its median p95
+    first, then its slowest, its fastest, and the rest outward from the median."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["family"], r["recipe"]), []).append(r)
+    orders = []
+    for g in groups.values():
+        ranked, mid = sorted(g, key=lambda r: r["p95_ms"]), len(g) // 2
+        first = [ranked[mid], ranked[-1], ranked[0]]
+        rest = sorted(range(len(ranked)), key=lambda i: abs(i - mid))
+        orders.append(list({id(r): r for r in first + [ranked[i] for i in rest]}.values()))
+    picks = [order[k] for k in range(max(map(len, orders), default=0)) for order in orders if k < len(order)]
+    return picks[:n]
+
+
+def drift_of(pairs: list[tuple[dict, float]]) -> dict:
+    """(family, recipe) -> median of now / cached p95 over its re-timed rows, and None -> the median over all."""
+    ratios: dict = {}
+    for row, now in pairs:
+        ratios.setdefault((row["family"], row["recipe"]), []).append(now / row["p95_ms"])
+    out = {key: float(np.median(v)) for key, v in ratios.items()}
+    if pairs:
+        out[None] = float(np.median([now / row["p95_ms"] for row, now in pairs]))
+    return out
+
+
+def rescaled(rows: list[dict], drift: dict) -> list[dict]:
+    """The rows with each (family, recipe)'s p95 scaled by its drift (the overall one where it has none) when that
+    is beyond MIN_ERROR either way; within it, timing noise: the cached figure stands."""
+    out = []
+    for r in rows:
+        ratio = drift.get((r["family"], r["recipe"]), drift.get(None, 1.0))
+        out.append({**r, "p95_ms": r["p95_ms"] * ratio} if abs(ratio - 1.0) > MIN_ERROR else r)
+    return out
+
+
+def recheck(ctx, rows: list[dict], n: int, path: Path, say=print) -> tuple[list[dict], dict]:
+    """Re-time `n` cached rows (`probes`) now and scale the cached table by how far they drifted (`rescaled`); the
+    re-timed rows replace theirs in the cache. Returns (rows, {"family/recipe": ratio})."""
+    picked = probes(rows, n)
+    items = [((r["family"], r["num_layers"], r["hidden_size"], r["num_heads"], r["intermediate_size"], r["recipe"]),
+              _row_key(r)) for r in picked]
+    fresh = []
+    for start in range(0, len(items), GROUP):
+        fresh += _time_group(ctx, items[start:start + GROUP])
+    now = {_row_key(r): r["p95_ms"] for r in fresh}
+    drift = drift_of([(r, now[_row_key(r)]) for r in picked if _row_key(r) in now])
+    if not fresh:
+        return rows, {}
+    _write(path, fresh)
+    out = [{**r, "p95_ms": now[_row_key(r)]} if _row_key(r) in now else r for r in rescaled(rows, drift)]
+    shown = {f"{k[0]}/{k[1]}": round(v, 3) for k, v in drift.items() if k is not None}
+    moved = abs(drift[None] - 1.0) > MIN_ERROR or any(abs(v - 1.0) > MIN_ERROR for v in shown.values())
+    say(f"latency model: re-timed {len(fresh)} cached points: now / cached p95 " +
+        ", ".join(f"{k} {v:.2f}x" for k, v in shown.items()) +
+        ("; the cached table is scaled by that (beyond ±10 %)" if moved else "; within ±10 %, the cache stands"))
+    return out, shown
 
 
 def _model_type(ctx) -> str:

@@ -23,10 +23,10 @@ from pathlib import Path
 import optuna
 import torch
 
-from kdlab.distill.config import Config
+from kdlab.distill.config import Config, search_recipes
 from kdlab.distill.students import count_params
 from kdlab.search.early_stop import StopCheck, Stopped
-from kdlab.search.space import SearchSpace
+from kdlab.search.space import SEED_RECIPES, SearchSpace
 from kdlab.search.study_report import FIGURES
 from kdlab.search.study_tracking import StudyTracking
 from kdlab.search.targets import GateRow, Targets
@@ -221,6 +221,8 @@ def run_trial(trial: optuna.Trial, ctx: Context, evaluate):
     candidate = ctx.space.suggest(trial)
     for key, value in candidate.to_dict().items():
         trial.set_user_attr(key, value)
+    if hasattr(candidate, "label"):  # how reports name the trial: the candidate says it, not the stage
+        trial.set_user_attr("label", candidate.label())
     # TPE returns to good points of a mostly categorical space; training the same candidate again
     # would spend minutes to learn nothing new, so a repeat is pruned and points to its twin.
     # Workers sharing a study can draw (or enqueue) the same point at once: of trials running the same
@@ -342,17 +344,20 @@ def evaluate(trial, candidate, ctx: Context, tracker):
 
 def fallback_recipes(candidate, ctx: Context) -> list[str]:
     """The space's other recipes for `candidate`'s weights, fastest first: by the latency model's prediction for
-    this architecture where it has one, else in the seed order (int8 before half precision before fp32)."""
-    from kdlab.search.space import SEED_RECIPES
-    others = [r for r in ctx.space.recipes.choices if r != candidate.recipe]
+    this architecture where it has one, else in the seed order (int8 before half precision before fp32). A recipe
+    the model rules out for this architecture is left out: re-served under it, the student would trade an
+    agreement miss for a budget miss (every one of the 5 re-served under fp32 in one search here)."""
+    others = [r for r in search_recipes(ctx.cfg) if r != candidate.recipe]  # what every family's space draws
     order = {r: i for i, r in enumerate(SEED_RECIPES)}
     model = ctx.latency_model
+    bound = (ctx.targets.p95_ms * (1.0 + ctx.cfg.search.screen_margin)
+             if model is not None and ctx.targets.p95_ms is not None else None)
 
-    def speed(recipe):
-        predicted = None if model is None else model.predict(candidate.family, recipe, candidate.num_layers,
-                                                             candidate.hidden_size, candidate.intermediate_size)
-        return (predicted is None, predicted or 0.0, order.get(recipe, len(order)))
-    return sorted(others, key=speed)
+    def predicted(recipe):
+        return None if model is None else model.predict(candidate.family, recipe, candidate.num_layers,
+                                                        candidate.hidden_size, candidate.intermediate_size)
+    kept = [r for r in others if bound is None or not model.rules_out(predicted(r), bound)]
+    return sorted(kept, key=lambda r: (predicted(r) is None, predicted(r) or 0.0, order.get(r, len(order))))
 
 
 def _serve_agreeing(trial, candidate, trained, ctx: Context, trial_dir: Path, agreement: float):
@@ -380,6 +385,7 @@ def _serve_agreeing(trial, candidate, trained, ctx: Context, trial_dir: Path, ag
     trial.set_user_attr("recipe_agreement", tried)
     if found is not None:
         trial.set_user_attr("recipe", found[0].recipe)
+        trial.set_user_attr("label", found[0].label())
         shutil.rmtree(trial_dir / "served", ignore_errors=True)  # the drawn recipe's artefact, which no one serves
     return found
 

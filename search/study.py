@@ -241,12 +241,9 @@ def refresh(cfg: Config, study: optuna.Study, meta: dict, tracking: StudyTrackin
 
 
 def _trial_line(row: dict) -> str:
-    if row.get("encoder_layers") is not None:  # seq2seq
-        head = f"trial {row['trial']}: {arch_text(row)}: "
-    else:
-        family = f" of {row['family']}" if row.get("family") not in (None, "teacher") else ""
-        head = (f"trial {row['trial']}: {row.get('num_layers')}L x {row.get('hidden_size')} ({row.get('num_heads')} "
-                f"heads, ffn {row.get('intermediate_size')}), {row.get('init')}{family}, {row.get('recipe')}: ")
+    head = f"trial {row['trial']}: {arch_text(row)}: "
+    if row.get("drawn_recipe") and row["drawn_recipe"] != row.get("recipe"):
+        head += f"(drawn as {row['drawn_recipe']}, re-served: its artefact disagreed with its fp32 weights) "
     if row["state"] == "FAIL":
         return head + f"FAILED ({row.get('error')})"
     if row.get("ruled_out"):
@@ -549,7 +546,8 @@ def run_search(cfg: Config, accelerator, n_trials: int | None = None, timeout_s:
     budget = budget_line(study.user_attrs.get("targets", {}), study.user_attrs.get("reference"))
     print(f"budget: {budget}", flush=True)
     if getattr(space, "architectures", None) and cfg.search.latency_samples and ctx.targets.p95_ms is not None:
-        ctx.latency_model = calibrate(ctx, space.architectures(), cfg.search.latency_samples)
+        ctx.latency_model = calibrate(ctx, space.architectures(), cfg.search.latency_samples,
+                                      recheck_points=cfg.search.latency_recheck)
         study.set_user_attr("latency_model", ctx.latency_model.summary())
         bound = ctx.targets.p95_ms * (1.0 + cfg.search.screen_margin)
         possible = [a for a in space.architectures()

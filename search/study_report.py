@@ -23,9 +23,11 @@ from kdlab.search.pareto import Point, front_steps, pareto_front
 ROW_FIELDS = ("trial", "state", "feasible", "screened_out", "is_pareto", "quality", "p50_ms", "p95_ms", "p99_ms",
               "throughput", "size_mb", "params", "train_seconds", "steps", "pre_p95_ms", "pre_size_mb",
               "label_agreement", "p95_low_ms", "p95_high_ms", "p95_verdict", "violates", "num_layers",
-              "hidden_size", "num_heads", "intermediate_size", "init", "recipe", "drawn_recipe", "learning_rate", "temperature",
+              "hidden_size", "num_heads", "intermediate_size", "init", "recipe", "drawn_recipe", "label", "learning_rate", "temperature",
               "alpha", "family", "encoder_layers", "decoder_layers", "error", "duplicate_of", "stopped_early",
               "stop_reason", "ruled_out", "predicted_p95_ms", "checkpoint", "mlflow_run_id")
+SHAPE_FIELDS = ("num_layers", "encoder_layers", "decoder_layers", "hidden_size", "num_heads", "intermediate_size",
+                "family")
 FIGURES = ("quality", "p50_ms", "p95_ms", "p99_ms", "throughput", "size_mb", "params", "train_seconds", "steps",
            "pre_p95_ms", "pre_size_mb", "label_agreement")
 
@@ -58,14 +60,14 @@ def trial_rows(trials, run_dir: Path | None = None) -> list[dict]:
 
 
 def arch_text(row: dict) -> str:
+    """The trial's candidate as its task's space labels it (`label`, stored when it was drawn); for a trial recorded
+    without one, the shape it was drawn with, as recorded."""
+    if row.get("label"):
+        return row["label"]
     if row.get("recipe") is None:  # every drawn candidate has a recipe; its shape keys are its space's own
         return "(not drawn)"
-    if row.get("encoder_layers") is not None:  # seq2seq
-        return (f"{row['encoder_layers']}+{row['decoder_layers']} layers (encoder+decoder) x {row['hidden_size']}, "
-                f"{row['init']}, {row['recipe']}")
-    family = f" of {row['family']}" if row.get("family") not in (None, "teacher") else ""
-    return (f"{row['num_layers']} layers x {row['hidden_size']} hidden, {row['num_heads']} heads, "
-            f"ffn {row['intermediate_size']}, {row['init']}{family}, {row['recipe']}")
+    shape = ", ".join(f"{k.replace('_', ' ')} {row[k]}" for k in SHAPE_FIELDS if row.get(k) is not None)
+    return ", ".join(filter(None, (shape, row.get("init"), row["recipe"])))
 
 
 def conditions_text(conditions: dict) -> str:
@@ -240,21 +242,16 @@ def print_front(rows: list[dict], meta: dict, console=None) -> None:
     title = (f"search '{meta['study']}': Pareto front ({len(front)} of {len(rows)} trials; quality ↑, p95 ↓)" if front
              else f"search '{meta['study']}': no feasible trial ({len(rows)} trials)")
     table = Table(title=title, caption=conditions_text(meta["conditions"]), caption_justify="left")
-    headers = ["trial", "layers", "hidden", "heads", "ffn", "init", "recipe", meta["metric"], "p50 ms", "p95 ms",
-               "size MB", "params M", "train s", "agree %", "state"]
-    for i, h in enumerate(headers):
-        table.add_column(h, justify="left" if h in ("init", "recipe", "state") else "right")
+    headers = ["trial", "student", meta["metric"], "p50 ms", "p95 ms", "size MB", "params M", "train s", "agree %",
+               "state"]
+    for h in headers:
+        table.add_column(h, justify="left" if h in ("student", "state") else "right")
     for r in sorted(shown, key=lambda r: (r["p95_ms"] is None, r["p95_ms"] or 0.0)):
         state = "screened out" if r["screened_out"] else f"stopped early ({r['stopped_early']})" if r.get(
             "stopped_early") else "ruled out" if r.get("ruled_out") else (r["state"].lower() if r["state"] != "COMPLETE" else
                                                           ("feasible" if r["feasible"] else
                                                            f"infeasible ({r['violates']})"))
-        layers = (f"{r['encoder_layers']}+{r['decoder_layers']}" if r.get("encoder_layers") is not None
-                  else r.get("num_layers"))  # an encoder-decoder's depths: encoder+decoder
-        table.add_row(str(r["trial"]), "" if layers is None else str(layers),
-                      *(str(r.get(k) if r.get(k) is not None else "") for k in
-                        ("hidden_size", "num_heads", "intermediate_size", "init", "recipe")),
-                      _num(r["quality"], "{:.4f}"), _num(r["p50_ms"], "{:.2f}"), _num(r["p95_ms"], "{:.2f}"),
+        table.add_row(str(r["trial"]), arch_text(r), _num(r["quality"], "{:.4f}"), _num(r["p50_ms"], "{:.2f}"), _num(r["p95_ms"], "{:.2f}"),
                       _num(r["size_mb"], "{:.1f}"), _num(r["params"] and r["params"] / 1e6, "{:.2f}"),
                       _num(r["train_seconds"], "{:.0f}"),
                       _num(None if r.get("label_agreement") is None else 100 * r["label_agreement"], "{:.2f}"), state)

@@ -152,7 +152,7 @@ def test_search_records_trials_constraints_checkpoints_and_mlflow_runs(root, mai
                for r, t in zip(rows, trials))
     assert (rows[0]["threads"], rows[0]["batch_size"], rows[0]["seq_len"]) == ("1", "1", "data")
     html = (report / "pareto.html").read_text()
-    assert "1 layers x 64 hidden, 4 heads, ffn 128, teacher-layers, dynamic-int8" in html  # the hover text
+    assert "1L x 64 (4 heads, ffn 128), teacher-layers, dynamic-int8" in html  # the hover text: the label
     assert '<script src="https://cdn.plot.ly' not in html and len(html) > 1_000_000  # plotly.js embedded: opens offline
     assert (report / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -550,13 +550,15 @@ def test_a_repeated_candidate_is_pruned_without_work():
     assert study.trials[1].user_attrs["duplicate_of"] == 0
 
 
-def _refallback(tmp_path, recipes, drawn, agreements, latency=None):
-    """_serve_agreeing on stand-in task parts: each recipe's agreement is given; returns (found, served, trial)."""
+def _refallback(tmp_path, recipes, drawn, agreements, latency=None, budget_ms=None):
+    """_serve_agreeing on stand-in task parts: each recipe's agreement is given, and with `latency` a stand-in
+    latency model (error 10 %) against `budget_ms`; returns (candidate, found, served, trial)."""
     import dataclasses
     from types import SimpleNamespace
 
     from kdlab.search.objective import PhaseClock, _serve_agreeing
-    s = space(f"search.recipes=[{', '.join(recipes)}]")
+    overrides = [f"search.recipes=[{', '.join(recipes)}]"]
+    s = space(*overrides)
     served = []
 
     def serve(recipe, model, ctx, workdir):
@@ -564,9 +566,10 @@ def _refallback(tmp_path, recipes, drawn, agreements, latency=None):
         return recipe
 
     parts = SimpleNamespace(served=serve, quality=lambda artefact, trained, c, ctx: (0.9, agreements[c.recipe]))
-    model = None if latency is None else SimpleNamespace(predict=lambda family, recipe, *shape: latency[recipe])
-    ctx = SimpleNamespace(cfg=load_config(None, ["data.dataset=glue"]), space=s, latency_model=model, parts=parts,
-                          clock=PhaseClock())
+    model = None if latency is None else SimpleNamespace(predict=lambda family, recipe, *shape: latency[recipe],
+                                                         rules_out=lambda p, bound: p * 0.9 > bound)
+    ctx = SimpleNamespace(cfg=load_config(None, ["data.dataset=glue", *overrides]), space=s, latency_model=model,
+                          parts=parts, clock=PhaseClock(), targets=Targets(p95_ms=budget_ms))
     candidate = dataclasses.replace(s.seeds(1)[0], recipe=drawn)
     trial = optuna.create_study(directions=["maximize", "minimize"]).ask()
     trial.set_user_attr("recipe", drawn)
@@ -585,8 +588,9 @@ def test_a_student_whose_artefact_disagrees_is_re_served_fastest_first_without_r
     assert (again.recipe, artefact, quality, agreement) == ("fp32", "fp32", 0.9, 1.0)
     assert {k: v for k, v in again.to_dict().items() if k != "recipe"} == {
         k: v for k, v in candidate.to_dict().items() if k != "recipe"}  # same student, only the recipe differs
-    assert trial.user_attrs == {"recipe": "fp32", "drawn_recipe": "onnx-int8",
+    assert trial.user_attrs == {"recipe": "fp32", "drawn_recipe": "onnx-int8", "label": again.label(),
                                 "recipe_agreement": {"onnx-int8": 0.97, "dynamic-int8": 0.985, "fp32": 1.0}}
+    assert again.label().endswith(", fp32")  # how reports name it: the recipe it is served by
 
     _, found, served, _ = _refallback(tmp_path, ["fp32", "dynamic-int8", "onnx-int8"], "onnx-int8",
                                       {"onnx-int8": 0.97, "dynamic-int8": 0.995, "fp32": 1.0}, latency)
@@ -595,6 +599,11 @@ def test_a_student_whose_artefact_disagrees_is_re_served_fastest_first_without_r
     _, found, served, _ = _refallback(tmp_path, ["fp32", "onnx-int8", "dynamic-int8"], "dynamic-int8",
                                       {"dynamic-int8": 0.98, "onnx-int8": 0.999, "fp32": 1.0})
     assert served == ["onnx-int8"] and found[0].recipe == "onnx-int8"
+    # Budget 2 ms (bound 2.1 with the 5 % margin): fp32 at 4 ms is ruled out (4 x 0.9 > 2.1), so it is never
+    # served; dynamic-int8 at 2 ms still disagrees, and the trial keeps its drawn recipe.
+    _, found, served, trial = _refallback(tmp_path, ["fp32", "dynamic-int8", "onnx-int8"], "onnx-int8",
+                                          {"onnx-int8": 0.97, "dynamic-int8": 0.985, "fp32": 1.0}, latency, 2.0)
+    assert found is None and served == ["dynamic-int8"] and trial.user_attrs["recipe"] == "onnx-int8"
     # No recipe agrees (no fp32 in the space): the trial keeps its drawn recipe and stays infeasible.
     _, found, served, trial = _refallback(tmp_path, ["dynamic-int8", "onnx-int8"], "onnx-int8",
                                           {"onnx-int8": 0.97, "dynamic-int8": 0.98})

@@ -193,14 +193,41 @@ def test_draws_the_model_rules_out_are_never_built_and_n_trials_counts_trained(r
     children = mlflow.search_runs(experiment_names=["ruled"], output_format="list",
                                   filter_string="tags.`kdlab.stage` = 'search-trial'")
     assert len(children) == len(built)
-    # the measured table is cached for this machine and profile: a second study times nothing
-    second = config_of(root, tiny_teacher_dir, "ruled2", {"p95_ms": 2.5}, latency_samples=8)
+    # with search.latency_recheck 0 the measured table is trusted: a second study times nothing
+    second = config_of(root, tiny_teacher_dir, "ruled2", {"p95_ms": 2.5}, latency_samples=8, latency_recheck=0)
 
     def no_timing(*args, **kwargs):
         raise AssertionError("the cached table was timed again")
     monkeypatch.setattr(lm, "measure_candidates", no_timing)
     assert kdlab(["search", "--config", str(second), "--n-trials", "1"]) == 0
     assert "latency model: 6 points (6 cached)" in capsys.readouterr().out
+    monkeypatch.setattr(lm, "measure_candidates", scripted_timing)
+    # the machine now times everything 2x slower: a study that re-checks 2 cached points scales the table by 2,
+    # and only the two 1 x 32 points (2 ms) stay within the bound
+    import sys
+    slow = sys.modules[__name__].scripted_p95
+    monkeypatch.setattr(sys.modules[__name__], "scripted_p95", lambda module: 2 * slow(module))
+    third = config_of(root, tiny_teacher_dir, "ruled3", {"p95_ms": 2.5}, latency_samples=8, latency_recheck=2)
+    assert kdlab(["search", "--config", str(third), "--n-trials", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "latency model: re-timed 2 cached points: now / cached p95 teacher/dynamic-int8 2.00x" in out
+    assert "the cached table is scaled by that" in out
+    assert "latency model: 6 points (6 cached), error 10%; 2 of 6 architecture x recipe points" in out
+    assert study_of(root, "ruled3").user_attrs["latency_model"]["drift"] == {"teacher/dynamic-int8": 2.0}
+
+
+def test_a_drifted_machine_scales_each_recipes_cached_points():
+    """Re-timed now: the int8 point at 2x its cached p95, the fp32 ones at 1.02x and 1.14x (median 1.08): int8's
+    cached rows double, fp32's stay (within the 10 % of timing noise); a recipe with no re-timed point takes the
+    median of all three ratios (1.14x: scaled)."""
+    rows = [{"family": "teacher", "recipe": r, "p95_ms": p} for r, p in
+            (("int8", 1.0), ("int8", 2.0), ("int8", 3.0), ("fp32", 4.0), ("fp32", 6.0), ("bf16", 10.0))]
+    picked = lm.probes(rows, 4)
+    assert [(r["recipe"], r["p95_ms"]) for r in picked] == [("int8", 2.0), ("fp32", 6.0), ("bf16", 10.0),
+                                                             ("int8", 3.0)]
+    drift = lm.drift_of([(rows[1], 4.0), (rows[3], 4.08), (rows[4], 6.84)])
+    assert drift == pytest.approx({("teacher", "int8"): 2.0, ("teacher", "fp32"): 1.08, None: 1.14})
+    assert [r["p95_ms"] for r in lm.rescaled(rows, drift)] == pytest.approx([2.0, 4.0, 6.0, 4.0, 6.0, 11.4])
 
 
 def test_no_candidate_predicted_feasible_exits_3_with_nothing_trained(root, tiny_teacher_dir, scripted_timing,
