@@ -39,7 +39,8 @@ class Seq2SeqCandidate:
     init: str = "teacher-layers"
 
     def label(self) -> str:
-        return f"{self.encoder_layers}+{self.decoder_layers} layers x {self.hidden_size}, {self.init}, {self.recipe}"
+        return (f"{self.encoder_layers}+{self.decoder_layers} layers (encoder+decoder) x {self.hidden_size}, "
+                f"{self.init}, {self.recipe}")
 
     def to_dict(self) -> dict:
         return asdict(self)
