@@ -257,17 +257,25 @@ def run_trial(trial: optuna.Trial, ctx: Context, evaluate):
     return outcome
 
 
+def screening_bound(ctx: Context) -> float | None:
+    """The p95 an untrained candidate is judged against: the budget x (1 + search.screen_margin); None without one."""
+    return None if ctx.targets.p95_ms is None else ctx.targets.p95_ms * (1.0 + ctx.cfg.search.screen_margin)
+
+
+def predicted_p95(model, candidate, recipe: str | None = None) -> float | None:
+    """The latency model's p95 for `candidate`'s architecture served by `recipe` (default its own); None without."""
+    return None if model is None else model.predict(candidate.family, recipe or candidate.recipe,
+                                                    candidate.num_layers, candidate.hidden_size,
+                                                    candidate.intermediate_size)
+
+
 def _rule_out(trial, candidate, ctx: Context) -> None:
     """Prune a draw the latency model predicts too slow for the screening bound, before anything is built."""
-    model = ctx.latency_model
-    if model is None or ctx.targets.p95_ms is None:
-        return
-    predicted = model.predict(candidate.family, candidate.recipe, candidate.num_layers, candidate.hidden_size,
-                              candidate.intermediate_size)
+    model, bound = ctx.latency_model, screening_bound(ctx)
+    predicted = predicted_p95(model, candidate) if bound is not None else None
     if predicted is None:
         return
     trial.set_user_attr("predicted_p95_ms", predicted)
-    bound = ctx.targets.p95_ms * (1.0 + ctx.cfg.search.screen_margin)
     if model.rules_out(predicted, bound):
         trial.set_user_attr("ruled_out", True)
         agreement = 0.0 if ctx.agreement_constraint else None
@@ -313,8 +321,7 @@ def evaluate(trial, candidate, ctx: Context, tracker):
         with tempfile.TemporaryDirectory(prefix="kdlab-screen-") as tmp:
             served = parts.served(candidate.recipe, student, ctx, Path(tmp), screening=True)
             # Judged against the screening bound: a p95 whose interval straddles it gets more rounds first.
-            bound = (ctx.targets.p95_ms * (1.0 + cfg.search.screen_margin) if ctx.targets.p95_ms is not None
-                     else None)
+            bound = screening_bound(ctx)
             pre = _measure(served, ctx, budget_ms=bound)
     misses = screened_out(ctx.targets, pre.p95_ms, pre.size_mb, cfg.search.screen_margin, pre.p95_low_ms)
     if misses:
@@ -350,12 +357,10 @@ def fallback_recipes(candidate, ctx: Context) -> list[str]:
     others = [r for r in search_recipes(ctx.cfg) if r != candidate.recipe]  # what every family's space draws
     order = {r: i for i, r in enumerate(SEED_RECIPES)}
     model = ctx.latency_model
-    bound = (ctx.targets.p95_ms * (1.0 + ctx.cfg.search.screen_margin)
-             if model is not None and ctx.targets.p95_ms is not None else None)
+    bound = screening_bound(ctx) if model is not None else None
 
     def predicted(recipe):
-        return None if model is None else model.predict(candidate.family, recipe, candidate.num_layers,
-                                                        candidate.hidden_size, candidate.intermediate_size)
+        return predicted_p95(model, candidate, recipe)
     kept = [r for r in others if bound is None or not model.rules_out(predicted(r), bound)]
     return sorted(kept, key=lambda r: (predicted(r) is None, predicted(r) or 0.0, order.get(r, len(order))))
 

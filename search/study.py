@@ -64,7 +64,7 @@ from kdlab.distill.task import task_of
 from kdlab.eval.latency import clamp_threads
 from kdlab.search.gate_report import gate_references
 from kdlab.search.latency_model import calibrate, predicted_errors
-from kdlab.search.objective import PHASES, Context, one_line
+from kdlab.search.objective import PHASES, Context, one_line, predicted_p95
 from kdlab.search.study_report import arch_text, print_front, targets_text, trial_rows, write_report
 from kdlab.search.study_tracking import StudyTracking
 from kdlab.search.targets import EXIT_MISS, EXIT_PASS, GateRow, Targets, is_relative, resolve_targets
@@ -385,7 +385,7 @@ def seed_fits(ctx: Context, cfg: Config):
     bound = ctx.targets.p95_ms * (1.0 + cfg.search.screen_margin)
 
     def fits(c) -> bool:
-        predicted = model.predict(c.family, c.recipe, c.num_layers, c.hidden_size, c.intermediate_size)
+        predicted = predicted_p95(model, c)
         return predicted is not None and predicted <= bound
     return fits
 
