@@ -271,7 +271,8 @@ def predicted_p95(model, candidate, recipe: str | None = None) -> float | None:
 
 def _rule_out(trial, candidate, ctx: Context) -> None:
     """Prune a draw the latency model predicts too slow for the screening bound, before anything is built."""
-    model, bound = ctx.latency_model, screening_bound(ctx)
+    model = ctx.latency_model
+    bound = screening_bound(ctx) if model is not None else None
     predicted = predicted_p95(model, candidate) if bound is not None else None
     if predicted is None:
         return
