@@ -1,7 +1,8 @@
-"""Distillation losses: pure functions of tensors, plus `DistillLoss`, which mixes them.
+"""Distillation losses: pure functions of tensors, plus `DistillLoss`, which mixes them for any task.
 
-Every function takes named tensors from `distill.adapter.Signals`; none knows the architecture. The
-seq2seq mix (distill/seq2seq.py) uses the same logit and hidden-state terms per target position and per stack.
+Every function takes named tensors from `distill.adapter.Signals`; none knows the architecture or the task.
+Logits come per row ([B, C]: a classifier) or per position ([B, T, V]: a decoder's targets, a token tagger);
+hidden states come in one stack (an encoder) or two (an encoder-decoder), each matched layer by layer.
 """
 from __future__ import annotations
 
@@ -45,10 +46,16 @@ def masked_ce(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
 
 def kd_ce_terms(student_logits, teacher_logits, labels, temperature: float, alpha: float) -> dict:
-    """{"kd": alpha * logit KD over every row, "ce": (1 - alpha) * CE over the labelled rows} (terms at weight 0 left out)."""
+    """{"kd": alpha * logit KD, "ce": (1 - alpha) * CE over the labelled rows or positions} (terms at weight 0 left out).
+
+    Per-row logits are matched on every row: there -100 marks a transfer row without a gold label, which the
+    teacher still labels. Per-position logits ([B, T, V]) are matched where the label is not -100: there it
+    marks padding, where neither model's output means anything.
+    """
     out = {}
     if alpha > 0:
-        out["kd"] = alpha * logit_kd_loss(student_logits, teacher_logits, temperature)
+        mask = labels != IGNORE if student_logits.dim() == 3 else None
+        out["kd"] = alpha * logit_kd_loss(student_logits, teacher_logits, temperature, mask=mask)
     if alpha < 1:
         out["ce"] = (1 - alpha) * masked_ce(student_logits, labels)
     return out
@@ -152,23 +159,41 @@ def uniform_hidden_map(num_student: int, num_teacher: int) -> list[int]:
     return [round(i * num_teacher / num_student) for i in range(num_student + 1)]
 
 
-class DistillLoss(nn.Module):
-    """Mixes logit KD + CE with optional hidden-state and attention terms.
+# The stacks of `Signals` the hidden-state term can match, each with the field marking its real tokens.
+STACK_MASKS = {"encoder_hidden_states": "encoder_mask", "hidden_states": "attention_mask"}
 
-    Holds the learned projections for hidden-state KD, so they train with the student.
+
+class DistillLoss(nn.Module):
+    """alpha * logit KD + (1 - alpha) * CE, plus hidden-state and attention terms when their weights are on.
+
+    `depths` maps each stack of `Signals` the hidden-state term matches to its (student, teacher) layer
+    counts: `{"hidden_states": (3, 12)}` for an encoder, and `encoder_hidden_states` as well for an
+    encoder-decoder (whose `hidden_states` are the decoder's). The hidden term is the mean over stacks of
+    each stack's MSE, student state i against teacher state `uniform_hidden_map` i (distill.hidden_layer_map
+    instead, on a one-stack model). The attention term pairs the student's last layer of `hidden_states` with
+    the teacher's last (MiniLM). Holds the learned width projections, so they train with the student.
     """
 
-    def __init__(self, cfg, student_layers: int, teacher_layers: int,
-                 student_width: int, teacher_width: int):
+    def __init__(self, cfg, depths: dict[str, tuple[int, int]], student_width: int, teacher_width: int):
         super().__init__()
+        unknown = sorted(set(depths) - set(STACK_MASKS))
+        if unknown:
+            raise ValueError(f"DistillLoss: no stack {unknown[0]!r} in Signals; stacks: {', '.join(STACK_MASKS)}")
         self.cfg = cfg
-        self.hidden_map = cfg.hidden_layer_map or uniform_hidden_map(student_layers, teacher_layers)
-        if len(self.hidden_map) != student_layers + 1:
-            raise ValueError(f"distill.hidden_layer_map needs {student_layers + 1} entries "
-                             f"(embeddings + each student layer), got {len(self.hidden_map)}")
+        self.maps = {}
+        for stack in (k for k in STACK_MASKS if k in depths):
+            s_layers, t_layers = depths[stack]
+            given = cfg.hidden_layer_map if len(depths) == 1 else None
+            self.maps[stack] = given or uniform_hidden_map(s_layers, t_layers)
+            if len(self.maps[stack]) != s_layers + 1:
+                raise ValueError(f"distill.hidden_layer_map needs {s_layers + 1} entries "
+                                 f"(embeddings + each student layer), got {len(self.maps[stack])}")
+        self.projections = nn.ModuleDict({stack: layer_projections(m, student_width, teacher_width,
+                                                                   cfg.hidden_weight > 0)
+                                          for stack, m in self.maps.items()})
         # The last layer of the student attends like the teacher's last layer (MiniLM).
-        self.attention_map = [teacher_layers - 1] if cfg.attention_weight > 0 else []
-        self.projections = layer_projections(self.hidden_map, student_width, teacher_width, cfg.hidden_weight > 0)
+        last = depths.get("hidden_states", (0, 0))[1] - 1
+        self.attention_layer = last if cfg.attention_weight > 0 else None
 
     @property
     def needs_hidden(self) -> bool:
@@ -186,32 +211,40 @@ class DistillLoss(nn.Module):
     def logits_only(self) -> bool:
         return not (self.needs_hidden or self.needs_attentions or self.needs_values)
 
-    def terms(self, student: Signals, teacher: Signals, labels: torch.Tensor) -> dict:
+    @property
+    def needs_teacher(self) -> bool:
+        """False for the hard-label control (alpha 0, logits only): no term reads the teacher."""
+        return self.cfg.alpha > 0 or not self.logits_only
+
+    def terms(self, student: Signals, teacher: Signals | None, labels: torch.Tensor) -> dict:
         """Each weighted term as a tensor: kd, ce, and hidden / attention when they are on."""
         c = self.cfg
-        parts = kd_ce_terms(student.logits, teacher.logits, labels, c.temperature, c.alpha)
-        parts.update(self._intermediate(student, teacher))
-        return parts
-
-    def forward(self, student: Signals, teacher: Signals, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        c = self.cfg
-        parts = {"kd_ce": kd_ce_loss(student.logits, teacher.logits, labels, c.temperature, c.alpha)}
-        parts.update(self._intermediate(student, teacher))
-        loss = sum(parts.values())
-        return loss, {k: float(v.detach()) for k, v in parts.items()}
-
-    def _intermediate(self, student: Signals, teacher: Signals) -> dict:
-        c = self.cfg
-        parts = {}
-        mask = student.attention_mask
+        if self.needs_teacher and teacher is None:
+            raise ValueError("DistillLoss: alpha > 0 or an intermediate term needs the teacher's outputs")
+        parts = kd_ce_terms(student.logits, teacher.logits if teacher is not None else None, labels,
+                            c.temperature, c.alpha)
+        # Per-position logits: a position is real exactly when it holds a label (a decoder's input t is label t-1).
+        positions = labels != IGNORE if student.logits.dim() == 3 else None
         if self.needs_hidden:
-            parts["hidden"] = c.hidden_weight * hidden_states_mse(
-                student.hidden_states, teacher.hidden_states, self.hidden_map, mask, self.projections or None,
-                normalize=getattr(c, "normalize_hidden", False))
+            per_stack = []
+            for stack, layer_map in self.maps.items():
+                s_states, t_states = getattr(student, stack), getattr(teacher, stack)
+                if s_states is None or t_states is None:
+                    raise ValueError(f"DistillLoss: hidden_weight > 0 needs {stack} (output_hidden_states=True)")
+                mask = getattr(student, STACK_MASKS[stack])
+                per_stack.append(hidden_states_mse(
+                    s_states, t_states, layer_map, positions if mask is None else mask,
+                    self.projections[stack] or None, normalize=getattr(c, "normalize_hidden", False)))
+            parts["hidden"] = c.hidden_weight * sum(per_stack) / len(per_stack)
+        mask = student.attention_mask
         if self.needs_attentions:
             parts["attention"] = c.attention_weight * attention_mse_loss(
-                student.attentions[-1], teacher.attentions[self.attention_map[0]], mask)
+                student.attentions[-1], teacher.attentions[self.attention_layer], mask)
         if self.needs_values:
             parts["attention"] = c.attention_weight * value_relation_loss(
-                student.values[-1], teacher.values[self.attention_map[0]], mask, c.relation_heads)
+                student.values[-1], teacher.values[self.attention_layer], mask, c.relation_heads)
         return parts
+
+    def forward(self, student: Signals, teacher: Signals | None, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        parts = self.terms(student, teacher, labels)
+        return sum(parts.values()), {k: float(v.detach()) for k, v in parts.items()}

@@ -8,11 +8,9 @@ Students are the teacher's own class with fewer encoder and/or decoder layers. T
   Widths must equal the teacher's.
 - `random`: the architecture's own initialisation; the only way to a narrower student.
 
-Losses are pure functions of tensors: word-level KD (Kim & Rush 2016, "Sequence-Level Knowledge
-Distillation", with Hinton et al.'s 2015 temperature), token cross-entropy, and hidden-state MSE
-per stack (distill/losses.py's terms); `Seq2SeqDistillLoss` mixes them from the model's `Signals`
-(distill/adapter.py `run_seq2seq`). Padding is HF's ignore index -100 in `labels`, so every
-per-token mean is over target positions with a real label.
+The losses are distill/losses.py's `DistillLoss`, as for every task: with per-position logits its KD term
+is word-level KD (Kim & Rush 2016, "Sequence-Level Knowledge Distillation") over target positions whose
+label is not -100, and its hidden-state term averages the encoder's and the decoder's stacks.
 
 Layer tensors are found by name, not by architecture: the first `.block.N.` (T5), `.layers.N.`
 (BART family) or `.layer.N.` (BERT halves of `EncoderDecoderModel`) in a state-dict name is its
@@ -25,15 +23,11 @@ import copy
 import re
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from kdlab.distill.adapter import Signals
 from kdlab.distill.config import ConfigError
-from kdlab.distill.losses import hidden_states_mse, layer_projections, logit_kd_loss, uniform_hidden_map
 
-IGNORE_INDEX = -100  # transformers' label padding, skipped by every loss here
 SEQ2SEQ_INITS = ("teacher-layers", "random")
 # Leftmost layer-list segment: in T5's `encoder.block.0.layer.1.` the layer is block 0, not sub-layer 1.
 _LAYER = re.compile(r"^(?P<prefix>.*?)\.(?P<kind>block|layers|layer)\.(?P<index>\d+)\.")
@@ -226,77 +220,3 @@ def _tied_groups(model: nn.Module) -> set[frozenset]:
         if not _LAYER.match(name):
             by_param.setdefault(id(p), set()).add(name)
     return {frozenset(names) for names in by_param.values() if len(names) > 1}
-
-
-# --- Losses --------------------------------------------------------------------------------------
-
-def _target_mask(labels: torch.Tensor) -> torch.Tensor:
-    return (labels != IGNORE_INDEX).float()
-
-
-def word_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                 temperature: float) -> torch.Tensor:
-    """T^2 * KL(softmax(z_t / T) || softmax(z_s / T)), summed over the vocabulary, averaged over targets.
-
-    Word-level KD (Kim & Rush 2016) with Hinton et al.'s 2015 temperature: `logit_kd_loss` over
-    [B, T, V] logits; positions whose label is -100 (padding) count neither in the sum nor the mean.
-    """
-    return logit_kd_loss(student_logits, teacher_logits, temperature, mask=labels != IGNORE_INDEX)
-
-
-def seq2seq_ce_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Token cross-entropy averaged over target positions whose label is not -100 (0 when there are none)."""
-    ce = F.cross_entropy(student_logits.float().flatten(0, -2), labels.flatten(),
-                         ignore_index=IGNORE_INDEX, reduction="sum")
-    return ce / _target_mask(labels).sum().clamp(min=1)
-
-
-class Seq2SeqDistillLoss(nn.Module):
-    """alpha * word KD + (1 - alpha) * CE + hidden_weight * (encoder MSE + decoder MSE) / 2.
-
-    Hidden states are matched per stack with `uniform_hidden_map`. Holds the learned projections
-    (one per matched pair) when the student is narrower, so they train with the student.
-    """
-
-    def __init__(self, alpha: float, temperature: float, hidden_weight: float,
-                 student_depths: tuple[int, int], teacher_depths: tuple[int, int],
-                 student_width: int, teacher_width: int):
-        super().__init__()
-        self.alpha, self.temperature, self.hidden_weight = alpha, temperature, hidden_weight
-        self.encoder_map = uniform_hidden_map(student_depths[0], teacher_depths[0])
-        self.decoder_map = uniform_hidden_map(student_depths[1], teacher_depths[1])
-        self.encoder_projections = layer_projections(self.encoder_map, student_width, teacher_width, hidden_weight > 0)
-        self.decoder_projections = layer_projections(self.decoder_map, student_width, teacher_width, hidden_weight > 0)
-
-    @property
-    def needs_teacher(self) -> bool:
-        return self.alpha > 0 or self.hidden_weight > 0
-
-    @property
-    def needs_hidden(self) -> bool:
-        return self.hidden_weight > 0
-
-    def forward(self, student: Signals, teacher: Signals | None, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """`student`, `teacher`: `run_seq2seq`'s signals (decoder logits and states, encoder states, their masks).
-
-        The decoder's mask defaults to `labels != -100`: decoder input t is the label t-1 shifted right,
-        so it is real exactly when label t is.
-        """
-        if self.needs_teacher and teacher is None:
-            raise ValueError("Seq2SeqDistillLoss: alpha > 0 or hidden_weight > 0 needs the teacher's outputs")
-        parts = {}
-        if self.alpha > 0:
-            parts["word_kd"] = self.alpha * word_kd_loss(student.logits, teacher.logits, labels, self.temperature)
-        if self.alpha < 1:
-            parts["ce"] = (1 - self.alpha) * seq2seq_ce_loss(student.logits, labels)
-        if self.needs_hidden:
-            if student.encoder_hidden_states is None or teacher.encoder_hidden_states is None:
-                raise ValueError("Seq2SeqDistillLoss: hidden_weight > 0 needs outputs from output_hidden_states=True")
-            decoder_mask = student.attention_mask if student.attention_mask is not None else labels != IGNORE_INDEX
-            enc = hidden_states_mse(student.encoder_hidden_states, teacher.encoder_hidden_states,
-                                    self.encoder_map, student.encoder_mask, self.encoder_projections or None)
-            dec = hidden_states_mse(student.hidden_states, teacher.hidden_states,
-                                    self.decoder_map, decoder_mask, self.decoder_projections or None)
-            parts["hidden"] = self.hidden_weight * (enc + dec) / 2
-        loss = sum(parts.values())
-        return loss, {k: float(v.detach()) for k, v in parts.items()}

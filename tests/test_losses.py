@@ -135,25 +135,26 @@ def padded_mask():
 def test_distill_loss_combines_weighted_terms():
     torch.manual_seed(0)
     cfg = DistillConfig(temperature=2.0, alpha=0.5, hidden_weight=2.0)
-    loss_mod = DistillLoss(cfg, student_layers=1, teacher_layers=2, student_width=4, teacher_width=8)
-    assert len(loss_mod.projections) == 2 and loss_mod.hidden_map == [0, 2]
+    loss_mod = DistillLoss(cfg, {"hidden_states": (1, 2)}, student_width=4, teacher_width=8)
+    assert len(loss_mod.projections["hidden_states"]) == 2 and loss_mod.maps == {"hidden_states": [0, 2]}
     mask = padded_mask()
     s = Signals(logits=torch.randn(3, 2), hidden_states=tuple(torch.randn(3, 5, 4) for _ in range(2)),
                 attention_mask=mask)
     t = Signals(logits=torch.randn(3, 2), hidden_states=tuple(torch.randn(3, 5, 8) for _ in range(3)))
     y = torch.tensor([0, 1, 1])
     loss, parts = loss_mod(s, t, y)
-    p = loss_mod.projections
+    p = loss_mod.projections["hidden_states"]
     with torch.no_grad():
         # student embeddings -> teacher embeddings, student layer 1 -> teacher layer 2 (uniform map 1 of 2)
         hidden = 2.0 * (hand_hidden(s.hidden_states[0], t.hidden_states[0], mask, p[0].weight, p[0].bias)
                         + hand_hidden(s.hidden_states[1], t.hidden_states[2], mask, p[1].weight, p[1].bias)) / 2
-        kd_ce = 0.5 * hand_kd(s.logits, t.logits, 2.0) + 0.5 * hand_ce(s.logits, y)
-    assert set(parts) == {"kd_ce", "hidden"}
-    assert parts["kd_ce"] == pytest.approx(kd_ce.item(), rel=1e-5)
+        kd, ce = 0.5 * hand_kd(s.logits, t.logits, 2.0), 0.5 * hand_ce(s.logits, y)
+    assert set(parts) == {"kd", "ce", "hidden"}
+    assert parts["kd"] == pytest.approx(kd.item(), rel=1e-5)
+    assert parts["ce"] == pytest.approx(ce.item(), rel=1e-5)
     assert parts["hidden"] == pytest.approx(hidden.item(), rel=1e-5)
-    assert loss.item() == pytest.approx((kd_ce + hidden).item(), rel=1e-5)
-    assert loss.item() == pytest.approx(parts["kd_ce"] + parts["hidden"], rel=1e-5)
+    assert loss.item() == pytest.approx((kd + ce + hidden).item(), rel=1e-5)
+    assert loss.item() == pytest.approx(parts["kd"] + parts["ce"] + parts["hidden"], rel=1e-5)
     loss.backward()  # the projections train with the student
     assert all(q.weight.grad is not None and q.weight.grad.abs().sum() > 0 for q in p)
 
@@ -161,7 +162,7 @@ def test_distill_loss_combines_weighted_terms():
 def test_distill_loss_tinybert_attention_term_uses_the_teachers_last_layer():
     torch.manual_seed(1)
     cfg = DistillConfig(temperature=3.0, alpha=0.25, attention_weight=0.7, attention_loss="tinybert")
-    loss_mod = DistillLoss(cfg, student_layers=2, teacher_layers=3, student_width=8, teacher_width=8)
+    loss_mod = DistillLoss(cfg, {"hidden_states": (2, 3)}, student_width=8, teacher_width=8)
     assert loss_mod.needs_attentions and not loss_mod.needs_values and not loss_mod.needs_hidden
     mask = padded_mask()
     s_attn = tuple(torch.softmax(torch.randn(3, 2, 5, 5), -1) for _ in range(2))  # 2 student heads
@@ -171,11 +172,11 @@ def test_distill_loss_tinybert_attention_term_uses_the_teachers_last_layer():
     y = torch.tensor([3, 0, 2])
     loss, parts = loss_mod(s, t, y)
     attention = 0.7 * hand_attention(s_attn[-1], t_attn[2], mask)  # last student layer vs last teacher layer
-    kd_ce = 0.25 * hand_kd(s.logits, t.logits, 3.0) + 0.75 * hand_ce(s.logits, y)
-    assert set(parts) == {"kd_ce", "attention"}
+    kd, ce = 0.25 * hand_kd(s.logits, t.logits, 3.0), 0.75 * hand_ce(s.logits, y)
+    assert set(parts) == {"kd", "ce", "attention"}
     assert parts["attention"] == pytest.approx(attention.item(), rel=1e-5)
-    assert parts["kd_ce"] == pytest.approx(kd_ce.item(), rel=1e-5)
-    assert loss.item() == pytest.approx((kd_ce + attention).item(), rel=1e-5)
+    assert parts["kd"] == pytest.approx(kd.item(), rel=1e-5) and parts["ce"] == pytest.approx(ce.item(), rel=1e-5)
+    assert loss.item() == pytest.approx((kd + ce + attention).item(), rel=1e-5)
     # Another teacher layer gives another value: the test would see a wrong layer index.
     assert abs(hand_attention(s_attn[-1], t_attn[1], mask).item() * 0.7 - parts["attention"]) > 1e-4
     # Padded query rows do not count: changing them leaves the term unchanged.
@@ -189,7 +190,7 @@ def test_distill_loss_tinybert_attention_term_uses_the_teachers_last_layer():
 def test_distill_loss_minilm_value_relation_term():
     torch.manual_seed(2)
     cfg = DistillConfig(temperature=1.0, alpha=1.0, attention_weight=1.5, attention_loss="minilm", relation_heads=2)
-    loss_mod = DistillLoss(cfg, student_layers=1, teacher_layers=2, student_width=8, teacher_width=12)
+    loss_mod = DistillLoss(cfg, {"hidden_states": (1, 2)}, student_width=8, teacher_width=12)
     assert loss_mod.needs_values and not loss_mod.needs_attentions
     mask = padded_mask()
     s_values = [torch.randn(3, 5, 8)]
@@ -201,6 +202,7 @@ def test_distill_loss_minilm_value_relation_term():
     attention = 1.5 * hand_value_relation(s_values[0], t_values[1], mask, heads=2)
     kd = hand_kd(s.logits, t.logits, 1.0)  # alpha = 1: no cross-entropy
     assert parts["attention"] == pytest.approx(attention.item(), rel=1e-5)
-    assert parts["kd_ce"] == pytest.approx(kd.item(), rel=1e-5)
+    assert set(parts) == {"kd", "attention"}
+    assert parts["kd"] == pytest.approx(kd.item(), rel=1e-5)
     assert loss.item() == pytest.approx((kd + attention).item(), rel=1e-5)
     assert abs(1.5 * hand_value_relation(s_values[0], t_values[0], mask, heads=2).item() - parts["attention"]) > 1e-4

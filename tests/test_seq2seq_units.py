@@ -12,12 +12,25 @@ from transformers import (AutoModelForSeq2SeqLM, BartConfig, BartForConditionalG
 
 from kdlab.distill.adapter import Signals
 from kdlab.distill.config import ConfigError
-from kdlab.distill.losses import hidden_states_mse, uniform_hidden_map
-from kdlab.distill.seq2seq import (Seq2SeqDistillLoss, build_seq2seq_student, layer_depths, seq2seq_ce_loss,
-                                   spread_layer_map, student_seq2seq_config, word_kd_loss)
+from kdlab.distill.config import DistillConfig
+from kdlab.distill.losses import DistillLoss, hidden_states_mse, logit_kd_loss, masked_ce, uniform_hidden_map
+from kdlab.distill.seq2seq import (build_seq2seq_student, layer_depths, spread_layer_map,
+                                   student_seq2seq_config)
 from kdlab.eval.metrics import GENERATION_METRICS, generation_metrics
 
 # --- Losses --------------------------------------------------------------------------------------
+
+def word_kd_loss(student, teacher, labels, temperature):
+    """Word-level KD as the seq2seq task computes it: logit KD over the positions that hold a label."""
+    return logit_kd_loss(student, teacher, temperature, mask=labels != -100)
+
+
+def seq2seq_loss(alpha, temperature, hidden_weight, student_depths, teacher_depths, student_width, teacher_width):
+    """The one DistillLoss over an encoder-decoder's two stacks."""
+    cfg = DistillConfig(alpha=alpha, temperature=temperature, hidden_weight=hidden_weight)
+    return DistillLoss(cfg, {"encoder_hidden_states": (student_depths[0], teacher_depths[0]),
+                             "hidden_states": (student_depths[1], teacher_depths[1])}, student_width, teacher_width)
+
 
 # B=2, T=3, V=4; three real targets: (0,0), (0,1), (1,0). Logits are logs of small integers so the
 # probabilities are exact fractions.
@@ -65,9 +78,9 @@ def test_word_kd_scales_by_t_squared_and_runs_in_float32():
 def test_ce_matches_torch_ignore_index_and_uniform_logits_give_ln_v():
     logits = torch.randn(2, 3, 4)
     expected = nn.functional.cross_entropy(logits.view(-1, 4), LABELS.view(-1), ignore_index=-100)
-    assert seq2seq_ce_loss(logits, LABELS).item() == pytest.approx(expected.item(), rel=1e-6)
-    assert seq2seq_ce_loss(torch.zeros(2, 3, 4), LABELS).item() == pytest.approx(math.log(4), rel=1e-6)
-    assert seq2seq_ce_loss(logits, torch.full((2, 3), -100)).item() == 0.0  # nothing to score, not NaN
+    assert masked_ce(logits, LABELS).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert masked_ce(torch.zeros(2, 3, 4), LABELS).item() == pytest.approx(math.log(4), rel=1e-6)
+    assert masked_ce(logits, torch.full((2, 3), -100)).item() == 0.0  # nothing to score, not NaN
 
 
 def _states():
@@ -102,12 +115,12 @@ def _out(logits, enc, dec, enc_mask=None):
 
 def test_distill_loss_mixes_terms_by_their_weights():
     student, teacher = _kd_example()
-    loss_fn = Seq2SeqDistillLoss(0.3, 2.0, 0.0, (1, 1), (2, 2), 2, 2)
+    loss_fn = seq2seq_loss(0.3, 2.0, 0.0, (1, 1), (2, 2), 2, 2)
     loss, parts = loss_fn(_out(student, None, None), _out(teacher, None, None), LABELS)
-    kd, ce = word_kd_loss(student, teacher, LABELS, 2.0).item(), seq2seq_ce_loss(student, LABELS).item()
-    assert parts == pytest.approx({"word_kd": 0.3 * kd, "ce": 0.7 * ce})
+    kd, ce = word_kd_loss(student, teacher, LABELS, 2.0).item(), masked_ce(student, LABELS).item()
+    assert parts == pytest.approx({"kd": 0.3 * kd, "ce": 0.7 * ce})
     assert loss.item() == pytest.approx(0.3 * kd + 0.7 * ce, rel=1e-6)
-    ce_only = Seq2SeqDistillLoss(0.0, 2.0, 0.0, (1, 1), (2, 2), 2, 2)
+    ce_only = seq2seq_loss(0.0, 2.0, 0.0, (1, 1), (2, 2), 2, 2)
     assert not ce_only.needs_teacher and not ce_only.needs_hidden
     assert ce_only(_out(student, None, None), None, LABELS)[0].item() == pytest.approx(ce, rel=1e-6)
 
@@ -116,7 +129,7 @@ def test_distill_loss_hidden_term_averages_stacks_and_masks_decoder_padding_by_l
     s_states, t_states = _states()
     labels = torch.tensor([[5, -100]])   # decoder token 1 is padding
     logits = torch.zeros(1, 2, 8)
-    loss_fn = Seq2SeqDistillLoss(0.0, 1.0, 0.5, (1, 1), (2, 2), 2, 2)
+    loss_fn = seq2seq_loss(0.0, 1.0, 0.5, (1, 1), (2, 2), 2, 2)
     assert loss_fn.needs_teacher and loss_fn.needs_hidden and len(list(loss_fn.parameters())) == 0
     enc_mask = torch.tensor([[1, 1]])
     # encoder over both tokens, map [0, 2]: pair 0 (1 + 81) / 2 = 41, pair 1 (2 + (144 + 4) / 2) / 2 = 38
@@ -126,8 +139,8 @@ def test_distill_loss_hidden_term_averages_stacks_and_masks_decoder_padding_by_l
 
 
 def test_distill_loss_projects_narrower_students_with_trainable_layers():
-    loss_fn = Seq2SeqDistillLoss(0.5, 2.0, 1.0, (1, 2), (2, 4), 2, 3)
-    assert len(loss_fn.encoder_projections) == 2 and len(loss_fn.decoder_projections) == 3
+    loss_fn = seq2seq_loss(0.5, 2.0, 1.0, (1, 2), (2, 4), 2, 3)
+    assert len(loss_fn.projections["encoder_hidden_states"]) == 2 and len(loss_fn.projections["hidden_states"]) == 3
     s_enc = tuple(torch.randn(1, 2, 2) for _ in range(2))
     s_dec = tuple(torch.randn(1, 2, 2) for _ in range(3))
     t_enc = tuple(torch.randn(1, 2, 3) for _ in range(3))

@@ -243,9 +243,10 @@ def make_distill_loss(cfg: Config, teacher, student, logits_cache: torch.Tensor 
     `compute_loss.terms(student, batch)` gives each weighted term as a tensor (for gradient norms).
     Rows labelled -100 (the transfer set) have no hard label: cross-entropy averages over the others.
     """
-    loss_mod = DistillLoss(cfg.distill, student.config.num_hidden_layers, teacher.config.num_hidden_layers,
+    loss_mod = DistillLoss(cfg.distill, {"hidden_states": (student.config.num_hidden_layers,
+                                                           teacher.config.num_hidden_layers)},
                            student.config.hidden_size, teacher.config.hidden_size)
-    hard_only = cfg.distill.alpha == 0 and loss_mod.logits_only
+    hard_only = not loss_mod.needs_teacher
     if logits_cache is not None and not loss_mod.logits_only:
         raise ValueError("cached teacher logits serve only logit KD; this loss needs teacher hidden states")
 

@@ -26,7 +26,8 @@ from transformers import AutoModelForSeq2SeqLM, EncoderDecoderModel
 
 from kdlab.distill.adapter import run_seq2seq
 from kdlab.distill.config import Config, ConfigError
-from kdlab.distill.seq2seq import Seq2SeqDistillLoss, build_seq2seq_student, layer_depths
+from kdlab.distill.losses import DistillLoss
+from kdlab.distill.seq2seq import build_seq2seq_student, layer_depths
 from kdlab.distill.students import count_params
 from kdlab.eval.metrics import generation_metrics
 from kdlab.train.data import make_loader
@@ -276,10 +277,9 @@ def width_of(config) -> int:
 
 def make_seq2seq_loss(cfg: Config, teacher, student):
     """`compute_loss(model, batch)` for the loop, and the loss module (its projections train too)."""
-    loss_mod = Seq2SeqDistillLoss(alpha=cfg.distill.alpha, temperature=cfg.distill.temperature,
-                                  hidden_weight=cfg.distill.hidden_weight,
-                                  student_depths=layer_depths(student.config), teacher_depths=layer_depths(teacher.config),
-                                  student_width=width_of(student.config), teacher_width=width_of(teacher.config))
+    (s_enc, s_dec), (t_enc, t_dec) = layer_depths(student.config), layer_depths(teacher.config)
+    loss_mod = DistillLoss(cfg.distill, {"encoder_hidden_states": (s_enc, t_enc), "hidden_states": (s_dec, t_dec)},
+                           width_of(student.config), width_of(teacher.config))
 
     def compute_loss(model, batch):
         net = model.module if hasattr(model, "module") else model
