@@ -37,7 +37,7 @@ REQUIRED_PARTS = (
     "measure", "check_model_folder", "prepare_model", "load_network",                  # gate (and --model DIR)
     "distil",                                                                            # one distillation
     "search_space", "search_setup", "trial_objective",                                  # search
-    "check_test_split", "export", "export_summary", "capacity_unit",                    # export
+    "check_test_split", "export", "export_summary", "capacity_unit", "serving_latency", # export, capacity
     "load_artefact", "predict_records",                                                 # serve
 )
 
@@ -75,6 +75,9 @@ class Task:
       folder at `dest`; returns its manifest (whose task.type names the task again when it is read back).
     - `export_summary(manifest, dest)`: one line on a finished export.
     - `capacity_unit(cfg)`: what one request of the capacity plan is (one forward pass, one whole `generate`).
+    - `serving_latency(cfg, models, threads, batch_sizes)`: `{label: {batch: (p50_ms, p95_ms)}}` of one request
+      served by each model folder under its recipe (`models`: label -> (folder, recipe, workdir)), timed
+      interleaved on cfg.target at each batch size (kdlab report --capacity plans from it).
     - `load_artefact(folder, manifest, tokenizer, recipe=, device=, threads=)`: an export folder's served artefact
       (kdlab.distill.export.load_served; also inside the MLflow pyfunc, so it may import only kdlab.distill
       and kdlab.eval).

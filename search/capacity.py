@@ -32,16 +32,12 @@ import math
 from pathlib import Path
 from dataclasses import asdict, dataclass, field, replace
 
-from transformers import AutoModelForSequenceClassification
-
 from kdlab.distill.config import ConfigError
-from kdlab.distill.quantize import apply_recipe
+from kdlab.distill.task import task_of
 from kdlab.eval.latency import clamp_threads, measure
 from kdlab.search.gate_report import gate_references
 from kdlab.search.study import stored_study
-from kdlab.search.timing import cycling, target_profile, timing_batches
-from kdlab.train.data import make_loader
-from kdlab.train.pipeline import prepare
+from kdlab.search.timing import cycling, target_profile
 from kdlab.train.teacher import teacher_folder
 
 ASSUMPTIONS = ("replicas behind Ray Serve's proxy, each serving one batch at a time on its own threads; Poisson "
@@ -301,17 +297,18 @@ def markdown(rows: list[CapacityRow], *, target_rps: float, p95_slo_ms: float, h
 # ---------------------------------------------------------------- measuring and the report stage
 
 
-def measure_latencies(served: dict, cfg, eval_ds, tokenizer, vocab_size: int, threads: int,
-                      batch_sizes: list[int]) -> tuple[dict[str, dict[int, object]], dict[int, dict]]:
+def measure_latencies(served: dict, cfg, threads: int, batch_sizes: list[int],
+                      batches_of) -> tuple[dict[str, dict[int, object]], dict[int, dict]]:
     """Every model timed interleaved with the others at each batch size on the target profile.
 
+    `batches_of(batch_size)` gives a task's request batches and their lengths (search/timing.py timing_batches
+    for one forward pass; the seq2seq gate's generation_batches for one `generate`).
     Returns (label -> {batch: LatencyReport}, batch -> the timing batches' lengths).
     """
     out: dict[str, dict[int, object]] = {label: {} for label in served}
     lengths_of: dict[int, dict] = {}
     for bs in sorted(set(batch_sizes)):
-        batches, lengths = timing_batches(eval_ds, tokenizer, bs, cfg.target.seq_len, vocab_size=vocab_size,
-                                          seed=cfg.train.seed)
+        batches, lengths = batches_of(bs)
         profile = target_profile(replace(cfg.target, batch_size=bs), threads, lengths["seq_len_median"])
         reports = measure({label: cycling(s, batches) for label, s in served.items()}, profile)
         for label, r in reports.items():
@@ -384,7 +381,8 @@ def capacity_card(cap: dict | None) -> list[str]:
 
 
 def run_capacity(cfg, front_rows: list[dict], console=None) -> dict | None:
-    """Measure the teacher (fp32 and its best gate recipe) and every front member at serving.batch_sizes; plan."""
+    """Measure the teacher (fp32 and its best gate recipe) and every front member at serving.batch_sizes, one
+    request being what the task serves in one call (its `serving_latency`); plan."""
     sv = cfg.serving
     if sv.target_rps is None:
         raise ConfigError("serving.target_rps: not set; the capacity plan needs the request rate to plan for "
@@ -392,33 +390,24 @@ def run_capacity(cfg, front_rows: list[dict], console=None) -> dict | None:
     slo = sv.p95_slo_ms  # config validation makes it explicit whenever target_rps is set
     say = console.print if console is not None else print
     threads, _ = clamp_threads(cfg.target.threads)
-    prep = prepare(cfg)  # measuring needs no Accelerator (train/accel.py)
-    example = next(iter(make_loader(prep.eval_ds, prep.tokenizer, 8, shuffle=False)))
-    teacher = AutoModelForSequenceClassification.from_pretrained(teacher_folder(cfg), use_safetensors=True).eval()
-    served = {"teacher fp32": apply_recipe("fp32", teacher, example_batch=example, threads=threads)}
+    models = {"teacher fp32": (teacher_folder(cfg), "fp32", None)}
     _, best = gate_references(cfg.run_dir)
     if best:
-        served[f"teacher {best['recipe']}"] = apply_recipe(best["recipe"], teacher, example_batch=example,
-                                                           threads=threads, workdir=cfg.run_dir / "capacity" / "teacher")
+        models[f"teacher {best['recipe']}"] = (teacher_folder(cfg), best["recipe"], cfg.run_dir / "capacity" / "teacher")
     for r in front_rows:
-        if not r.get("checkpoint"):
-            continue
-        model = AutoModelForSequenceClassification.from_pretrained(r["checkpoint"], use_safetensors=True).eval()
-        served[f"trial {r['trial']} ({r['recipe']})"] = apply_recipe(
-            r["recipe"], model, example_batch=example, threads=threads,
-            workdir=cfg.run_dir / "capacity" / f"trial-{r['trial']}")
-    say(f"capacity: timing {len(served)} model(s) at batch {', '.join(map(str, sv.batch_sizes))} "
+        if r.get("checkpoint"):
+            models[f"trial {r['trial']} ({r['recipe']})"] = (Path(r["checkpoint"]), r["recipe"],
+                                                            cfg.run_dir / "capacity" / f"trial-{r['trial']}")
+    say(f"capacity: timing {len(models)} model(s) at batch {', '.join(map(str, sv.batch_sizes))} "
         f"({cfg.target.device}, {threads} thread(s))")
-    reports, _ = measure_latencies(served, cfg, prep.eval_ds, prep.tokenizer, teacher.config.vocab_size, threads,
-                                   sv.batch_sizes)
-    latencies = {label: p50_p95(r) for label, r in reports.items()}
+    task = task_of(cfg)
+    latencies = task.serving_latency(cfg, models, threads, sv.batch_sizes)
     rows = [plan_for(cfg, label, lat, threads) for label, lat in latencies.items()]
     conditions = f"{cfg.target.device}, {threads} thread(s), sequence length {cfg.target.seq_len}"
     result = {"target_rps": sv.target_rps, "p95_slo_ms": slo, "headroom": sv.headroom,
               "overhead_ms": sv.overhead_ms, "stack_cpu_ms": sv.stack_cpu_ms, "cores": sv.cores,
-           "wait_factor": sv.wait_factor,
-              "batching_gain": sv.batching_gain,
-              "max_batch_size": sv.max_batch_size, "conditions": conditions, "assumptions": ASSUMPTIONS,
+              "wait_factor": sv.wait_factor, "batching_gain": sv.batching_gain,
+              "max_batch_size": sv.max_batch_size, "unit": task.capacity_unit(cfg), "conditions": conditions, "assumptions": ASSUMPTIONS,
               "latency": {k: {str(b): {"p50_ms": v[0], "p95_ms": v[1]} for b, v in lat.items()}
                           for k, lat in latencies.items()},
               "rows": [asdict(r) for r in rows]}

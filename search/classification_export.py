@@ -23,6 +23,7 @@ from kdlab.search.card import card_metadata
 from kdlab.search.export import (Choice, front_position, summary_tail, teacher_reference, training_data_of,
                                  write_export)
 from kdlab.search.classification_gate import dev_quality
+from kdlab.search.timing import timing_batches
 from kdlab.train.data import load_test_split, make_loader, tokenize
 from kdlab.train.model_dir import check_model_dir, prepare_model
 from kdlab.train.pipeline import prepare
@@ -87,8 +88,8 @@ class ClassifierExport:
     def latency(self, served, model, threads: int, planning: bool):
         cfg = self.cfg
         sizes = [*cfg.export.latency_batch_sizes, *(cfg.serving.batch_sizes if planning else [])]
-        reports, lengths = measure_latencies({"export": served.artefact}, cfg, self.prep.eval_ds, self.prep.tokenizer,
-                                             model.config.vocab_size, threads, sizes)
+        reports, lengths = measure_latencies({"export": served.artefact}, cfg, threads, sizes,
+                                             request_batches(cfg, self.prep, model.config.vocab_size))
         latency = latency_rows(reports["export"], lengths, cfg.export.latency_batch_sizes)
         planned = p50_p95({b: reports["export"][b] for b in cfg.serving.batch_sizes}) if planning else None
         return latency, planned, {}
@@ -101,6 +102,27 @@ class ClassifierExport:
     @staticmethod
     def card(manifest: dict) -> str:
         return model_card(manifest)
+
+
+def request_batches(cfg: Config, prep, vocab_size: int):
+    """batch size -> (request batches, lengths) of one forward pass over dev texts at target.seq_len."""
+    return lambda bs: timing_batches(prep.eval_ds, prep.tokenizer, bs, cfg.target.seq_len, vocab_size=vocab_size,
+                                     seed=cfg.train.seed)
+
+
+def serving_latency(cfg: Config, models: dict, threads: int, batch_sizes: list[int]) -> dict:
+    """{label: {batch: (p50_ms, p95_ms)}} of one forward pass of each classifier folder under its recipe
+    (`models`: label -> (folder, recipe, workdir)), timed interleaved on dev texts tokenized by the teacher's
+    tokenizer (kdlab report --capacity). The first model is the teacher, whose vocabulary draws fixed-length ids."""
+    prep = prepare(cfg)  # measuring needs no Accelerator (train/accel.py)
+    example = next(iter(make_loader(prep.eval_ds, prep.tokenizer, 8, shuffle=False)))
+    served, vocab_size = {}, None
+    for label, (folder, recipe, workdir) in models.items():
+        model = AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=True).eval()
+        vocab_size = vocab_size or model.config.vocab_size
+        served[label] = apply_recipe(recipe, model, example_batch=example, threads=threads, workdir=workdir)
+    reports, _ = measure_latencies(served, cfg, threads, batch_sizes, request_batches(cfg, prep, vocab_size))
+    return {label: p50_p95(r) for label, r in reports.items()}
 
 
 def export_data(cfg: Config, choice: Choice):

@@ -20,9 +20,9 @@ from pathlib import Path
 
 from kdlab.distill.config import Config, ConfigError
 from kdlab.distill.export import ExportError, seq2seq_served_entry
-from kdlab.distill.quantize import SEQ2SEQ_ONNX_REASON
+from kdlab.distill.quantize import SEQ2SEQ_ONNX_REASON, apply_generation_recipe
 from kdlab.eval.paths import portable_path
-from kdlab.search.capacity import capacity_card
+from kdlab.search.capacity import capacity_card, measure_latencies, p50_p95
 from kdlab.search.card import card_metadata
 from kdlab.search.export import summary_tail, write_export
 from kdlab.search.seq2seq_gate import generation_batches
@@ -40,6 +40,21 @@ def run_seq2seq_export(cfg: Config, choice, dest: Path, console=None) -> dict:
         raise ConfigError(f"export: {choice.label} is served as {choice.recipe}, which seq2seq cannot export: "
                           f"{SEQ2SEQ_ONNX_REASON}")
     return write_export(cfg, choice, dest, console, Seq2SeqExport)
+
+
+def serving_latency(cfg: Config, models: dict, threads: int, batch_sizes: list[int]) -> dict:
+    """{label: {batch: (p50_ms, p95_ms)}} of one whole `generate` call (generation settings of the config) of each
+    seq2seq folder under its recipe (`models`: label -> (folder, recipe, workdir)), timed interleaved on real dev
+    sources (kdlab report --capacity)."""
+    prep, gen = prepare(cfg), generation_kwargs(cfg)
+    example = dict(prep.tokenizer(["a"], return_tensors="pt", return_token_type_ids=False))
+    served = {label: apply_generation_recipe(recipe, load_seq2seq(str(folder), cfg, prep.tokenizer).eval(),
+                                             example_batch=example, generate_kwargs=gen, device=cfg.target.device,
+                                             allow_cpu_half=cfg.quantization.allow_cpu_bf16, threads=threads)
+              for label, (folder, recipe, _) in models.items()}
+    reports, _ = measure_latencies(served, cfg, threads, batch_sizes,
+                                   lambda bs: generation_batches(prep, bs, seed=cfg.train.seed))
+    return {label: p50_p95(r) for label, r in reports.items()}
 
 
 class Seq2SeqExport:

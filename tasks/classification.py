@@ -104,3 +104,7 @@ class ClassificationTask(Task):
 
     def capacity_unit(self, cfg) -> str:
         return "one forward pass of the classifier over the request's texts"
+
+    def serving_latency(self, cfg, models: dict, threads: int, batch_sizes: list[int]) -> dict:
+        from kdlab.search.classification_export import serving_latency  # noqa: PLC0415
+        return serving_latency(cfg, models, threads, batch_sizes)

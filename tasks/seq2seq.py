@@ -122,3 +122,7 @@ class Seq2SeqTask(Task):
     def capacity_unit(self, cfg) -> str:
         g = cfg.generation
         return f"one whole generate call ({g.num_beams} beam(s), at most {g.max_new_tokens} new tokens)"
+
+    def serving_latency(self, cfg, models: dict, threads: int, batch_sizes: list[int]) -> dict:
+        from kdlab.search.seq2seq_export import serving_latency  # noqa: PLC0415
+        return serving_latency(cfg, models, threads, batch_sizes)

@@ -1,12 +1,13 @@
-"""Each stage function over both built-in tasks: `run_gate`, `run_export` and `predict` call the task for what
-differs (data, teacher, measurement, the export folder, the served artefact) and keep the rest themselves, so
-classification and seq2seq go through the same code.
+"""Each stage function over both built-in tasks: `run_gate`, `run_export`, `predict` and `run_capacity` call the
+task for what differs (data, teacher, measurement, the export folder, the served artefact, one request's latency)
+and keep the rest themselves, so classification and seq2seq go through the same code.
 
     .venv/bin/python -m pytest tests/test_stages_both_tasks.py -q
 """
 from __future__ import annotations
 
 import csv
+import dataclasses
 
 import pytest
 
@@ -14,6 +15,8 @@ from conftest import tiny_run_tree, write_config
 from kdlab.distill.config import load_config
 from kdlab.distill.task import task_of
 from kdlab.api import load_export, predict
+from kdlab.eval.latency import clamp_threads
+from kdlab.search.capacity import plan_for, run_capacity
 from kdlab.search.export import run_export, summary_line
 from kdlab.search.gate import run_gate
 from test_seq2seq import pairs, seq2seq_tree, tiny_t5_dir  # noqa: F401  (fixtures)
@@ -69,3 +72,15 @@ def test_gate_export_and_predict_are_one_function_each_for_both_tasks(config):
         for record, row in zip(records, probs.tolist()):
             assert list(record["probs"].values()) == pytest.approx(row, abs=1e-7)
         assert all(r["label"] == max(r["probs"], key=r["probs"].get) for r in records)
+
+    # capacity: the same stage function times the teacher per request as the task serves one (a forward pass, a
+    # whole generate) at each batch size, and plans from exactly those figures
+    planned = dataclasses.replace(config, serving=dataclasses.replace(config.serving, target_rps=5, p95_slo_ms=60_000,
+                                                                      batch_sizes=[1, 2]))
+    cap = run_capacity(planned, [])
+    assert cap["unit"] == task.capacity_unit(config) and list(cap["latency"]) == ["teacher fp32"]
+    table = {int(b): (v["p50_ms"], v["p95_ms"]) for b, v in cap["latency"]["teacher fp32"].items()}
+    assert sorted(table) == [1, 2] and all(0 < p50 <= p95 for p50, p95 in table.values())
+    (row,) = cap["rows"]
+    assert row == dataclasses.asdict(plan_for(planned, "teacher fp32", table, clamp_threads(config.target.threads)[0]))
+    assert row["batch_size"] in (1, 2) and row["instances"] >= 1

@@ -115,6 +115,17 @@ def test_a_task_from_outside_kdlab_goes_through_gate_search_export_and_predict(t
     assert out.strip().splitlines()[-1].startswith(f"exported trial {best.number}")
     assert {"model.safetensors", "config.json", "manifest.json"} <= {p.name for p in (run / "export").iterdir()}
 
+    # capacity: `kdlab report --capacity` times the teacher and the front through the task (one request: one
+    # forward pass tagging a text) and plans from what it measured
+    assert kdlab(["report", "--config", str(config), "--capacity", "serving.target_rps=50",
+                  "serving.p95_slo_ms=5000", "serving.batch_sizes=[1,2]"]) == 0
+    cap = json.loads((run / "report" / "capacity.json").read_text())
+    assert cap["unit"] == "one forward pass tagging every word of the request's texts"
+    assert list(cap["latency"])[0] == "teacher fp32" and any(k.startswith("trial ") for k in cap["latency"])
+    for label, table in cap["latency"].items():
+        assert sorted(table) == ["1", "2"] and all(0 < v["p50_ms"] <= v["p95_ms"] for v in table.values()), label
+    assert [r["label"] for r in cap["rows"]] == list(cap["latency"])
+
     # predict: the export's served artefact tags each word of a text file, one JSON line per text
     texts = lines[64:67]
     (tmp_path / "in.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")

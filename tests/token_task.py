@@ -341,3 +341,19 @@ class TokenTagTask(Task):
 
     def capacity_unit(self, cfg) -> str:
         return "one forward pass tagging every word of the request's texts"
+
+    def serving_latency(self, cfg, models: dict, threads: int, batch_sizes: list[int]) -> dict:
+        prep = self.prepare(cfg)
+        dev = list(loader(prep.eval_ds, prep.tokenizer, cfg.train.eval_batch_size))
+        served = {label: self.served(cfg, AutoModelForTokenClassification.from_pretrained(folder, use_safetensors=True),
+                                     recipe, dev[0], threads, workdir)
+                  for label, (folder, recipe, workdir) in models.items()}
+        out = {label: {} for label in served}
+        for bs in batch_sizes:
+            timing, lengths = timing_batches(prep.eval_ds, prep.tokenizer, bs, cfg.target.seq_len,
+                                             vocab_size=len(prep.tokenizer), seed=cfg.train.seed)
+            profile = target_profile(dataclasses.replace(cfg.target, batch_size=bs), threads, lengths["seq_len_median"])
+            rows = measure_candidates([(GateRow(label), s) for label, s in served.items()], timing, profile)
+            for label, row in zip(served, rows):
+                out[label][bs] = (row.p50_ms, row.p95_ms)
+        return out
