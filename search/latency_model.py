@@ -224,13 +224,18 @@ def drift_of(pairs: list[tuple[dict, float]]) -> dict:
     return out
 
 
+def drifted(ratio: float) -> bool:
+    """Now / cached beyond MIN_ERROR either way: the machine moved; within it, timing noise."""
+    return abs(ratio - 1.0) > MIN_ERROR
+
+
 def rescaled(rows: list[dict], drift: dict) -> list[dict]:
     """The rows with each (family, recipe)'s p95 scaled by its drift (the overall one where it has none) when that
     is beyond MIN_ERROR either way; within it, timing noise: the cached figure stands."""
     out = []
     for r in rows:
         ratio = drift.get((r["family"], r["recipe"]), drift.get(None, 1.0))
-        out.append({**r, "p95_ms": r["p95_ms"] * ratio} if abs(ratio - 1.0) > MIN_ERROR else r)
+        out.append({**r, "p95_ms": r["p95_ms"] * ratio} if drifted(ratio) else r)
     return out
 
 
@@ -250,7 +255,7 @@ def recheck(ctx, rows: list[dict], n: int, path: Path, say=print) -> tuple[list[
     _write(path, fresh)
     out = [{**r, "p95_ms": now[_row_key(r)]} if _row_key(r) in now else r for r in rescaled(rows, drift)]
     shown = {f"{k[0]}/{k[1]}": round(v, 3) for k, v in drift.items() if k is not None}
-    moved = abs(drift[None] - 1.0) > MIN_ERROR or any(abs(v - 1.0) > MIN_ERROR for v in shown.values())
+    moved = any(drifted(v) for v in drift.values())
     say(f"latency model: re-timed {len(fresh)} cached points: now / cached p95 " +
         ", ".join(f"{k} {v:.2f}x" for k, v in shown.items()) +
         ("; the cached table is scaled by that (beyond ±10 %)" if moved else "; within ±10 %, the cache stands"))

@@ -64,7 +64,7 @@ from kdlab.distill.task import task_of
 from kdlab.eval.latency import clamp_threads
 from kdlab.search.gate_report import gate_references
 from kdlab.search.latency_model import calibrate, predicted_errors
-from kdlab.search.objective import PHASES, Context, one_line, predicted_p95
+from kdlab.search.objective import PHASES, Context, one_line, predicted_p95, screening_bound
 from kdlab.search.study_report import arch_text, print_front, targets_text, trial_rows, write_report
 from kdlab.search.study_tracking import StudyTracking
 from kdlab.search.targets import EXIT_MISS, EXIT_PASS, GateRow, Targets, is_relative, resolve_targets
@@ -379,10 +379,9 @@ RESOLVE_WAIT_S = 900  # how long another worker waits for that budget before mea
 def seed_fits(ctx: Context, cfg: Config):
     """What a seed's recipe must pass: the latency model's central prediction within the screening bound (not the
     low edge that rules draws out: a seed should be expected to fit). None without a model: the preferred recipe."""
-    model = ctx.latency_model
-    if model is None or ctx.targets.p95_ms is None:
+    model, bound = ctx.latency_model, screening_bound(ctx)
+    if model is None or bound is None:
         return None
-    bound = ctx.targets.p95_ms * (1.0 + cfg.search.screen_margin)
 
     def fits(c) -> bool:
         predicted = predicted_p95(model, c)
@@ -549,7 +548,7 @@ def run_search(cfg: Config, accelerator, n_trials: int | None = None, timeout_s:
         ctx.latency_model = calibrate(ctx, space.architectures(), cfg.search.latency_samples,
                                       recheck_points=cfg.search.latency_recheck)
         study.set_user_attr("latency_model", ctx.latency_model.summary())
-        bound = ctx.targets.p95_ms * (1.0 + cfg.search.screen_margin)
+        bound = screening_bound(ctx)
         possible = [a for a in space.architectures()
                     if not ctx.latency_model.rules_out(ctx.latency_model.predict(a[0], a[5], a[1], a[2], a[4]), bound)]
         print(f"latency model: {ctx.latency_model.points} points ({ctx.latency_model.cached} cached), error "
