@@ -56,6 +56,7 @@ from kdlab.train.teacher import require_fine_tuned  # noqa: E402
 
 # The search trains logit-only KD so the teacher's logits are computed once and cached (1.46x per step,
 # benchmarks/results/distill_sst2.json); hidden-state KD moved (a) by one dev sentence there.
+CONFIG = "configs/sst2_minilm.yaml"
 FULL = ["distill.hidden_weight=0"]
 QUICK = ["teacher.fine_tune=never", "data.max_train_samples=200", "data.max_eval_samples=200",
          "target.warmup_iters=2", "target.min_iters=10", "target.min_seconds=0.3", "target.repeats=2",
@@ -146,9 +147,11 @@ def compare_markdown(rows: list[dict], minutes: float) -> str:
                         f"{b['p95_ms']:.2f} ms |" if b else "none feasible |"))
     means = {s: statistics.mean(r["hypervolume"] for r in rows if r["search"] == s) for s in COMPARED
              if any(r["search"] == s for r in rows)}
-    if len(means) == 2 and means["current"] > 0:
-        lines += ["", f"Mean hypervolume: new {means['new']:.4f}, current {means['current']:.4f}, "
-                      f"ratio {means['new'] / means['current']:.2f}x."]
+    if len(means) == 2:
+        ratio = (f"ratio {means['new'] / means['current']:.2f}x" if means["current"] > 0
+                 else "no ratio: the current search found no feasible student" if means["new"] > 0
+                 else "no ratio: neither search found a feasible student")
+        lines += ["", f"Mean hypervolume: new {means['new']:.4f}, current {means['current']:.4f}, {ratio}."]
     return "\n".join(lines)
 
 
@@ -214,13 +217,15 @@ def markdown(result: dict) -> str:
              f"{result['machine']['cpu']}, torch {result['versions']['torch']}, optuna {result['versions']['optuna']}. "
              f"Targets: {result['targets']}. {a['trials']} trials in {result['seconds']:.0f} s: "
              f"{a['trained']} trained, "
-             f"{a['screened_out']} screened out untrained, {a['failed']} failed. Regenerate: `make bench-search`."
+             f"{a['screened_out']} screened out untrained, {a['failed']} failed. Regenerate: `make bench-search`"
+             + ("" if result.get("config", CONFIG) == CONFIG else f" `ARGS=\"--config {result['config']}\"`") + "."
              + (" **Quick smoke run: not for claims.**" if result["quick"] else ""), "",
              "| trial | student | recipe | quality | p50 ms | p95 ms | size MB | train s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in result["front_rows"]:
-        lines.append(f"| {r['trial']} | {r['num_layers']}L x {r['hidden_size']} ({r['num_heads']} heads, ffn "
-                     f"{r['intermediate_size']}, {r['init']}) | {r['recipe']} | {r['quality']:.4f} | "
+        student = r.get("label") or (f"{r['num_layers']}L x {r['hidden_size']} ({r['num_heads']} heads, ffn "
+                                     f"{r['intermediate_size']}, {r['init']})")
+        lines.append(f"| {r['trial']} | {student.removesuffix(', ' + r['recipe'])} | {r['recipe']} | {r['quality']:.4f} | "
                      f"{r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['size_mb']:.1f} | {r['train_seconds']:.0f} |")
     for ref in result["references"]:
         lines.append(f"| — | {ref['label']} | | {ref['quality']:.4f} | | {ref['p95_ms']:.2f} | | |")
@@ -248,7 +253,7 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/sst2_minilm.yaml")
+    parser.add_argument("--config", default=CONFIG)
     parser.add_argument("--quick", action="store_true", help="1-2 min smoke in a temp folder; not for claims")
     parser.add_argument("--n-trials", type=int, default=None, help="default search.n_trials (quick: 3)")
     parser.add_argument("--allow-train", action="store_true", help="fine-tune the teacher if it is not there yet")
@@ -333,14 +338,19 @@ def main(argv=None) -> int:
         "references": meta["references"], "message": result.message, "analysis": analyse(result.rows),
         "front_rows": sorted(result.front, key=lambda r: r["p95_ms"]), "rows": result.rows,
     }
+    # The default config's results keep their names; another config's go beside them, named after it.
+    default = Path(args.config).resolve() == (ROOT / CONFIG).resolve()
+    stem, marker = ("search_sst2", "search") if default else (f"search_{cfg.name}", f"search-{cfg.name}")
+    out_result["benchmark"] = stem
     png = cfg.run_dir / "report" / "pareto.png"
     if not args.quick and png.is_file():
-        shutil.copyfile(png, ROOT / "benchmarks" / "results" / "search_sst2_pareto.png")
-        out_result["picture"] = "results/search_sst2_pareto.png"
-    out = Path(args.out or (quick_dir / "search_sst2.json" if args.quick else "benchmarks/results/search_sst2.json"))
+        shutil.copyfile(png, ROOT / "benchmarks" / "results" / f"{stem}_pareto.png")
+        out_result["picture"] = f"results/{stem}_pareto.png"
+    out = Path(args.out or (quick_dir / f"{stem}.json" if args.quick else f"benchmarks/results/{stem}.json"))
     readme = Path(args.readme or (quick_dir / "README.md" if args.quick else "benchmarks/README.md"))
-    publish(out_result, markdown(out_result), marker="search", heading="The student search on SST-2 (`make bench-search`)",
-            out=out, readme=readme, script="bench_search")
+    how = "`make bench-search`" if default else f"`make bench-search ARGS=\"--config {args.config}\"`"
+    publish(out_result, markdown(out_result), marker=marker,
+            heading=f"The student search on {cfg.name} ({how})", out=out, readme=readme, script="bench_search")
     return 0
 
 

@@ -211,7 +211,7 @@ def test_draws_the_model_rules_out_are_never_built_and_n_trials_counts_trained(r
     assert kdlab(["search", "--config", str(third), "--n-trials", "1"]) == 0
     out = capsys.readouterr().out
     assert "latency model: re-timed 2 cached points: now / cached p95 teacher/dynamic-int8 2.00x" in out
-    assert "the cached table is scaled by that" in out
+    assert "now / cached p95 teacher/dynamic-int8 2.00x; scaled (beyond ±10 %): teacher/dynamic-int8\n" in out
     assert "latency model: 6 points (6 cached), error 10%; 2 of 6 architecture x recipe points" in out
     assert study_of(root, "ruled3").user_attrs["latency_model"]["drift"] == {"teacher/dynamic-int8": 2.0}
 
