@@ -376,11 +376,12 @@ RESOLVING_ATTR = "resolving_targets"  # set by the worker that created the study
 RESOLVE_WAIT_S = 900  # how long another worker waits for that budget before measuring one itself
 
 
-def seed_fits(ctx: Context, cfg: Config):
+def seed_fits(ctx: Context):
     """What a seed's recipe must pass: the latency model's central prediction within the screening bound (not the
     low edge that rules draws out: a seed should be expected to fit). None without a model: the preferred recipe."""
-    model, bound = ctx.latency_model, screening_bound(ctx)
-    if model is None or bound is None:
+    model = ctx.latency_model
+    bound = screening_bound(ctx) if model is not None else None
+    if bound is None:
         return None
 
     def fits(c) -> bool:
@@ -563,7 +564,7 @@ def run_search(cfg: Config, accelerator, n_trials: int | None = None, timeout_s:
                        f"the budget)")
             return SearchResult(name, redact(storage_url(cfg)), [], [], message, EXIT_MISS, cfg.run_dir / "report")
     if created_study:  # not `if not study.trials`: workers started together would each enqueue the seeds
-        fits = seed_fits(ctx, cfg)  # a space without a latency model (a plug-in task's) need not take `fits`
+        fits = seed_fits(ctx)  # a space without a latency model (a plug-in task's) need not take `fits`
         seeds = (space.seeds(cfg.search.seed_trials, cfg.target.device) if fits is None
                  else space.seeds(cfg.search.seed_trials, cfg.target.device, fits=fits))
         for candidate in seeds:

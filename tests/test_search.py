@@ -417,14 +417,14 @@ def test_seeds_take_the_first_preferred_recipe_the_latency_model_expects_within_
     s = space("search.num_layers={min: 1, max: 6}", "search.recipes=[fp32, onnx-int8, dynamic-int8]")
     per_layer = {"dynamic-int8": 0.8, "onnx-int8": 0.5, "fp32": 2.0}
     model = SimpleNamespace(predict=lambda family, recipe, layers, hidden, ffn: layers * per_layer[recipe])
-    fits = seed_fits(SimpleNamespace(latency_model=model, targets=Targets(p95_ms=2.0)),
-                     load_config(None, ["data.dataset=glue"]))
+    fits = seed_fits(SimpleNamespace(latency_model=model, targets=Targets(p95_ms=2.0),
+                                     cfg=load_config(None, ["data.dataset=glue"])))
     assert [(c.num_layers, c.recipe) for c in s.seeds(3, fits=fits)] == [
         (3, "onnx-int8"), (2, "dynamic-int8"), (4, "onnx-int8")]
     per_layer["onnx-int8"] = 0.75  # 3 layers 2.25 ms, 4 layers 3.0 ms: nothing fits, the preferred recipe stays
     assert [(c.num_layers, c.recipe) for c in s.seeds(3, fits=fits)] == [
         (3, "dynamic-int8"), (2, "dynamic-int8"), (4, "dynamic-int8")]
-    assert seed_fits(SimpleNamespace(latency_model=None, targets=Targets(p95_ms=2.0)), None) is None
+    assert seed_fits(SimpleNamespace(latency_model=None, targets=Targets(p95_ms=2.0), cfg=None)) is None
 
 
 OTHER = TeacherShape(num_layers=12, hidden_size=768, num_heads=12, intermediate_size=3072)  # MPNet-base's shape
