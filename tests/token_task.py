@@ -29,6 +29,7 @@ from kdlab.distill.config import ConfigError, search_ranges, search_recipes
 from kdlab.distill.export import move_into_place, served_entry, write_manifest, write_model
 from kdlab.distill.quantize import RecipeUnavailable, apply_recipe
 from kdlab.distill.task import Task
+from kdlab.search.capacity import measure_latencies, p50_p95
 from kdlab.search.objective import Context, record_screened, record_trained, run_trial, screened_out
 from kdlab.search.study_tracking import StudyTracking
 from kdlab.search.targets import GateRow, Targets
@@ -348,12 +349,8 @@ class TokenTagTask(Task):
         served = {label: self.served(cfg, AutoModelForTokenClassification.from_pretrained(folder, use_safetensors=True),
                                      recipe, dev[0], threads, workdir)
                   for label, (folder, recipe, workdir) in models.items()}
-        out = {label: {} for label in served}
-        for bs in batch_sizes:
-            timing, lengths = timing_batches(prep.eval_ds, prep.tokenizer, bs, cfg.target.seq_len,
-                                             vocab_size=len(prep.tokenizer), seed=cfg.train.seed)
-            profile = target_profile(dataclasses.replace(cfg.target, batch_size=bs), threads, lengths["seq_len_median"])
-            rows = measure_candidates([(GateRow(label), s) for label, s in served.items()], timing, profile)
-            for label, row in zip(served, rows):
-                out[label][bs] = (row.p50_ms, row.p95_ms)
-        return out
+        # the stage's interleaved timing at each batch size, on this task's request batches
+        reports, _ = measure_latencies(served, cfg, threads, batch_sizes,
+                                       lambda bs: timing_batches(prep.eval_ds, prep.tokenizer, bs, cfg.target.seq_len,
+                                                                 vocab_size=len(prep.tokenizer), seed=cfg.train.seed))
+        return {label: p50_p95(r) for label, r in reports.items()}
