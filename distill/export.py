@@ -38,12 +38,12 @@ HOW = {
     "fp32": "AutoModelForSequenceClassification.from_pretrained(folder) on {device}",
     "fp16": "from_pretrained(folder, dtype=torch.float16) on {device}",
     "bf16": "from_pretrained(folder, dtype=torch.bfloat16) on {device}",
-    "dynamic-int8": "from_pretrained(folder), then torch.ao.quantization.quantize_dynamic(model, {{nn.Linear}}, "
-                    "dtype=torch.qint8) on CPU",
+    "dynamic-int8": "from_pretrained(folder), then torch.ao.quantization.quantize_dynamic(model, "
+                    "{{nn.Linear: per_channel_dynamic_qconfig}}, dtype=torch.qint8) on CPU",
     "bnb-int8": "from_pretrained(folder), Linear layers replaced by bitsandbytes Linear8bitLt (head kept)",
     "bnb-nf4": "from_pretrained(folder), Linear layers replaced by bitsandbytes Linear4bit nf4 (head kept)",
     "onnx-fp32": "onnxruntime.InferenceSession('model.onnx')",
-    "onnx-int8": "onnxruntime.InferenceSession('model.int8.onnx') (QInt8 weights, dynamic quantization)",
+    "onnx-int8": "onnxruntime.InferenceSession('model.int8.onnx') (QInt8 per-channel weights, dynamic quantization)",
 }
 
 
@@ -53,7 +53,7 @@ SEQ2SEQ_HOW = {
     "fp16": "from_pretrained(folder, dtype=torch.float16), then generate, on {device}",
     "bf16": "from_pretrained(folder, dtype=torch.bfloat16), then generate, on {device}",
     "dynamic-int8": "AutoModelForSeq2SeqLM.from_pretrained(folder), then torch.ao.quantization.quantize_dynamic("
-                    "model, {{nn.Linear}}, dtype=torch.qint8), then generate, on CPU",
+                    "model, {{nn.Linear: per_channel_dynamic_qconfig}}, dtype=torch.qint8), then generate, on CPU",
     "bnb-int8": "from_pretrained(folder), Linear layers replaced by bitsandbytes Linear8bitLt, then generate",
     "bnb-nf4": "from_pretrained(folder), Linear layers replaced by bitsandbytes Linear4bit nf4, then generate",
 }

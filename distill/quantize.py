@@ -39,6 +39,9 @@ from kdlab.eval.latency import BYTES_PER_MB, file_size_mb
 HEAD_PREFIXES = ("classifier",)  # BERT/RoBERTa/DistilBERT heads: kept in full precision by every recipe
 NF4_BLOCK_N = 32  # bitsandbytes' CPU 4-bit kernel packs weights in blocks of 32 output rows
 NF4_BLOCKSIZE = 64  # weights per absmax scale; the CPU kernel also needs in_features to be a multiple
+# Bumped when a recipe's artefact changes, so caches of measured figures (search/latency_model.py) start afresh.
+# 2: per-channel int8 weight scales in dynamic-int8 and onnx-int8; onnx-int8 keeps the embedding tables in fp32.
+RECIPE_REVISION = 2
 ONNX_SINGLE_FILE_LIMIT_BYTES = 1536 * BYTES_PER_MB  # protobuf caps one file at 2 GiB
 
 
@@ -178,14 +181,27 @@ def _dynamic_int8(model, *, device, **_) -> Quantized:
         raise RecipeUnavailable(f"dynamic-int8 runs on CPU only (fbgemm/qnnpack kernels), not device='{device}'")
     if torch.backends.quantized.engine == "none":
         raise RecipeUnavailable("dynamic-int8: this torch build has no quantized CPU engine (fbgemm/qnnpack)")
+    module = dynamic_int8_module(model)
+    return Quantized("dynamic-int8", "cpu", _serialized_mb(module), [], _torch_forward(module, "cpu"), module)
+
+
+def dynamic_int8_module(model: nn.Module, per_channel: bool = True) -> nn.Module:
+    """A copy of `model` with every nn.Linear replaced by a dynamically quantized int8 one.
+
+    Per-channel (the recipe's form) gives each output row its own weight scale. With one scale per tensor
+    (per_channel=False, kept for scripts/bench_int8.py's comparison) an outlier row sets the step for all,
+    and 1-2 % of a small student's dev labels flipped against its own fp32 weights
+    (benchmarks/results/int8_agreement.json); per channel costs no measurable latency.
+    """
     module = _fresh_copy(model, "cpu", torch.float32)
+    qconfig = (torch.ao.quantization.per_channel_dynamic_qconfig if per_channel
+               else torch.ao.quantization.default_dynamic_qconfig)
     with warnings.catch_warnings():
         # torch.ao.quantization is deprecated in favour of torchao, but torchao 0.18 breaks
         # every transformers import here (STACK.md), so the deprecated API is the one that works.
         warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel", category=UserWarning)
-        module = torch.ao.quantization.quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8)
-    return Quantized("dynamic-int8", "cpu", _serialized_mb(module), [], _torch_forward(module, "cpu"), module)
+        return torch.ao.quantization.quantize_dynamic(module, {nn.Linear: qconfig}, dtype=torch.qint8)
 
 
 # ---------------------------------------------------------------- ONNX Runtime recipes
@@ -292,19 +308,37 @@ def _onnx_int8(model, *, example_batch, device, workdir, threads, **_) -> Quanti
     """Export fp32 to model.onnx (kept as an intermediate), serve model.int8.onnx (QInt8 weights)."""
     if device != "cpu":
         raise RecipeUnavailable(f"onnx recipes serve on ONNX Runtime's CPUExecutionProvider, not device='{device}'")
-    from onnxruntime.quantization import QuantType, quantize_dynamic  # lazy, as in _ort_quantized: pulls in onnx
-
     folder = _onnx_workdir(workdir)
     fp32_path, int8_path = folder / "model.onnx", folder / "model.int8.onnx"
     _export_onnx(model, example_batch, fp32_path)
+    onnx_int8_file(fp32_path, int8_path)
+    return _ort_quantized("onnx-int8", int8_path, threads)
+
+
+# What onnx-int8 quantizes: the MatMul weights, as dynamic-int8 quantizes the nn.Linear ones. ONNX Runtime's
+# default set also quantizes the embedding Gathers; with one int8 scale per table, that flipped another 0.1-0.3 %
+# of dev labels on three small SST-2 students and kept 2 of them under 99 % agreement
+# (benchmarks/results/int8_agreement.json), for no latency gain. The cost is size: a MiniLM-vocabulary table at
+# 384 wide is 47 MB in fp32 against 12 MB in int8.
+ONNX_INT8_OPS = ("MatMul",)
+
+
+def onnx_int8_file(fp32_path: Path, int8_path: Path, *, per_channel: bool = True,
+                   op_types: tuple[str, ...] | None = ONNX_INT8_OPS) -> None:
+    """Write `int8_path`: ONNX Runtime's dynamic quantization of `fp32_path` (QInt8 weights).
+
+    per_channel as in dynamic_int8_module. op_types: the node types quantized (ONNX_INT8_OPS); None is ONNX
+    Runtime's default set, which adds the embedding Gathers (scripts/bench_int8.py compares the forms).
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic  # lazy, as in _ort_quantized: pulls in onnx
+
     # ORT's pre-processing (quant_pre_process) fails on torch.export graphs here with
     # "Incomplete symbolic shape inference", so we quantize without it and drop its advice.
     with _silenced_root("Please consider to run pre-processing before quantization"):
         quantize_dynamic(
-            str(fp32_path), str(int8_path), weight_type=QuantType.QInt8,
-            use_external_data_format=len(_onnx_files(fp32_path)) > 1,
+            str(fp32_path), str(int8_path), weight_type=QuantType.QInt8, per_channel=per_channel,
+            op_types_to_quantize=list(op_types) if op_types else None, use_external_data_format=len(_onnx_files(fp32_path)) > 1,
         )
-    return _ort_quantized("onnx-int8", int8_path, threads)
 
 
 # ---------------------------------------------------------------- bitsandbytes recipes

@@ -18,8 +18,8 @@ search.n_trials. Screening still measures every candidate the model lets through
 fewer than MIN_POINTS measured points gets no model and rules nothing out.
 
 The measured table is cached per machine and target profile (<cache>/latency/<key>.json; key: CPU model,
-cores, torch and onnxruntime versions, device, threads, batch, sequence length setting and timing settings)
-and reused across studies: a point is timed once per machine and profile. Rows also carry the student's
+cores, torch and onnxruntime versions, the recipes' revision, device, threads, batch, sequence length setting and
+timing settings) and reused across studies: a point is timed once per machine and profile. Rows also carry the student's
 model type and the median dev length its tokenizer gives, which change the cost. A shared machine's speed
 drifts, so a study that reads the table first re-times a few of its points (`search.latency_recheck`) and
 scales each recipe's cached points by how much slower or faster they time now, when that is beyond
@@ -42,7 +42,7 @@ from scipy.optimize import nnls
 from tqdm.auto import tqdm
 
 from kdlab.distill.config import StudentConfig
-from kdlab.distill.quantize import apply_recipe
+from kdlab.distill.quantize import RECIPE_REVISION, apply_recipe
 from kdlab.distill.students import build_student
 from kdlab.eval.latency import cache_dir, machine_info, versions
 from kdlab.search.targets import GateRow
@@ -119,7 +119,7 @@ def _nnls_relative(a: np.ndarray, y: np.ndarray) -> np.ndarray:
 def table_path(cfg, threads: int) -> Path:
     t, v = cfg.target, versions()
     key = {"machine": {k: machine_info().get(k) for k in ("cpu", "cpus", "gpu")},
-           "versions": {k: v.get(k) for k in ("torch", "onnxruntime")},
+           "versions": {k: v.get(k) for k in ("torch", "onnxruntime")}, "recipes": RECIPE_REVISION,
            "profile": {"device": t.device, "threads": threads, "batch_size": t.batch_size, "seq_len": str(t.seq_len),
                        "warmup_iters": t.warmup_iters, "min_iters": t.min_iters, "min_seconds": t.min_seconds,
                        "repeats": t.repeats}}

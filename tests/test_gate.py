@@ -87,7 +87,9 @@ def test_loose_target_passes_and_leaves_table_files_and_mlflow_runs(root, tiny_t
         assert 0 < float(r["p50_ms"]) <= float(r["p95_ms"]) <= float(r["p99_ms"])
         assert (r["threads"], r["batch_size"], r["seq_len"]) == ("1", "1", "data")
         assert 3 <= float(r["seq_len_median"]) <= 48  # real SST-2 lengths, truncated at data.max_length
-    assert float(by["onnx-int8"]["size_mb"]) < 0.5 * float(by["fp32"]["size_mb"])
+    # onnx-int8 quantizes the MatMul weights only: on this 2-layer, 64-wide model the fp32 MiniLM-vocabulary
+    # embedding table (7.8 MB) is most of either file, so int8 is smaller, but not by half.
+    assert float(by["onnx-int8"]["size_mb"]) < float(by["fp32"]["size_mb"])
     md = (report / "gate.md").read_text()
     assert "| recipe | quality | p50 ms | p95 ms |" in md and verdict_line in md and "skipped: fp16 needs" in md
     assert (root / "loose" / "gate" / "onnx-int8" / "model.int8.onnx").is_file()

@@ -398,3 +398,39 @@ def test_int8_recipes_shrink_a_linear_heavy_model(tmp_path):
     logits = onnx_int8.predict(batch)
     assert logits.shape == (3, 2)
     assert (logits - reference).abs().max().item() <= REL_TOLERANCE["onnx-int8"] * reference.abs().max().item()
+
+
+def test_int8_recipes_scale_each_output_row_on_its_own(tmp_path):
+    # One FFN row 100x larger than the rest: with one scale per tensor, the other rows would be quantized in
+    # steps of that outlier's size (most of them to 0). Per output row, every row keeps its own step.
+    model = tiny_bert(hidden=64, intermediate=128)
+    dense = model.bert.encoder.layer[0].intermediate.dense
+    with torch.no_grad():
+        dense.weight[7] *= 100.0
+    example = random_batch(2, 8, seed=6)
+    dynamic = apply_recipe("dynamic-int8", model, example_batch=example).module
+    packed = dynamic.bert.encoder.layer[0].intermediate.dense.weight()
+    # The packed fbgemm weight reports an affine per-channel scheme; symmetric means every zero point is 0.
+    assert packed.qscheme() == torch.per_channel_affine and not packed.q_per_channel_zero_points().any()
+    scales = packed.q_per_channel_scales()
+    rows = dense.weight.detach()
+    assert scales.shape == (128,)
+    # Symmetric int8: a row's step is its largest |weight| / 127.5 (to float rounding), so each rounds within half a step.
+    assert torch.allclose(scales.float(), rows.abs().amax(dim=1) / 127.5, rtol=1e-3)
+    assert ((packed.dequantize() - rows).abs() <= scales[:, None].float() * 0.501).all()
+
+    import onnx
+    from onnx import numpy_helper
+
+    apply_recipe("onnx-int8", model, example_batch=example, workdir=tmp_path)
+    graph = onnx.load(str(tmp_path / "model.int8.onnx")).graph
+    init = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    quantized = [n for n in graph.node if n.op_type == "MatMulInteger"]
+    assert quantized
+    for node in quantized:  # inputs: A, B (int8 weight [in, out]), A's zero point, B's zero point
+        weight, zero_point = init[node.input[1]], init[node.input[3]]
+        assert weight.dtype == np.int8 and zero_point.shape == (weight.shape[1],)  # one per output column
+    # The embedding tables stay fp32 (ONNX_INT8_OPS): the Gathers read float tables, not dequantized int8 ones.
+    gathers = [n for n in graph.node if n.op_type == "Gather" and n.input[0] in init]
+    assert gathers and all(init[n.input[0]].dtype == np.float32 for n in gathers)
+    assert init["bert.embeddings.word_embeddings.weight"].shape == (100, 64)

@@ -65,7 +65,8 @@ class RawServed:
         elif recipe == "dynamic-int8":
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
-                self.module = torch.ao.quantization.quantize_dynamic(copy.deepcopy(self.fp32), {nn.Linear},
+                per_channel = {nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}
+                self.module = torch.ao.quantization.quantize_dynamic(copy.deepcopy(self.fp32), per_channel,
                                                                      dtype=torch.qint8).eval()
         elif recipe == "fp32":
             self.module = self.fp32
