@@ -79,11 +79,11 @@ TEACHERS = {  # name -> (source, fine-tune overrides); 10,000 labelled rows: one
 # too few to fit them; two epochs over 3,000 rows is 188 steps).
 SMALL_SUBSET_EPOCHS = 2
 LABELLED = 3000  # default labelled subset: see main()'s --labelled
-STUDENTS = {  # name -> (init kind, overrides)
-    "teacher-3L": ("teacher", ["student.num_layers=3", "student.init=teacher-layers"]),
+STUDENTS = {  # name -> (init kind, overrides); BASE names a pretrained family, which the teacher's students clear
+    "teacher-3L": ("teacher", ["student.pretrained=null", "student.num_layers=3", "student.init=teacher-layers"]),
     "pretrained-3L": ("pretrained", ["student.pretrained=minilm-l6", "student.num_layers=3",
                                      "student.init=teacher-layers"]),
-    "slice-4x256": ("teacher", ["student.num_layers=4", "student.hidden_size=256",
+    "slice-4x256": ("teacher", ["student.pretrained=null", "student.num_layers=4", "student.hidden_size=256",
                                 "student.intermediate_size=1024", "student.init=teacher-slice"]),  # heads: teacher's size
 }
 ARMS = ("ce", "ce+aug", "kd", "kd+transfer")
