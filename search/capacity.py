@@ -302,15 +302,22 @@ def measure_latencies(served: dict, cfg, threads: int, batch_sizes: list[int],
     """Every model timed interleaved with the others at each batch size on the target profile.
 
     `batches_of(batch_size)` gives a task's request batches and their lengths (search/timing.py timing_batches
-    for one forward pass; the seq2seq gate's generation_batches for one `generate`).
-    Returns (label -> {batch: LatencyReport}, batch -> the timing batches' lengths).
+    for one forward pass; the seq2seq gate's generation_batches for one `generate`), the same for every model, or
+    a dict label -> such a function where models tokenize differently.
+    Returns (label -> {batch: LatencyReport}, batch -> the first model's timing batches' lengths).
     """
+    per_model = batches_of if isinstance(batches_of, dict) else dict.fromkeys(served, batches_of)
     out: dict[str, dict[int, object]] = {label: {} for label in served}
     lengths_of: dict[int, dict] = {}
     for bs in sorted(set(batch_sizes)):
-        batches, lengths = batches_of(bs)
+        made: dict = {}  # one call per distinct function: a shared one draws its batches once
+        for fn in per_model.values():
+            if id(fn) not in made:
+                made[id(fn)] = fn(bs)
+        own = {label: made[id(per_model[label])] for label in served}
+        lengths = next(iter(own.values()))[1]
         profile = target_profile(replace(cfg.target, batch_size=bs), threads, lengths["seq_len_median"])
-        reports = measure({label: cycling(s, batches) for label, s in served.items()}, profile)
+        reports = measure({label: cycling(s, own[label][0]) for label, s in served.items()}, profile)
         for label, r in reports.items():
             out[label][bs] = r
         lengths_of[bs] = lengths

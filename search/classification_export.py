@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from kdlab.distill.config import Config
 from kdlab.distill.export import ExportError, build_served, parity, served_entry
 from kdlab.distill.quantize import apply_recipe
+from kdlab.distill.students import same_vocabulary
 from kdlab.eval.paths import portable_path
 from kdlab.search.capacity import capacity_card, measure_latencies, p50_p95
 from kdlab.search.card import card_metadata
@@ -104,24 +105,30 @@ class ClassifierExport:
         return model_card(manifest)
 
 
-def request_batches(cfg: Config, prep, vocab_size: int):
-    """batch size -> (request batches, lengths) of one forward pass over dev texts at target.seq_len."""
-    return lambda bs: timing_batches(prep.eval_ds, prep.tokenizer, bs, cfg.target.seq_len, vocab_size=vocab_size,
-                                     seed=cfg.train.seed)
+def request_batches(cfg: Config, prep, vocab_size: int, dataset=None, tokenizer=None):
+    """batch size -> (request batches, lengths) of one forward pass over dev texts at target.seq_len; the teacher's
+    tokenization (`prep`) unless a model's own dev set and tokenizer are given."""
+    ds, tok = (prep.eval_ds, prep.tokenizer) if dataset is None else (dataset, tokenizer)
+    return lambda bs: timing_batches(ds, tok, bs, cfg.target.seq_len, vocab_size=vocab_size, seed=cfg.train.seed)
 
 
 def serving_latency(cfg: Config, models: dict, threads: int, batch_sizes: list[int]) -> dict:
     """{label: {batch: (p50_ms, p95_ms)}} of one forward pass of each classifier folder under its recipe
-    (`models`: label -> (folder, recipe, workdir)), timed interleaved on dev texts tokenized by the teacher's
-    tokenizer (kdlab report --capacity). The first model is the teacher, whose vocabulary draws fixed-length ids."""
+    (`models`: label -> (folder, recipe, workdir)), timed interleaved (kdlab report --capacity). Each model reads
+    dev texts through its own folder's tokenizer: a student of another family than the teacher (MiniLM under
+    MPNet) has other ids and other lengths. A folder without a tokenizer reads the teacher's."""
     prep = prepare(cfg)  # measuring needs no Accelerator (train/accel.py)
-    example = next(iter(make_loader(prep.eval_ds, prep.tokenizer, 8, shuffle=False)))
-    served, vocab_size = {}, None
+    served, batches_of = {}, {}
     for label, (folder, recipe, workdir) in models.items():
         model = AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=True).eval()
-        vocab_size = vocab_size or model.config.vocab_size
+        tok = (AutoTokenizer.from_pretrained(folder) if (Path(folder) / "tokenizer_config.json").is_file()
+               else prep.tokenizer)
+        ds = (prep.eval_ds if same_vocabulary(prep.tokenizer, tok)
+              else tokenize(prep.data.eval, tok, cfg.data, prep.data.label_names))
+        example = next(iter(make_loader(ds, tok, 8, shuffle=False)))
         served[label] = apply_recipe(recipe, model, example_batch=example, threads=threads, workdir=workdir)
-    reports, _ = measure_latencies(served, cfg, threads, batch_sizes, request_batches(cfg, prep, vocab_size))
+        batches_of[label] = request_batches(cfg, prep, model.config.vocab_size, ds, tok)
+    reports, _ = measure_latencies(served, cfg, threads, batch_sizes, batches_of)
     return {label: p50_p95(r) for label, r in reports.items()}
 
 

@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from conftest import ROOT, tiny_run_tree, write_config
 from kdlab.distill.config import ConfigError, load_config
 from kdlab.scripts.cli import main as kdlab
+from kdlab.search.classification_export import serving_latency
 from kdlab.search.capacity import (Serving, batching_line, capacity_section, comparison_markdown, latency_cv, markdown,
                                   plan, plan_one, predicted_for, queue_wait_p95_ms)
 
@@ -302,3 +303,19 @@ def test_report_capacity_prints_the_plan_of_the_measured_latencies(tmp_path, tin
     parent = client.search_runs([client.get_experiment_by_name("cap").experiment_id],
                                 filter_string="attributes.run_name = 'search'")[0]
     assert {"capacity.md", "capacity.json"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+def test_capacity_times_each_model_on_its_own_tokenizer(tmp_path, tiny_teacher_dir, other_family_dir):
+    """A front member of another family than the teacher (its own 400-word vocabulary here) is timed on dev texts
+    through its own tokenizer: the teacher's ids (up to 30,521) would index past its embedding table."""
+    profile = {"batch_size": 1, "seq_len": "data", "warmup_iters": 1, "min_iters": 5, "min_seconds": 0.1,
+               "repeats": 2, "threads": 1, "p95_tolerance": 1.0, "max_rounds": 2}
+    tree = tiny_run_tree(tmp_path / "run", tiny_teacher_dir, target=profile)
+    tree["data"]["max_eval_samples"] = 32
+    cfg = load_config(write_config(tmp_path / "c.yaml", tree), [])
+    models = {"teacher fp32": (tiny_teacher_dir, "fp32", None), "other (fp32)": (other_family_dir, "fp32", None)}
+    got = serving_latency(cfg, models, 1, [1, 2])
+    assert list(got) == list(models)
+    for label, by_batch in got.items():
+        assert sorted(by_batch) == [1, 2]
+        assert all(0 < p50 <= p95 for p50, p95 in by_batch.values()), label
