@@ -113,6 +113,11 @@ def _torch_forward(module: nn.Module, device: str) -> Callable[[dict], torch.Ten
     return forward
 
 
+def torch_served(recipe: str, module: nn.Module, device: str) -> Quantized:
+    """A torch module as a served artefact: its serialized size, its forward on `device`, float32 CPU logits."""
+    return Quantized(recipe, device, _serialized_mb(module), [], _torch_forward(module, device), module)
+
+
 def _fresh_copy(model: nn.Module, device: str, dtype: torch.dtype | None = None) -> nn.Module:
     module = copy.deepcopy(model).eval()
     return module.to(device=device, dtype=dtype) if dtype else module.to(device)
@@ -154,7 +159,7 @@ def _silenced_root(*prefixes: str):
 @_register("fp32")
 def _fp32(model, *, device, **_) -> Quantized:
     module = _fresh_copy(model, device, torch.float32)
-    return Quantized("fp32", device, _serialized_mb(module), [], _torch_forward(module, device), module)
+    return torch_served("fp32", module, device)
 
 
 @_register("bf16")
@@ -164,7 +169,7 @@ def _bf16(model, *, device, allow_cpu_half, **_) -> Quantized:
             "bf16 on CPU is off by default (fast only on CPUs with AMX/AVX512-BF16); pass allow_cpu_half=True to try it"
         )
     module = _fresh_copy(model, device, torch.bfloat16)
-    return Quantized("bf16", device, _serialized_mb(module), [], _torch_forward(module, device), module)
+    return torch_served("bf16", module, device)
 
 
 @_register("fp16")
@@ -172,7 +177,7 @@ def _fp16(model, *, device, **_) -> Quantized:
     if device != "cuda":
         raise RecipeUnavailable(f"fp16 needs a CUDA device; CPU half-precision kernels are slow or missing (device='{device}')")
     module = _fresh_copy(model, device, torch.float16)
-    return Quantized("fp16", device, _serialized_mb(module), [], _torch_forward(module, device), module)
+    return torch_served("fp16", module, device)
 
 
 @_register("dynamic-int8")
@@ -181,8 +186,7 @@ def _dynamic_int8(model, *, device, **_) -> Quantized:
         raise RecipeUnavailable(f"dynamic-int8 runs on CPU only (fbgemm/qnnpack kernels), not device='{device}'")
     if torch.backends.quantized.engine == "none":
         raise RecipeUnavailable("dynamic-int8: this torch build has no quantized CPU engine (fbgemm/qnnpack)")
-    module = dynamic_int8_module(model)
-    return Quantized("dynamic-int8", "cpu", _serialized_mb(module), [], _torch_forward(module, "cpu"), module)
+    return torch_served("dynamic-int8", dynamic_int8_module(model), "cpu")
 
 
 def dynamic_int8_module(model: nn.Module, per_channel: bool = True) -> nn.Module:
@@ -337,7 +341,8 @@ def onnx_int8_file(fp32_path: Path, int8_path: Path, *, per_channel: bool = True
     with _silenced_root("Please consider to run pre-processing before quantization"):
         quantize_dynamic(
             str(fp32_path), str(int8_path), weight_type=QuantType.QInt8, per_channel=per_channel,
-            op_types_to_quantize=list(op_types) if op_types else None, use_external_data_format=len(_onnx_files(fp32_path)) > 1,
+            op_types_to_quantize=list(op_types) if op_types else None,
+            use_external_data_format=len(_onnx_files(fp32_path)) > 1,
         )
 
 

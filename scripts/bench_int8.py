@@ -20,7 +20,6 @@ Writes benchmarks/results/int8_agreement.json and its section in benchmarks/READ
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import statistics
 import sys
@@ -37,11 +36,10 @@ import transformers  # noqa: E402
 from transformers import (AutoModelForSequenceClassification, AutoTokenizer, BertConfig,  # noqa: E402
                           BertForSequenceClassification)
 
-from kdlab.distill.adapter import MODEL_INPUTS  # noqa: E402
 from kdlab.distill.config import load_config  # noqa: E402
 from kdlab.distill.export import parity  # noqa: E402
 from kdlab.distill.quantize import (Quantized, apply_recipe, dynamic_int8_module, onnx_int8_file,  # noqa: E402
-                                    serve_onnx)
+                                    serve_onnx, torch_served)
 from kdlab.eval.latency import TargetProfile, machine_info, measure, versions  # noqa: E402
 from kdlab.scripts.bench_readme import publish  # noqa: E402
 from kdlab.search.timing import cycling, timing_batches  # noqa: E402
@@ -72,25 +70,10 @@ def tiny_model(folder: Path) -> Path:
     return folder
 
 
-def state_mb(module: torch.nn.Module) -> float:
-    """Serialized state dict, as kdlab sizes its torch recipes."""
-    buffer = io.BytesIO()
-    torch.save(module.state_dict(), buffer)
-    return buffer.getbuffer().nbytes / 2**20
-
-
-def torch_form(name: str, module: torch.nn.Module) -> Quantized:
-    def forward(batch: dict) -> torch.Tensor:
-        with torch.inference_mode():
-            return module(**{k: batch[k] for k in MODEL_INPUTS if k in batch}).logits.float()
-
-    return Quantized(name, "cpu", state_mb(module), [], forward, module)
-
-
 def forms_of(model, example: dict, work: Path) -> dict[str, Quantized]:
     served = {"fp32": apply_recipe("fp32", model, example_batch=example, threads=1)}
-    served["dynamic-int8 per-tensor"] = torch_form("dynamic-int8 per-tensor",
-                                                   dynamic_int8_module(model, per_channel=False))
+    served["dynamic-int8 per-tensor"] = torch_served("dynamic-int8 per-tensor",
+                                                     dynamic_int8_module(model, per_channel=False), "cpu")
     served["dynamic-int8"] = apply_recipe("dynamic-int8", model, example_batch=example, threads=1)
     served["onnx-int8"] = apply_recipe("onnx-int8", model, example_batch=example, threads=1, workdir=work)
     for name, kwargs in (("onnx-int8 per-tensor", {"per_channel": False, "op_types": None}),
