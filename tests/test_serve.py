@@ -330,3 +330,20 @@ def test_bench_serve_judges_batching_by_the_plans_rule():
     assert batching_choice(64.4, 73.6, 0.1) == "batched"
     assert batching_choice(81.0, 75.5, 0.1) == "unbatched"
     assert batching_choice(0.0, 0.0, 0.1) is None
+
+
+def test_the_step_loads_recovery_is_judged_on_the_trailing_ten_second_p95():
+    """20 s at 10 requests a second, 10 ms each, but the 10 sent in second 5 took 100 ms: that second's own p95 is
+    100 ms; the trailing 10 s p95 is 100 ms from second 5 to second 14 (10 slow of at most 100 requests is the top
+    10 %) and 10 ms again from second 15, when second 5 has left the window. Against a 50 ms SLO the step's recovery
+    is the end of second 14 (15 s), and a single second was last over it at the end of second 5 (6 s)."""
+    from kdlab.scripts.bench_serve import recovery
+    from kdlab.scripts.loadtest import timeline
+    records = [{"start_s": 100.0 + s + i / 10, "ms": 100.0 if s == 5 else 10.0, "status": 200, "error": None}
+               for s in range(20) for i in range(10)]
+    windows = timeline(records)
+    assert [w["t"] for w in windows] == [float(s) for s in range(20)]
+    assert [w["p95_ms"] for w in windows] == [100.0 if s == 5 else 10.0 for s in range(20)]
+    assert [w["p95_trailing_ms"] for w in windows] == [100.0 if 5 <= s <= 14 else 10.0 for s in range(20)]
+    assert recovery(windows, 50.0) == (15.0, 6.0)
+    assert recovery(windows, 150.0) == (0.0, None)  # never over: back at once, no second over it
