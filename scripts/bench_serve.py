@@ -362,9 +362,10 @@ def main(argv=None) -> int:
     full_priority_workers()
 
     def fresh_server() -> None:
-        """A new local Ray and Serve: each model is measured on a server nothing ran on before (in one run the
-        teacher, measured after 25 minutes of the student's deployments, sustained 8.2 req/s at the 50 ms SLO,
-        while a fresh `kdlab serve` of it held p95 43 ms at 12.8 and 20 req/s)."""
+        """A new local Ray and Serve: each model is measured on a server nothing ran on before. (Tried because the
+        fp32 MiniLM teacher, measured after 25 minutes of the student's deployments, sustained 8.2 req/s at the
+        50 ms SLO while a `kdlab serve` of it alone held p95 43 ms at 12.8 and 20 req/s; the fresh instance did
+        not close that gap: 0-5.4 req/s in the next run. The cause is still open.)"""
         if ray.is_initialized():
             serve.shutdown()
             ray.shutdown()

@@ -73,6 +73,11 @@ def model_p50_ms(manifest: dict, batch: float) -> tuple[float | None, int | None
     return table[nearest], nearest
 
 
+def answered(record: dict) -> bool:
+    """A request the server answered (HTTP 200, no transport error)."""
+    return record["status"] == 200 and not record["error"]
+
+
 def timeline(records: list[dict], window_s: float = 1.0, trailing_s: float = TRAILING_S) -> list[dict]:
     """Per window of sent time: requests sent, answered, p95 ms of the answered, failures and 503s; and the p95 of
     the answered requests sent in the trailing `trailing_s` up to the window's end (`p95_trailing_ms`). A one-second
@@ -84,14 +89,14 @@ def timeline(records: list[dict], window_s: float = 1.0, trailing_s: float = TRA
     windows: dict[int, list[dict]] = {}
     for r in records:
         windows.setdefault(int((r["start_s"] - first) / window_s), []).append(r)
-    answered = sorted((r["start_s"] - first, r["ms"]) for r in records if r["status"] == 200 and not r["error"])
-    sent_at = [t for t, _ in answered]
+    done = sorted((r["start_s"] - first, r["ms"]) for r in records if answered(r))
+    sent_at = [t for t, _ in done]
     out = []
     for i in sorted(windows):
         group = windows[i]
-        ok = [r["ms"] for r in group if r["status"] == 200 and not r["error"]]
+        ok = [r["ms"] for r in group if answered(r)]
         end = (i + 1) * window_s
-        trailing = [ms for _, ms in answered[bisect.bisect_left(sent_at, end - trailing_s):
+        trailing = [ms for _, ms in done[bisect.bisect_left(sent_at, end - trailing_s):
                                              bisect.bisect_left(sent_at, end)]]
         out.append({"t": i * window_s, "sent": len(group), "answered": len(ok), "p95_ms": percentile(ok, 95),
                     "p95_trailing_ms": percentile(trailing, 95),
@@ -100,7 +105,7 @@ def timeline(records: list[dict], window_s: float = 1.0, trailing_s: float = TRA
 
 
 def summarise(records: list[dict], *, offered_rps: float, duration_s: float, manifest: dict | None) -> dict:
-    ok = [r for r in records if r["status"] == 200 and not r["error"]]
+    ok = [r for r in records if answered(r)]
     ms = [r["ms"] for r in ok]
     failures = Counter(r["error"] or f"HTTP {r['status']}" for r in records if r not in ok)
     if records:

@@ -9,7 +9,6 @@ architecture), so what is ruled out or screened does not depend on how busy the 
 """
 from __future__ import annotations
 
-
 import mlflow
 import optuna
 import pytest
