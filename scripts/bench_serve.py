@@ -526,14 +526,15 @@ def recovery_text(a: dict, slo_ms: float) -> str:
     """When p95 came back within the SLO after the step, or that it did not while the high load lasted. Runs
     before the trailing window was recorded judged single seconds; they say so."""
     high = [w for w in a["timeline"] if w.get("phase") == "high"]
-    key = "p95_trailing_ms" if a.get("trailing_s") else "p95_ms"
-    what = f"p95 over the trailing {a['trailing_s']:g} s" if a.get("trailing_s") else "the per-second p95"
+    trailing = a.get("trailing_s")
+    key = "p95_trailing_ms" if trailing else "p95_ms"
+    what = f"p95 over the trailing {trailing:g} s" if trailing else "the per-second p95"
     up = next((w["t"] - a["step_at_s"] for w in high if (w["replicas"] or 0) > 1), None)
     second = f" (a second replica running {up:.0f} s after the step)" if up is not None else ""
     if high and high[-1].get(key) is not None and high[-1][key] > slo_ms:
         return f"{what} not back within the SLO while the high load lasted{second}"
     text = f"{what} back within the SLO {fmt(a['recovery_s'], 0)} s after the step{second}"
-    if a.get("trailing_s"):
+    if trailing:
         last = a.get("last_second_over_slo_s")
         text += ("; no single second's p95 over it" if last is None else
                  f"; a single second's p95 last over it {last:.0f} s after the step")

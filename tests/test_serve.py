@@ -31,7 +31,7 @@ from conftest import SST2, build_export, free_port  # noqa: E402
 from kdlab.distill.deploy import (SERVE_CONFIG, deployment_options, plan_settings, read_manifest,  # noqa: E402
                                   serve_config, write_deploy_files)
 from kdlab.distill.export import write_manifest  # noqa: E402
-from kdlab.scripts.loadtest import run_loadtest  # noqa: E402
+from kdlab.scripts.loadtest import run_loadtest, timeline  # noqa: E402
 from kdlab.scripts.predict import run_predict  # noqa: E402
 from kdlab.scripts.serve import deploy, full_priority_workers, wait_ready  # noqa: E402
 from kdlab.scripts.serve_app import build, settings_for  # noqa: E402
@@ -338,7 +338,6 @@ def test_the_step_loads_recovery_is_judged_on_the_trailing_ten_second_p95():
     10 %) and 10 ms again from second 15, when second 5 has left the window. Against a 50 ms SLO the step's recovery
     is the end of second 14 (15 s), and a single second was last over it at the end of second 5 (6 s)."""
     from kdlab.scripts.bench_serve import recovery
-    from kdlab.scripts.loadtest import timeline
     records = [{"start_s": 100.0 + s + i / 10, "ms": 100.0 if s == 5 else 10.0, "status": 200, "error": None}
                for s in range(20) for i in range(10)]
     windows = timeline(records)
