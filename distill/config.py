@@ -225,14 +225,15 @@ class TargetConfig:
 
 # The recipes distill/quantize.py registers, in its ladder order (tests/test_config.py checks that they agree).
 # Named here so that checking a config does not import torch with the recipes.
-RECIPE_LADDER = ("fp32", "bf16", "fp16", "dynamic-int8", "onnx-fp32", "onnx-int8", "bnb-int8", "bnb-nf4")
+RECIPE_LADDER = ("fp32", "bf16", "fp16", "dynamic-int8", "onnx-fp32", "onnx-int8-ffn", "onnx-int8", "bnb-int8",
+                 "bnb-nf4")
 
 
 @dataclass
 class QuantizationConfig:
     recipes: list = field(default_factory=lambda: list(RECIPE_LADDER), metadata={
         "help": "recipes the gate tries, cheapest change first; default the full ladder "
-                "(fp32, bf16, fp16, dynamic-int8, onnx-fp32, onnx-int8, bnb-int8, bnb-nf4)"})
+                "(fp32, bf16, fp16, dynamic-int8, onnx-fp32, onnx-int8-ffn, onnx-int8, bnb-int8, bnb-nf4)"})
     allow_cpu_bf16: bool = _f(False, "try bf16 on CPU (fast only with AMX/AVX512-BF16; skipped otherwise)")
 
 

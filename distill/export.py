@@ -5,7 +5,8 @@ Library module, nothing to launch (`kdlab export` chooses what to export: search
 An export folder holds
 - the Hugging Face folder: config.json, model.safetensors, tokenizer files
   (`AutoModelForSequenceClassification.from_pretrained(folder)` loads it);
-- model.onnx, the fp32 ONNX graph, and for the onnx-int8 recipe model.int8.onnx, the served file;
+- model.onnx, the fp32 ONNX graph, and for the onnx-int8 recipe model.int8.onnx (onnx-int8-ffn:
+  model.int8-ffn.onnx), the served file;
 - manifest.json: recipe, what is served and how it is rebuilt, labels, tokenization, every file's sha256.
 
     from kdlab.distill.export import load_served
@@ -29,11 +30,11 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from kdlab.distill.errors import ConfigError
 from kdlab.distill.errors import ExportError  # noqa: F401  (re-exported: raised by load_served and verify)
-from kdlab.distill.quantize import Quantized, apply_recipe
+from kdlab.distill.quantize import ONNX_INT8_FFN_FILE, Quantized, apply_recipe
 from kdlab.distill.task import DEFAULT_TASK, load_task
 
 MANIFEST = "manifest.json"
-ONNX_SERVED = {"onnx-fp32": "model.onnx", "onnx-int8": "model.int8.onnx"}
+ONNX_SERVED = {"onnx-fp32": "model.onnx", "onnx-int8-ffn": ONNX_INT8_FFN_FILE, "onnx-int8": "model.int8.onnx"}
 HOW = {
     "fp32": "AutoModelForSequenceClassification.from_pretrained(folder) on {device}",
     "fp16": "from_pretrained(folder, dtype=torch.float16) on {device}",
@@ -43,6 +44,8 @@ HOW = {
     "bnb-int8": "from_pretrained(folder), Linear layers replaced by bitsandbytes Linear8bitLt (head kept)",
     "bnb-nf4": "from_pretrained(folder), Linear layers replaced by bitsandbytes Linear4bit nf4 (head kept)",
     "onnx-fp32": "onnxruntime.InferenceSession('model.onnx')",
+    "onnx-int8-ffn": f"onnxruntime.InferenceSession('{ONNX_INT8_FFN_FILE}') (QInt8 per-channel weights except the "
+                     "attention projections, which stay fp32; dynamic quantization)",
     "onnx-int8": "onnxruntime.InferenceSession('model.int8.onnx') (QInt8 per-channel weights, dynamic quantization)",
 }
 
@@ -81,7 +84,7 @@ def build_served(folder: Path, recipe: str, *, example_batch: dict, device: str 
     model.onnx (fp32) is always written: it is the portable form of the model whatever the recipe.
     """
     model = AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=True).eval()
-    onnx = apply_recipe("onnx-int8" if recipe == "onnx-int8" else "onnx-fp32", model,
+    onnx = apply_recipe(recipe if recipe in ONNX_SERVED else "onnx-fp32", model,
                         example_batch=example_batch, device="cpu", workdir=folder, threads=threads)
     if recipe in ONNX_SERVED:
         return onnx

@@ -21,7 +21,8 @@ from dataclasses import asdict, dataclass
 from kdlab.distill.config import Config, ConfigError, Range, StudentConfig, search_ranges, search_recipes
 
 # Recipes tried by the seed trials, in order of preference: the cheapest change that usually pays on the device.
-SEED_RECIPES = ("dynamic-int8", "onnx-int8", "fp16", "bf16", "fp32", "onnx-fp32", "bnb-int8", "bnb-nf4")
+SEED_RECIPES = ("dynamic-int8", "onnx-int8", "fp16", "bf16", "fp32", "onnx-int8-ffn", "onnx-fp32", "bnb-int8",
+                "bnb-nf4")
 SEED_LAYER_FRACTIONS = (1 / 2, 1 / 3, 2 / 3, 1 / 4, 1.0)  # half the teacher first (DistilBERT's choice)
 TEACHER_FAMILY = "teacher"
 SHAPE_PARAMS = ("num_layers", "hidden_size", "intermediate_size", "init")  # and num_heads_h<hidden>

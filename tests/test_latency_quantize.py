@@ -18,7 +18,8 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
-from kdlab.distill.quantize import RECIPES, Quantized, RecipeUnavailable, apply_recipe, list_recipes
+from kdlab.distill.quantize import (RECIPES, Quantized, RecipeUnavailable, apply_recipe, attention_matmuls,
+                                    list_recipes)
 from kdlab.eval.latency import (
     BYTES_PER_MB,
     LatencyReport,
@@ -47,6 +48,7 @@ REL_TOLERANCE = {
     "bf16": 0.05,
     "dynamic-int8": 0.10,
     "onnx-int8": 0.10,
+    "onnx-int8-ffn": 0.10,
     "bnb-int8": 0.10,
     "bnb-nf4": 0.35,
 }
@@ -298,7 +300,7 @@ def test_sizes_by_hand(tmp_path):
 
 def test_registry_order_and_unknown_name():
     assert list_recipes() == list(RECIPES) == [
-        "fp32", "bf16", "fp16", "dynamic-int8", "onnx-fp32", "onnx-int8", "bnb-int8", "bnb-nf4",
+        "fp32", "bf16", "fp16", "dynamic-int8", "onnx-fp32", "onnx-int8-ffn", "onnx-int8", "bnb-int8", "bnb-nf4",
     ]
     with pytest.raises(ValueError) as info:
         apply_recipe("int3", tiny_bert(), example_batch=random_batch(2, 8, seed=0))
@@ -357,7 +359,8 @@ def test_recipes_leave_callers_model_untouched(tiny_served):
 
 def test_onnx_recipes_write_the_files_they_report(tiny_served):
     _, _, served = tiny_served
-    for recipe, filename in (("onnx-fp32", "model.onnx"), ("onnx-int8", "model.int8.onnx")):
+    for recipe, filename in (("onnx-fp32", "model.onnx"), ("onnx-int8", "model.int8.onnx"),
+                             ("onnx-int8-ffn", "model.int8-ffn.onnx")):
         files = served[recipe].files
         assert [f.name for f in files] == [filename] and files[0].exists()
         assert served[recipe].size_mb == pytest.approx(file_size_mb(files[0]))
@@ -433,3 +436,43 @@ def test_int8_recipes_scale_each_output_row_on_its_own(tmp_path):
     gathers = [n for n in graph.node if n.op_type == "Gather" and n.input[0] in init]
     assert gathers and all(init[n.input[0]].dtype == np.float32 for n in gathers)
     assert init["bert.embeddings.word_embeddings.weight"].shape == (100, 64)
+
+
+def test_onnx_int8_ffn_keeps_exactly_the_attention_projections_in_fp32(tmp_path):
+    # 2 layers x (query, key, value, attention output) stay fp32 MatMuls, their weights the Linears' own
+    # transposed, bit for bit; everything onnx-int8 quantizes besides them (the FFN pair, pooler, head) is int8.
+    import onnx
+    from onnx import numpy_helper
+
+    model, example = tiny_bert(hidden=64, intermediate=128), random_batch(2, 8, seed=7)
+    apply_recipe("onnx-int8", model, example_batch=example, workdir=tmp_path / "all")
+    apply_recipe("onnx-int8-ffn", model, example_batch=example, workdir=tmp_path / "ffn")
+
+    def weight_matmuls(path):
+        graph = onnx.load(str(path)).graph
+        init = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+        fp32 = [init[n.input[1]] for n in graph.node if n.op_type == "MatMul" and n.input[1] in init]
+        return fp32, sum(n.op_type == "MatMulInteger" for n in graph.node)
+
+    all_fp32, all_int8 = weight_matmuls(tmp_path / "all" / "model.int8.onnx")
+    ffn_fp32, ffn_int8 = weight_matmuls(tmp_path / "ffn" / "model.int8-ffn.onnx")
+    attention = [getattr(part, name).weight.detach().t().numpy() for layer in model.bert.encoder.layer
+                 for part, names in ((layer.attention.self, ("query", "key", "value")),
+                                     (layer.attention.output, ("dense",)))
+                 for name in names]
+    assert all_fp32 == [] and len(attention) == 8
+    assert len(ffn_fp32) == 8 and ffn_int8 == all_int8 - 8
+    assert all(any(w.shape == a.shape and (w == a).all() for w in ffn_fp32) for a in attention)
+
+
+def test_attention_projections_are_found_in_an_mpnet_graph(tmp_path):
+    # MPNet names them attention.attn.{q,k,v,o}: 4 a layer, found by value in the exported graph.
+    from transformers import MPNetConfig, MPNetForSequenceClassification
+
+    torch.manual_seed(0)
+    model = MPNetForSequenceClassification(MPNetConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=70, num_labels=2)).eval()
+    served = apply_recipe("onnx-fp32", model, example_batch=random_batch(2, 8, seed=8, token_types=False),
+                          workdir=tmp_path)
+    assert len(attention_matmuls(served.files[0], model)) == 2 * 4

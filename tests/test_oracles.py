@@ -26,7 +26,7 @@ from conftest import SST2
 from kdlab.distill.export import parity
 from kdlab.distill.quantize import Quantized
 
-ONNX_FILES = {"onnx-int8": "model.int8.onnx", "onnx-fp32": "model.onnx"}
+ONNX_FILES = {"onnx-int8": "model.int8.onnx", "onnx-int8-ffn": "model.int8-ffn.onnx", "onnx-fp32": "model.onnx"}
 
 
 def sst2_dev(n: int) -> tuple[list[str], list[int]]:

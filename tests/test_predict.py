@@ -133,18 +133,20 @@ def test_dynamic_int8_export_serves_the_quantized_module_not_fp32(export_int8, s
     assert (got - fp32).abs().max() > 1e-5  # int8 weights and activations move the probabilities
 
 
-def test_onnx_int8_export_serves_the_int8_graph(tmp_path, tokenizer, sst2_texts):
-    export = build_export(tmp_path / "export", tokenizer, "onnx-int8")
+@pytest.mark.parametrize("recipe, served_file", [("onnx-int8", "model.int8.onnx"),
+                                                  ("onnx-int8-ffn", "model.int8-ffn.onnx")])
+def test_onnx_int8_export_serves_the_int8_graph(tmp_path, tokenizer, sst2_texts, recipe, served_file):
+    export = build_export(tmp_path / "export", tokenizer, recipe)
     source = tmp_path / "in.txt"
     source.write_text("".join(t + "\n" for t in sst2_texts[:64]), encoding="utf-8")
     out = tmp_path / "out.jsonl"
     summary = run_predict(export, source, out, batch_size=16, threads=1, progress=False)
-    assert summary["recipe"] == "onnx-int8" and summary["rows"] == 64
+    assert summary["recipe"] == recipe and summary["rows"] == 64
 
     served = load_served(export, threads=1)
-    assert [f.name for f in served.artefact.files] == ["model.int8.onnx"] and served.artefact.module is None
-    # An onnxruntime session of its own on the folder's model.int8.onnx gives the same probabilities...
-    raw = oracle(export, "onnx-int8")
+    assert [f.name for f in served.artefact.files] == [served_file] and served.artefact.module is None
+    # An onnxruntime session of its own on the folder's int8 graph gives the same probabilities...
+    raw = oracle(export, recipe)
     expected = oracle_probs(raw, sst2_texts[:64], batch=16)
     recs = records(out)
     assert torch.allclose(probs_tensor(recs), expected, atol=1e-6, rtol=0)
