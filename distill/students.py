@@ -112,8 +112,19 @@ def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(scores, k).indices.sort().values
 
 
+def _shared_per_head(teacher_sd: dict, t_cfg) -> list[str]:
+    """Tensors outside the layers with an axis per attention head, which every layer reads (MPNet's
+    `encoder.relative_attention_bias`, buckets x heads)."""
+    return [k for k, t in teacher_sd.items() if _layer_of(k) is None and t_cfg.num_attention_heads in t.shape
+            and t_cfg.hidden_size not in t.shape]
+
+
 def _importances(teacher_sd: dict, t_cfg, s_cfg, layer_map: list[int]) -> dict:
-    """Index sets per axis kind: 'hidden' (global), ('heads', layer), ('ffn', layer)."""
+    """Index sets per axis kind: 'hidden' (global), ('heads', layer), ('ffn', layer).
+
+    Heads are ranked per layer, unless a per-head tensor is shared by all layers (_shared_per_head): then every
+    layer keeps the same heads, ranked by their importance summed over the kept layers, so that the shared
+    tensor's columns still belong to each layer's heads; ('head_count', None) indexes that tensor."""
     gammas = [v.abs() for k, v in teacher_sd.items()
               if k.lower().endswith(("layernorm.weight", "layer_norm.weight"))
               and v.shape == (t_cfg.hidden_size,)]
@@ -121,6 +132,7 @@ def _importances(teacher_sd: dict, t_cfg, s_cfg, layer_map: list[int]) -> dict:
     index = {"hidden": _top(torch.stack(gammas).sum(0), s_cfg.hidden_size)}
     head_dim_t = t_cfg.hidden_size // t_cfg.num_attention_heads
     head_dim_s = s_cfg.hidden_size // s_cfg.num_attention_heads
+    head_scores = {}
     for layer in set(layer_map):
         mid = f".layer.{layer}."
         v = next(t for k, t in teacher_sd.items() if mid in k and _HEAD_OUT.search(k) and
@@ -130,14 +142,19 @@ def _importances(teacher_sd: dict, t_cfg, s_cfg, layer_map: list[int]) -> dict:
                                                [-1, t_cfg.num_attention_heads, head_dim_t]))
         v_norm = per_head(v, 0).pow(2).sum(dim=(1, 2)).sqrt()
         o_norm = per_head(o, 1).pow(2).sum(dim=(0, 2)).sqrt()
-        heads = _top(v_norm * o_norm, s_cfg.num_attention_heads)
-        index[("heads", layer)] = (heads[:, None] * head_dim_t + torch.arange(head_dim_s)).flatten()
-        index[("head_count", layer)] = heads
+        head_scores[layer] = v_norm * o_norm
         w_in = next(t for k, t in teacher_sd.items()
                     if mid in k and k.endswith(("intermediate.dense.weight", "ffn.lin1.weight")))
         w_out = next(t for k, t in teacher_sd.items() if mid in k and (
             re.search(r"\.layer\.\d+\.output\.dense\.weight$", k) or k.endswith("ffn.lin2.weight")))
         index[("ffn", layer)] = _top(w_in.norm(dim=1) * w_out.norm(dim=0), s_cfg.intermediate_size)
+    shared = _shared_per_head(teacher_sd, t_cfg)
+    if shared:
+        index[("head_count", None)] = _top(torch.stack(list(head_scores.values())).sum(0), s_cfg.num_attention_heads)
+    for layer, scores in head_scores.items():
+        heads = index[("head_count", None)] if shared else _top(scores, s_cfg.num_attention_heads)
+        index[("heads", layer)] = (heads[:, None] * head_dim_t + torch.arange(head_dim_s)).flatten()
+        index[("head_count", layer)] = heads
     return index
 
 
@@ -165,7 +182,7 @@ def sliced_state_dict(teacher: PreTrainedModel, student: PreTrainedModel, layer_
                 idx = index[("ffn", t_layer)]
             elif t_size == t_cfg.hidden_size:
                 idx = index["hidden"]
-            elif t_size == t_cfg.num_attention_heads and t_layer is not None:
+            elif t_size == t_cfg.num_attention_heads and ("head_count", t_layer) in index:
                 idx = index[("head_count", t_layer)]
             else:
                 raise ConfigError(f"student.init: cannot slice '{t_name}' axis {axis} from {t_size} to {s_size}")

@@ -410,6 +410,8 @@ def main() -> None:
                              f"10000 reads the first published runs)")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--summarize-only", action="store_true", help="aggregate the run files that exist")
+    parser.add_argument("--runs-only", action="store_true",
+                        help="train and score the runs, leave kd_sst2.json and the best student's timing alone")
     args = parser.parse_args()
     LABELLED = 1000 if args.quick else args.labelled
     started, train_threads = time.perf_counter(), torch.get_num_threads()  # measure_best times at 1 thread later
@@ -428,6 +430,8 @@ def main() -> None:
                     for arm in args.arms:
                         run_one(teacher, teachers[teacher], student, arm, seed, select, report, args.quick,
                                 args.steps)
+    if args.runs_only:
+        return
     runs = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
     cells = aggregate(runs)
     for name, t in teachers.items():  # the teachers on the report half too (their checkpoint saw all of dev)

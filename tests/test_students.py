@@ -219,3 +219,31 @@ def test_shape_errors_are_config_errors(teacher):
         student_config(teacher.config, StudentConfig(num_layers=2, hidden_size=48, num_heads=5))
     with pytest.raises(ConfigError, match="layers .* do not exist"):
         build_student(teacher, StudentConfig(num_layers=2, layer_map=[0, 9]))
+
+
+def test_teacher_slice_of_mpnet_keeps_one_head_set_for_its_shared_position_bias():
+    # MPNet's relative position bias (buckets x heads) is read by every layer, so a slice keeps the same heads in
+    # every layer: here heads 1 and 3, the largest summed importance, though layer 1 alone ranks 0 and 1 first and
+    # layer 3 ranks 0 and 3 (importance = value-row norm x output-column norm; value rows scaled per head below).
+    from transformers import MPNetConfig, MPNetForSequenceClassification
+
+    torch.manual_seed(0)
+    teacher = MPNetForSequenceClassification(MPNetConfig(
+        vocab_size=120, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=40, num_labels=2)).eval()
+    scale = {1: [5.0, 20.0, 1.0, 1.0], 3: [5.0, 1.0, 1.0, 20.0]}  # uniform_layer_map(2, 4) keeps layers 1, 3
+    with torch.no_grad():
+        for layer, factors in scale.items():
+            attn = teacher.mpnet.encoder.layer[layer].attention.attn
+            attn.v.weight.mul_(torch.tensor(factors).repeat_interleave(16)[:, None])
+            attn.q.bias.copy_(torch.arange(64.0) + 100 * layer)
+    spec = StudentConfig(num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64, init="teacher-slice")
+    student = build_student(teacher, spec)
+
+    kept = torch.cat([torch.arange(16, 32), torch.arange(48, 64)])  # heads 1 and 3, 16 wide each
+    bias = teacher.mpnet.encoder.relative_attention_bias.weight
+    assert torch.equal(student.mpnet.encoder.relative_attention_bias.weight, bias[:, [1, 3]])
+    for s_layer, t_layer in enumerate((1, 3)):
+        got = student.mpnet.encoder.layer[s_layer].attention.attn.q.bias
+        assert torch.equal(got, torch.arange(64.0)[kept] + 100 * t_layer)
+    assert student(input_ids=torch.randint(0, 120, (2, 9))).logits.shape == (2, 2)
