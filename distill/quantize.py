@@ -37,7 +37,7 @@ from torch import nn
 from kdlab.distill.adapter import MODEL_INPUTS
 from kdlab.eval.latency import BYTES_PER_MB, file_size_mb
 
-HEAD_PREFIXES = ("classifier",)  # BERT/RoBERTa/DistilBERT heads: kept in full precision by every recipe
+HEAD_PREFIXES = ("classifier",)  # BERT/RoBERTa/DistilBERT heads: kept in full precision by the bnb recipes only
 NF4_BLOCK_N = 32  # bitsandbytes' CPU 4-bit kernel packs weights in blocks of 32 output rows
 NF4_BLOCKSIZE = 64  # weights per absmax scale; the CPU kernel also needs in_features to be a multiple
 # Bumped when a recipe's artefact changes, so caches of measured figures (search/latency_model.py) start afresh.
