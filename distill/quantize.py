@@ -299,10 +299,14 @@ def _onnx_workdir(workdir: Path | None) -> Path:
     return Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="kdlab-onnx-"))
 
 
-@_register("onnx-fp32")
-def _onnx_fp32(model, *, example_batch, device, workdir, threads, **_) -> Quantized:
+def _onnx_cpu_only(device: str) -> None:
     if device != "cpu":
         raise RecipeUnavailable(f"onnx recipes serve on ONNX Runtime's CPUExecutionProvider, not device='{device}'")
+
+
+@_register("onnx-fp32")
+def _onnx_fp32(model, *, example_batch, device, workdir, threads, **_) -> Quantized:
+    _onnx_cpu_only(device)
     path = _onnx_workdir(workdir) / "model.onnx"
     _export_onnx(model, example_batch, path)
     return _ort_quantized("onnx-fp32", path, threads)
@@ -317,14 +321,8 @@ def _onnx_int8_ffn(model, *, example_batch, device, workdir, threads, **_) -> Qu
     fp32 on 97.3-97.7 % of report-half labels and this form on 98.4-98.6 % (batches of 1, 16, 128: activation
     scales are set per batch), at p95 9.2 ms against 7.0 (onnx-int8) and 14.7 (onnx-fp32), batch 1, 1 thread.
     """
-    if device != "cpu":
-        raise RecipeUnavailable(f"onnx recipes serve on ONNX Runtime's CPUExecutionProvider, not device='{device}'")
-    folder = _onnx_workdir(workdir)
-    fp32_path, int8_path = folder / "model.onnx", folder / ONNX_INT8_FFN_FILE
-    _export_onnx(model, example_batch, fp32_path)
-    keep = attention_matmuls(fp32_path, model)
-    onnx_int8_file(fp32_path, int8_path, keep_fp32=keep)
-    return _ort_quantized("onnx-int8-ffn", int8_path, threads)
+    return _onnx_int8_recipe("onnx-int8-ffn", ONNX_INT8_FFN_FILE, model, example_batch=example_batch, device=device,
+                             workdir=workdir, threads=threads, attention_fp32=True)
 
 
 ONNX_INT8_FFN_FILE = "model.int8-ffn.onnx"
@@ -363,13 +361,20 @@ def attention_matmuls(fp32_path: Path, model: nn.Module) -> list[str]:
 @_register("onnx-int8")
 def _onnx_int8(model, *, example_batch, device, workdir, threads, **_) -> Quantized:
     """Export fp32 to model.onnx (kept as an intermediate), serve model.int8.onnx (QInt8 weights)."""
-    if device != "cpu":
-        raise RecipeUnavailable(f"onnx recipes serve on ONNX Runtime's CPUExecutionProvider, not device='{device}'")
+    return _onnx_int8_recipe("onnx-int8", "model.int8.onnx", model, example_batch=example_batch, device=device,
+                             workdir=workdir, threads=threads, attention_fp32=False)
+
+
+def _onnx_int8_recipe(recipe: str, filename: str, model, *, example_batch, device, workdir, threads,
+                      attention_fp32: bool) -> Quantized:
+    """The int8 ONNX recipes: export fp32 to model.onnx, quantize it into `filename` (the attention projections
+    left in fp32 when attention_fp32) and serve that."""
+    _onnx_cpu_only(device)
     folder = _onnx_workdir(workdir)
-    fp32_path, int8_path = folder / "model.onnx", folder / "model.int8.onnx"
+    fp32_path, int8_path = folder / "model.onnx", folder / filename
     _export_onnx(model, example_batch, fp32_path)
-    onnx_int8_file(fp32_path, int8_path)
-    return _ort_quantized("onnx-int8", int8_path, threads)
+    onnx_int8_file(fp32_path, int8_path, keep_fp32=attention_matmuls(fp32_path, model) if attention_fp32 else ())
+    return _ort_quantized(recipe, int8_path, threads)
 
 
 # What onnx-int8 quantizes: the MatMul weights, as dynamic-int8 quantizes the nn.Linear ones. ONNX Runtime's

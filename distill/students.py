@@ -112,17 +112,17 @@ def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(scores, k).indices.sort().values
 
 
-def _shared_per_head(teacher_sd: dict, t_cfg) -> list[str]:
-    """Tensors outside the layers with an axis per attention head, which every layer reads (MPNet's
+def _shares_a_per_head_tensor(teacher_sd: dict, t_cfg) -> bool:
+    """Whether a tensor outside the layers has an axis per attention head, which every layer reads (MPNet's
     `encoder.relative_attention_bias`, buckets x heads)."""
-    return [k for k, t in teacher_sd.items() if _layer_of(k) is None and t_cfg.num_attention_heads in t.shape
-            and t_cfg.hidden_size not in t.shape]
+    return any(_layer_of(k) is None and t_cfg.num_attention_heads in t.shape and t_cfg.hidden_size not in t.shape
+               for k, t in teacher_sd.items())
 
 
 def _importances(teacher_sd: dict, t_cfg, s_cfg, layer_map: list[int]) -> dict:
     """Index sets per axis kind: 'hidden' (global), ('heads', layer), ('ffn', layer).
 
-    Heads are ranked per layer, unless a per-head tensor is shared by all layers (_shared_per_head): then every
+    Heads are ranked per layer, unless a per-head tensor is shared by all layers (_shares_a_per_head_tensor): then every
     layer keeps the same heads, ranked by their importance summed over the kept layers, so that the shared
     tensor's columns still belong to each layer's heads; ('head_count', None) indexes that tensor."""
     gammas = [v.abs() for k, v in teacher_sd.items()
@@ -148,7 +148,7 @@ def _importances(teacher_sd: dict, t_cfg, s_cfg, layer_map: list[int]) -> dict:
         w_out = next(t for k, t in teacher_sd.items() if mid in k and (
             re.search(r"\.layer\.\d+\.output\.dense\.weight$", k) or k.endswith("ffn.lin2.weight")))
         index[("ffn", layer)] = _top(w_in.norm(dim=1) * w_out.norm(dim=0), s_cfg.intermediate_size)
-    shared = _shared_per_head(teacher_sd, t_cfg)
+    shared = _shares_a_per_head_tensor(teacher_sd, t_cfg)
     if shared:
         index[("head_count", None)] = _top(torch.stack(list(head_scores.values())).sum(0), s_cfg.num_attention_heads)
     for layer, scores in head_scores.items():
