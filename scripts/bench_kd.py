@@ -87,8 +87,8 @@ STUDENTS = {  # name -> (init kind, overrides); BASE names a pretrained family, 
     # All six of MiniLM-L6's pretrained layers: 4.8x fewer parameters than MPNet-base; for the 97 % retention that
     # no 3-layer student reached from 3,000 labelled rows (0.833 of the teacher's 0.906). Its ONNX int8 form is
     # 22x under the fp32 MPNet teacher at batch 1, 1 thread (p95 7.0 against 154 ms), but the best distilled one
-    # agreed with its fp32 weights on only 97.5 % of report-half labels, 98.6 % as onnx-int8-ffn (16.8x;
-    # kd_sst2.json `best`).
+    # agreed with its fp32 weights on only 97.5 % of report-half labels, 98.6 % as onnx-int8-ffn (14-17x over
+    # two timing runs; kd_sst2.json `best`).
     "pretrained-6L": ("pretrained", ["student.pretrained=minilm-l6", "student.num_layers=6",
                                      "student.init=teacher-layers"]),
     "slice-4x256": ("teacher", ["student.pretrained=null", "student.num_layers=4", "student.hidden_size=256",
