@@ -347,6 +347,14 @@ class ServingConfig:
                                       "replica has its own cores and the plan bounds only model time")
     batching_gain: float = _f(0.1, "a larger batch is chosen only when it serves this fraction more requests/s than "
                                    "the best smaller one: it costs latency, and a few per cent is timing noise")
+    # 9 ms: a Ray Serve replica process's CPU a request beyond the served artefact's own time, unbatched on 1 thread:
+    # 7.9-9.4 ms for the SST-2 MiniLM student (onnx-int8) and 9.4 ms for its fp32 teacher at 25-30 req/s here
+    # (the replica's CPU read from /proc). It runs on the replica's event loop, which takes turns with the
+    # model's Python on one interpreter lock: the fp32 teacher, 14-18 ms alone, served at most 38-42 req/s on
+    # one replica, not the 1 / 14 ms its latency implies.
+    replica_ms: float = _f(9.0, "a request's own work in its replica beyond the model (receiving, parsing, answering), "
+                                "in ms, serial with the model: a replica serves a batch of b in p50(b) + b x "
+                                "replica_ms; make bench-serve fits it (fit.replica_ms)")
     # 1 is the M/G/1 wait alone. With server, replicas and load generator on 2 shared cores, a request also queues
     # for the CPU behind the proxy's and Locust's work, which that wait does not see: make bench-serve fits the
     # factor that makes the model reproduce one configuration's measured sustained rate (fit.wait_factor in
@@ -657,6 +665,7 @@ def _check_serving(cfg: Config, c) -> None:
     c(sv.batching_gain >= 0, "serving.batching_gain", f"must be >= 0, got {sv.batching_gain}")
     c(sv.wait_factor > 0, "serving.wait_factor", f"must be > 0, got {sv.wait_factor}")
     c(sv.stack_cpu_ms >= 0, "serving.stack_cpu_ms", f"must be >= 0, got {sv.stack_cpu_ms}")
+    c(sv.replica_ms >= 0, "serving.replica_ms", f"must be >= 0, got {sv.replica_ms}")
     c(sv.cores is None or sv.cores > 0, "serving.cores", f"must be > 0 (or unset), got {sv.cores}")
     c(0.0 <= sv.headroom < 1.0, "serving.headroom", f"must be in [0, 1), got {sv.headroom}")
     c(isinstance(sv.max_batch_size, int) and sv.max_batch_size >= 1, "serving.max_batch_size",

@@ -14,8 +14,8 @@ answer), p50/p95/p99 ms of the answered requests, failures by kind (HTTP 503 = t
 the batch sizes the server ran, and with --model the serving overhead: p50 through the server minus the model's
 own p50 at the batch it ran (the export's measured latency table); and CPU per answered request: the server's
 (its Ray processes on this machine, beyond what they burn idle, measured for 3 s before the load), the serving
-stack's (the server's minus the model's own: `stack_cpu_ms`, what serving.stack_cpu_ms takes) and the load
-generator's. Written as JSON (default: the report folder
+stack's (the server's minus the model's own: `stack_cpu_ms`, what serving.stack_cpu_ms takes), the replicas'
+own beyond the model (`replica_ms`, what serving.replica_ms takes) and the load generator's. Written as JSON (default: the report folder
 beside the export, runs/<name>/report/loadtest.json) and, when the export names an MLflow run, logged to it.
 Only 127.0.0.1 / localhost URLs are accepted: a load test is not to be pointed at someone else's server.
 """
@@ -174,12 +174,13 @@ def model_latency(manifest: dict) -> dict:
     return dict(sorted(table.items(), key=lambda kv: int(kv[0])))
 
 
-def ray_cpu_seconds() -> float | None:
+def ray_cpu_seconds() -> tuple[float, float] | None:
     """CPU seconds used so far by the Ray processes on this machine (raylet, GCS, proxy, controller, replicas,
-    the kdlab serve driver): the server's side of a local load test. None without /proc."""
+    the kdlab serve driver), the server's side of a local load test, and by its replicas alone (Ray Serve names
+    their processes ray::ServeReplica:...). None without /proc."""
     if not Path("/proc").is_dir():
         return None
-    ticks, total = os.sysconf("SC_CLK_TCK"), 0
+    ticks, total, replicas = os.sysconf("SC_CLK_TCK"), 0, 0
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -190,32 +191,42 @@ def ray_cpu_seconds() -> float | None:
             continue
         if argv[0].startswith(b"ray::") or any(b"/ray/" in a or a.endswith(b"kdlab") and b"serve" in argv
                                                 for a in argv):
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / ticks
+            ticks_used = int(fields[11]) + int(fields[12])  # utime, stime
+            total += ticks_used
+            replicas += ticks_used if argv[0].startswith(b"ray::ServeReplica:") else 0
+    return total / ticks, replicas / ticks
 
 
-def server_idle_cores(seconds: float = 3.0) -> float | None:
-    """Cores the idle server burns (Ray's heartbeats and polling), measured before the load starts."""
+def server_idle_cores(seconds: float = 3.0) -> tuple[float, float] | None:
+    """Cores the idle server burns (Ray's heartbeats and polling), and its replicas of that, measured before the
+    load starts."""
     before = ray_cpu_seconds()
     if before is None:
         return None
     time.sleep(seconds)
-    return max(0.0, (ray_cpu_seconds() - before) / seconds)
+    after = ray_cpu_seconds()
+    return tuple(max(0.0, (a - b) / seconds) for a, b in zip(after, before))
 
 
 def cpu_per_request(result: dict, server_cpu_s: float | None, idle_cores: float | None, loadgen_cpu_s: float,
-                    threads: int | None) -> dict:
-    """CPU per answered request: the server's beyond its idle burn, the load generator's, and the serving stack's
-    (the server's minus the model's own: threads x its p50 at the batch it ran / that batch)."""
+                    threads: int | None, replica_cpu_s: float | None = None,
+                    replica_idle_cores: float | None = None) -> dict:
+    """CPU per answered request: the server's beyond its idle burn, the load generator's, the serving stack's (the
+    server's minus the model's own: threads x its p50 at the batch it ran / that batch), and of the server's, the
+    replicas' (`replica_cpu_ms`) and their own work beyond the model (`replica_ms`, what serving.replica_ms takes)."""
     n = result["answered"]
     out = {"server_idle_cores": idle_cores, "server_cpu_ms": None, "loadgen_cpu_ms": loadgen_cpu_s / n * 1e3 if n else None,
-           "stack_cpu_ms": None}
+           "stack_cpu_ms": None, "replica_cpu_ms": None, "replica_ms": None}
     if not n or server_cpu_s is None or idle_cores is None:
         return out
     out["server_cpu_ms"] = max(0.0, server_cpu_s - idle_cores * result["window_s"]) / n * 1e3
+    if replica_cpu_s is not None and replica_idle_cores is not None:
+        out["replica_cpu_ms"] = max(0.0, replica_cpu_s - replica_idle_cores * result["window_s"]) / n * 1e3
     if result.get("model_p50_ms") is not None and result.get("batch_size_mean"):
         model_cpu_ms = (threads or 1) * result["model_p50_ms"] / result["batch_size_mean"]
         out["stack_cpu_ms"] = max(0.0, out["server_cpu_ms"] - model_cpu_ms)
+        if out["replica_cpu_ms"] is not None:
+            out["replica_ms"] = max(0.0, out["replica_cpu_ms"] - model_cpu_ms)
     return out
 
 
@@ -224,7 +235,7 @@ def plan_of(manifest: dict) -> dict | None:
     if not cap.get("plan"):
         return None
     return {k: cap.get(k) for k in ("target_rps", "p95_slo_ms", "headroom", "overhead_ms", "stack_cpu_ms",
-                                    "wait_factor", "cores")} | {
+                                    "wait_factor", "cores", "replica_ms")} | {
         "batch_size": cap["plan"].get("batch_size"), "replicas": cap["plan"].get("instances")}
 
 
@@ -277,14 +288,15 @@ def run_loadtest(url: str, data: str | Path, *, rate: float, duration_s: float, 
     if out is None:
         raise ConfigError("--out: needed without --model (with it, the report folder beside the export)")
     server = server_settings(url)
-    idle_cores = server_idle_cores()
+    idle = server_idle_cores()
     with tempfile.TemporaryDirectory(prefix="kdlab-loadtest-") as work:
         started = time.time()
         cpu_before, children_before = ray_cpu_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN)
         records = run_locust(url, texts, rate=rate, duration_s=duration_s, max_requests=max_requests, users=users,
                              texts_per_request=texts_per_request, work=Path(work))
         cpu_after, children_after = ray_cpu_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    server_cpu_s = None if cpu_before is None else cpu_after - cpu_before
+    server_cpu_s, replica_cpu_s = (None, None) if cpu_before is None else (
+        cpu_after[0] - cpu_before[0], cpu_after[1] - cpu_before[1])
     loadgen_cpu_s = ((children_after.ru_utime + children_after.ru_stime)
                      - (children_before.ru_utime + children_before.ru_stime))
     result = {"url": url, "data": str(data), "rate": rate, "duration_s": duration_s, "max_requests": max_requests,
@@ -296,7 +308,8 @@ def run_loadtest(url: str, data: str | Path, *, rate: float, duration_s: float, 
               "plan": plan_of(manifest) if manifest else None,
               "machine": machine_info(), "versions": versions(),
               **summarise(records, offered_rps=rate, duration_s=duration_s, manifest=manifest)}
-    result.update(cpu_per_request(result, server_cpu_s, idle_cores, loadgen_cpu_s, server.get("threads")))
+    result.update(cpu_per_request(result, server_cpu_s, idle and idle[0], loadgen_cpu_s, server.get("threads"),
+                                  replica_cpu_s, idle and idle[1]))
     # The run the report goes to (the export's registration), named in the report it logs there.
     result["mlflow_run_id"] = mlflow_run(Path(model), manifest) if log and manifest is not None else None
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -316,7 +329,8 @@ def summary_line(r: dict, out: Path | str) -> str:
                 f"batch {r['model_batch']})" if r.get("overhead_ms") is not None else "")
     if r.get("server_cpu_ms") is not None:
         overhead += (f"; server CPU {r['server_cpu_ms']:.1f} ms a request (serving stack {f(r.get('stack_cpu_ms'))} "
-                     f"ms), load generator {f(r.get('loadgen_cpu_ms'))} ms")
+                     f"ms, in the replicas beyond the model {f(r.get('replica_ms'))} ms), load generator "
+                     f"{f(r.get('loadgen_cpu_ms'))} ms")
     return (f"loadtest: offered {r['offered_rps']:g} req/s, achieved {r['achieved_rps']:.1f} req/s over "
             f"{r['window_s']:.1f} s ({r['answered']}/{r['requests']} answered); p50 {f(r['p50_ms'])} ms, p95 "
             f"{f(r['p95_ms'])} ms, p99 {f(r['p99_ms'])} ms; failures: {kinds}; mean batch "

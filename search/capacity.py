@@ -5,14 +5,17 @@ serve_config.yaml), `kdlab serve` and the serving benchmark. The plan works from
 replica on the target profile (its threads, batch sizes 1..max) and three serving figures that `kdlab loadtest`
 measures: the serving overhead (time a request spends in the server beyond the model), the server's own CPU
 per request (HTTP, proxy, routing, JSON, tokenizing: `stack_cpu_ms`), and, when the replicas share one
-machine, the cores they share.
+machine, the cores they share; and the replica's own CPU a request beyond the model (`replica_ms`: receiving,
+parsing and answering it in the replica's Python process, which takes turns with the model's Python on one
+interpreter lock, so it lengthens the replica's service time instead of overlapping it).
 
 A configuration (batch b, r replicas, `threads` each) offered λ requests per second:
 
 - each replica receives λ / r; a batch leaves when full or when the batch wait ends, so it holds
   b_eff = min(b, 1 + (λ / r) x wait) requests, and the first of them waited fill = min(wait, (b - 1) / (λ / r));
-- capacity μ = min(r x b_eff / p50(b_eff), cores / (stack_cpu_ms + threads x p50(b_eff) / b_eff)): the
-  replicas' model time, or, on shared cores, the CPU every request costs (the second term only with `cores`);
+- capacity μ = min(r x b_eff / (p50(b_eff) + b_eff x replica_ms), cores / (stack_cpu_ms + threads x p50(b_eff) /
+  b_eff)): the replicas' service time (the batch's model time and each of its requests' own work in the replica),
+  or, on shared cores, the CPU every request costs (the second term only with `cores`);
 - queueing at utilisation ρ = λ / μ: Kingman's approximation of the mean wait, ρ / (1 - ρ) x (1 + cs²) / 2
   x (1 / μ) for Poisson arrivals and service variation cs (the model's, from its p50 and p95), with an
   exponential tail: wait95 = mean wait / ρ x ln(ρ / 0.05) (zero while ρ <= 0.05);
@@ -40,8 +43,9 @@ from kdlab.search.study import stored_study
 from kdlab.search.timing import cycling, target_profile
 from kdlab.train.teacher import teacher_folder
 
-ASSUMPTIONS = ("replicas behind Ray Serve's proxy, each serving one batch at a time on its own threads; Poisson "
-               "arrivals; predicted p95 = wait to fill the batch + the model's p95 at that batch + the serving "
+ASSUMPTIONS = ("replicas behind Ray Serve's proxy, each serving one batch at a time on its own threads, a batch "
+               "taking the model's time plus the replica's own work for each of its requests (serving.replica_ms); "
+               "Poisson arrivals; predicted p95 = wait to fill the batch + the model's p95 at that batch + the serving "
                "overhead + the p95 wait in the queue (Kingman's approximation with an exponential tail) at the "
                "planned utilisation; replicas = the fewest that keep utilisation within 1 - headroom and p95 within "
                "the SLO; with serving.cores, every request's CPU (model and serving stack) shares those cores")
@@ -95,6 +99,7 @@ class Serving:
     stack_cpu_ms: float = 0.0
     cores: float | None = None  # the cores all replicas share; None: each replica has its own
     wait_factor: float = 1.0  # multiplies the queueing wait (serving.wait_factor: fitted on one configuration)
+    replica_ms: float = 0.0  # a request's own work in its replica beyond the model, serial with it (serving.replica_ms)
 
     def at(self, rate: float) -> dict:
         """The predicted figures when offered `rate` requests/s."""
@@ -108,7 +113,7 @@ class Serving:
                 fill_ms = min(fill_ms, self.batch_wait_ms)
             b_eff = min(float(b), 1.0 + per_replica * fill_ms / 1e3)
         p50, p95 = interpolate(self.latency, b_eff)
-        capacity = self.replicas * b_eff / (p50 / 1e3)
+        capacity = self.replicas * b_eff / ((p50 + b_eff * self.replica_ms) / 1e3)
         if self.cores:
             capacity = min(capacity, self.cores * 1e3 / (self.stack_cpu_ms + self.threads * p50 / b_eff))
         wait_ms = self.wait_factor * queue_wait_p95_ms(rate, capacity, latency_cv(p50, p95))
@@ -120,7 +125,7 @@ class Serving:
         """The highest offered rate whose predicted p95 meets `slo_ms` (0 when none does): the rates below the
         first miss, on a fine geometric grid up to the capacity at full batches."""
         full = interpolate(self.latency, self.batch_size)[0]
-        top = self.replicas * self.batch_size / (full / 1e3) * 1.5
+        top = self.replicas * self.batch_size / (full / 1e3) * 1.5  # above the capacity: replica_ms only lowers it
         rate, best = 0.1, 0.0
         while rate < top:
             if self.at(rate)["p95_ms"] > slo_ms:
@@ -135,7 +140,7 @@ class BatchOption:
     batch_size: int
     model_p50_ms: float
     model_p95_ms: float
-    throughput: float  # requests per second per replica (full batches, one in flight)
+    throughput: float  # requests per second per replica (full batches, one in flight, replica_ms included)
     replicas: int
     fill_wait_ms: float
     p95_ms: float  # predicted through the server at the target rate
@@ -163,16 +168,16 @@ class CapacityRow:
 
 def batch_option(batch_size: int, latency: dict[int, tuple[float, float]], *, target_rps: float, headroom: float,
                  overhead_ms: float, p95_slo_ms: float, threads: int = 1, stack_cpu_ms: float = 0.0,
-                 cores: float | None = None, wait_factor: float = 1.0) -> BatchOption:
+                 cores: float | None = None, wait_factor: float = 1.0, replica_ms: float = 0.0) -> BatchOption:
     """The fewest replicas at this batch that keep utilisation at target_rps within 1 - headroom and the
     predicted p95 within the SLO (the fewest within the headroom alone, marked missing the SLO, when none does)."""
     p50, p95 = latency[batch_size]
-    throughput = batch_size / (p50 / 1e3)
+    throughput = batch_size / ((p50 + batch_size * replica_ms) / 1e3)
     first = max(1, math.ceil(target_rps / (throughput * (1 - headroom))))
     fewest = previous = None
     for replicas in range(first, MAX_REPLICAS_PLANNED + 1):
         got = Serving(latency, batch_size, replicas, threads, None, overhead_ms, stack_cpu_ms, cores,
-                      wait_factor).at(target_rps)
+                      wait_factor, replica_ms).at(target_rps)
         fewest = fewest or (replicas, got)
         if got["utilisation"] <= 1 - headroom and got["p95_ms"] <= p95_slo_ms:
             return BatchOption(batch_size, p50, p95, throughput, replicas, got["fill_ms"], got["p95_ms"], True,
@@ -221,14 +226,14 @@ def queue_limits(batch_size: int, throughput: float, replicas: int, p95_slo_ms: 
 def plan_one(label: str, latency: dict[int, tuple[float, float]], *, target_rps: float, p95_slo_ms: float,
              max_batch_size: int, headroom: float, overhead_ms: float = 0.0, batching_gain: float = 0.1,
              threads: int = 1, stack_cpu_ms: float = 0.0, cores: float | None = None,
-             wait_factor: float = 1.0) -> CapacityRow:
+             wait_factor: float = 1.0, replica_ms: float = 0.0) -> CapacityRow:
     """`latency`: batch size -> (p50_ms, p95_ms) of the model itself on one replica."""
     if not 0 <= headroom < 1:
         raise ValueError(f"headroom must be in [0, 1), got {headroom}")
     latency = {int(b): v for b, v in latency.items()}
     options = [batch_option(b, latency, target_rps=target_rps, headroom=headroom, overhead_ms=overhead_ms,
                             p95_slo_ms=p95_slo_ms, threads=threads, stack_cpu_ms=stack_cpu_ms, cores=cores,
-                            wait_factor=wait_factor)
+                            wait_factor=wait_factor, replica_ms=replica_ms)
                for b in sorted(latency) if b <= max_batch_size]
     best = None
     for o in options:  # ascending batch: a larger one must beat the best so far by batching_gain
@@ -253,10 +258,10 @@ def plan_one(label: str, latency: dict[int, tuple[float, float]], *, target_rps:
 def plan(latencies: dict[str, dict[int, tuple[float, float]]], *, target_rps: float, p95_slo_ms: float,
          max_batch_size: int, headroom: float, overhead_ms: float = 0.0, batching_gain: float = 0.1,
          threads: int = 1, stack_cpu_ms: float = 0.0, cores: float | None = None,
-         wait_factor: float = 1.0) -> list[CapacityRow]:
+         wait_factor: float = 1.0, replica_ms: float = 0.0) -> list[CapacityRow]:
     return [plan_one(label, lat, target_rps=target_rps, p95_slo_ms=p95_slo_ms, max_batch_size=max_batch_size,
                      headroom=headroom, overhead_ms=overhead_ms, batching_gain=batching_gain, threads=threads,
-                     stack_cpu_ms=stack_cpu_ms, cores=cores, wait_factor=wait_factor)
+                     stack_cpu_ms=stack_cpu_ms, cores=cores, wait_factor=wait_factor, replica_ms=replica_ms)
             for label, lat in latencies.items()]
 
 
@@ -335,7 +340,7 @@ def plan_for(cfg, label: str, latency: dict[int, tuple[float, float]], threads: 
     return plan_one(label, latency, target_rps=sv.target_rps, p95_slo_ms=sv.p95_slo_ms,
                     max_batch_size=sv.max_batch_size, headroom=sv.headroom, overhead_ms=sv.overhead_ms,
                     batching_gain=sv.batching_gain, threads=threads, stack_cpu_ms=sv.stack_cpu_ms, cores=sv.cores,
-                    wait_factor=sv.wait_factor)
+                    wait_factor=sv.wait_factor, replica_ms=sv.replica_ms)
 
 
 def capacity_section(cfg, latency: dict[int, tuple[float, float]], threads: int, *, label: str, unit: str,
@@ -351,7 +356,7 @@ def capacity_section(cfg, latency: dict[int, tuple[float, float]], threads: int,
     row = plan_for(cfg, label, latency, threads)
     out = {"target_rps": sv.target_rps, "p95_slo_ms": sv.p95_slo_ms, "headroom": sv.headroom,
            "overhead_ms": sv.overhead_ms, "stack_cpu_ms": sv.stack_cpu_ms, "cores": sv.cores,
-           "wait_factor": sv.wait_factor,
+           "wait_factor": sv.wait_factor, "replica_ms": sv.replica_ms,
            "batching_gain": sv.batching_gain, "unit": unit,
            "latency": {str(b): {"p50_ms": v[0], "p95_ms": v[1]} for b, v in latency.items()}, "plan": asdict(row),
            "batching": batching_line(row), "assumptions": ASSUMPTIONS}
@@ -413,7 +418,7 @@ def run_capacity(cfg, front_rows: list[dict], console=None) -> dict | None:
     conditions = f"{cfg.target.device}, {threads} thread(s), sequence length {cfg.target.seq_len}"
     result = {"target_rps": sv.target_rps, "p95_slo_ms": slo, "headroom": sv.headroom,
               "overhead_ms": sv.overhead_ms, "stack_cpu_ms": sv.stack_cpu_ms, "cores": sv.cores,
-              "wait_factor": sv.wait_factor, "batching_gain": sv.batching_gain,
+              "wait_factor": sv.wait_factor, "replica_ms": sv.replica_ms, "batching_gain": sv.batching_gain,
               "max_batch_size": sv.max_batch_size, "unit": task.capacity_unit(cfg), "conditions": conditions, "assumptions": ASSUMPTIONS,
               "latency": {k: {str(b): {"p50_ms": v[0], "p95_ms": v[1]} for b, v in lat.items()}
                           for k, lat in latencies.items()},
@@ -455,7 +460,8 @@ def predicted_for(loadtest: dict) -> dict | None:
     serving = Serving({int(b): (v["p50_ms"], v["p95_ms"]) for b, v in table.items()}, server["max_batch_size"],
                       max(1, server.get("replicas") or 1), server.get("threads") or 1,
                       server.get("batch_wait_timeout_s", 0.0) * 1e3, plan.get("overhead_ms") or 0.0,
-                      plan.get("stack_cpu_ms") or 0.0, plan.get("cores"), plan.get("wait_factor") or 1.0)
+                      plan.get("stack_cpu_ms") or 0.0, plan.get("cores"), plan.get("wait_factor") or 1.0,
+                      plan.get("replica_ms") or 0.0)
     rate = loadtest["offered_rps"]
     got = serving.at(rate)
     return {"model": loadtest.get("model", {}).get("name") if loadtest.get("model") else None,

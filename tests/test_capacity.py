@@ -67,7 +67,8 @@ def test_the_seq2seq_plan_counts_whole_generate_calls_and_the_tokens_they_make(t
              40 x 12 = 480 generated tokens/s. (At a 300 ms SLO batch 4 would miss: the queue, not the batch.)"""
     cfg = load_config(write_config(tmp_path / "c.yaml", {
         "name": "s", "task": {"type": "seq2seq"}, "data": {"train_file": "a.tsv", "eval_file": "b.tsv"},
-        "serving": {"target_rps": 30, "p95_slo_ms": 400, "headroom": 0.25, "overhead_ms": 10, "batch_sizes": [1, 4]}}))
+        "serving": {"target_rps": 30, "p95_slo_ms": 400, "headroom": 0.25, "overhead_ms": 10, "batch_sizes": [1, 4],
+                    "replica_ms": 0}}))  # the replica's own work a request: test_a_replicas_own_work_... below
     section = capacity_section(cfg, {1: (40.0, 50.0), 4: (100.0, 120.0)}, 2, label="export",
                                unit="one generate call", tokens_per_request=12.0)
     row = section["plan"]
@@ -195,6 +196,23 @@ def test_the_sustained_rate_is_the_highest_rate_within_the_slo():
     assert Serving({1: (10.0, 10.0)}, 1, replicas=2).sustained_rps(20.0) > 2 * rate
 
 
+def test_a_replicas_own_work_lengthens_its_service_time():
+    """serving.replica_ms: a 14 ms model whose replica spends 9 ms of its own on each request serves 1 / 23 ms =
+    43.48 req/s, not 1 / 14 ms = 71.43; a batch of 4 at 40 ms serves 4 / (40 + 4 x 9) ms = 52.63 req/s; the plan's
+    throughput per replica and replica count follow: at 70 req/s with 30 % headroom batch 1 needs
+    ceil(70 / (43.48 x 0.7)) = ceil(2.30) = 3 replicas, against ceil(70 / (71.43 x 0.7)) = ceil(1.40) = 2."""
+    lat = {1: (14.0, 14.0), 4: (40.0, 40.0)}
+    assert Serving(lat, 1, replica_ms=9.0).at(10)["capacity_rps"] == pytest.approx(1e3 / 23)
+    assert Serving(lat, 1).at(10)["capacity_rps"] == pytest.approx(1e3 / 14)
+    assert Serving(lat, 4, replica_ms=9.0).at(1e3)["capacity_rps"] == pytest.approx(4e3 / 76)  # full batches
+    assert Serving(lat, 1, replicas=2, replica_ms=9.0).at(10)["capacity_rps"] == pytest.approx(2e3 / 23)
+    with_own = plan_one("m", lat, target_rps=70, p95_slo_ms=1_000, max_batch_size=1, headroom=0.3, replica_ms=9.0)
+    without = plan_one("m", lat, target_rps=70, p95_slo_ms=1_000, max_batch_size=1, headroom=0.3)
+    assert with_own.throughput == pytest.approx(1e3 / 23) and (with_own.instances, without.instances) == (3, 2)
+    # the sustained rate falls with it, and stays under the capacity it implies
+    assert Serving(lat, 1, replica_ms=9.0).sustained_rps(100.0) < 1e3 / 23 < Serving(lat, 1).sustained_rps(100.0)
+
+
 def test_the_wait_factor_scales_the_queueing_wait_only():
     """The 50 req/s case above (wait95 23.03 ms on top of 5 ms model and 3 ms overhead) with serving.wait_factor 2:
     the wait doubles to 46.05 ms, the model time and overhead stay; the sustained rate at a 50 ms SLO falls, and a
@@ -220,7 +238,11 @@ def test_cpu_per_request_subtracts_the_idle_burn_and_the_models_own_time():
     result = {"answered": 100, "window_s": 10.0, "model_p50_ms": 4.6, "batch_size_mean": 1.0}
     got = cpu_per_request(result, server_cpu_s=3.0, idle_cores=0.1, loadgen_cpu_s=0.5, threads=1)
     assert got == {"server_idle_cores": 0.1, "server_cpu_ms": pytest.approx(20.0), "loadgen_cpu_ms": pytest.approx(5.0),
-                   "stack_cpu_ms": pytest.approx(15.4)}
+                   "stack_cpu_ms": pytest.approx(15.4), "replica_cpu_ms": None, "replica_ms": None}
+    # of the server's 3 s, the replicas used 1.5 s and burn 0.02 cores idle: (1.5 - 0.2) / 100 = 13 ms a request,
+    # 8.4 ms of it beyond the model's 4.6 ms
+    got = cpu_per_request(result, 3.0, 0.1, 0.5, 1, replica_cpu_s=1.5, replica_idle_cores=0.02)
+    assert (got["replica_cpu_ms"], got["replica_ms"]) == (pytest.approx(13.0), pytest.approx(8.4))
     assert cpu_per_request({**result, "answered": 0}, 3.0, 0.1, 0.5, 1)["server_cpu_ms"] is None
 
 
@@ -284,7 +306,7 @@ def test_report_capacity_prints_the_plan_of_the_measured_latencies(tmp_path, tin
         options = {}
         for b in (1, 2):
             p50, p95 = measured[b]["p50_ms"], measured[b]["p95_ms"]
-            throughput = b / (p50 / 1e3)
+            throughput = b / ((p50 + b * result["replica_ms"]) / 1e3)  # the replica's own work, serial with it
             replicas = max(1, math.ceil(100_000 / (throughput * (1 - 0.5))))
             fill_ms = (b - 1) / (100_000 / replicas) * 1e3
             rho = 100_000 / (replicas * throughput)

@@ -303,6 +303,10 @@ def test_bench_serve_fits_the_cpu_line_through_two_rates():
     assert fixed == pytest.approx(0.093) and marginal == pytest.approx(11.45)
     assert cpu_line(run(60, 11.0, 2.0), run(20, 14.1, 2.0)) == pytest.approx((0.093, 11.45))  # order-free
     assert cpu_line(run(20, 8.0, 2.0), run(60, 10.0, 2.0)) == pytest.approx((0.0, 12.0))
+    # the replicas alone (their line's slope less the model's p50 is Fit.replica_ms): 20 x 12.5 = 0.25 cores and
+    # 60 x 10.5 = 0.63 cores: 0.38 / 40 = 9.5 ms a request, 0.06 cores whatever the rate
+    replicas = [{"achieved_rps": 20, "replica_cpu_ms": 12.5}, {"achieved_rps": 60, "replica_cpu_ms": 10.5}]
+    assert cpu_line(*replicas, keys=("replica_cpu_ms",)) == pytest.approx((0.06, 9.5))
 
 
 def test_bench_serve_fits_the_wait_factor_that_reproduces_the_fitted_rate():
@@ -320,6 +324,8 @@ def test_bench_serve_fits_the_wait_factor_that_reproduces_the_fitted_rate():
         assert predicted_rps(latency, unbatched, 1, fit, 50.0, factor) == pytest.approx(plain * f, rel=0.02)
     assert fit_wait_factor(latency, unbatched, 1, fit, 50.0, plain * 3) == WAIT_FACTORS[0]
     assert fit_wait_factor(latency, unbatched, 1, fit, 50.0, 0.0) == 1.0
+    # the replica's own work a request lowers the prediction (serving.replica_ms)
+    assert predicted_rps(latency, unbatched, 1, Fit(10.0, 12.0, 1.9, replica_ms=9.0), 50.0) < plain
 
 
 def test_bench_serve_judges_batching_by_the_plans_rule():
