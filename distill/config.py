@@ -348,10 +348,11 @@ class ServingConfig:
     batching_gain: float = _f(0.1, "a larger batch is chosen only when it serves this fraction more requests/s than "
                                    "the best smaller one: it costs latency, and a few per cent is timing noise")
     # 9 ms: a Ray Serve replica process's CPU a request beyond the served artefact's own time, unbatched on 1 thread:
-    # 7.9-9.4 ms for the SST-2 MiniLM student (onnx-int8) and 9.4 ms for its fp32 teacher at 25-30 req/s here
-    # (the replica's CPU read from /proc). It runs on the replica's event loop, which takes turns with the
-    # model's Python on one interpreter lock: the fp32 teacher, 14-18 ms alone, served at most 38-42 req/s on
-    # one replica, not the 1 / 14 ms its latency implies.
+    # 7.7 ms fitted by make bench-serve on the SST-2 MiniLM student (onnx-int8; the slope of the replica's CPU
+    # between 18 and 74 req/s, benchmarks/results/serve_sst2_minilm.json), 7.9-9.8 ms for that student and 9.4 ms
+    # for its fp32 teacher at 25-30 req/s in probes here. It runs on the replica's event loop, which takes turns
+    # with the model's Python on one interpreter lock: the fp32 teacher, 14-15 ms alone, served at most 38-43
+    # req/s on one replica, not the 1 / 14 ms its latency implies.
     replica_ms: float = _f(9.0, "a request's own work in its replica beyond the model (receiving, parsing, answering), "
                                 "in ms, serial with the model: a replica serves a batch of b in p50(b) + b x "
                                 "replica_ms; make bench-serve fits it (fit.replica_ms)")
