@@ -511,8 +511,8 @@ def main(argv=None) -> int:
               "model_latency": {portable_path(f): lat for f, lat in latencies.items()},  # keys: portable too
               "fit": {**asdict(fit), **{name: {k: r.get(k) for k in (
                   "offered_rps", "achieved_rps", "p50_ms", "p95_ms", "overhead_ms", "server_idle_cores", "server_cpu_ms",
-                  "stack_cpu_ms", "loadgen_cpu_ms", "replica_cpu_ms", "replica_ms")} for name, r in (("run", fit_run), ("cpu_run", cpu_run),
-                                                                    ("cpu_high_run", cpu_high_run)) if r}}
+                  "stack_cpu_ms", "loadgen_cpu_ms", "replica_cpu_ms", "replica_ms")}
+                  for name, r in (("run", fit_run), ("cpu_run", cpu_run), ("cpu_high_run", cpu_high_run)) if r}}
               if fit else None,
               "models": models, "batching": batching,
               "autoscale": autoscale, "replica_kill": kill}

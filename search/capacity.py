@@ -2,12 +2,12 @@
 
 Library module for `kdlab report --capacity`, `kdlab export` (the plan in the manifest, the card and
 serve_config.yaml), `kdlab serve` and the serving benchmark. The plan works from latencies measured for one
-replica on the target profile (its threads, batch sizes 1..max) and three serving figures that `kdlab loadtest`
+replica on the target profile (its threads, batch sizes 1..max) and the serving figures that `kdlab loadtest`
 measures: the serving overhead (time a request spends in the server beyond the model), the server's own CPU
-per request (HTTP, proxy, routing, JSON, tokenizing: `stack_cpu_ms`), and, when the replicas share one
-machine, the cores they share; and the replica's own CPU a request beyond the model (`replica_ms`: receiving,
-parsing and answering it in the replica's Python process, which takes turns with the model's Python on one
-interpreter lock, so it lengthens the replica's service time instead of overlapping it).
+per request (HTTP, proxy, routing, JSON, tokenizing: `stack_cpu_ms`) and, of that, the replica's own beyond the
+model (`replica_ms`: receiving, parsing and answering the request in the replica's Python process, which takes
+turns with the model's Python on one interpreter lock, so it lengthens the replica's service time instead of
+overlapping it); and, when the replicas share one machine, the cores they share.
 
 A configuration (batch b, r replicas, `threads` each) offered λ requests per second:
 
