@@ -235,11 +235,12 @@ def test_a_seq2seq_model_folder_is_gated_and_exported_the_same_way(tmp_path, cap
     # The export's fp32 BLEU on the dev set is what the gate measured for fp32: same model, rows and decoding.
     assert manifest["parity"]["reference_quality"] == pytest.approx(float(rows[0]["quality"]), abs=1e-3)
     # The capacity plan counts whole generate calls. By hand from its measured latencies (search/capacity.py):
-    # throughput = batch / p50, replicas = ceil(5 / (throughput x 0.7)), batch 2 only at 10 % more requests/s.
+    # throughput = batch / (p50 + batch x serving.replica_ms), replicas = ceil(5 / (throughput x 0.7)), batch 2
+    # only at 10 % more requests/s.
     cap = manifest["capacity"]
     assert cap["unit"] == "one whole generate call (1 beam(s), at most 8 new tokens)"
     assert set(cap["latency"]) == {"1", "2"}
-    thr = {b: b / (cap["latency"][str(b)]["p50_ms"] / 1000) for b in (1, 2)}
+    thr = {b: b / ((cap["latency"][str(b)]["p50_ms"] + b * cap["replica_ms"]) / 1000) for b in (1, 2)}
     b = 2 if thr[2] > thr[1] * 1.1 else 1
     assert (cap["plan"]["batch_size"], cap["plan"]["instances"]) == (b, max(1, math.ceil(5 / (thr[b] * 0.7))))
     assert 0 < cap["tokens_per_request"] <= 8  # generation.max_new_tokens bounds every output
