@@ -344,7 +344,8 @@ def test_run_exports_the_quantized_teacher_when_the_gate_passes(tmp_path, tiny_t
     # throughput = batch / (p50 + batch x serving.replica_ms, the replica's own work a request), replicas =
     # ceil(target_rps / (throughput x (1 - headroom))), predicted p95 = wait to fill the batch at target_rps /
     # replicas + p95 + serving.overhead_ms (default 12) + the p95 queueing wait at utilisation rho (Kingman's mean
-    # rho / (1 - rho) x (1 + cv^2) / 2 x service time, exponential tail: mean / rho x ln(rho / 0.05)); batch 2 only when it serves 10 % more requests/s than batch 1 (both meet 1 s).
+    # rho / (1 - rho) x (1 + cv^2) / 2 x service time, exponential tail: mean / rho x ln(rho / 0.05));
+    # batch 2 only when it serves 10 % more requests/s than batch 1 (both meet 1 s).
     cap = manifest["capacity"]
     assert (cap["target_rps"], cap["p95_slo_ms"], cap["headroom"], cap["overhead_ms"]) == (50, 1000, 0.3, 12.0)
     lat = cap["latency"]
